@@ -1,0 +1,1 @@
+"""The ``sofim-tune`` command line, installed as ``sofim_tune.cli``."""

@@ -1,0 +1,1 @@
+"""Search spaces shipped with sofim-tune (YAML), read through ``sofim_tune.space``."""

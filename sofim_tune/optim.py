@@ -1,0 +1,348 @@
+"""SOFIM: stochastic optimization with the regularized Fisher information matrix.
+
+Sen et al., 2024, "SOFIM: Stochastic Optimization Using Regularized Fisher Information
+Matrix" (arXiv 2403.02833). For one block of parameters θ at step t with gradient g_t::
+
+    m_t  = β1·m_{t−1} + (1 − β1)·g_t
+    m̂_t  = m_t / (1 − β1^t)
+    F_t  = m̂_t m̂_tᵀ + ρ·I
+    θ_t  = θ_{t−1} − η·F_t⁻¹ m̂_t  =  θ_{t−1} − η·m̂_t / (ρ + ‖m̂_t‖²)      (Sherman–Morrison)
+
+A block is one param group (``norm_scope="group"``, the paper's whole-vector SOFIM) or one
+tensor (``norm_scope="tensor"``). The optimizer keeps one buffer per parameter, as SGD with
+momentum does, and pays one extra reduction (the block norm) per step.
+
+The step is written for accelerators: every scalar (step counts, bias corrections, norms)
+stays a tensor on the parameter's device, so ``step()`` never synchronises with the host
+and can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.utils._foreach_utils import _device_has_foreach_support
+
+__all__ = ["SOFIM", "sofim"]
+
+NormScope = Literal["group", "tensor"]
+_NORM_SCOPES = ("group", "tensor")
+
+
+def _check_hyperparameters(lr: Any, rho: Any, beta1: Any, weight_decay: Any, norm_scope: Any) -> None:
+    # Written as "not (valid)" so that NaN is rejected too.
+    if not lr >= 0.0:
+        raise ValueError(f"Invalid learning rate lr={lr!r}: it must be >= 0")
+    if not rho > 0.0:
+        raise ValueError(f"Invalid regularization rho={rho!r}: it must be > 0")
+    if not 0.0 <= beta1 < 1.0:
+        raise ValueError(f"Invalid beta1={beta1!r}: it must lie in [0, 1)")
+    if not weight_decay >= 0.0:
+        raise ValueError(f"Invalid weight_decay={weight_decay!r}: it must be >= 0")
+    if norm_scope not in _NORM_SCOPES:
+        raise ValueError(f"Invalid norm_scope={norm_scope!r}: expected one of {', '.join(_NORM_SCOPES)}")
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half-precision parameters, the parameter's own dtype above that."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+class SOFIM(Optimizer):
+    """SOFIM as a ``torch.optim`` optimizer.
+
+    Args:
+        params: parameters or param groups. Groups may set their own ``lr``, ``rho``,
+            ``beta1`` and ``weight_decay``.
+        lr: learning rate η, >= 0. The step length η‖m̂‖/(ρ + ‖m̂‖²) never exceeds η/(2√ρ).
+        rho: regularization ρ of the Fisher information, > 0. When ‖m̂‖² ≪ ρ the update is
+            SGD with momentum at learning rate η/ρ, so (lr, rho) pairs with equal lr/rho
+            behave alike.
+        beta1: decay of the first moment, in [0, 1).
+        weight_decay: λ >= 0. Added to the gradient as λθ before the moment (SGD's
+            semantics), or, with ``decoupled_weight_decay=True``, applied as θ ← (1 − ηλ)θ
+            (AdamW's semantics).
+        norm_scope: ``"group"`` makes each param group one block (the paper's SOFIM);
+            ``"tensor"`` makes each tensor its own block (block-diagonal Fisher).
+        bias_correction: divide the moment by 1 − β1^t, as the paper and Adam do.
+        maximize: maximize the objective instead of minimizing it.
+        foreach: use the multi-tensor path. ``None`` picks it whenever the parameters are
+            dense tensors on a device with foreach kernels.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-2,
+        rho: float = 1.0,
+        beta1: float = 0.9,
+        weight_decay: float = 0.0,
+        *,
+        decoupled_weight_decay: bool = False,
+        norm_scope: NormScope = "group",
+        bias_correction: bool = True,
+        maximize: bool = False,
+        foreach: bool | None = None,
+    ) -> None:
+        _check_hyperparameters(lr, rho, beta1, weight_decay, norm_scope)
+        defaults = dict(
+            lr=lr,
+            rho=rho,
+            beta1=beta1,
+            weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay,
+            norm_scope=norm_scope,
+            bias_correction=bias_correction,
+            maximize=maximize,
+            foreach=foreach,
+        )
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _check_hyperparameters(group["lr"], group["rho"], group["beta1"], group["weight_decay"], group["norm_scope"])
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        # torch.optim leaves "step" where it was saved (often the CPU); it must live on the
+        # parameter's device for a sync-free step.
+        for param, state in self.state.items():
+            if "step" in state:
+                state["step"] = state["step"].to(device=param.device, dtype=_accumulation_dtype(param.dtype))
+
+    def _init_group(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], steps: list[Tensor]
+    ) -> None:
+        # torch.compile recognises this name and signature (torch.optim's convention) and
+        # runs the lazy state initialisation outside the traced graph.
+        for param in group["params"]:
+            if param.grad is None:
+                continue
+            if param.grad.is_sparse:
+                raise RuntimeError("SOFIM does not support sparse gradients")
+            state = self.state[param]
+            if not state:
+                state["step"] = torch.zeros((), dtype=_accumulation_dtype(param.dtype), device=param.device)
+                state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            params.append(param)
+            grads.append(param.grad)
+            exp_avgs.append(state["exp_avg"])
+            steps.append(state["step"])
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one SOFIM step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params: list[Tensor] = []
+            grads: list[Tensor] = []
+            exp_avgs: list[Tensor] = []
+            steps: list[Tensor] = []
+            self._init_group(group, params, grads, exp_avgs, steps)
+            if params:
+                sofim(
+                    params,
+                    grads,
+                    exp_avgs,
+                    steps,
+                    lr=group["lr"],
+                    rho=group["rho"],
+                    beta1=group["beta1"],
+                    weight_decay=group["weight_decay"],
+                    decoupled_weight_decay=group["decoupled_weight_decay"],
+                    norm_scope=group["norm_scope"],
+                    bias_correction=group["bias_correction"],
+                    maximize=group["maximize"],
+                    foreach=group["foreach"],
+                )
+        return loss
+
+    @classmethod
+    def from_recommendation(cls, params: Iterable[Tensor] | Iterable[dict[str, Any]], recommendation: Any, **overrides: Any) -> SOFIM:
+        """Build SOFIM with the hyperparameters of a recommendation.
+
+        ``recommendation`` is a :class:`sofim_tune.Recommendation`, a path to a ``best.json``,
+        or its parsed mapping. ``overrides`` replace single keyword arguments.
+        """
+        from sofim_tune.recommend import Recommendation, load_recommendation
+
+        if not isinstance(recommendation, Recommendation):
+            recommendation = load_recommendation(recommendation)
+        if recommendation.optimizer != "sofim":
+            raise ValueError(f"the recommendation is for optimizer {recommendation.optimizer!r}, not 'sofim'")
+        kwargs: dict[str, Any] = {k: v for k, v in recommendation.hyperparameters.items() if k in ("lr", "rho", "beta1", "weight_decay")}
+        if "weight_decay" in recommendation.fixed and "weight_decay" not in kwargs:
+            kwargs["weight_decay"] = recommendation.fixed["weight_decay"]
+        kwargs.update(overrides)
+        return cls(params, **kwargs)
+
+
+def _foreach_supported(tensors: list[Tensor]) -> bool:
+    if torch.compiler.is_compiling():
+        return True  # the compiler lowers foreach ops itself
+    # Tensor subclasses (DTensor and friends) may not implement the foreach ops.
+    return all(
+        type(t) in (Tensor, torch.nn.Parameter) and t.layout == torch.strided and _device_has_foreach_support(t.device)
+        for t in tensors
+    )
+
+
+def sofim(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: float,
+    rho: float,
+    beta1: float,
+    weight_decay: float = 0.0,
+    decoupled_weight_decay: bool = False,
+    norm_scope: NormScope = "group",
+    bias_correction: bool = True,
+    maximize: bool = False,
+    foreach: bool | None = None,
+) -> None:
+    """Functional SOFIM step over one block set (the tensors of one param group).
+
+    ``exp_avgs`` and ``steps`` are updated in place; ``steps`` are 0-dim tensors on each
+    parameter's device. With ``norm_scope="group"`` all ``params`` form one block.
+    """
+    if foreach is None:
+        foreach = _foreach_supported(params)
+    update_moments = _update_moments_foreach if foreach else _update_moments_loop
+    apply_update = _apply_update_foreach if foreach else _apply_update_loop
+
+    squared_norms = update_moments(
+        params, grads, exp_avgs, steps, beta1=beta1, weight_decay=0.0 if decoupled_weight_decay else weight_decay, maximize=maximize
+    )
+    coefficients = _step_coefficients(
+        steps, squared_norms, lr=lr, rho=rho, beta1=beta1, norm_scope=norm_scope, bias_correction=bias_correction
+    )
+    decay = 1.0 - lr * weight_decay if decoupled_weight_decay and weight_decay != 0.0 else 1.0
+    apply_update(params, exp_avgs, coefficients, decay=decay)
+
+
+def _step_coefficients(
+    steps: list[Tensor],
+    squared_norms: list[Tensor],
+    *,
+    lr: float,
+    rho: float,
+    beta1: float,
+    norm_scope: NormScope,
+    bias_correction: bool,
+) -> list[Tensor]:
+    """Per tensor c with θ ← θ − c·m, from the raw squared moment norms ‖m‖².
+
+    All scalars are stacked into one vector so that the arithmetic is a handful of
+    vector ops instead of a few per tensor.
+    """
+    device = squared_norms[0].device
+    moment_sq = torch.stack([s.to(device) for s in squared_norms])
+    if bias_correction:
+        step_vector = torch.stack([s.to(device, moment_sq.dtype) for s in steps])
+        correction = 1.0 - torch.pow(beta1, step_vector)
+        corrected_sq = moment_sq / correction.square()
+    else:
+        correction = None
+        corrected_sq = moment_sq
+    block_sq = corrected_sq.sum() if norm_scope == "group" else corrected_sq
+    # η·m̂/(ρ + ‖m̂‖²) with m̂ = m/(1 − β1^t): the bias correction folds into the coefficient.
+    denominator = block_sq + rho
+    if correction is not None:
+        denominator = denominator * correction
+    coefficients = (lr / denominator).expand_as(moment_sq).unbind()
+    return [c.to(s.device) for c, s in zip(coefficients, steps)]
+
+
+def _update_moments_loop(
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], steps: list[Tensor], *, beta1: float, weight_decay: float, maximize: bool
+) -> list[Tensor]:
+    squared_norms = []
+    for param, grad, exp_avg, step in zip(params, grads, exp_avgs, steps):
+        if maximize:
+            grad = -grad
+        if weight_decay != 0.0:
+            grad = grad.add(param, alpha=weight_decay)
+        step.add_(1)
+        exp_avg.lerp_(grad, 1.0 - beta1)
+        norm = torch.linalg.vector_norm(exp_avg, dtype=_accumulation_dtype(exp_avg.dtype))
+        squared_norms.append(norm.square())
+    return squared_norms
+
+
+def _apply_update_loop(params: list[Tensor], exp_avgs: list[Tensor], coefficients: list[Tensor], *, decay: float) -> None:
+    for param, exp_avg, coefficient in zip(params, exp_avgs, coefficients):
+        if decay != 1.0:
+            param.mul_(decay)
+        param.addcmul_(exp_avg, coefficient, value=-1.0)
+
+
+def _update_moments_foreach(
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], steps: list[Tensor], *, beta1: float, weight_decay: float, maximize: bool
+) -> list[Tensor]:
+    squared_norms: list[Tensor] = [torch.empty(0)] * len(params)
+    grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, exp_avgs, steps], with_indices=True)
+    for (dev_params, dev_grads, dev_exp_avgs, dev_steps), indices in grouped.values():
+        if maximize:
+            dev_grads = torch._foreach_neg(dev_grads)
+        if weight_decay != 0.0:
+            dev_grads = torch._foreach_add(dev_grads, dev_params, alpha=weight_decay)
+        torch._foreach_add_(dev_steps, 1)
+        torch._foreach_lerp_(dev_exp_avgs, dev_grads, 1.0 - beta1)
+        norms = torch._foreach_norm(dev_exp_avgs, 2, dtype=_accumulation_dtype(dev_exp_avgs[0].dtype))
+        for index, norm in zip(indices, torch._foreach_mul(norms, norms)):
+            squared_norms[index] = norm
+    return squared_norms
+
+
+def _apply_update_foreach(params: list[Tensor], exp_avgs: list[Tensor], coefficients: list[Tensor], *, decay: float) -> None:
+    grouped = Optimizer._group_tensors_by_device_and_dtype([params, exp_avgs, coefficients])
+    for (dev_params, dev_exp_avgs, dev_coefficients), _ in grouped.values():
+        if decay != 1.0:
+            torch._foreach_mul_(dev_params, decay)
+        torch._foreach_addcmul_(dev_params, dev_exp_avgs, dev_coefficients, value=-1.0)
+
+
+
+OPTIMIZER_HYPERPARAMETERS: dict[str, tuple[str, ...]] = {
+    "sofim": ("lr", "rho", "beta1", "weight_decay"),
+    "sgd-momentum": ("lr", "momentum", "weight_decay"),
+    "adamw": ("lr", "beta1", "beta2", "weight_decay"),
+}
+"""Hyperparameters each optimizer takes, by the names that search spaces and best.json use."""
+
+
+def optimizer_names() -> list[str]:
+    return list(OPTIMIZER_HYPERPARAMETERS)
+
+
+def build_optimizer(name: str, params: Iterable[Tensor], hyperparameters: dict[str, float]) -> Optimizer:
+    """SOFIM or a torch.optim baseline, from the hyperparameter names of ``OPTIMIZER_HYPERPARAMETERS``.
+
+    Baselines compare SOFIM at an equal budget: ``sgd-momentum`` is ``torch.optim.SGD`` with
+    momentum (default 0.9), ``adamw`` is ``torch.optim.AdamW`` (beta2 default 0.999).
+    Raises ValueError for an unknown optimizer or hyperparameter.
+    """
+    if name not in OPTIMIZER_HYPERPARAMETERS:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZER_HYPERPARAMETERS)}")
+    unknown = set(hyperparameters) - set(OPTIMIZER_HYPERPARAMETERS[name])
+    if unknown:
+        raise ValueError(f"optimizer {name!r} takes no {', '.join(sorted(unknown))}")
+    hp = dict(hyperparameters)
+    if name == "sofim":
+        return SOFIM(params, **hp)
+    if name == "sgd-momentum":
+        return torch.optim.SGD(params, lr=hp["lr"], momentum=hp.get("momentum", 0.9), weight_decay=hp.get("weight_decay", 0.0))
+    return torch.optim.AdamW(
+        params, lr=hp["lr"], betas=(hp.get("beta1", 0.9), hp.get("beta2", 0.999)), weight_decay=hp.get("weight_decay", 0.01)
+    )

@@ -1,0 +1,122 @@
+"""The one read interface over a finished or running study, shared by both backends.
+
+Export (``recommend.py``) and plots (``report.py``) read a study only through
+:class:`StudyRecord`, so the same code serves the Optuna and the Ray backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+TrialState = Literal["complete", "pruned", "failed", "running"]
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One trial as both backends record it.
+
+    Attributes:
+        number: trial number, from 0, in order of creation.
+        state: ``complete``, ``pruned`` (stopped early by the pruner or the scheduler, or
+            diverged), ``failed`` (an exception) or ``running``.
+        params: the optimizer's hyperparameters (``lr``, ``rho``, ``beta1``, ...), after
+            mapping a reparameterized space back; what a user would pass to the optimizer.
+        value: the final value of the study's metric, or None.
+        intermediate: metric value per epoch (1-based), as reported during training.
+        attrs: free-form facts recorded on the trial (``reason``: ``"diverged"`` or
+            ``"pruned"``; ``error``: the message of a failure; ``diverged_epoch``).
+        started, finished: wall-clock times, when known.
+    """
+
+    number: int
+    state: TrialState
+    params: dict[str, float]
+    value: float | None
+    intermediate: dict[int, float] = field(default_factory=dict)
+    attrs: dict[str, Any] = field(default_factory=dict)
+    started: datetime | None = None
+    finished: datetime | None = None
+
+    @property
+    def diverged(self) -> bool:
+        return self.attrs.get("reason") == "diverged"
+
+
+@dataclass(frozen=True)
+class Confirmation:
+    """A configuration retrained with fresh seeds before it is recommended."""
+
+    params: dict[str, float]
+    seeds: list[int]
+    values: list[float]
+    test_accuracy: float | None = None
+
+    @property
+    def mean(self) -> float:
+        return sum(self.values) / len(self.values)
+
+    @property
+    def std(self) -> float:
+        mean = self.mean
+        return (sum((v - mean) ** 2 for v in self.values) / len(self.values)) ** 0.5
+
+
+@dataclass(frozen=True)
+class StudyRecord:
+    """A study, read from its storage.
+
+    Attributes:
+        name: study name (``cifar100-resnet18``).
+        backend: ``optuna`` or ``ray``.
+        storage: where it lives, with any password replaced by ``***``.
+        dataset, arch: what was tuned.
+        optimizer: ``sofim``, ``sgd-momentum`` or ``adamw``.
+        space: the search space's name.
+        log_params: hyperparameters searched on a log scale (for plot axes).
+        metric, direction: what was optimized (``val_accuracy``, ``maximize``).
+        sampler, pruner: search strategy and early stopping, by name.
+        epochs, batch_size, fixed: training settings shared by every trial.
+        trials: every trial, in number order.
+        target_trials: how many finished trials the study aims for.
+        confirmations: seed-confirmation results, once the confirm step ran.
+        created: when the study started.
+    """
+
+    name: str
+    backend: str
+    storage: str
+    dataset: str
+    arch: str
+    optimizer: str
+    space: str
+    log_params: frozenset[str]
+    metric: str
+    direction: Literal["maximize", "minimize"]
+    sampler: str
+    pruner: str
+    epochs: int
+    batch_size: int
+    fixed: dict[str, Any]
+    trials: list[TrialRecord]
+    target_trials: int
+    confirmations: list[Confirmation] = field(default_factory=list)
+    created: datetime | None = None
+
+    def by_state(self, state: TrialState) -> list[TrialRecord]:
+        return [t for t in self.trials if t.state == state]
+
+    @property
+    def finished(self) -> bool:
+        """True once the study reached its target and nothing is running."""
+        done = len(self.by_state("complete")) + len(self.by_state("pruned"))
+        return done >= self.target_trials and not self.by_state("running")
+
+    def best_trial(self) -> TrialRecord | None:
+        """The completed trial with the best value, or None."""
+        completed = [t for t in self.trials if t.state == "complete" and t.value is not None]
+        if not completed:
+            return None
+        pick = max if self.direction == "maximize" else min
+        return pick(completed, key=lambda t: t.value)

@@ -1,0 +1,302 @@
+"""SOFIM against a float64 reference written from the explicit Sherman–Morrison formula."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from sofim_tune import SOFIM
+
+SHAPES = [(4, 3), (5,), (2, 2, 3)]
+STEPS = 30
+
+
+def sherman_morrison_direction(m_hat: np.ndarray, rho: float) -> np.ndarray:
+    """F⁻¹m̂ for F = m̂m̂ᵀ + ρI, from (A + uvᵀ)⁻¹ = A⁻¹ − A⁻¹uvᵀA⁻¹ / (1 + vᵀA⁻¹u), A = ρI."""
+    mm = float(m_hat @ m_hat)
+    return m_hat / rho - m_hat * mm / (rho**2 * (1.0 + mm / rho))
+
+
+def gradient(theta: np.ndarray, step: int, seed: int) -> np.ndarray:
+    """A deterministic gradient that depends on θ, so that the trajectory matters."""
+    noise = np.random.default_rng(seed * 1000 + step).standard_normal(theta.shape)
+    return 0.3 * theta + noise
+
+
+class ReferenceSOFIM:
+    """The paper's SOFIM on flat float64 vectors, one instance per block."""
+
+    def __init__(self, theta, lr, rho, beta1, weight_decay=0.0, decoupled=False, bias_correction=True, maximize=False):
+        self.theta = theta.astype(np.float64).copy()
+        self.m = np.zeros_like(self.theta)
+        self.t = 0
+        self.lr, self.rho, self.beta1, self.wd = lr, rho, beta1, weight_decay
+        self.decoupled, self.bias_correction, self.maximize = decoupled, bias_correction, maximize
+
+    def step(self, g):
+        g = -g if self.maximize else g
+        if self.wd and not self.decoupled:
+            g = g + self.wd * self.theta
+        self.t += 1
+        self.m = self.beta1 * self.m + (1 - self.beta1) * g
+        m_hat = self.m / (1 - self.beta1**self.t) if self.bias_correction else self.m
+        if self.wd and self.decoupled:
+            self.theta = self.theta * (1 - self.lr * self.wd)
+        self.theta = self.theta - self.lr * sherman_morrison_direction(m_hat, self.rho)
+
+
+def make_params(seed: int, shapes=SHAPES) -> list[torch.nn.Parameter]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64)) for s in shapes]
+
+
+def set_grads(params, step: int, seed_offset: int = 0) -> None:
+    for i, p in enumerate(params):
+        p.grad = torch.from_numpy(gradient(p.detach().numpy(), step, seed=100 * seed_offset + i))
+
+
+def assert_close_rel(actual: np.ndarray, expected: np.ndarray, rtol: float = 1e-9) -> None:
+    err = np.linalg.norm(actual - expected) / np.linalg.norm(expected)
+    assert err < rtol, f"relative error {err:.3e}"
+
+
+def run_against_reference(groups_kwargs, *, norm_scope="group", foreach, decoupled=False, maximize=False, bias_correction=True):
+    """Run SOFIM with one param group per entry of groups_kwargs and the reference side by side."""
+    groups = [make_params(seed=i) for i in range(len(groups_kwargs))]
+    opt = SOFIM(
+        [dict(params=ps, **kw) for ps, kw in zip(groups, groups_kwargs)],
+        decoupled_weight_decay=decoupled,
+        norm_scope=norm_scope,
+        maximize=maximize,
+        bias_correction=bias_correction,
+        foreach=foreach,
+    )
+    blocks = []  # (list of params in the block, reference)
+    for ps, kw in zip(groups, groups_kwargs):
+        members = [[p] for p in ps] if norm_scope == "tensor" else [ps]
+        for block in members:
+            flat = torch.cat([p.detach().flatten() for p in block]).numpy()
+            ref = ReferenceSOFIM(flat, kw["lr"], kw["rho"], kw["beta1"], kw.get("weight_decay", 0.0), decoupled, bias_correction, maximize)
+            blocks.append((block, ref))
+    for step in range(STEPS):
+        for gi, ps in enumerate(groups):
+            set_grads(ps, step, seed_offset=gi)
+        for block, ref in blocks:
+            ref.step(torch.cat([p.grad.flatten() for p in block]).numpy())
+        opt.step()
+    for block, ref in blocks:
+        assert_close_rel(torch.cat([p.detach().flatten() for p in block]).numpy(), ref.theta)
+    return opt
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+class TestAgainstReference:
+    def test_one_group(self, foreach):
+        run_against_reference([dict(lr=0.1, rho=0.5, beta1=0.9)], foreach=foreach)
+
+    def test_several_groups_with_their_own_values(self, foreach):
+        run_against_reference(
+            [dict(lr=0.1, rho=0.5, beta1=0.9), dict(lr=0.03, rho=2.0, beta1=0.5, weight_decay=0.01), dict(lr=1.0, rho=10.0, beta1=0.99)],
+            foreach=foreach,
+        )
+
+    @pytest.mark.parametrize("decoupled", [False, True])
+    def test_weight_decay(self, foreach, decoupled):
+        run_against_reference([dict(lr=0.2, rho=1.0, beta1=0.8, weight_decay=0.1)], foreach=foreach, decoupled=decoupled)
+
+    def test_tensor_scope(self, foreach):
+        run_against_reference([dict(lr=0.1, rho=0.3, beta1=0.9), dict(lr=0.05, rho=1.0, beta1=0.7)], norm_scope="tensor", foreach=foreach)
+
+    def test_maximize(self, foreach):
+        run_against_reference([dict(lr=0.1, rho=0.5, beta1=0.9, weight_decay=0.05)], maximize=True, foreach=foreach)
+
+    def test_without_bias_correction(self, foreach):
+        run_against_reference([dict(lr=0.1, rho=0.5, beta1=0.9)], bias_correction=False, foreach=foreach)
+
+
+def test_sherman_morrison_matches_the_explicit_inverse():
+    m_hat = np.random.default_rng(0).standard_normal(7)
+    fisher = np.outer(m_hat, m_hat) + 0.3 * np.eye(7)
+    assert_close_rel(sherman_morrison_direction(m_hat, 0.3), np.linalg.solve(fisher, m_hat), rtol=1e-12)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_foreach_and_loop_agree_in_float32(foreach):
+    def run(flag):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s)) for s in SHAPES]
+        opt = SOFIM(params, lr=0.1, rho=0.5, foreach=flag)
+        for step in range(10):
+            for i, p in enumerate(params):
+                p.grad = torch.sin(p.detach() * (step + i + 1))
+            opt.step()
+        return [p.detach() for p in params]
+
+    for a, b in zip(run(foreach), run(not foreach)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_resume_from_state_dict_continues_exactly(foreach):
+    def fresh():
+        params = make_params(seed=3)
+        return params, SOFIM(params, lr=0.1, rho=0.5, beta1=0.9, weight_decay=0.01, foreach=foreach)
+
+    params, opt = fresh()
+    for step in range(STEPS):
+        set_grads(params, step)
+        opt.step()
+    uninterrupted = [p.detach().clone() for p in params]
+
+    params, opt = fresh()
+    for step in range(STEPS // 2):
+        set_grads(params, step)
+        opt.step()
+    buffer = io.BytesIO()
+    torch.save({"params": [p.detach() for p in params], "optim": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+
+    params, opt = fresh()
+    with torch.no_grad():
+        for p, s in zip(params, saved["params"]):
+            p.copy_(s)
+    opt.load_state_dict(saved["optim"])
+    for step in range(STEPS // 2, STEPS):
+        set_grads(params, step)
+        opt.step()
+    for p, expected in zip(params, uninterrupted):
+        assert torch.equal(p.detach(), expected)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(lr=-0.1), "lr=-0.1"),
+        (dict(rho=0.0), "rho=0.0"),
+        (dict(rho=-1.0), "rho=-1.0"),
+        (dict(rho=float("nan")), "rho=nan"),
+        (dict(beta1=1.0), "beta1=1.0"),
+        (dict(beta1=-0.1), "beta1=-0.1"),
+        (dict(weight_decay=-1e-4), "weight_decay=-0.0001"),
+        (dict(norm_scope="layer"), "norm_scope='layer'"),
+    ],
+)
+def test_invalid_values_raise_naming_the_value(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        SOFIM([torch.nn.Parameter(torch.zeros(2))], **kwargs)
+
+
+def test_invalid_group_value_raises():
+    with pytest.raises(ValueError, match="rho=0"):
+        SOFIM([{"params": [torch.nn.Parameter(torch.zeros(2))], "rho": 0}])
+
+
+def test_closure_runs_with_grad_enabled_and_returns_loss():
+    p = torch.nn.Parameter(torch.tensor([3.0]))
+    opt = SOFIM([p], lr=0.1, rho=1.0)
+
+    def closure():
+        opt.zero_grad()
+        loss = (p**2).sum()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert loss.item() == pytest.approx(9.0)
+    assert p.item() < 3.0
+
+
+def test_parameters_without_grad_are_skipped():
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    opt = SOFIM([a, b], lr=0.1, rho=1.0)
+    a.grad = torch.ones(3)
+    opt.step()
+    assert torch.equal(b.detach(), torch.ones(3))
+    assert b not in opt.state
+    assert not torch.equal(a.detach(), torch.ones(3))
+
+
+def test_sparse_gradients_raise():
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse"):
+        SOFIM(emb.parameters()).step()
+
+
+def test_one_buffer_per_parameter():
+    params = make_params(seed=0)
+    opt = SOFIM(params)
+    set_grads(params, 0)
+    opt.step()
+    for p in params:
+        tensors = {k: v for k, v in opt.state[p].items() if v.dim() > 0}
+        assert list(tensors) == ["exp_avg"] and tensors["exp_avg"].shape == p.shape
+
+
+def test_scheduler_drives_the_learning_rate():
+    """With ‖m̂‖² fixed by a constant gradient, the step is proportional to the scheduled lr."""
+    p = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    opt = SOFIM([p], lr=1.0, rho=1.0, beta1=0.0)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    moves = []
+    for _ in range(3):
+        before = p.item()
+        p.grad = torch.ones(1, dtype=torch.float64)
+        opt.step()
+        sched.step()
+        moves.append(before - p.item())
+    # g = 1, ρ = 1: each step moves lr·1/(1 + 1) = lr/2.
+    assert moves == pytest.approx([0.5, 0.25, 0.125])
+
+
+def test_grad_scaler_unscales_before_the_step():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    reference = copy.deepcopy(model)
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    opt = SOFIM(model.parameters(), lr=0.1, rho=0.5)
+    ref_opt = SOFIM(reference.parameters(), lr=0.1, rho=0.5)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    for _ in range(3):
+        opt.zero_grad()
+        scaler.scale(torch.nn.functional.mse_loss(model(x), y)).backward()
+        scaler.step(opt)
+        scaler.update()
+        ref_opt.zero_grad()
+        torch.nn.functional.mse_loss(reference(x), y).backward()
+        ref_opt.step()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q)
+
+
+def test_step_under_torch_compile_matches_eager():
+    torch.manual_seed(0)
+    eager = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(3))]
+    compiled = [torch.nn.Parameter(p.detach().clone()) for p in eager]
+    eager_opt = SOFIM(eager, lr=0.1, rho=0.5)
+    compiled_opt = SOFIM(compiled, lr=0.1, rho=0.5)
+    compiled_step = torch.compile(compiled_opt.step)
+    for step in range(3):
+        for a, b in zip(eager, compiled):
+            a.grad = torch.cos(a.detach() + step)
+            b.grad = torch.cos(b.detach() + step)
+        eager_opt.step()
+        compiled_step()
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b)
+
+
+def test_rosenbrock_converges_to_the_minimum():
+    xy = torch.nn.Parameter(torch.tensor([-1.5, 2.0], dtype=torch.float64))
+    opt = SOFIM([xy], lr=0.02, rho=1.0, beta1=0.9)
+    for _ in range(3000):
+        opt.zero_grad()
+        x, y = xy
+        ((1 - x) ** 2 + 100 * (y - x**2) ** 2).backward()
+        opt.step()
+    assert torch.allclose(xy.detach(), torch.tensor([1.0, 1.0], dtype=torch.float64), atol=1e-3)
