@@ -1,0 +1,253 @@
+"""Search spaces: shipped files, reparameterization, fingerprints, and every rejected input."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from sofim_tune.errors import UserInputError
+from sofim_tune.space import ParamRange, SearchSpace, load_space, space_names
+
+SOFIM_YAML = """\
+optimizer: sofim
+params:
+  lr:    {type: float, low: 1.0e-4, high: 10.0, log: true}
+  rho:   {type: float, low: 1.0e-4, high: 10.0, log: true}
+  beta1: {type: float, low: 0.5, high: 0.999}
+fixed:
+  weight_decay: 0.0
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "space.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_shipped_spaces() -> None:
+    assert set(space_names()) == {"sofim", "sofim-effective", "sgd-momentum", "adamw"}
+    for name in space_names():
+        space = load_space(name)
+        assert space.name == name
+        assert space.source == f"search_spaces/{name}.yaml"
+
+
+def test_sofim_space_is_the_design_one() -> None:
+    space = load_space("sofim")
+    assert space.optimizer == "sofim"
+    assert space.reparameterization is None
+    assert list(space.params) == ["lr", "rho", "beta1"]
+    assert space.params["lr"] == ParamRange("lr", "float", 1e-4, 10.0, log=True)
+    assert space.params["rho"] == ParamRange("rho", "float", 1e-4, 10.0, log=True)
+    assert space.params["beta1"] == ParamRange("beta1", "float", 0.5, 0.999, log=False)
+    assert space.fixed == {"weight_decay": 0.0}
+    assert space.log_hyperparameters == {"lr", "rho"}
+
+
+def test_user_file_equals_shipped_file(tmp_path: Path) -> None:
+    mine = load_space(write(tmp_path, SOFIM_YAML))
+    assert mine.name == "space"
+    assert mine.source == str(tmp_path / "space.yaml")
+    assert mine.fingerprint() == load_space("sofim").fingerprint()
+
+
+def test_sofim_effective_round_trip() -> None:
+    space = load_space("sofim-effective")
+    assert space.reparameterization == "lr_over_rho"
+    assert space.log_hyperparameters == {"lr", "rho"}
+    searched = {"lr_over_rho": 0.05, "rho": 2.0, "beta1": 0.9}
+    hyperparameters = space.to_hyperparameters(searched)
+    assert hyperparameters == pytest.approx({"lr": 0.1, "rho": 2.0, "beta1": 0.9})
+    assert space.from_hyperparameters(hyperparameters) == pytest.approx(searched)
+
+
+def test_round_trip_at_a_bound_survives_round_off() -> None:
+    space = load_space("sofim-effective")
+    searched = {"lr_over_rho": 10.0, "rho": 0.3, "beta1": 0.5}
+    back = space.from_hyperparameters(space.to_hyperparameters(searched))
+    assert back["lr_over_rho"] <= 10.0
+    assert back == pytest.approx(searched)
+
+
+def test_plain_space_round_trip_and_fixed_values() -> None:
+    space = load_space("sofim")
+    setting = {"lr": 0.1, "rho": 1.0, "beta1": 0.9}
+    assert space.from_hyperparameters(setting) == setting
+    assert space.to_hyperparameters(setting) == setting
+    # A fixed hyperparameter may come along when it agrees with the space.
+    assert space.from_hyperparameters({**setting, "weight_decay": 0.0}) == setting
+
+
+@pytest.mark.parametrize(
+    ("setting", "key"),
+    [
+        ({"lr": 50.0, "rho": 1.0, "beta1": 0.9}, "params.lr"),
+        ({"lr": 0.1, "rho": 1.0}, "beta1"),
+        ({"lr": 0.1, "rho": 1.0, "beta1": 0.9, "momentum": 0.9}, "momentum"),
+        ({"lr": 0.1, "rho": 1.0, "beta1": 0.9, "weight_decay": 0.1}, "weight_decay"),
+        ({"lr": 0.1, "rho": "one", "beta1": 0.9}, "rho"),
+    ],
+)
+def test_from_hyperparameters_rejects(setting: dict, key: str) -> None:
+    with pytest.raises(UserInputError, match=r"^search_spaces/sofim\.yaml: ") as info:
+        load_space("sofim").from_hyperparameters(setting)
+    assert key in str(info.value)
+
+
+def test_from_hyperparameters_effective_range_and_zero_rho() -> None:
+    space = load_space("sofim-effective")
+    with pytest.raises(UserInputError, match=r"params\.lr_over_rho: lr/rho = 1000 is not in \[0\.001, 10\]"):
+        space.from_hyperparameters({"lr": 100.0, "rho": 0.1, "beta1": 0.9})
+    with pytest.raises(UserInputError, match=r"params\.rho"):
+        space.from_hyperparameters({"lr": 0.1, "rho": 0.0, "beta1": 0.9})
+
+
+def test_fingerprint_is_stable_and_sees_ranges(tmp_path: Path) -> None:
+    base = load_space(write(tmp_path, SOFIM_YAML))
+    assert base.fingerprint() == load_space(write(tmp_path, SOFIM_YAML)).fingerprint()
+    assert len(base.fingerprint()) == 12
+    # Neither the order of keys nor 0 for 0.0 changes what the space searches.
+    reordered = """\
+fixed: {weight_decay: 0}
+params:
+  beta1: {high: 0.999, low: 0.5}
+  rho:   {log: true, low: 1.0e-4, high: 10.0}
+  lr:    {type: float, low: 1.0e-4, high: 10.0, log: true}
+optimizer: sofim
+"""
+    assert load_space(write(tmp_path, reordered, "r.yaml")).fingerprint() == base.fingerprint()
+    narrower = SOFIM_YAML.replace("high: 0.999", "high: 0.99")
+    assert load_space(write(tmp_path, narrower, "n.yaml")).fingerprint() != base.fingerprint()
+    effective = load_space("sofim-effective")
+    assert effective.fingerprint() != base.fingerprint()
+
+
+def test_to_dict_is_json_and_carries_the_fingerprint() -> None:
+    space = load_space("adamw")
+    data = json.loads(json.dumps(space.to_dict()))
+    assert data["optimizer"] == "adamw"
+    assert data["fingerprint"] == space.fingerprint()
+    assert list(data["params"]) == list(space.params)
+
+
+def test_space_is_frozen() -> None:
+    space = load_space("sofim")
+    assert isinstance(space, SearchSpace)
+    with pytest.raises(AttributeError):
+        space.optimizer = "adamw"  # type: ignore[misc]
+
+
+def test_unknown_shipped_name() -> None:
+    with pytest.raises(UserInputError, match=r"unknown search space 'nope'; shipped: adamw, "):
+        load_space("nope")
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "gone.yaml"
+    with pytest.raises(UserInputError, match=rf"^{re.escape(str(path))}: search space file not found$"):
+        load_space(path)
+
+
+# Each case replaces one line of SOFIM_YAML (or the whole text) and names the key the
+# message must point at.
+BAD_SPACES = {
+    "not yaml": ("optimizer: [sofim\n", "not valid YAML"),
+    "not a mapping": ("- lr\n- rho\n", "expected a mapping"),
+    "empty file": ("", "expected a mapping"),
+    "unknown top-level key": (SOFIM_YAML + "sampler: tpe\n", "sampler: unknown key"),
+    "missing optimizer": (SOFIM_YAML.replace("optimizer: sofim\n", ""), "optimizer: missing"),
+    "missing params": ("optimizer: sofim\n", "params: missing"),
+    "empty params": ("optimizer: sofim\nparams: {}\n", "params: expected a non-empty mapping"),
+    "unknown optimizer": (SOFIM_YAML.replace("sofim", "lion"), "optimizer: unknown optimizer 'lion'"),
+    "unknown type": (SOFIM_YAML.replace("lr:    {type: float", "lr:    {type: double"), "params.lr.type"),
+    "param not a mapping": (SOFIM_YAML.replace("{type: float, low: 0.5, high: 0.999}", "0.9"), "params.beta1:"),
+    "unknown param key": (SOFIM_YAML.replace("high: 0.999}", "high: 0.999, step: 0.1}"), "params.beta1.step"),
+    "missing low": (SOFIM_YAML.replace("low: 0.5, ", ""), "params.beta1.low: missing"),
+    "low >= high": (
+        SOFIM_YAML.replace("lr:    {type: float, low: 1.0e-4, high: 10.0", "lr:    {type: float, low: 5.0, high: 1.0"),
+        "params.lr: low (5.0) must be < high (1.0)",
+    ),
+    "log with low 0": (SOFIM_YAML.replace("lr:    {type: float, low: 1.0e-4", "lr:    {type: float, low: 0.0"), "params.lr.low"),
+    "log not a bool": (SOFIM_YAML.replace("high: 10.0, log: true}\n  beta1", "high: 10.0, log: yes please}\n  beta1"), "params.rho.log"),
+    "beta1 high 1": (SOFIM_YAML.replace("high: 0.999", "high: 1.0"), "params.beta1.high: must be in [0, 1)"),
+    "beta1 low < 0": (SOFIM_YAML.replace("low: 0.5", "low: -0.1"), "params.beta1.low: must be in [0, 1)"),
+    "rho low 0": (
+        SOFIM_YAML.replace("rho:   {type: float, low: 1.0e-4, high: 10.0, log: true}", "rho: {low: 0.0, high: 1.0}"),
+        "params.rho.low: must be > 0",
+    ),
+    "lr low < 0": (
+        SOFIM_YAML.replace("lr:    {type: float, low: 1.0e-4, high: 10.0, log: true}", "lr: {low: -1.0, high: 1.0}"),
+        "params.lr.low: must be >= 0",
+    ),
+    "param the optimizer does not take": (SOFIM_YAML.replace("beta1:", "momentum:"), "params.momentum: optimizer sofim takes no"),
+    "non-numeric low": (SOFIM_YAML.replace("low: 0.5", "low: half"), "params.beta1.low: expected a number"),
+    "exponent YAML reads as text": (SOFIM_YAML.replace("low: 1.0e-4", "low: 1e-4", 1), "params.lr.low: '1e-4' is text"),
+    "boolean bound": (SOFIM_YAML.replace("low: 0.5", "low: true"), "params.beta1.low: expected a number"),
+    "infinite bound": (SOFIM_YAML.replace("high: 0.999", "high: .inf"), "params.beta1.high: expected a finite number"),
+    "int range with float bound": (SOFIM_YAML.replace("beta1: {type: float", "beta1: {type: int"), "params.beta1.low: expected an integer"),
+    "unknown fixed key": (SOFIM_YAML + "  momentum: 0.9\n", "fixed.momentum: unknown key"),
+    "fixed not a mapping": (SOFIM_YAML.replace("fixed:\n  weight_decay: 0.0\n", "fixed: 3\n"), "fixed: expected a mapping"),
+    "searched and fixed": (SOFIM_YAML + "  beta1: 0.9\n", "fixed.beta1: also searched"),
+    "fixed out of range": (SOFIM_YAML.replace("weight_decay: 0.0", "weight_decay: -1.0"), "fixed.weight_decay: must be >= 0"),
+    "fixed batch_size not int": (SOFIM_YAML + "  batch_size: 64.5\n", "fixed.batch_size: expected an integer"),
+    "fixed epochs 0": (SOFIM_YAML + "  epochs: 0\n", "fixed.epochs: must be >= 1"),
+    "unknown reparameterization": (SOFIM_YAML + "reparameterization: log_lr\n", "reparameterization: unknown"),
+    "lr_over_rho without lr_over_rho": (
+        SOFIM_YAML.replace("  lr:    {type: float, low: 1.0e-4, high: 10.0, log: true}\n", "")
+        + "reparameterization: lr_over_rho\n",
+        "reparameterization: lr_over_rho needs both",
+    ),
+    "lr_over_rho with lr": (SOFIM_YAML + "reparameterization: lr_over_rho\n", "params.lr: with reparameterization lr_over_rho"),
+    "lr_over_rho fixing lr": (
+        SOFIM_YAML.replace("  lr:", "  lr_over_rho:") + "  lr: 0.1\nreparameterization: lr_over_rho\n",
+        "fixed.lr: unknown key",
+    ),
+    "lr_over_rho without reparameterization": (SOFIM_YAML.replace("  lr:", "  lr_over_rho:"), "params.lr_over_rho: optimizer sofim takes no"),
+    "lr_over_rho for sgd": (
+        "optimizer: sgd-momentum\nreparameterization: lr_over_rho\nparams:\n  momentum: {low: 0.5, high: 0.9}\n",
+        "reparameterization: lr_over_rho needs an optimizer with rho",
+    ),
+    "sgd takes no beta1": (
+        "optimizer: sgd-momentum\nparams:\n  beta1: {low: 0.5, high: 0.9}\n",
+        "params.beta1: optimizer sgd-momentum takes no",
+    ),
+    "adamw takes no rho": (
+        "optimizer: adamw\nparams:\n  lr: {low: 1.0e-4, high: 1.0, log: true}\nfixed:\n  rho: 1.0\n",
+        "fixed.rho: unknown key",
+    ),
+    "adamw beta2 fixed at 1": (
+        "optimizer: adamw\nparams:\n  lr: {low: 1.0e-4, high: 1.0, log: true}\nfixed:\n  beta2: 1.0\n",
+        "fixed.beta2: must be in [0, 1)",
+    ),
+}
+
+
+@pytest.mark.parametrize(("text", "expected"), BAD_SPACES.values(), ids=BAD_SPACES.keys())
+def test_bad_space_names_file_and_key(tmp_path: Path, text: str, expected: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(UserInputError) as info:
+        load_space(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: "), message
+    assert expected in message, message
+    assert "\n" not in message
+
+
+def test_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "space.yaml"
+    path.write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(UserInputError, match="not a text file"):
+        load_space(path)
+
+
+def test_int_range_is_accepted(tmp_path: Path) -> None:
+    # No optimizer hyperparameter is an integer today, but the format allows int ranges.
+    text = "optimizer: sgd-momentum\nparams:\n  lr: {type: int, low: 0, high: 2}\n"
+    space = load_space(write(tmp_path, text))
+    assert space.params["lr"] == ParamRange("lr", "int", 0, 2)
+    with pytest.raises(UserInputError, match=r"params\.lr: lr = 1\.5 is not in the integers 0\.\.2"):
+        space.from_hyperparameters({"lr": 1.5})

@@ -1,0 +1,232 @@
+"""Study specs: shipped files, defaults, folder datasets, overrides, and every rejected input."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from sofim_tune.data import dataset_info
+from sofim_tune.errors import UserInputError
+from sofim_tune.space import load_space
+from sofim_tune.spec import DEFAULT_TRIALS, StudySpec, load_spec, spec_names
+
+BASE_TOML = """\
+dataset = "digits"
+arch = "mlp"
+search_space = "sofim"
+epochs = 10
+batch_size = 64
+trials = 40
+sampler = "tpe"
+pruner = "hyperband"
+metric = "val_accuracy"
+direction = "maximize"
+seed = 0
+val_fraction = 0.1
+confirm_top = 3
+confirm_seeds = 3
+enqueue = [{lr = 0.1, rho = 1.0, beta1 = 0.9}]
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "study.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def with_line(key: str, value: str) -> str:
+    """BASE_TOML with ``key``'s line replaced (or added) by ``key = value``."""
+    lines = [line for line in BASE_TOML.splitlines() if not line.startswith(f"{key} =")]
+    return "\n".join([*lines, f"{key} = {value}"]) + "\n"
+
+
+def image_folder(tmp_path: Path, name: str = "flowers") -> Path:
+    folder = tmp_path / name
+    (folder / "rose").mkdir(parents=True)
+    return folder
+
+
+@pytest.mark.parametrize("name", spec_names())
+def test_shipped_spec_loads(name: str) -> None:
+    dataset, arch = name.rsplit("-", 1)
+    spec = load_spec(dataset, arch, study=name)
+    assert spec.name == name
+    assert f"{spec.dataset}-{spec.arch}" == name
+    assert spec.source == f"studies/{name}.toml"
+    # Found without naming it, for the dataset's default architecture.
+    assert load_spec(spec.dataset, spec.arch) == spec
+    assert spec.arch == dataset_info(spec.dataset).default_arch
+    # Its enqueued settings fit its space.
+    space = load_space(spec.search_space)
+    for setting in spec.enqueue:
+        space.from_hyperparameters(setting)
+
+
+def test_shipped_specs_cover_every_dataset() -> None:
+    assert set(spec_names()) == {
+        "digits-mlp",
+        "mnist-cnn",
+        "fashion-mnist-cnn",
+        "cifar10-resnet18",
+        "cifar100-resnet18",
+        "svhn-resnet18",
+    }
+
+
+def test_cifar100_is_the_design_one() -> None:
+    spec = load_spec("cifar100")
+    assert (spec.dataset, spec.arch, spec.search_space) == ("cifar100", "resnet18", "sofim")
+    assert (spec.epochs, spec.batch_size, spec.trials) == (30, 256, 64)
+    assert (spec.sampler, spec.pruner, spec.metric, spec.direction) == ("tpe", "hyperband", "val_accuracy", "maximize")
+
+
+def test_digits_enqueues_the_paper_default() -> None:
+    spec = load_spec("digits")
+    assert (spec.epochs, spec.batch_size, spec.trials) == (10, 64, 40)
+    assert spec.enqueue == ({"lr": 0.1, "rho": 1.0, "beta1": 0.9},)
+
+
+def test_defaults_for_a_dataset_without_a_spec() -> None:
+    spec = load_spec("mnist", "mlp")
+    info = dataset_info("mnist")
+    assert spec == StudySpec(
+        name="mnist-mlp",
+        dataset="mnist",
+        arch="mlp",
+        search_space="sofim",
+        epochs=info.default_epochs,
+        batch_size=info.default_batch_size,
+        trials=DEFAULT_TRIALS,
+        source="defaults",
+    )
+    assert spec.enqueue == ()
+
+
+def test_folder_dataset_defaults(tmp_path: Path) -> None:
+    folder = image_folder(tmp_path)
+    spec = load_spec(str(folder))
+    assert (spec.name, spec.dataset, spec.arch) == ("flowers-cnn", str(folder), "cnn")
+    assert (spec.epochs, spec.batch_size, spec.trials, spec.search_space) == (10, 64, DEFAULT_TRIALS, "sofim")
+    assert spec.source == "defaults"
+    assert load_spec(str(folder), "resnet18").name == "flowers-resnet18"
+
+
+def test_user_spec_fills_missing_keys_from_defaults(tmp_path: Path) -> None:
+    path = write(tmp_path, 'trials = 8\nmetric = "val_loss"\n')
+    spec = load_spec("cifar10", study=path)
+    assert (spec.name, spec.arch, spec.epochs, spec.batch_size) == ("cifar10-resnet18", "resnet18", 30, 256)
+    assert spec.trials == 8
+    # A metric without a direction brings its own.
+    assert (spec.metric, spec.direction) == ("val_loss", "minimize")
+    assert spec.source == str(path)
+
+
+def test_user_spec_paths_start_at_its_folder(tmp_path: Path) -> None:
+    (tmp_path / "mine.yaml").write_text("optimizer: sofim\nparams:\n  lr: {low: 0.01, high: 1.0}\n")
+    image_folder(tmp_path)
+    path = write(tmp_path, 'dataset = "flowers"\nsearch_space = "mine.yaml"\nname = "roses"\n')
+    spec = load_spec(str(tmp_path / "flowers"), study=path)
+    assert spec.search_space == str(tmp_path / "mine.yaml")
+    assert spec.name == "roses"
+    assert load_space(spec.search_space).params["lr"].high == 1.0
+
+
+def test_replace_applies_and_validates() -> None:
+    spec = load_spec("cifar10")
+    assert spec.replace(trials=5, epochs=None).trials == 5
+    assert spec.replace(trials=5).epochs == spec.epochs
+    assert spec.replace(metric="val_loss").direction == "minimize"
+    assert spec.replace() == spec
+    with pytest.raises(UserInputError, match=r"^overrides of studies/cifar10-resnet18\.toml: trials: must be >= 1 \(got 0\)$"):
+        spec.replace(trials=0)
+    with pytest.raises(UserInputError, match=r"direction: val_loss must be minimized"):
+        spec.replace(metric="val_loss", direction="maximize")
+    with pytest.raises(UserInputError, match=r"sampler: unknown sampler 'bayes'; choose one of tpe, random"):
+        spec.replace(sampler="bayes")
+
+
+def test_replace_with_a_missing_space_file(tmp_path: Path) -> None:
+    with pytest.raises(UserInputError, match="search_space: no such file"):
+        load_spec("digits").replace(search_space=str(tmp_path / "none.yaml"))
+
+
+def test_unknown_dataset_without_spec() -> None:
+    with pytest.raises(UserInputError, match="unknown dataset 'imagenet'"):
+        load_spec("imagenet")
+
+
+def test_unknown_shipped_spec() -> None:
+    with pytest.raises(UserInputError, match="unknown study spec 'mnist-vit'; shipped: cifar10-resnet18"):
+        load_spec("mnist", study="mnist-vit")
+
+
+def test_missing_spec_file(tmp_path: Path) -> None:
+    path = tmp_path / "gone.toml"
+    with pytest.raises(UserInputError, match=rf"^{re.escape(str(path))}: study spec file not found$"):
+        load_spec("digits", study=path)
+
+
+BAD_SPECS = {
+    "not toml": ("epochs = = 3\n", "not valid TOML"),
+    "unknown key": (with_line("learning_rate", "0.1"), "learning_rate: unknown key; valid keys: name, dataset"),
+    "epochs as text": (with_line("epochs", '"ten"'), "epochs: expected an integer, got 'ten'"),
+    "epochs as float": (with_line("epochs", "10.0"), "epochs: expected an integer"),
+    "epochs as bool": (with_line("epochs", "true"), "epochs: expected an integer"),
+    "epochs 0": (with_line("epochs", "0"), "epochs: must be >= 1 (got 0)"),
+    "batch_size 0": (with_line("batch_size", "0"), "batch_size: must be >= 1"),
+    "trials 0": (with_line("trials", "0"), "trials: must be >= 1"),
+    "confirm_top 0": (with_line("confirm_top", "0"), "confirm_top: must be >= 1"),
+    "confirm_seeds 0": (with_line("confirm_seeds", "0"), "confirm_seeds: must be >= 1"),
+    "negative seed": (with_line("seed", "-1"), "seed: must be >= 0"),
+    "unknown sampler": (with_line("sampler", '"bayes"'), "sampler: unknown sampler 'bayes'; choose one of tpe, random, qmc, cmaes, gp, grid"),
+    "unknown pruner": (with_line("pruner", '"asha"'), "pruner: unknown pruner 'asha'; choose one of hyperband, median, sha, none"),
+    "unknown metric": (with_line("metric", '"accuracy"'), "metric: unknown metric 'accuracy'; choose one of val_accuracy, val_loss"),
+    "direction against metric": (with_line("direction", '"minimize"'), "direction: val_accuracy must be maximized"),
+    "val_fraction 0": (with_line("val_fraction", "0.0"), "val_fraction: must be in (0, 1)"),
+    "val_fraction 1": (with_line("val_fraction", "1"), "val_fraction: must be in (0, 1)"),
+    "val_fraction text": (with_line("val_fraction", '"10%"'), "val_fraction: expected a number"),
+    "empty arch": (with_line("arch", '""'), "arch: expected a non-empty string"),
+    "empty name": (with_line("name", '""'), "name: expected a non-empty string"),
+    "unknown space": (with_line("search_space", '"lion"'), "search_space: unknown search space 'lion'"),
+    "missing space file": (with_line("search_space", '"nowhere.yaml"'), "search_space: no such file"),
+    "enqueue not an array": (with_line("enqueue", "0.1"), "enqueue: expected an array of tables"),
+    "enqueue empty table": (with_line("enqueue", "[{}]"), "enqueue[0]: expected a non-empty table"),
+    "enqueue unknown name": (with_line("enqueue", "[{lr = 0.1, betal = 0.9}]"), "enqueue[0].betal: unknown key"),
+    "enqueue text value": (with_line("enqueue", '[{lr = 0.1}, {lr = "fast"}]'), "enqueue[1].lr: expected a number"),
+}
+
+
+@pytest.mark.parametrize(("text", "expected"), BAD_SPECS.values(), ids=BAD_SPECS.keys())
+def test_bad_spec_names_file_and_key(tmp_path: Path, text: str, expected: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(UserInputError) as info:
+        load_spec("digits", study=path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: "), message
+    assert expected in message, message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("dataset", "arch", "expected"),
+    [
+        ("mnist", None, "dataset: the spec is for 'digits', not 'mnist'"),
+        ("digits", "cnn", "arch: the spec is for 'mlp', not 'cnn'"),
+    ],
+)
+def test_spec_disagreeing_with_the_request(tmp_path: Path, dataset: str, arch: str | None, expected: str) -> None:
+    path = write(tmp_path, BASE_TOML)
+    with pytest.raises(UserInputError, match=rf"^{re.escape(str(path))}: {re.escape(expected)}"):
+        load_spec(dataset, arch, study=path)
+
+
+def test_spec_with_an_unknown_dataset(tmp_path: Path) -> None:
+    path = write(tmp_path, 'trials = 4\n')
+    with pytest.raises(UserInputError, match="unknown dataset 'imagenet'"):
+        load_spec("imagenet", study=path)
+    spec = StudySpec("x", "digits", "mlp", "sofim", 1, 1, 1, source=str(path))
+    with pytest.raises(UserInputError, match=rf"^overrides of {re.escape(str(path))}: dataset: unknown dataset 'imagenet'"):
+        spec.replace(dataset="imagenet")
