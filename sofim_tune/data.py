@@ -1,0 +1,619 @@
+"""Datasets by name: metadata in a registry, loading into device-resident tensors.
+
+A dataset is decoded once into ``uint8`` images on the training device; every epoch then
+costs one index permutation and, per batch, one gather, an optional vectorised crop and
+flip, and the normalisation, all on the device. ImageFolders too large for
+:data:`MEMORY_BUDGET_BYTES` are streamed from disk through a ``DataLoader`` instead and
+give batches of the same format.
+
+Normalisation uses the per-channel mean and standard deviation of the training split
+(after the validation hold-out), computed exactly from pixel histograms, so a user's
+ImageFolder is treated like a registry dataset; validation and test splits reuse them.
+
+Randomness (shuffling, crops, flips) comes from the ``generator`` passed to
+:meth:`Split.batches`, on whatever device that generator lives; the draws are moved to
+the data's device. The same generator device and seed give the same batches.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+import torchvision.datasets
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader
+from torchvision import transforms
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import find_classes
+
+from sofim_tune.errors import UserInputError
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What models and studies need to know about a dataset.
+
+    Attributes:
+        name: registry name (``"cifar100"``) or, for a user's ImageFolder, its path.
+        num_classes: number of labels.
+        channels: image channels (1 or 3).
+        image_size: side of the square images in pixels, as the model sees them.
+        default_arch: architecture used when the user names none.
+        augment: random crop (4-pixel padding) and horizontal flip during training.
+        default_epochs: epochs per trial in a study without a spec file.
+        default_batch_size: batch size in a study without a spec file.
+    """
+
+    name: str
+    num_classes: int
+    channels: int
+    image_size: int
+    default_arch: str
+    augment: bool = False
+    default_epochs: int = 10
+    default_batch_size: int = 128
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    info.name: info
+    for info in (
+        DatasetInfo("digits", 10, 1, 8, "mlp", default_epochs=10, default_batch_size=64),
+        DatasetInfo("mnist", 10, 1, 28, "cnn", default_epochs=5, default_batch_size=128),
+        DatasetInfo("fashion-mnist", 10, 1, 28, "cnn", default_epochs=10, default_batch_size=128),
+        DatasetInfo("cifar10", 10, 3, 32, "resnet18", augment=True, default_epochs=30, default_batch_size=256),
+        DatasetInfo("cifar100", 100, 3, 32, "resnet18", augment=True, default_epochs=30, default_batch_size=256),
+        DatasetInfo("svhn", 10, 3, 32, "resnet18", augment=True, default_epochs=15, default_batch_size=256),
+    )
+}
+
+
+def dataset_names() -> list[str]:
+    """Names accepted by ``--dataset`` besides a path to an ImageFolder."""
+    return list(DATASETS)
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    """Registry entry for ``name``; raises :class:`UserInputError` listing valid names."""
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise UserInputError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)} or give a path to an ImageFolder") from None
+
+
+MEMORY_BUDGET_BYTES = 2 * 2**30
+"""Largest decoded ImageFolder (all loaded splits, ``uint8``) kept in memory; larger ones stream."""
+
+DEFAULT_IMAGE_SIZE = 32
+"""Side in pixels that ImageFolder images are resized to when the caller names none."""
+
+_MIN_IMAGE_SIZE = 8  # reflect padding by 4 needs more than 4 pixels, and the CNN pools twice
+_CROP_PADDING = 4
+_DIGITS_TEST_FRACTION = 0.2
+_DIGITS_TEST_SEED = 0  # fixed, so every study scores on the same digits test images
+_STATS_SAMPLE = 10_000  # images decoded for the statistics of a streamed ImageFolder
+_STATS_SEED = 0
+_DECODE_BATCH = 256  # images per DataLoader batch when decoding or sampling statistics
+_MIN_STD = 1 / 255  # a constant channel would otherwise divide by zero
+_LOADER_WORKERS = min(8, os.cpu_count() or 1)
+_PARALLEL_DECODE_MIN = 512  # below this many images, starting workers costs more than it saves
+
+
+def default_data_dir() -> Path:
+    """Folder that holds downloaded datasets: ``$SOFIM_TUNE_DATA``, else ``~/.cache/sofim-tune/data``."""
+    env = os.environ.get("SOFIM_TUNE_DATA")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "sofim-tune" / "data"
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+class Split(Protocol):
+    """One of the train, validation and test parts of a dataset, resident or streamed."""
+
+    def __len__(self) -> int:
+        """Number of samples."""
+        ...
+
+    def batches(
+        self, batch_size: int, *, shuffle: bool, augment: bool, generator: torch.Generator | None = None
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """One epoch of ``(x, y)`` batches; see :meth:`TensorSplit.batches`."""
+        ...
+
+
+@dataclass(frozen=True)
+class _Placement:
+    """What every split of a dataset shares: its device, normalisation and augmentation switch."""
+
+    device: torch.device
+    mean: Tensor
+    std: Tensor
+    augmentable: bool
+
+
+class _SplitBase:
+    """Normalisation, shuffling and augmentation shared by resident and streamed splits."""
+
+    def __init__(self, placement: _Placement) -> None:
+        self.device = placement.device
+        self.mean = placement.mean
+        self.std = placement.std
+        self.augmentable = placement.augmentable
+        # (x/255 - mean)/std folded into one multiply-add per element.
+        shape = (1, -1, 1, 1)
+        self._scale = (1.0 / (255.0 * self.std)).view(shape).to(self.device)
+        self._shift = (-self.mean / self.std).view(shape).to(self.device)
+
+    def _finish(self, x: Tensor, augment: bool, generator: torch.Generator | None) -> Tensor:
+        """Augment (if asked and allowed) and normalise a ``uint8`` batch already on the device."""
+        if augment and self.augmentable:
+            x = random_crop_flip(x, generator)
+        return x.float().mul_(self._scale).add_(self._shift)
+
+
+class TensorSplit(_SplitBase):
+    """A split held as ``uint8`` images on the device.
+
+    Attributes:
+        images: ``uint8`` tensor N×C×H×W on ``device``, pixel values 0..255.
+        labels: ``int64`` tensor N on ``device``, class indices 0..num_classes-1.
+        mean, std: float32 CPU tensors of C values in [0, 1]: the training split's
+            per-channel pixel statistics (pixels scaled to [0, 1]) that normalise batches.
+        augmentable: whether ``batches(augment=True)`` crops and flips (the dataset's ``info.augment``).
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor, placement: _Placement) -> None:
+        super().__init__(placement)
+        self.images = images.to(self.device)
+        self.labels = labels.to(self.device)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batches(
+        self, batch_size: int, *, shuffle: bool, augment: bool, generator: torch.Generator | None = None
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """One epoch of batches, the last one partial when ``batch_size`` does not divide the split.
+
+        Args:
+            batch_size: samples per batch, at least 1.
+            shuffle: visit samples in the order of a permutation drawn from ``generator``;
+                otherwise in stored order.
+            augment: random crop of the 4-pixel reflect-padded image and horizontal flip
+                with probability 0.5, per sample; ignored unless ``augmentable``.
+            generator: source of all randomness, on any device (draws are moved to the
+                split's device); ``None`` uses the global CPU generator.
+
+        Yields:
+            ``x``: float32 N×C×H×W on the split's device, ``(pixel/255 - mean)/std``;
+            ``y``: int64 N on the split's device.
+        """
+        _check_batch_size(batch_size)
+        order = _permutation(len(self), generator).to(self.device) if shuffle else None
+        for start in range(0, len(self), batch_size):
+            if order is None:
+                x, y = self.images[start : start + batch_size], self.labels[start : start + batch_size]
+            else:
+                index = order[start : start + batch_size]
+                x, y = self.images[index], self.labels[index]
+            yield self._finish(x, augment, generator), y
+
+
+class StreamedSplit(_SplitBase):
+    """A split of an ImageFolder decoded from disk every epoch by a ``DataLoader``.
+
+    Used when the decoded ImageFolder would exceed :data:`MEMORY_BUDGET_BYTES`; batches,
+    order and augmentation equal those of a :class:`TensorSplit` of the same images.
+    """
+
+    def __init__(self, files: _ImageFiles, indices: Tensor, placement: _Placement) -> None:
+        super().__init__(placement)
+        self.files = files
+        self.indices = indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def batches(
+        self, batch_size: int, *, shuffle: bool, augment: bool, generator: torch.Generator | None = None
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """Same contract as :meth:`TensorSplit.batches`."""
+        _check_batch_size(batch_size)
+        indices = self.indices[_permutation(len(self), generator)] if shuffle else self.indices
+        pin = self.device.type == "cuda"
+        for x, y in _read(self.files, indices, batch_size, pin_memory=pin):
+            x = x.to(self.device, non_blocking=pin)
+            yield self._finish(x, augment, generator), y.to(self.device, non_blocking=pin)
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise UserInputError(f"batch size must be at least 1, got {batch_size}")
+
+
+def _draw_device(generator: torch.Generator | None) -> torch.device:
+    return generator.device if generator is not None else torch.device("cpu")
+
+
+def _permutation(n: int, generator: torch.Generator | None) -> Tensor:
+    return torch.randperm(n, generator=generator, device=_draw_device(generator))
+
+
+def crop_flip(x: Tensor, dy: Tensor, dx: Tensor, flip: Tensor) -> Tensor:
+    """Crop each image of its reflect-padded self at a given offset, mirrored where asked.
+
+    Equivalent to padding ``x`` by 4 pixels on every side (reflect mode), taking the
+    H×W window whose top-left corner is ``(dy[i], dx[i])`` for image ``i`` and mirroring
+    it left-right where ``flip[i]``, but done as one gather without the padded copy.
+
+    Args:
+        x: N×C×H×W tensor of any dtype, H and W larger than 4.
+        dy, dx: int64 tensors of N offsets in 0..8 (4 = no shift), on ``x``'s device.
+        flip: bool tensor of N, on ``x``'s device.
+    """
+    n, c, h, w = x.shape
+    rows = dy[:, None] - _CROP_PADDING + torch.arange(h, device=x.device)
+    cols = dx[:, None] - _CROP_PADDING + torch.arange(w, device=x.device)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    rows, cols = _reflect(rows, h), _reflect(cols, w)
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    channel = torch.arange(c, device=x.device)[None, :, None, None]
+    return x[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def _reflect(index: Tensor, size: int) -> Tensor:
+    """Map positions in -4..size+3 onto 0..size-1 as reflect padding does (edge not repeated)."""
+    index = index.abs()
+    return torch.where(index >= size, 2 * (size - 1) - index, index)
+
+
+def random_crop_flip(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """:func:`crop_flip` with offsets uniform in 0..8 and flips with probability 0.5 from ``generator``."""
+    n, device = len(x), _draw_device(generator)
+    flip = torch.randint(0, 2, (n,), generator=generator, device=device).bool()
+    offsets = torch.randint(0, 2 * _CROP_PADDING + 1, (2, n), generator=generator, device=device)
+    dy, dx = offsets.to(x.device)
+    return crop_flip(x, dy, dx, flip.to(x.device))
+
+
+# ----------------------------------------------------------------------------- pools
+# A pool is a not-yet-placed set of samples: a split is made from it once the
+# validation hold-out and the normalisation statistics are known.
+
+
+@dataclass
+class _TensorPool:
+    images: Tensor  # uint8 N×C×H×W on the CPU
+    labels: Tensor  # int64 N on the CPU
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: Tensor) -> _TensorPool:
+        return _TensorPool(self.images[index], self.labels[index])
+
+    def stats_chunks(self) -> Iterator[Tensor]:
+        yield self.images
+
+    def to_split(self, placement: _Placement) -> TensorSplit:
+        return TensorSplit(self.images, self.labels, placement)
+
+
+@dataclass
+class _FilePool:
+    files: _ImageFiles
+    indices: Tensor  # int64 positions in files.samples
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def subset(self, index: Tensor) -> _FilePool:
+        return _FilePool(self.files, self.indices[index])
+
+    def stats_chunks(self) -> Iterator[Tensor]:
+        # Decoding is the cost here, so statistics come from a fixed random sample.
+        indices = self.indices
+        if len(indices) > _STATS_SAMPLE:
+            sample = torch.randperm(len(indices), generator=torch.Generator().manual_seed(_STATS_SEED))
+            indices = indices[sample[:_STATS_SAMPLE].sort().values]
+        return (x for x, _ in _read(self.files, indices, _DECODE_BATCH))
+
+    def decode(self) -> _TensorPool:
+        batches = list(_read(self.files, self.indices, _DECODE_BATCH))
+        return _TensorPool(torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches]))
+
+    def to_split(self, placement: _Placement) -> StreamedSplit:
+        return StreamedSplit(self.files, self.indices, placement)
+
+
+_Pool = _TensorPool | _FilePool
+
+
+def _holdout(n: int, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """Seeded random split of ``range(n)`` into sorted (kept, held-out) index tensors.
+
+    The held-out part has ``round(n * fraction)`` elements, at least 1 and at most ``n - 1``.
+    """
+    if n < 2:
+        raise UserInputError(f"cannot hold out a validation split from {n} sample(s); the dataset needs at least 2")
+    held = min(max(round(n * fraction), 1), n - 1)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return order[held:].sort().values, order[:held].sort().values
+
+
+def _channel_stats(chunks: Iterable[Tensor], channels: int) -> tuple[Tensor, Tensor]:
+    """Exact per-channel mean and std (float32, pixels scaled to [0, 1]) of ``uint8`` NCHW chunks.
+
+    Pixel histograms keep the sums exact and independent of chunk order, so resident
+    and streamed copies of the same images get identical statistics.
+    """
+    histogram = torch.zeros(channels, 256, dtype=torch.int64)
+    for x in chunks:
+        for c in range(channels):
+            histogram[c] += torch.bincount(x[:, c].reshape(-1), minlength=256).cpu()
+    levels = torch.arange(256, dtype=torch.float64) / 255
+    count = histogram.sum(1)
+    mean = (histogram * levels).sum(1) / count
+    var = (histogram * levels**2).sum(1) / count - mean**2
+    std = var.clamp_min(0).sqrt().clamp_min(_MIN_STD)
+    return mean.float(), std.float()
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+@dataclass
+class LoadedData:
+    """A dataset's splits, ready for training.
+
+    Attributes:
+        info: registry entry, or the ImageFolder's description.
+        train: training split (augmentable when ``info.augment``).
+        val: validation split, held out from the training data unless the folder has ``val/``.
+        test: official test split; only when loaded with ``with_test=True``.
+    """
+
+    info: DatasetInfo
+    train: Split
+    val: Split
+    test: Split | None = None
+
+
+def load_data(
+    dataset: str,
+    *,
+    device: torch.device | str = "cpu",
+    data_dir: str | Path | None = None,
+    download: bool = False,
+    val_fraction: float = 0.1,
+    split_seed: int = 0,
+    with_test: bool = False,
+    image_size: int | None = None,
+) -> LoadedData:
+    """Load a registry dataset or an ImageFolder onto ``device``.
+
+    Args:
+        dataset: a name from :func:`dataset_names`, or a path to an ImageFolder: a folder
+            of class subfolders, or one with ``train/`` and optionally ``val/`` and ``test/``
+            each laid out that way.
+        device: where images live and batches are produced.
+        data_dir: folder of the torchvision datasets; default :func:`default_data_dir`.
+        download: let torchvision download missing files into ``data_dir``.
+        val_fraction: share of the training data held out for validation, in (0, 1);
+            ignored for an ImageFolder with ``val/``.
+        split_seed: seed of the validation hold-out.
+        with_test: also load the test split (``digits``: a fixed 20% of the images, the
+            same for every ``split_seed``; ImageFolder: ``test/``, which must exist).
+        image_size: ImageFolder images are resized to this square side in pixels
+            (default 32, at least 8); for a registry dataset only its own size is accepted.
+
+    Raises:
+        UserInputError: unknown name, missing files, bad folder, bad fraction; one line each.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise UserInputError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction}")
+    info = dataset_info_for(dataset, image_size)
+    test: _Pool | None = None
+    val: _Pool | None = None
+    if dataset == "digits":
+        train, digits_test = _digits_pools()
+        test = digits_test if with_test else None
+    elif dataset in DATASETS:
+        root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+        train = _torchvision_pool(dataset, root, train=True, download=download)
+        test = _torchvision_pool(dataset, root, train=False, download=download) if with_test else None
+    else:
+        train, val, test = _folder_pools(Path(dataset), info.image_size, with_test)
+    if val is None:
+        kept, held = _holdout(len(train), val_fraction, split_seed)
+        train, val = train.subset(kept), train.subset(held)
+    mean, std = _channel_stats(train.stats_chunks(), info.channels)
+    placement = _Placement(torch.device(device), mean, std, augmentable=info.augment)
+    return LoadedData(
+        info=info,
+        train=train.to_split(placement),
+        val=val.to_split(placement),
+        test=test.to_split(placement) if test is not None else None,
+    )
+
+
+def dataset_info_for(dataset: str, image_size: int | None = None) -> DatasetInfo:
+    """Registry entry for a name, or the description of an ImageFolder at a path.
+
+    A folder is inspected (class subfolders of ``train/`` or of the folder itself) without
+    decoding images: ``channels`` is 3 (images are converted to RGB), ``image_size`` is
+    ``image_size`` or 32, ``default_arch`` is ``"cnn"`` and ``augment`` is on.
+    """
+    if dataset in DATASETS:
+        info = DATASETS[dataset]
+        if image_size is not None and image_size != info.image_size:
+            raise UserInputError(
+                f"{dataset} images are {info.image_size}x{info.image_size}; an image size applies only to ImageFolder datasets"
+            )
+        return info
+    size = DEFAULT_IMAGE_SIZE if image_size is None else image_size
+    if size < _MIN_IMAGE_SIZE:
+        raise UserInputError(f"image size must be at least {_MIN_IMAGE_SIZE} pixels, got {size}")
+    layout = _folder_layout(Path(dataset))
+    classes = _class_names(layout.train)
+    return DatasetInfo(
+        name=str(Path(dataset).expanduser().resolve()),
+        num_classes=len(classes),
+        channels=3,
+        image_size=size,
+        default_arch="cnn",
+        augment=True,
+    )
+
+
+def _digits_pools() -> tuple[_TensorPool, _TensorPool]:
+    """scikit-learn's 1797 8×8 digits as (train, fixed test) pools, pixels 0..16 rescaled to 0..255."""
+    from sklearn.datasets import load_digits  # here: a second to import, and only digits needs it
+
+    bunch = load_digits()
+    images = torch.from_numpy(np.rint(bunch.images * (255 / 16))).to(torch.uint8).unsqueeze(1)
+    full = _TensorPool(images, torch.from_numpy(bunch.target).long())
+    train, test = _holdout(len(full), _DIGITS_TEST_FRACTION, _DIGITS_TEST_SEED)
+    return full.subset(train), full.subset(test)
+
+
+@dataclass(frozen=True)
+class _TorchvisionSource:
+    class_name: str  # in torchvision.datasets
+    title: str  # as messages name it
+    layout: str  # axis order of the dataset object's .data: "NHW", "NHWC" or "NCHW"
+    labels_attr: str
+    split_arg: bool  # selects train/test with split="train"/"test" rather than train=True/False
+
+
+_TORCHVISION: dict[str, _TorchvisionSource] = {
+    "mnist": _TorchvisionSource("MNIST", "MNIST", "NHW", "targets", split_arg=False),
+    "fashion-mnist": _TorchvisionSource("FashionMNIST", "Fashion-MNIST", "NHW", "targets", split_arg=False),
+    "cifar10": _TorchvisionSource("CIFAR10", "CIFAR-10", "NHWC", "targets", split_arg=False),
+    "cifar100": _TorchvisionSource("CIFAR100", "CIFAR-100", "NHWC", "targets", split_arg=False),
+    "svhn": _TorchvisionSource("SVHN", "SVHN", "NCHW", "labels", split_arg=True),
+}
+
+
+def _torchvision_pool(name: str, root: Path, *, train: bool, download: bool) -> _TensorPool:
+    """The official train or test set of a torchvision dataset, read from its arrays without per-sample work."""
+    source = _TORCHVISION[name]
+    split = {"split": "train" if train else "test"} if source.split_arg else {"train": train}
+    try:
+        raw = getattr(torchvision.datasets, source.class_name)(str(root), download=download, **split)
+    except (RuntimeError, OSError) as error:
+        if download:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise UserInputError(f"downloading {source.title} into {root} failed: {reason}") from error
+        raise UserInputError(
+            f"{source.title} not found in {root}; download it with: sofim-tune train --dataset {name} --download "
+            "(or point --data-dir at a folder that has it)"
+        ) from error
+    images = torch.as_tensor(raw.data)
+    if source.layout == "NHW":
+        images = images.unsqueeze(1)
+    elif source.layout == "NHWC":
+        images = images.permute(0, 3, 1, 2)
+    labels = torch.as_tensor(np.asarray(getattr(raw, source.labels_attr)), dtype=torch.int64)
+    return _TensorPool(images.contiguous(), labels)
+
+
+# ----------------------------------------------------------------------------- ImageFolder
+
+
+@dataclass(frozen=True)
+class _FolderLayout:
+    train: Path
+    val: Path | None
+    test: Path | None
+
+
+def _folder_layout(root: Path) -> _FolderLayout:
+    root = root.expanduser()
+    if not root.is_dir():
+        raise UserInputError(
+            f"{str(root)!r} is neither a dataset name ({', '.join(DATASETS)}) nor an existing folder"
+        )
+    if (root / "train").is_dir():
+        val, test = root / "val", root / "test"
+        return _FolderLayout(root / "train", val if val.is_dir() else None, test if test.is_dir() else None)
+    return _FolderLayout(root, None, None)
+
+
+def _class_names(folder: Path) -> list[str]:
+    try:
+        return find_classes(folder)[0]
+    except FileNotFoundError:
+        raise UserInputError(
+            f"no class folders in {folder}; an ImageFolder has one subfolder of images per class"
+        ) from None
+
+
+def _folder_pools(root: Path, image_size: int, with_test: bool) -> tuple[_Pool, _Pool | None, _Pool | None]:
+    """(train, val or None, test or None) pools of an ImageFolder, decoded when they fit the memory budget."""
+    layout = _folder_layout(root)
+    if with_test and layout.test is None:
+        raise UserInputError(f"{root} has no test/ folder; add one laid out like train/ to evaluate on a test set")
+    train = _image_files(layout.train, image_size)
+    others = [_image_files(folder, image_size) if folder else None for folder in (layout.val, layout.test if with_test else None)]
+    for files in others:
+        if files is not None and files.classes != train.classes:
+            raise UserInputError(f"{files.root} has classes {files.classes} but {train.root} has {train.classes}; they must match")
+    pools = [_FilePool(files, torch.arange(len(files))) if files is not None else None for files in (train, *others)]
+    fits = sum(len(p) for p in pools if p is not None) * 3 * image_size**2 <= MEMORY_BUDGET_BYTES
+    placed = [p.decode() if fits and p is not None else p for p in pools]
+    return placed[0], placed[1], placed[2]  # type: ignore[return-value]  # train is never None
+
+
+def _image_files(folder: Path, image_size: int) -> _ImageFiles:
+    _class_names(folder)  # for its message when there are no class folders
+    try:
+        return _ImageFiles(folder, image_size)
+    except FileNotFoundError as error:  # a class folder without images
+        raise UserInputError(f"no images in some class folders of {folder}: {error}") from None
+
+
+class _ImageFiles(ImageFolder):
+    """ImageFolder giving (uint8 3×S×S tensor, label), label -1 for a file PIL cannot decode."""
+
+    def __init__(self, root: Path, image_size: int) -> None:
+        transform = transforms.Compose([transforms.Resize((image_size, image_size)), transforms.PILToTensor()])
+        super().__init__(str(root), transform=transform)
+        self.image_size = image_size
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        path, label = self.samples[index]
+        try:
+            image = self.loader(path)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+            # Marked rather than raised: raised in a DataLoader worker, the error would
+            # reach the user as a multi-line traceback instead of one line naming the file.
+            return torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), -1
+        return self.transform(image), label
+
+
+def _read(files: _ImageFiles, indices: Tensor, batch_size: int, *, pin_memory: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
+    """Decode ``files`` at ``indices``, in that order, as (uint8 N×3×S×S, int64 N) CPU batches."""
+    loader = DataLoader(
+        files,
+        batch_size=batch_size,
+        sampler=indices.tolist(),
+        num_workers=_LOADER_WORKERS if len(indices) >= _PARALLEL_DECODE_MIN else 0,
+        pin_memory=pin_memory,
+        # Its own generator seeds the workers, leaving the global RNG (and so the
+        # model's dropout, say) where the resident path would leave it.
+        generator=torch.Generator(),
+    )
+    for start, (x, y) in zip(range(0, len(indices), batch_size), loader):
+        bad = (y < 0).nonzero()
+        if len(bad):
+            path = files.samples[int(indices[start + int(bad[0, 0])])][0]
+            raise UserInputError(f"cannot decode image {path}; remove or replace the file")
+        yield x, y
