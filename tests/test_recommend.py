@@ -1,0 +1,344 @@
+"""best.json: building, schema, atomic writing, loading, and the helpers behind it."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import json
+import os
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from sofim_tune.errors import UserInputError
+from sofim_tune.records import Confirmation, StudyRecord
+from sofim_tune.recommend import (
+    SCHEMA_ID,
+    Recommendation,
+    build_recommendation,
+    confirm_top,
+    good_region,
+    load_recommendation,
+    param_importances,
+    pick_recommended,
+    redact_storage_url,
+    write_recommendation,
+)
+from study_records import make_study
+
+HYPERPARAMETERS = {"lr", "rho", "beta1"}
+
+
+@pytest.fixture(scope="module")
+def study() -> StudyRecord:
+    return make_study(40)
+
+
+@pytest.fixture(scope="module")
+def rec(study: StudyRecord) -> Recommendation:
+    return build_recommendation(study, device="NVIDIA H100 80GB HBM3")
+
+
+def _schema() -> dict:
+    text = importlib.resources.files("sofim_tune").joinpath("recommendation.schema.json").read_text()
+    return json.loads(text)
+
+
+def _negated(study: StudyRecord) -> StudyRecord:
+    """The same study as a minimization of -metric (negation is exact in floating point)."""
+    trials = [dataclasses.replace(t, value=None if t.value is None else -t.value)
+              for t in study.trials]
+    return dataclasses.replace(study, trials=trials, direction="minimize", confirmations=[])
+
+
+# --- schema and round trip -------------------------------------------------------------
+
+
+def test_schema_is_valid_draft_2020_12() -> None:
+    schema = _schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    assert "recommendation/v1" in schema["$id"]
+    assert schema["properties"]["schema"] == {"const": SCHEMA_ID}
+    assert schema["additionalProperties"] is False
+
+
+def test_round_trip(tmp_path: Path, rec: Recommendation) -> None:
+    path = write_recommendation(rec, tmp_path / "best.json")
+    assert load_recommendation(path) == rec
+
+
+def test_written_file_validates(tmp_path: Path, rec: Recommendation, study: StudyRecord) -> None:
+    data = json.loads(write_recommendation(rec, tmp_path / "best.json").read_text())
+    jsonschema.validate(data, _schema())
+    assert data["schema"] == SCHEMA_ID
+    assert set(data["hyperparameters"]) == HYPERPARAMETERS
+    assert data["fixed"] == {"epochs": 10, "batch_size": 256, "weight_decay": 0.0}
+    assert data["study"] | {"storage": None} == {
+        "backend": "optuna", "name": "cifar100-resnet18", "storage": None, "trials": 40,
+        "completed": len(study.by_state("complete")), "pruned": len(study.by_state("pruned")),
+        "failed": 1, "sampler": "tpe", "pruner": "hyperband", "final": True,
+    }
+    assert data["provenance"]["device"] == "NVIDIA H100 80GB HBM3"
+    assert data["provenance"]["created"].endswith("Z")
+    assert {"sofim_tune", "torch", "optuna"} <= data["provenance"]["versions"].keys()
+
+
+def test_design_example_loads() -> None:
+    """DESIGN.md's example best.json, plus ``study.final``, is a valid v1 document."""
+    example = {
+        "schema": "sofim-tune/recommendation/v1",
+        "dataset": "cifar100", "arch": "resnet18", "optimizer": "sofim",
+        "hyperparameters": {"lr": 0.12, "rho": 0.5, "beta1": 0.9},
+        "fixed": {"epochs": 30, "batch_size": 256, "weight_decay": 0.0},
+        "metric": {"name": "val_accuracy", "direction": "maximize", "value": 0.712,
+                   "confirm": {"seeds": [11, 12, 13], "mean": 0.709, "std": 0.003},
+                   "test_accuracy": 0.701},
+        "sensitivity": {"importance": {"lr": 0.55, "rho": 0.35, "beta1": 0.10},
+                        "good_region": {"lr": [0.05, 0.4], "rho": [0.1, 2.0],
+                                        "beta1": [0.8, 0.95]}},
+        "study": {"backend": "optuna", "name": "cifar100-resnet18",
+                  "storage": "sqlite:///runs/cifar100-resnet18/study.db", "trials": 64,
+                  "completed": 21, "pruned": 40, "failed": 3, "sampler": "tpe",
+                  "pruner": "hyperband", "final": True},
+        "provenance": {"created": "2026-11-28T04:00:00Z", "device": "NVIDIA H100 80GB HBM3",
+                       "versions": {"sofim_tune": "0.1.0", "torch": "2.14.1", "optuna": "5.0.0"}},
+    }
+    rec = Recommendation.from_dict(example)
+    assert rec.sensitivity.good_region["lr"] == (0.05, 0.4)
+    assert rec.metric.confirm is not None and rec.metric.confirm.seeds == [11, 12, 13]
+    assert rec.to_dict() == example
+
+
+# --- atomic writing ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("target", "error", "expected"),
+    [
+        ("replace", OSError(28, "No space left on device"), UserInputError),
+        ("fsync", OSError(5, "Input/output error"), UserInputError),
+        ("fsync", KeyboardInterrupt(), KeyboardInterrupt),
+    ],
+)
+def test_failed_write_keeps_previous_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rec: Recommendation,
+    target: str, error: BaseException, expected: type[BaseException],
+) -> None:
+    path = write_recommendation(rec, tmp_path / "best.json")
+    before = path.read_bytes()
+
+    def fail(*args: object) -> None:
+        raise error
+
+    monkeypatch.setattr(os, target, fail)
+    with pytest.raises(expected):
+        write_recommendation(dataclasses.replace(rec, dataset="imagenet"), path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["best.json"]  # no temp file left
+
+
+def test_write_creates_folder_and_rejects_unwritable_path(tmp_path: Path, rec: Recommendation) -> None:
+    assert write_recommendation(rec, tmp_path / "runs" / "x" / "best.json").is_file()
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(UserInputError, match="cannot write"):
+        write_recommendation(rec, tmp_path / "a-file" / "best.json")
+
+
+def test_write_refuses_invalid_recommendation(tmp_path: Path, rec: Recommendation) -> None:
+    broken = dataclasses.replace(rec, hyperparameters={})
+    with pytest.raises(UserInputError, match="hyperparameters"):
+        write_recommendation(broken, tmp_path / "best.json")
+    assert not (tmp_path / "best.json").exists()
+
+
+# --- loading errors ----------------------------------------------------------------------
+
+
+def _break_schema_id(data: dict) -> None:
+    data["schema"] = "sofim-tune/recommendation/v2"
+
+
+def _drop_metric(data: dict) -> None:
+    del data["metric"]
+
+
+def _bad_type(data: dict) -> None:
+    data["hyperparameters"]["lr"] = "fast"
+
+
+def _extra_field(data: dict) -> None:
+    data["comment"] = "hand-edited"
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "what"),
+    [
+        (_break_schema_id, "schema is 'sofim-tune/recommendation/v2'"),
+        (_drop_metric, "'metric' is a required property"),
+        (_bad_type, "hyperparameters/lr: 'fast' is not of type 'number'"),
+        (_extra_field, "'comment' was unexpected"),
+    ],
+)
+def test_load_rejects_bad_documents(tmp_path: Path, rec: Recommendation, corrupt, what: str) -> None:
+    data = rec.to_dict()
+    corrupt(data)
+    path = tmp_path / "best.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(UserInputError) as info:
+        load_recommendation(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: not a sofim-tune v1 recommendation: ")
+    assert what in message
+    assert "\n" not in message
+
+
+def test_load_rejects_missing_and_corrupted_files(tmp_path: Path, rec: Recommendation) -> None:
+    with pytest.raises(UserInputError, match="no such file"):
+        load_recommendation(tmp_path / "nope.json")
+    path = write_recommendation(rec, tmp_path / "best.json")
+    path.write_text(path.read_text()[:100])  # truncated, as by a crash without atomic write
+    with pytest.raises(UserInputError, match="invalid JSON at line"):
+        load_recommendation(path)
+    path.write_text("[1, 2]")
+    with pytest.raises(UserInputError, match="top level: .* is not of type 'object'"):
+        load_recommendation(path)
+
+
+# --- sensitivity ---------------------------------------------------------------------------
+
+
+def test_importance_shares(study: StudyRecord) -> None:
+    shares = param_importances(study)
+    assert set(shares) == HYPERPARAMETERS
+    assert sum(shares.values()) == pytest.approx(1.0)
+    assert all(0.0 <= v <= 1.0 for v in shares.values())
+    assert param_importances(study) == shares  # reproducible
+
+
+def test_importance_needs_two_completed_trials(study: StudyRecord) -> None:
+    one = [study.best_trial()] + [t for t in study.trials if t.state != "complete"]
+    assert param_importances(dataclasses.replace(study, trials=one)) == {}
+
+
+def test_good_region(study: StudyRecord) -> None:
+    best = study.best_trial()
+    region = good_region(study)
+    assert set(region) == HYPERPARAMETERS
+    for name, (low, high) in region.items():
+        assert low <= best.params[name] <= high
+    assert good_region(study, tolerance=0.0) == {k: (v, v) for k, v in best.params.items()}
+    wide = good_region(study, tolerance=1.0)  # every completed trial
+    assert all(wide[k][0] <= region[k][0] and region[k][1] <= wide[k][1] for k in region)
+    assert good_region(_negated(study)) == region  # direction respected
+    with pytest.raises(UserInputError):
+        good_region(study, tolerance=-0.1)
+
+
+# --- confirmation and picking --------------------------------------------------------------
+
+
+def test_confirm_top_and_pick_by_mean(study: StudyRecord) -> None:
+    ranked = sorted((t for t in study.by_state("complete")), key=lambda t: -t.value)
+    runner_up = ranked[1].params
+    calls: list[tuple[dict, int]] = []
+
+    def evaluate(params: dict[str, float], seed: int) -> float:
+        calls.append((params, seed))
+        # The runner-up of the search is the best on average over seeds.
+        return (0.75 if params == runner_up else 0.70) + seed * 1e-4
+
+    confirmations = confirm_top(study, evaluate, top=3, seeds=[1, 2])
+    assert len(calls) == 3 * 2
+    assert [c.params for c in confirmations] == [t.params for t in ranked[:3]]
+    assert all(c.seeds == [1, 2] and len(c.values) == 2 for c in confirmations)
+    params, chosen = pick_recommended(study, confirmations)
+    assert params == runner_up and chosen is confirmations[1]
+    # Minimizing, the lowest mean wins.
+    assert pick_recommended(_negated(study), confirmations)[0] == ranked[0].params
+
+
+def test_confirm_top_skips_duplicate_configurations(study: StudyRecord) -> None:
+    best = study.best_trial()
+    twin = dataclasses.replace(best, number=99, value=best.value - 0.001)
+    doubled = dataclasses.replace(study, trials=[*study.trials, twin])
+    confirmations = confirm_top(doubled, lambda p, s: 0.5, top=2, seeds=[0])
+    assert confirmations[0].params == best.params
+    assert confirmations[1].params != best.params
+
+
+def test_confirm_top_validates_arguments(study: StudyRecord) -> None:
+    with pytest.raises(UserInputError):
+        confirm_top(study, lambda p, s: 0.5, seeds=[])
+    with pytest.raises(UserInputError):
+        confirm_top(study, lambda p, s: 0.5, top=0, seeds=[1])
+
+
+def test_recommendation_uses_confirmation(study: StudyRecord) -> None:
+    second = sorted(study.by_state("complete"), key=lambda t: -t.value)[1]
+    confirmation = Confirmation(params=dict(second.params), seeds=[7, 8], values=[0.8, 0.9],
+                                test_accuracy=0.77)
+    rec = build_recommendation(study, confirmations=[confirmation])
+    assert rec.hyperparameters == second.params
+    assert rec.metric.value == second.value  # its own search value, not the study's best
+    assert rec.metric.confirm.seeds == [7, 8]
+    assert rec.metric.confirm.mean == pytest.approx(0.85)
+    assert rec.metric.confirm.std == pytest.approx(0.05)
+    assert rec.metric.test_accuracy == 0.77
+    assert build_recommendation(study, confirmations=[confirmation], test_accuracy=0.7).metric.test_accuracy == 0.7
+
+
+def test_recommendation_without_confirmation(study: StudyRecord) -> None:
+    rec = build_recommendation(study, confirmations=())
+    assert rec.hyperparameters == study.best_trial().params
+    assert rec.metric.value == study.best_trial().value
+    assert rec.metric.confirm is None and rec.metric.test_accuracy is None
+    assert pick_recommended(study, []) == (study.best_trial().params, None)
+
+
+def test_defaults_to_study_confirmations(study: StudyRecord, rec: Recommendation) -> None:
+    best_mean = max(study.confirmations, key=lambda c: c.mean)
+    assert rec.hyperparameters == best_mean.params
+    assert rec.metric.confirm.mean == pytest.approx(best_mean.mean)
+
+
+def test_running_study_is_not_final() -> None:
+    rec = build_recommendation(make_study(12, running=2), confirmations=())
+    assert rec.study.final is False
+    assert rec.study.trials == 14
+
+
+def test_no_completed_trial(study: StudyRecord) -> None:
+    pending = dataclasses.replace(
+        study, trials=[t for t in study.trials if t.state != "complete"], confirmations=[])
+    with pytest.raises(UserInputError, match="study 'cifar100-resnet18' has no completed trial yet"):
+        build_recommendation(pending)
+
+
+# --- passwords ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "redacted"),
+    [
+        ("postgresql://user:secret@host/db", "postgresql://user:***@host/db"),
+        ("postgresql+psycopg2://tuner:p@ss:w0rd@db.example:5432/optuna",
+         "postgresql+psycopg2://tuner:***@db.example:5432/optuna"),
+        ("redis://:secret@localhost:6379/0", "redis://:***@localhost:6379/0"),
+        ("mysql://user@host/db?password=secret&ssl=1", "mysql://user@host/db?password=***&ssl=1"),
+        ("postgresql://user@host/db", "postgresql://user@host/db"),
+        ("sqlite:///runs/cifar100-resnet18/study.db", "sqlite:///runs/cifar100-resnet18/study.db"),
+        ("journal:./runs/x/journal.log", "journal:./runs/x/journal.log"),
+        ("http://[::1", "http://[::1"),  # malformed: returned as is, never raises
+    ],
+)
+def test_redact_storage_url(url: str, redacted: str) -> None:
+    assert redact_storage_url(url) == redacted
+
+
+def test_password_never_written(tmp_path: Path) -> None:
+    study = make_study(12, storage="postgresql://tuner:s3cr3t@db.example/optuna")
+    path = write_recommendation(build_recommendation(study), tmp_path / "best.json")
+    text = path.read_text()
+    assert "s3cr3t" not in text
+    assert "postgresql://tuner:***@db.example/optuna" in text
