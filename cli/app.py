@@ -1,21 +1,282 @@
-"""The ``sofim-tune`` Typer application: a thin layer over the Python API."""
+"""The ``sofim-tune`` Typer application: a thin layer over the Python API.
+
+Every command parses and validates its options, calls one library function, and prints.
+Bad input from a user ends in one line on stderr and exit code 2.
+"""
 
 from __future__ import annotations
 
+import functools
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Optional, TypeVar
+
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from sofim_tune.errors import UserInputError
 
 app = typer.Typer(
     name="sofim-tune",
-    help="Find good lr, rho and beta1 for the SOFIM optimizer.",
+    help="Find good lr, rho and beta1 for the SOFIM optimizer, and see how much they matter.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
 )
+out = Console()
+err = Console(stderr=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
-@app.callback()
-def _root() -> None:
-    """Find good lr, rho and beta1 for the SOFIM optimizer."""
+def user_errors(command: F) -> F:
+    """Turn a UserInputError into one line on stderr and exit code 2; Ctrl-C into exit 130."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except UserInputError as exc:
+            err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err.print("interrupted; run the same command again to resume", highlight=False)
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+# Options shared by several commands, declared once.
+DatasetOpt = Annotated[str, typer.Option("--dataset", "-d", help="`digits`, `mnist`, `fashion-mnist`, `cifar10`, `cifar100`, `svhn`, or a path to an ImageFolder.")]
+ArchOpt = Annotated[Optional[str], typer.Option(help="`mlp`, `cnn`, `resnet18`, `resnet34`, `wrn-16-4` or `tv:NAME`; default: the dataset's.")]
+EpochsOpt = Annotated[Optional[int], typer.Option(help="Epochs per run (>= 1); default: the dataset's or the study spec's.")]
+SeedOpt = Annotated[Optional[int], typer.Option(help="Seed for weights, batch order and augmentation.")]
+DeviceOpt = Annotated[str, typer.Option(help="`auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`.")]
+DataDirOpt = Annotated[Optional[str], typer.Option(help="Folder with torchvision datasets; default: $SOFIM_TUNE_DATA or ~/.cache/sofim-tune/data.")]
+DownloadOpt = Annotated[bool, typer.Option("--download", help="Download a missing torchvision dataset into --data-dir.")]
+
+
+@app.command()
+@user_errors
+def train(
+    dataset: DatasetOpt = "digits",
+    arch: ArchOpt = None,
+    optimizer: Annotated[str, typer.Option(help="`sofim`, `sgd-momentum` or `adamw`.")] = "sofim",
+    lr: Annotated[float, typer.Option(help="Learning rate η (> 0).")] = 0.1,
+    rho: Annotated[float, typer.Option(help="SOFIM's regularization ρ (> 0); ignored by the baselines.")] = 1.0,
+    beta1: Annotated[float, typer.Option(help="First-moment decay in [0, 1); SGD's momentum for `sgd-momentum`.")] = 0.9,
+    weight_decay: Annotated[float, typer.Option(help="Weight decay λ (>= 0).")] = 0.0,
+    epochs: EpochsOpt = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Examples per step; default: the dataset's.")] = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    data_dir: DataDirOpt = None,
+    download: DownloadOpt = False,
+    val_fraction: Annotated[float, typer.Option(help="Share of the training data held out for validation, in (0, 1).")] = 0.1,
+    test: Annotated[bool, typer.Option("--test", help="Also measure accuracy on the test split at the end.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on the last line of stdout.")] = False,
+) -> None:
+    """Train once with the given settings and report validation accuracy and loss.
+
+    Example: `sofim-tune train --dataset cifar100 --arch resnet18 --lr 0.1 --rho 0.5 --beta1 0.9 --epochs 30`
+    """
+    from sofim_tune.data import dataset_info_for
+    from sofim_tune.trial import TrialConfig, prepare_trial, train_trial
+
+    info = dataset_info_for(dataset)
+    hyperparameters = {
+        "sofim": {"lr": lr, "rho": rho, "beta1": beta1, "weight_decay": weight_decay},
+        "sgd-momentum": {"lr": lr, "momentum": beta1, "weight_decay": weight_decay},
+        "adamw": {"lr": lr, "beta1": beta1, "weight_decay": weight_decay},
+    }.get(optimizer, {"lr": lr})
+    config = TrialConfig(
+        dataset=dataset,
+        arch=arch,
+        optimizer=optimizer,
+        hyperparameters=hyperparameters,
+        epochs=epochs if epochs is not None else info.default_epochs,
+        batch_size=batch_size if batch_size is not None else info.default_batch_size,
+        seed=seed if seed is not None else 0,
+        device=device,
+        data_dir=data_dir,
+        download=download,
+        val_fraction=val_fraction,
+        evaluate_test=test,
+    )
+    prepare_trial(config)
+    with Progress(TextColumn("epoch"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err, transient=as_json) as bar:
+        task = bar.add_task("", total=config.epochs)
+
+        class _Bar:
+            def report(self, epoch: int, metrics: dict[str, float]) -> None:
+                bar.update(task, completed=epoch, description=f"val_acc {metrics['val_accuracy']:.4f}  val_loss {metrics['val_loss']:.4f}")
+
+        result = train_trial(config, _Bar())
+    summary = {
+        "status": result.status,
+        "val_accuracy": result.metrics.get("val_accuracy"),
+        "val_loss": result.metrics.get("val_loss"),
+        "train_loss": result.metrics.get("train_loss"),
+        "test_accuracy": result.metrics.get("test_accuracy"),
+        "epochs": result.epochs,
+        "seconds": round(result.seconds, 3),
+        "device": result.device,
+        "settings": {"dataset": dataset, "arch": result.arch, "optimizer": optimizer, **hyperparameters, "epochs": config.epochs, "batch_size": config.batch_size, "seed": config.seed},
+    }
+    if result.status == "diverged":
+        summary["diverged_epoch"] = result.diverged_epoch
+    if result.error:
+        summary["error"] = result.error
+    if as_json:
+        print(json.dumps(summary))
+        return
+    table = Table(title=f"{dataset} · {result.arch} · {optimizer}", show_header=False)
+    for key in ("status", "val_accuracy", "val_loss", "train_loss", "test_accuracy", "diverged_epoch", "epochs", "seconds", "device", "error"):
+        if summary.get(key) is not None:
+            value = summary[key]
+            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    out.print(table)
+
+
+def _parse_gpus(gpus: str | None) -> tuple[int, ...]:
+    if not gpus:
+        return ()
+    if gpus == "all":
+        import torch
+
+        return tuple(range(torch.cuda.device_count()))
+    try:
+        return tuple(int(g) for g in gpus.split(","))
+    except ValueError:
+        raise UserInputError(f"--gpus must be `all` or a comma-separated list of indices like 0,1, got {gpus!r}") from None
+
+
+class _LiveView:
+    """Trials done / pruned / failed, best so far and elapsed time, on stderr.
+
+    The bar appears with the first update, so that input errors found before the study
+    starts print alone.
+    """
+
+    def __init__(self) -> None:
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err)
+        self.task: Any = None
+
+    def __enter__(self) -> _LiveView:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.task is not None:
+            self.progress.stop()
+
+    def __call__(self, record: Any) -> None:
+        if self.task is None:
+            self.progress.start()
+            self.task = self.progress.add_task("", total=record.target_trials)
+        counts = {state: len(record.by_state(state)) for state in ("complete", "pruned", "failed", "running")}
+        best = record.best_trial()
+        best_text = f"best {record.metric} {best.value:.4f}" if best else "no completed trial yet"
+        self.progress.update(
+            self.task,
+            total=record.target_trials,
+            completed=counts["complete"] + counts["pruned"],
+            description=f"done {counts['complete']} · pruned {counts['pruned']} · failed {counts['failed']} · running {counts['running']} · {best_text}",
+        )
+
+
+@app.command()
+@user_errors
+def run(
+    dataset: DatasetOpt,
+    arch: ArchOpt = None,
+    study: Annotated[Optional[str], typer.Option(help="A shipped study spec (`cifar100-resnet18`) or a path to a .toml.")] = None,
+    space: Annotated[Optional[str], typer.Option(help="Search space: `sofim`, `sofim-effective`, `sgd-momentum`, `adamw`, or a path to a .yaml.")] = None,
+    trials: Annotated[Optional[int], typer.Option(help="Finished (completed or pruned) trials to reach (>= 1).")] = None,
+    epochs: EpochsOpt = None,
+    sampler: Annotated[Optional[str], typer.Option(help="`tpe` (default), `random`, `qmc`, `cmaes`, `gp` or `grid`.")] = None,
+    pruner: Annotated[Optional[str], typer.Option(help="`hyperband` (default), `median`, `sha` or `none`.")] = None,
+    storage: Annotated[Optional[str], typer.Option(help="Optuna storage: an SQLAlchemy URL or `journal:PATH`; default: SQLite in --out.")] = None,
+    workers: Annotated[int, typer.Option(help="Worker processes sharing the storage.")] = 1,
+    gpus: Annotated[Optional[str], typer.Option(help="GPUs to spread workers over: `all` or `0,1`.")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Run folder; default: runs/<dataset>-<arch>.")] = None,
+    seed: SeedOpt = None,
+    enqueue: Annotated[Optional[Path], typer.Option(help="A best.json whose settings are tried first.")] = None,
+    timeout: Annotated[Optional[float], typer.Option(help="Stop starting trials after this many seconds.")] = None,
+    confirm_top: Annotated[Optional[int], typer.Option(help="Configurations retrained with fresh seeds before recommending.")] = None,
+    confirm_seeds: Annotated[Optional[int], typer.Option(help="Fresh seeds per confirmed configuration.")] = None,
+    backend: Annotated[str, typer.Option(help="`optuna` (default) or `ray`.")] = "optuna",
+    address: Annotated[Optional[str], typer.Option(help="Ray: cluster address (`auto`, `ray://HOST:10001`); default: a local Ray.")] = None,
+    gpus_per_trial: Annotated[float, typer.Option(help="Ray: GPUs per trial; 0.25 puts four trials on a GPU.")] = 0.0,
+    cpus_per_trial: Annotated[float, typer.Option(help="Ray: CPUs per trial.")] = 1.0,
+    max_concurrent: Annotated[Optional[int], typer.Option(help="Ray: trials running at once.")] = None,
+    storage_path: Annotated[Optional[str], typer.Option(help="Ray: where the experiment is kept (DIR or s3://...); default: --out/ray.")] = None,
+    device: DeviceOpt = "auto",
+    data_dir: DataDirOpt = None,
+    download: DownloadOpt = False,
+) -> None:
+    """Search lr, rho and beta1 for a dataset and architecture; resume by running it again.
+
+    Example: `sofim-tune run --dataset cifar100 --trials 64 --workers 4 --gpus all`
+    """
+    from sofim_tune.recommend import load_recommendation
+    from sofim_tune.spec import load_spec
+    from sofim_tune.tuning import RunOptions, tune
+
+    spec = load_spec(dataset, arch, study).replace(
+        search_space=space, trials=trials, epochs=epochs, sampler=sampler, pruner=pruner, seed=seed, confirm_top=confirm_top, confirm_seeds=confirm_seeds
+    )
+    options = RunOptions(
+        out_dir=out_dir or Path("runs") / spec.name,
+        storage=storage,
+        workers=workers,
+        gpus=_parse_gpus(gpus),
+        timeout=timeout,
+        enqueue=(load_recommendation(enqueue).hyperparameters,) if enqueue else (),
+        device=device,
+        data_dir=data_dir,
+        download=download,
+        address=address,
+        gpus_per_trial=gpus_per_trial,
+        cpus_per_trial=cpus_per_trial,
+        max_concurrent=max_concurrent,
+        storage_path=storage_path,
+    )
+    started = time.monotonic()
+    with _LiveView() as live_view:
+        outcome = tune(spec, options, backend=backend, on_progress=live_view)
+    _print_summary(outcome.study, time.monotonic() - started)
+    if outcome.best_json:
+        out.print(f"recommendation: {outcome.best_json}")
+    if outcome.report:
+        out.print(f"report:         {outcome.report}")
+
+
+def _print_summary(record: Any, seconds: float) -> None:
+    table = Table(title=f"study {record.name} ({record.backend})")
+    for column in ("completed", "pruned", "diverged", "failed", "best " + record.metric, "best settings", "elapsed"):
+        table.add_column(column)
+    best = record.best_trial()
+    diverged = sum(1 for t in record.trials if t.diverged)
+    table.add_row(
+        str(len(record.by_state("complete"))),
+        str(len(record.by_state("pruned")) - diverged),
+        str(diverged),
+        str(len(record.by_state("failed"))),
+        f"{best.value:.4f}" if best else "-",
+        ", ".join(f"{k}={v:.4g}" for k, v in best.params.items()) if best else "-",
+        f"{seconds:.0f} s",
+    )
+    out.print(table)
 
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Search backends: Optuna (default) and Ray Tune. Both turn a SearchSpace into trials of train_trial."""

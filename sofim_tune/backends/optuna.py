@@ -1,0 +1,435 @@
+"""Optuna backend: a study in an RDB or journal storage, K worker processes, resume on rerun.
+
+The study's own attributes (``sofim_tune``) record what was tuned, so that ``export``,
+``plot`` and ``show`` can read a study from its storage alone, and a rerun with a different
+search space is refused instead of mixing two searches in one study.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import multiprocessing
+import os
+import socket
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.exceptions import ExperimentalWarning
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import FrozenTrial, TrialState
+
+from sofim_tune.errors import TrialPruned, UserInputError
+from sofim_tune.records import Confirmation, StudyRecord, TrialRecord
+from sofim_tune.recommend import redact_storage_url
+from sofim_tune.space import ParamRange, SearchSpace
+from sofim_tune.spec import StudySpec
+from sofim_tune.trial import train_trial
+from sofim_tune.tuning import RunOptions, spread_devices, trial_config
+
+ATTR = "sofim_tune"
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+_STATES = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed", TrialState.RUNNING: "running"}
+# A worker whose trials all fail (a broken GPU, say) must not loop for ever.
+MAX_CONSECUTIVE_FAILURES = 10
+HEARTBEAT_SECONDS = 30
+GRACE_SECONDS = 120
+POLL_SECONDS = 1.0
+_HOST = socket.gethostname()
+
+# The live view and the summary table say what Optuna's INFO lines would; the heartbeat is
+# marked experimental but is the documented way to recover trials of dead processes.
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+warnings.filterwarnings("ignore", category=ExperimentalWarning)
+
+
+class TrialFailed(Exception):
+    """A trial's run failed; Optuna records it as FAIL and the study goes on."""
+
+
+def storage_url(storage: str | None, out_dir: Path) -> str:
+    """The storage URL a run uses: ``--storage`` as given, or SQLite in the run folder."""
+    return storage if storage is not None else f"sqlite:///{out_dir / 'study.db'}"
+
+
+def open_storage(url: str) -> BaseStorage:
+    """An Optuna storage for ``url``: ``journal:PATH`` for a journal file, else an SQLAlchemy URL.
+
+    RDB storages get a heartbeat, so that trials of a process that died on another host are
+    failed and retried after ``GRACE_SECONDS``; SQLite waits for a lock instead of failing
+    with "database is locked" when several workers write at once.
+    """
+    if url.startswith("journal:"):
+        path = Path(url.removeprefix("journal:")).expanduser()
+        if not path.parent.is_dir():
+            raise UserInputError(f"cannot open storage {url}: folder {path.parent} does not exist")
+        return JournalStorage(JournalFileBackend(str(path)))
+    engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 300}} if url.startswith("sqlite") else {}
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return RDBStorage(
+            url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=HEARTBEAT_SECONDS,
+            grace_period=GRACE_SECONDS,
+            heartbeat_stale_trial_callback=retry_interrupted,
+        )
+    except Exception as exc:  # noqa: BLE001 - SQLAlchemy and drivers raise many types
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserInputError(f"cannot open storage {redact_storage_url(url)}: {redact_storage_url(reason)}") from None
+
+
+def make_sampler(name: str, space: SearchSpace, seed: int, trials: int) -> optuna.samplers.BaseSampler:
+    """The sampler for ``--sampler``; ``seed`` differs per worker so workers do not repeat each other."""
+    if name == "tpe":
+        return optuna.samplers.TPESampler(multivariate=True, seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "qmc":
+        return optuna.samplers.QMCSampler(scramble=True, seed=seed)
+    if name == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed)
+    if name == "grid":
+        return optuna.samplers.GridSampler(grid_axes(space, trials), seed=seed)
+    raise UserInputError(f"unknown sampler {name!r}")
+
+
+def grid_axes(space: SearchSpace, trials: int) -> dict[str, list[float]]:
+    """Evenly spaced values per parameter (geometric for log ranges), about ``trials`` points in all."""
+    per_axis = max(2, round(trials ** (1.0 / len(space.params))))
+    axes = {}
+    for name, p in space.params.items():
+        if p.log:
+            low, high = math.log(p.low), math.log(p.high)
+            values = [math.exp(low + (high - low) * i / (per_axis - 1)) for i in range(per_axis)]
+        else:
+            values = [p.low + (p.high - p.low) * i / (per_axis - 1) for i in range(per_axis)]
+        axes[name] = sorted({int(round(v)) for v in values}) if p.type == "int" else values
+    return axes
+
+
+def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
+    """Pruning on the per-epoch validation metric; one epoch is the smallest resource."""
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs, reduction_factor=3)
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1)
+    if name == "sha":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    raise UserInputError(f"unknown pruner {name!r}")
+
+
+def _suggest(trial: optuna.Trial, p: ParamRange) -> float:
+    if p.type == "int":
+        return trial.suggest_int(p.name, int(p.low), int(p.high), log=p.log)
+    return trial.suggest_float(p.name, p.low, p.high, log=p.log)
+
+
+class _OptunaReporter:
+    """train_trial's reporter: report the metric, and stop the run when the pruner says so."""
+
+    def __init__(self, trial: optuna.Trial, metric: str) -> None:
+        self.trial, self.metric = trial, metric
+
+    def report(self, epoch: int, metrics: Mapping[str, float]) -> None:
+        self.trial.report(metrics[self.metric], step=epoch)
+        if self.trial.should_prune():
+            raise TrialPruned
+
+
+class _Objective:
+    def __init__(self, spec: StudySpec, space: SearchSpace, options: RunOptions, device: str) -> None:
+        self.spec, self.space, self.options, self.device = spec, space, options, device
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        trial.set_user_attr("worker", {"host": _HOST, "pid": os.getpid()})
+        searched = {name: _suggest(trial, p) for name, p in self.space.params.items()}
+        hyperparameters = self.space.to_hyperparameters(searched)
+        trial.set_user_attr("hyperparameters", hyperparameters)
+        config = trial_config(self.spec, self.space, hyperparameters, seed=self.spec.seed + trial.number, device=self.device, options=self.options)
+        try:
+            result = train_trial(config, _OptunaReporter(trial, self.spec.metric))
+        except KeyboardInterrupt:
+            trial.set_user_attr("reason", "interrupted")
+            raise
+        except UserInputError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - recorded on the trial; the study goes on
+            trial.set_user_attr("reason", "failed")
+            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
+            raise TrialFailed(str(exc)) from exc
+        trial.set_user_attr("seconds", round(result.seconds, 3))
+        if result.status == "completed":
+            return result.metrics[self.spec.metric]
+        trial.set_user_attr("reason", result.status)
+        if result.status == "diverged":
+            # Pruned rather than failed: the sampler ranks it below every trial that trained.
+            trial.set_user_attr("diverged_epoch", result.diverged_epoch)
+            raise optuna.TrialPruned(f"diverged at epoch {result.diverged_epoch}")
+        if result.status == "pruned":
+            raise optuna.TrialPruned()
+        trial.set_user_attr("error", result.error)
+        raise TrialFailed(result.error or "failed")
+
+
+class _StopAfterFailures:
+    def __init__(self, limit: int) -> None:
+        self.limit, self.failures = limit, 0
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.failures = self.failures + 1 if trial.state == TrialState.FAIL else 0
+        if self.failures >= self.limit:
+            study.stop()
+
+
+def retry_interrupted(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Queue the settings of a trial that a dead or interrupted process left behind."""
+    study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.user_attrs.get("retry_of", trial.number)})
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_interrupted(study: optuna.Study) -> int:
+    """Fail trials left RUNNING by dead processes of this host, and queue every interrupted trial once.
+
+    Trials of other hosts are left to the RDB heartbeat. Returns how many trials were queued.
+    """
+    storage = study._storage
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = trial.user_attrs.get("worker", {})
+        if worker.get("host") == _HOST and not _pid_alive(int(worker.get("pid", -1))):
+            storage.set_trial_user_attr(trial._trial_id, "reason", "interrupted")
+            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get("retry_of") for t in trials}
+    queued = 0
+    for trial in trials:
+        if trial.state == TrialState.FAIL and trial.user_attrs.get("reason") == "interrupted" and trial.number not in retried:
+            retry_interrupted(study, trial)
+            retried.add(trial.number)
+            queued += 1
+    return queued
+
+
+def study_metadata(spec: StudySpec, space: SearchSpace, url: str) -> dict[str, Any]:
+    return {
+        "dataset": spec.dataset,
+        "arch": spec.arch,
+        "optimizer": space.optimizer,
+        "space": space.name,
+        "space_fingerprint": space.fingerprint(),
+        "space_definition": space.to_dict(),
+        "log_params": sorted(space.log_hyperparameters),
+        "metric": spec.metric,
+        "direction": spec.direction,
+        "sampler": spec.sampler,
+        "pruner": spec.pruner,
+        "epochs": spec.epochs,
+        "batch_size": int(space.fixed.get("batch_size", spec.batch_size)),
+        "fixed": dict(space.fixed),
+        "trials": spec.trials,
+        "storage": redact_storage_url(url),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def open_study(spec: StudySpec, space: SearchSpace, url: str) -> optuna.Study:
+    """Create the study, or load it and check that it was made with the same space and metric."""
+    storage = open_storage(url)
+    names = {s.study_name: s for s in optuna.get_all_study_summaries(storage)}
+    if spec.name in names:
+        study = optuna.load_study(study_name=spec.name, storage=storage)
+        meta = study.user_attrs.get(ATTR)
+        if meta is None:
+            raise UserInputError(f"study {spec.name!r} in {redact_storage_url(url)} was not made by sofim-tune; choose another --study name")
+        if meta["space_fingerprint"] != space.fingerprint():
+            raise UserInputError(
+                f"study {spec.name!r} in {redact_storage_url(url)} was made with a different search space ({meta['space']}); "
+                "use another --out or --study, or the same space"
+            )
+        if meta["metric"] != spec.metric or meta["direction"] != spec.direction:
+            raise UserInputError(f"study {spec.name!r} optimizes {meta['metric']} ({meta['direction']}), not {spec.metric} ({spec.direction})")
+        if meta["trials"] != spec.trials:
+            study.set_user_attr(ATTR, {**meta, "trials": spec.trials})
+        return study
+    study = optuna.create_study(storage=storage, study_name=spec.name, direction=spec.direction)
+    study.set_user_attr(ATTR, study_metadata(spec, space, url))
+    return study
+
+
+def _optimize(spec: StudySpec, space: SearchSpace, options: RunOptions, url: str, device: str, worker: int, on_trial: Callable[[optuna.Study], None] | None) -> None:
+    """One worker: run trials until the study has ``spec.trials`` finished ones."""
+    study = optuna.load_study(
+        study_name=spec.name,
+        storage=open_storage(url),
+        sampler=make_sampler(spec.sampler, space, spec.seed + worker, spec.trials),
+        pruner=make_pruner(spec.pruner, spec.epochs),
+    )
+    callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] = [
+        optuna.study.MaxTrialsCallback(spec.trials, states=FINISHED),
+        _StopAfterFailures(MAX_CONSECUTIVE_FAILURES),
+    ]
+    if on_trial is not None:
+        callbacks.append(lambda s, _t: on_trial(s))
+    study.optimize(_Objective(spec, space, options, device), timeout=options.timeout, catch=(TrialFailed,), callbacks=callbacks)
+
+
+def _worker_main(spec: StudySpec, space_definition: dict[str, Any], options: RunOptions, url: str, device: str, worker: int) -> None:
+    try:
+        _optimize(spec, SearchSpace.from_dict(space_definition), options, url, device, worker, None)
+    except KeyboardInterrupt:
+        pass  # the trial is already marked failed and queued for retry on the next run
+
+
+def finished_count(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+def run_optuna_study(spec: StudySpec, space: SearchSpace, options: RunOptions, *, on_progress: Callable[[StudyRecord], None] | None = None) -> StudyRecord:
+    """Run (or resume) the study of ``spec`` until it has ``spec.trials`` finished trials.
+
+    ``options.workers`` processes share the storage; each is pinned to a device from
+    ``options.gpus`` round-robin. Trials that a killed run left behind are failed and their
+    settings tried again. Returns the study as a :class:`StudyRecord`.
+    """
+    url = storage_url(options.storage, options.out_dir)
+    study = open_study(spec, space, url)
+    _write_run_file(options.out_dir, url, spec.name)
+    recover_interrupted(study)
+    existing = {tuple(sorted(t.params.items())) for t in study.get_trials(deepcopy=False)}
+    for settings in (*spec.enqueue, *options.enqueue):
+        params = space.from_hyperparameters(settings)
+        if tuple(sorted(params.items())) not in existing:
+            study.enqueue_trial(params)
+            existing.add(tuple(sorted(params.items())))
+
+    def progress(s: optuna.Study) -> None:
+        if on_progress is not None:
+            on_progress(record_from_study(s))
+
+    progress(study)
+    if finished_count(study) < spec.trials:
+        devices = spread_devices(options.workers, options.gpus, options.device)
+        if options.workers == 1:
+            _optimize(spec, space, options, url, devices[0], 0, progress)
+        else:
+            _run_workers(spec, space, options, url, devices, lambda: progress(study))
+    return record_from_study(study)
+
+
+def _run_workers(spec: StudySpec, space: SearchSpace, options: RunOptions, url: str, devices: list[str], poll: Callable[[], None]) -> None:
+    # Processes, not threads: each trial owns its interpreter, its CUDA context and its GIL.
+    context = multiprocessing.get_context("spawn")
+    processes = [
+        context.Process(target=_worker_main, args=(spec, space.to_dict(), options, url, device, index), name=f"sofim-tune-worker-{index}")
+        for index, device in enumerate(devices)
+    ]
+    for process in processes:
+        process.start()
+    try:
+        while any(p.is_alive() for p in processes):
+            poll()
+            time.sleep(POLL_SECONDS)
+        poll()
+    except KeyboardInterrupt:
+        for process in processes:
+            process.join(timeout=30)
+        raise
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+                process.join()
+
+
+def _write_run_file(out_dir: Path, url: str, name: str) -> None:
+    import json
+
+    from sofim_tune.recommend import write_text_atomic
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out_dir / "run.json", json.dumps({"backend": "optuna", "storage": redact_storage_url(url), "study": name}, indent=2) + "\n")
+
+
+def _trial_record(trial: FrozenTrial, space: SearchSpace) -> TrialRecord:
+    attrs = {k: v for k, v in trial.user_attrs.items() if k in ("reason", "error", "diverged_epoch", "retry_of", "seconds")}
+    return TrialRecord(
+        number=trial.number,
+        state=_STATES[trial.state],  # type: ignore[arg-type]
+        params=dict(trial.user_attrs.get("hyperparameters") or space.to_hyperparameters(trial.params)),
+        value=trial.value if trial.state == TrialState.COMPLETE else None,
+        intermediate={int(step): float(v) for step, v in trial.intermediate_values.items()},
+        attrs=attrs,
+        started=trial.datetime_start,
+        finished=trial.datetime_complete,
+    )
+
+
+def record_from_study(study: optuna.Study) -> StudyRecord:
+    """The read interface over an Optuna study made by sofim-tune."""
+    meta = study.user_attrs.get(ATTR)
+    if meta is None:
+        raise UserInputError(f"study {study.study_name!r} was not made by sofim-tune")
+    space = SearchSpace.from_dict(meta["space_definition"])
+    trials = [_trial_record(t, space) for t in study.get_trials(deepcopy=False) if t.state in _STATES]
+    return StudyRecord(
+        name=study.study_name,
+        backend="optuna",
+        storage=meta["storage"],
+        dataset=meta["dataset"],
+        arch=meta["arch"],
+        optimizer=meta["optimizer"],
+        space=meta["space"],
+        log_params=frozenset(meta["log_params"]),
+        metric=meta["metric"],
+        direction=meta["direction"],
+        sampler=meta["sampler"],
+        pruner=meta["pruner"],
+        epochs=meta["epochs"],
+        batch_size=meta["batch_size"],
+        fixed=meta["fixed"],
+        trials=trials,
+        target_trials=meta["trials"],
+        confirmations=[Confirmation(**c) for c in study.user_attrs.get("confirmations", [])],
+        created=datetime.fromisoformat(meta["created"]),
+    )
+
+
+def load_optuna_record(url: str, name: str | None) -> StudyRecord:
+    """Read a study from a storage; ``name`` may be omitted when the storage holds one study."""
+    storage = open_storage(url)
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+    if name is None:
+        if len(names) != 1:
+            raise UserInputError(f"{redact_storage_url(url)} holds {len(names)} studies ({', '.join(names) or 'none'}); name one with --study")
+        name = names[0]
+    if name not in names:
+        raise UserInputError(f"no study {name!r} in {redact_storage_url(url)}; it holds: {', '.join(names) or 'none'}")
+    return record_from_study(optuna.load_study(study_name=name, storage=storage))
+
+
+def save_confirmations(record: StudyRecord, confirmations: list[Confirmation], options: RunOptions) -> StudyRecord:
+    """Store the seed confirmations on the study, so that a later export or plot shows them."""
+    url = storage_url(options.storage, options.out_dir)
+    study = optuna.load_study(study_name=record.name, storage=open_storage(url))
+    study.set_user_attr("confirmations", [dataclasses.asdict(c) for c in confirmations])
+    return dataclasses.replace(record, confirmations=list(confirmations))

@@ -1,0 +1,253 @@
+"""One training run: the unit that every study repeats thousands of times.
+
+``train_trial`` knows nothing of Optuna or Ray. It takes a plain :class:`TrialConfig` and an
+optional reporter, and returns a :class:`TrialResult`. The data lives on the device for the
+whole run (``sofim_tune.data``), so an epoch is a loop over index batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from sofim_tune.data import LoadedData, Split, load_data
+from sofim_tune.errors import TrialPruned, UserInputError
+from sofim_tune.models import build_model
+from sofim_tune.optim import OPTIMIZER_HYPERPARAMETERS, build_optimizer
+
+TrialStatus = Literal["completed", "pruned", "diverged", "failed"]
+
+# Reading the loss on the host stalls an accelerator's queue; every this many batches is
+# often enough to stop a diverged run early and rare enough to cost nothing.
+DIVERGENCE_CHECK_INTERVAL = 32
+
+
+class Reporter(Protocol):
+    """Receives the metrics after every epoch; may raise :class:`TrialPruned` to stop the run."""
+
+    def report(self, epoch: int, metrics: Mapping[str, float]) -> None: ...
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """Everything one training run needs.
+
+    Attributes:
+        dataset: a registry name (``digits``, ``mnist``, ``fashion-mnist``, ``cifar10``,
+            ``cifar100``, ``svhn``) or the path to an ImageFolder.
+        arch: a registry architecture; None takes the dataset's default.
+        optimizer: ``sofim``, ``sgd-momentum`` or ``adamw``.
+        hyperparameters: the optimizer's settings (``lr``, ``rho``, ``beta1``, ...);
+            ``lr`` > 0, ``rho`` > 0, ``beta1`` and ``momentum`` in [0, 1).
+        epochs: passes over the training split, >= 1.
+        batch_size: examples per step, >= 1.
+        seed: seeds the weights, the batch order and the augmentation.
+        device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
+        data_dir: folder holding torchvision datasets; None uses ``$SOFIM_TUNE_DATA`` or the cache.
+        download: let torchvision download missing files.
+        val_fraction: share of the training data held out for validation, in (0, 1).
+        split_seed: seeds the train/validation split; fixed across a study.
+        evaluate_test: also measure the test split after the last epoch.
+    """
+
+    dataset: str = "digits"
+    arch: str | None = None
+    optimizer: str = "sofim"
+    hyperparameters: Mapping[str, float] = field(default_factory=lambda: {"lr": 0.1, "rho": 1.0, "beta1": 0.9})
+    epochs: int = 10
+    batch_size: int = 64
+    seed: int = 0
+    device: str = "auto"
+    data_dir: str | None = None
+    download: bool = False
+    val_fraction: float = 0.1
+    split_seed: int = 0
+    evaluate_test: bool = False
+
+    def validate(self) -> None:
+        """Raise :class:`UserInputError` for a value no run can use."""
+        if self.optimizer not in OPTIMIZER_HYPERPARAMETERS:
+            raise UserInputError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZER_HYPERPARAMETERS)}")
+        unknown = set(self.hyperparameters) - set(OPTIMIZER_HYPERPARAMETERS[self.optimizer])
+        if unknown:
+            raise UserInputError(f"optimizer {self.optimizer} takes no {', '.join(sorted(unknown))}")
+        hp = self.hyperparameters
+        if not hp.get("lr", 0.0) > 0:
+            raise UserInputError(f"lr must be > 0, got {hp.get('lr')}")
+        if "rho" in hp and not hp["rho"] > 0:
+            raise UserInputError(f"rho must be > 0, got {hp['rho']}")
+        for name in ("beta1", "beta2", "momentum"):
+            if name in hp and not 0.0 <= hp[name] < 1.0:
+                raise UserInputError(f"{name} must lie in [0, 1), got {hp[name]}")
+        if "weight_decay" in hp and not hp["weight_decay"] >= 0:
+            raise UserInputError(f"weight_decay must be >= 0, got {hp['weight_decay']}")
+        if self.epochs < 1:
+            raise UserInputError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise UserInputError(f"batch size must be >= 1, got {self.batch_size}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise UserInputError(f"val fraction must lie in (0, 1), got {self.val_fraction}")
+
+
+@dataclass
+class TrialResult:
+    """What one run measured.
+
+    Attributes:
+        status: ``completed``; ``pruned`` (the reporter stopped it); ``diverged`` (a
+            non-finite loss, at ``diverged_epoch``); ``failed`` (an error, in ``error``).
+        metrics: the last epoch's ``val_accuracy`` (0..1), ``val_loss``, ``train_loss``
+            (mean cross-entropy, nats), and ``test_accuracy`` when asked for.
+        history: the metrics of every finished epoch, in order.
+        epochs: epochs finished.
+        seconds: wall-clock time of the whole run, data loading included.
+        device: where it ran (``cpu``, ``cuda:0``).
+        arch: the architecture used.
+    """
+
+    status: TrialStatus
+    metrics: dict[str, float]
+    history: list[dict[str, float]]
+    epochs: int
+    seconds: float
+    device: str
+    arch: str
+    config: TrialConfig
+    diverged_epoch: int | None = None
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["config"]["hyperparameters"] = dict(self.config.hyperparameters)
+        return out
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> the first CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserInputError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise UserInputError(f"device {name} is not available on this machine")
+    return device
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_data(dataset: str, device: torch.device, data_dir: str | None, download: bool, val_fraction: float, split_seed: int, with_test: bool) -> LoadedData:
+    # The trials of a study share one dataset; decoding it once per process is what makes
+    # a worker's second trial start at once.
+    return load_data(dataset, device=device, data_dir=data_dir, download=download, val_fraction=val_fraction, split_seed=split_seed, with_test=with_test)
+
+
+def prepare_trial(config: TrialConfig) -> LoadedData:
+    """Validate ``config``, load its data (cached per process) and check its architecture.
+
+    Raises :class:`UserInputError` for anything a run could not start with, so that callers
+    can check their input before they show progress or write results.
+    """
+    config.validate()
+    device = resolve_device(config.device)
+    data = _cached_data(config.dataset, device, config.data_dir, config.download, config.val_fraction, config.split_seed, config.evaluate_test)
+    build_model(config.arch or data.info.default_arch, data.info)
+    return data
+
+
+def _evaluate(model: torch.nn.Module, split: Split, batch_size: int, autocast: contextlib.AbstractContextManager[Any]) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy over a split, with one host sync at the end."""
+    model.eval()
+    loss_sum = correct = None
+    with torch.no_grad(), autocast:
+        for x, y in split.batches(max(batch_size, 512), shuffle=False, augment=False):
+            logits = model(x).float()
+            batch_loss = F.cross_entropy(logits, y, reduction="sum")
+            batch_correct = (logits.argmax(dim=1) == y).sum()
+            loss_sum = batch_loss if loss_sum is None else loss_sum + batch_loss
+            correct = batch_correct if correct is None else correct + batch_correct
+    totals = torch.stack([loss_sum, correct.to(loss_sum.dtype)]).tolist()
+    return totals[0] / len(split), totals[1] / len(split)
+
+
+def train_trial(config: TrialConfig, reporter: Reporter | None = None) -> TrialResult:
+    """Train once with ``config``; call ``reporter.report(epoch, metrics)`` after each epoch.
+
+    Bad settings raise :class:`UserInputError` before any work. A non-finite loss ends the
+    run with status ``diverged``; a :class:`TrialPruned` from the reporter ends it with
+    status ``pruned``; any other error inside the run gives status ``failed``. The same
+    config (seed included) gives the same numbers on the CPU.
+    """
+    started = time.perf_counter()
+    data = prepare_trial(config)
+    device = resolve_device(config.device)
+    arch = config.arch or data.info.default_arch
+    history: list[dict[str, float]] = []
+
+    def result(status: TrialStatus, **extra: Any) -> TrialResult:
+        return TrialResult(
+            status=status,
+            metrics=dict(history[-1]) if history else {},
+            history=history,
+            epochs=len(history),
+            seconds=time.perf_counter() - started,
+            device=str(device),
+            arch=arch,
+            config=config,
+            **extra,
+        )
+
+    torch.manual_seed(config.seed)
+    model = build_model(arch, data.info).to(device)
+    try:
+        optimizer = build_optimizer(config.optimizer, model.parameters(), dict(config.hyperparameters))
+    except ValueError as exc:
+        raise UserInputError(str(exc)) from None
+    on_cuda = device.type == "cuda"
+    if on_cuda:
+        model = model.to(memory_format=torch.channels_last)
+    # bf16 autocast keeps float32 master weights; on the CPU it would only slow things down.
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else contextlib.nullcontext()
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+
+    try:
+        for epoch in range(1, config.epochs + 1):
+            model.train()
+            loss_sum = torch.zeros((), device=device)
+            for batch, (x, y) in enumerate(data.train.batches(config.batch_size, shuffle=True, augment=True, generator=generator), 1):
+                if on_cuda:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with autocast:
+                    loss = F.cross_entropy(model(x), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_sum += loss.detach().float() * len(y)
+                if batch % DIVERGENCE_CHECK_INTERVAL == 0 and not math.isfinite(loss_sum.item()):
+                    return result("diverged", diverged_epoch=epoch)
+            train_loss = loss_sum.item() / len(data.train)
+            val_loss, val_accuracy = _evaluate(model, data.val, config.batch_size, autocast)
+            if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+                return result("diverged", diverged_epoch=epoch)
+            history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_accuracy": val_accuracy})
+            if reporter is not None:
+                reporter.report(epoch, history[-1])
+    except TrialPruned:
+        return result("pruned")
+    except UserInputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a failure inside the run is a result, not a crash
+        return result("failed", error=f"{type(exc).__name__}: {exc}")
+
+    if config.evaluate_test and data.test is not None:
+        _, test_accuracy = _evaluate(model, data.test, config.batch_size, autocast)
+        history[-1]["test_accuracy"] = test_accuracy
+    return result("completed")

@@ -1,0 +1,191 @@
+"""Optuna studies end to end: `sofim-tune run`, storages, pruning, resume, workers, bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+from typer.testing import CliRunner
+
+from sofim_tune.backends import optuna as optuna_backend
+from sofim_tune.cli.app import app
+from sofim_tune.recommend import load_recommendation
+from sofim_tune.spec import load_spec
+from sofim_tune.tuning import RunOptions, tune
+
+CLI = [sys.executable, "-m", "sofim_tune.cli.app"]
+SMALL = ["--dataset", "digits", "--device", "cpu", "--confirm-top", "1", "--confirm-seeds", "1"]
+
+
+def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def states(storage: str, name: str = "digits-mlp") -> list[TrialState]:
+    return [t.state for t in optuna.load_study(study_name=name, storage=optuna_backend.open_storage(storage)).get_trials(deepcopy=False)]
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_full_study_on_digits_writes_the_run_folder(tmp_path):
+    out = tmp_path / "run"
+    done = cli("run", *SMALL, "--trials", "10", "--epochs", "4", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert {"study.db", "best.json", "report.html", "run.json"} <= {p.name for p in out.iterdir()}
+    rec = load_recommendation(out / "best.json")
+    assert rec.dataset == "digits" and rec.arch == "mlp" and rec.optimizer == "sofim"
+    assert set(rec.hyperparameters) >= {"lr", "rho", "beta1"}
+    assert rec.study.backend == "optuna" and rec.study.final
+    assert rec.metric.value > 0.5 and rec.metric.test_accuracy is not None
+    finished = [s for s in states(f"sqlite:///{out / 'study.db'}") if s in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == 10
+    assert "digits-mlp" in done.stdout and "best.json" in done.stdout
+
+
+def test_paper_default_is_enqueued_first(tmp_path):
+    outcome = tune(load_spec("digits").replace(trials=2, epochs=1), RunOptions(out_dir=tmp_path, device="cpu", export=False, progress=False))
+    assert outcome.study.trials[0].params == pytest.approx({"lr": 0.1, "rho": 1.0, "beta1": 0.9})
+
+
+def test_pruning_prunes_and_diverged_trials_are_pruned_with_a_reason(tmp_path):
+    spec = load_spec("digits").replace(trials=16, epochs=6, sampler="random", pruner="hyperband")
+    outcome = tune(spec, RunOptions(out_dir=tmp_path, device="cpu", export=False, progress=False))
+    study = outcome.study
+    pruned = study.by_state("pruned")
+    assert any(t.attrs.get("reason") == "pruned" and len(t.intermediate) < spec.epochs for t in pruned)
+    assert len(study.by_state("complete")) + len(pruned) == 16
+    for t in study.trials:
+        if t.diverged:
+            assert t.state == "pruned" and t.attrs["diverged_epoch"] >= 1
+
+
+def test_journal_storage(tmp_path):
+    journal = tmp_path / "study.log"
+    spec = load_spec("digits").replace(trials=3, epochs=2)
+    outcome = tune(spec, RunOptions(out_dir=tmp_path / "run", storage=f"journal:{journal}", device="cpu", export=False, progress=False))
+    assert journal.stat().st_size > 0 and not (tmp_path / "run" / "study.db").exists()
+    assert len(outcome.study.trials) == 3
+    record = optuna_backend.load_optuna_record(f"journal:{journal}", None)
+    assert [t.number for t in record.trials] == [0, 1, 2]
+
+
+def test_a_trial_that_raises_fails_alone(tmp_path, monkeypatch):
+    real = optuna_backend.train_trial
+
+    def sometimes_broken(config, reporter=None):
+        if config.seed == 1:  # trial number 1
+            raise RuntimeError("CUDA error: an illegal memory access")
+        return real(config, reporter)
+
+    monkeypatch.setattr(optuna_backend, "train_trial", sometimes_broken)
+    outcome = tune(load_spec("digits").replace(trials=3, epochs=1), RunOptions(out_dir=tmp_path, device="cpu", export=False, progress=False))
+    failed = outcome.study.by_state("failed")
+    assert len(failed) == 1 and "illegal memory access" in failed[0].attrs["error"]
+    assert len(outcome.study.by_state("complete")) + len(outcome.study.by_state("pruned")) == 3
+
+
+def test_rerun_resumes_only_what_is_missing(tmp_path):
+    options = RunOptions(out_dir=tmp_path, device="cpu", export=False, progress=False)
+    spec = load_spec("digits").replace(epochs=1)
+    tune(spec.replace(trials=2), options)
+    assert len(tune(spec.replace(trials=2), options).study.trials) == 2
+    assert len(tune(spec.replace(trials=4), options).study.trials) == 4
+
+
+def test_resume_after_sigkill_reaches_exactly_the_target(tmp_path):
+    out, trials = tmp_path / "run", 8
+    args = ["run", *SMALL, "--trials", str(trials), "--epochs", "12", "--pruner", "none", "--out", str(out)]
+    process = subprocess.Popen([*CLI, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    storage = f"sqlite:///{out / 'study.db'}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        try:
+            current = states(storage)
+        except Exception:  # the study may not exist yet
+            continue
+        if current.count(TrialState.COMPLETE) >= 2 and TrialState.RUNNING in current:
+            break
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert TrialState.RUNNING in states(storage)
+
+    done = cli(*args)
+    assert done.returncode == 0, done.stderr
+    study = optuna.load_study(study_name="digits-mlp", storage=optuna_backend.open_storage(storage))
+    all_trials = study.get_trials(deepcopy=False)
+    assert not [t for t in all_trials if t.state == TrialState.RUNNING]
+    assert len([t for t in all_trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]) == trials
+    killed = [t for t in all_trials if t.state == TrialState.FAIL and t.user_attrs.get("reason") == "interrupted"]
+    assert len(killed) == 1
+    retried = [t for t in all_trials if t.user_attrs.get("retry_of") == killed[0].number]
+    assert len(retried) == 1 and retried[0].params == killed[0].params
+
+
+def test_two_workers_share_the_default_storage(tmp_path):
+    out = tmp_path / "run"
+    done = cli("run", *SMALL, "--trials", "6", "--epochs", "2", "--workers", "2", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    study = optuna.load_study(study_name="digits-mlp", storage=f"sqlite:///{out / 'study.db'}")
+    trials = study.get_trials(deepcopy=False)
+    assert not [t for t in trials if t.state in (TrialState.FAIL, TrialState.RUNNING)]
+    assert len({t.user_attrs["worker"]["pid"] for t in trials}) == 2
+    assert "locked" not in done.stderr
+
+
+@pytest.fixture(scope="module")
+def earlier_run(tmp_path_factory):
+    """A finished run whose files must survive every bad command below untouched."""
+    out = tmp_path_factory.mktemp("earlier") / "run"
+    done = cli("run", *SMALL, "--trials", "2", "--epochs", "1", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--dataset", "imagenet"], "imagenet"),
+        (["--arch", "transformer"], "transformer"),
+        (["--space", "nope"], "nope"),
+        (["--sampler", "bayes"], "bayes"),
+        (["--pruner", "asha"], "asha"),
+        (["--trials", "0"], "trials"),
+        (["--study", "no-such-study"], "no-such-study"),
+        (["--space", "{bad_space}"], "low"),
+        (["--storage", "postgresql://alice:s3cret@127.0.0.1:1/db"], "cannot open storage"),
+        (["--space", "sofim-effective"], "different search space"),
+        (["--enqueue", "{corrupt_json}"], "not a sofim-tune v1 recommendation"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_leaves_earlier_results(args, message, earlier_run, tmp_path):
+    bad_space = tmp_path / "bad.yaml"
+    bad_space.write_text("optimizer: sofim\nparams:\n  lr: {type: float, low: 5.0, high: 1.0}\n")
+    corrupt = tmp_path / "best.json"
+    corrupt.write_text('{"schema": "sofim-tune/recommendation/v1", "dataset": ')
+    before = digest(earlier_run)
+    args = [a.format(bad_space=bad_space, corrupt_json=corrupt) for a in args]
+    # In-process through Typer's runner: the same command code as the subprocess tests above,
+    # without paying an interpreter start per case.
+    done = CliRunner().invoke(app, ["run", "--dataset", "digits", "--device", "cpu", "--epochs", "1", "--trials", "2", "--out", str(earlier_run), *args])
+    lines = done.stderr.strip().splitlines()
+    assert done.exit_code == 2, done.stderr
+    assert len(lines) == 1 and message in lines[0], done.stderr
+    assert done.exception is None or isinstance(done.exception, SystemExit)
+    assert "s3cret" not in done.stderr + done.stdout
+    assert digest(earlier_run) == before
+
+
+def test_run_folder_remembers_its_storage(earlier_run):
+    assert json.loads((earlier_run / "run.json").read_text())["backend"] == "optuna"
