@@ -386,6 +386,26 @@ class LoadedData:
     test: Split | None = None
 
 
+def data_from_tensors(
+    info: DatasetInfo,
+    train_images: Tensor,
+    train_labels: Tensor,
+    val_images: Tensor,
+    val_labels: Tensor,
+    *,
+    device: torch.device | str = "cpu",
+) -> LoadedData:
+    """Tensors you already hold, ready for :func:`sofim_tune.train_trial` (its ``data=``).
+
+    Images are ``uint8`` N×C×H×W with pixel values 0..255 and labels ``int64`` class indices
+    below ``info.num_classes``; batches are normalised with the training images' statistics
+    and augmented when ``info.augment``.
+    """
+    mean, std = _channel_stats(_TensorPool(train_images, train_labels).stats_chunks(), info.channels)
+    placement = _Placement(torch.device(device), mean, std, augmentable=info.augment)
+    return LoadedData(info=info, train=TensorSplit(train_images, train_labels, placement), val=TensorSplit(val_images, val_labels, placement))
+
+
 def load_data(
     dataset: str,
     *,

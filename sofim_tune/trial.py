@@ -178,8 +178,11 @@ def _evaluate(model: torch.nn.Module, split: Split, batch_size: int, autocast: c
     return totals[0] / len(split), totals[1] / len(split)
 
 
-def train_trial(config: TrialConfig, reporter: Reporter | None = None) -> TrialResult:
+def train_trial(config: TrialConfig, reporter: Reporter | None = None, *, data: LoadedData | None = None) -> TrialResult:
     """Train once with ``config``; call ``reporter.report(epoch, metrics)`` after each epoch.
+
+    ``data`` trains on splits you already hold (see :func:`sofim_tune.data.data_from_tensors`)
+    instead of loading ``config.dataset``; it must live on ``config.device``.
 
     Bad settings raise :class:`UserInputError` before any work. A non-finite loss ends the
     run with status ``diverged``; a :class:`TrialPruned` from the reporter ends it with
@@ -187,7 +190,10 @@ def train_trial(config: TrialConfig, reporter: Reporter | None = None) -> TrialR
     config (seed included) gives the same numbers on the CPU.
     """
     started = time.perf_counter()
-    data = prepare_trial(config)
+    if data is None:
+        data = prepare_trial(config)
+    else:
+        config.validate()
     device = resolve_device(config.device)
     arch = config.arch or data.info.default_arch
     history: list[dict[str, float]] = []
