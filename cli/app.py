@@ -16,6 +16,7 @@ from typing import Annotated, Any, Optional, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -29,7 +30,7 @@ app = typer.Typer(
     rich_markup_mode="markdown",
 )
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -42,7 +43,7 @@ def user_errors(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except UserInputError as exc:
-            err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err.print("interrupted; run the same command again to resume", highlight=False)
@@ -271,6 +272,114 @@ def _print_summary(record: Any, seconds: float) -> None:
         ", ".join(f"{k}={v:.4g}" for k, v in best.params.items()) if best else "-",
         f"{seconds:.0f} s",
     )
+    out.print(table)
+
+
+RunDirArg = Annotated[Optional[Path], typer.Argument(help="A run folder written by `sofim-tune run`.", show_default=False)]
+StorageOpt = Annotated[Optional[str], typer.Option(help="Read the study from this storage URL instead of a run folder.")]
+StudyNameOpt = Annotated[Optional[str], typer.Option("--study", help="Study name in --storage (needed when it holds several).")]
+
+
+@app.command()
+@user_errors
+def export(
+    run_dir: RunDirArg = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Where to write the JSON; default: RUN_DIR/best.json, or ./best.json with --storage.")] = None,
+    storage: StorageOpt = None,
+    study: StudyNameOpt = None,
+) -> None:
+    """Write the recommended settings of a study as best.json (schema v1), also while it runs.
+
+    Example: `sofim-tune export runs/cifar100-resnet18 -o cifar100.json`
+    """
+    from sofim_tune import runs
+
+    record = runs.load_run(run_dir, storage=storage, study=study)
+    target = output or (run_dir / "best.json" if run_dir else Path("best.json"))
+    rec, path = runs.export(record, target)
+    note = "" if rec.study.final else " (study still running: best so far)"
+    out.print(f"wrote {path}{note}", highlight=False)
+
+
+@app.command()
+@user_errors
+def plot(
+    run_dir: RunDirArg = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Folder for report.html and plots/; default: RUN_DIR.")] = None,
+    png: Annotated[bool, typer.Option("--png", help="Also write PNG files (needs Chrome or Chromium).")] = False,
+    storage: StorageOpt = None,
+    study: StudyNameOpt = None,
+) -> None:
+    """Write the sensitivity report (report.html) and one file per figure under plots/.
+
+    Example: `sofim-tune plot runs/cifar100-resnet18 --png`
+    """
+    from sofim_tune import runs
+
+    record = runs.load_run(run_dir, storage=storage, study=study)
+    target = output or run_dir or Path(".")
+    out.print(f"wrote {runs.plot(record, target, png=png)}", highlight=False)
+
+
+@app.command()
+@user_errors
+def show(run_dir: RunDirArg = None, storage: StorageOpt = None, study: StudyNameOpt = None) -> None:
+    """Show the state of a study: trials by state, best so far, elapsed time.
+
+    Example: `sofim-tune show runs/cifar100-resnet18`
+    """
+    from sofim_tune import runs
+
+    state = runs.status(runs.load_run(run_dir, storage=storage, study=study))
+    table = Table(title=f"study {state.name} ({state.backend})", show_header=False)
+    table.add_row("finished", f"{state.counts['complete'] + state.counts['pruned']} of {state.target}" + ("" if state.finished else " (not done)"))
+    for key in ("complete", "pruned", "failed", "running"):
+        table.add_row(key, str(state.counts[key]))
+    table.add_row("diverged (among pruned)", str(state.diverged))
+    table.add_row("best so far", "-" if state.best_value is None else f"{state.best_value:.4f}")
+    if state.best_params:
+        table.add_row("best settings", ", ".join(f"{k}={v:.4g}" for k, v in state.best_params.items()))
+    if state.elapsed_seconds is not None:
+        table.add_row("elapsed", f"{state.elapsed_seconds:.0f} s")
+    out.print(table)
+
+
+@app.command()
+@user_errors
+def recommend(
+    dataset: DatasetOpt,
+    arch: Annotated[Optional[str], typer.Option(help="Architecture; default: any.")] = None,
+    results: Annotated[Path, typer.Option(help="Folder whose run folders hold best.json files.")] = Path("runs"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print the best recommendation as JSON.")] = False,
+) -> None:
+    """Print the recommended settings for a dataset (and architecture) from earlier runs.
+
+    Example: `sofim-tune recommend --dataset cifar100 --arch resnet18 --json`
+    """
+    from sofim_tune import runs
+
+    found = runs.find_recommendations(results, dataset, arch)
+    if not found:
+        what = f"{dataset}" + (f" / {arch}" if arch else "")
+        err.print(f"no recommendation for {what} under {results}/ yet; make one with: sofim-tune run --dataset {dataset}" + (f" --arch {arch}" if arch else ""), highlight=False)
+        raise typer.Exit(1)
+    if as_json:
+        print(json.dumps(found[0][1].to_dict()))
+        return
+    table = Table(title=f"recommended settings for {dataset}")
+    for column in ("arch", "optimizer", "settings", "metric", "confirmed (mean ± std)", "test acc", "from"):
+        table.add_column(column)
+    for path, rec in found:
+        confirm = rec.metric.confirm
+        table.add_row(
+            rec.arch,
+            rec.optimizer,
+            ", ".join(f"{k}={v:.4g}" for k, v in rec.hyperparameters.items()),
+            f"{rec.metric.name} {rec.metric.value:.4f}",
+            f"{confirm.mean:.4f} ± {confirm.std:.4f}" if confirm else "-",
+            f"{rec.metric.test_accuracy:.4f}" if rec.metric.test_accuracy is not None else "-",
+            str(path),
+        )
     out.print(table)
 
 

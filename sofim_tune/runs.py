@@ -1,0 +1,118 @@
+"""Run folders after the fact: read a study back, export it, plot it, show it, find a recommendation.
+
+The Python side of ``sofim-tune export``, ``plot``, ``show`` and ``recommend``. A run folder
+names its backend and storage in ``run.json``; a storage given explicitly (``--storage``,
+``--study``) wins, and is the way to reach a storage whose URL holds a password.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from sofim_tune.errors import UserInputError
+from sofim_tune.recommend import Recommendation, build_recommendation, load_recommendation, write_recommendation
+from sofim_tune.records import StudyRecord
+
+
+def load_run(run_dir: str | Path | None = None, *, storage: str | None = None, study: str | None = None) -> StudyRecord:
+    """The study of a run folder, or of ``storage`` (and ``study`` when it holds several)."""
+    if storage is not None:
+        from sofim_tune.backends.optuna import load_optuna_record
+
+        return load_optuna_record(storage, study)
+    if run_dir is None:
+        raise UserInputError("name a run folder, or a storage with --storage (and --study)")
+    folder = Path(run_dir)
+    run_file = folder / "run.json"
+    if not run_file.is_file():
+        raise UserInputError(f"{folder} holds no sofim-tune study (no run.json); give the folder that `sofim-tune run --out` wrote")
+    try:
+        meta = json.loads(run_file.read_text())
+        backend, url, name = meta["backend"], meta["storage"], meta["study"]
+    except (ValueError, KeyError, TypeError):
+        raise UserInputError(f"{run_file} is corrupted; pass the study's storage with --storage and --study") from None
+    if backend == "ray":
+        from sofim_tune.backends.ray import load_ray_record
+
+        return load_ray_record(folder)
+    if "***" in url:
+        raise UserInputError(f"the storage of {folder} needs a password; pass it with --storage URL --study {name}")
+    from sofim_tune.backends.optuna import load_optuna_record
+
+    return load_optuna_record(url, study or name)
+
+
+def export(record: StudyRecord, path: str | Path) -> tuple[Recommendation, Path]:
+    """Write the recommendation of a study (the best so far, marked so, when it is still running)."""
+    rec = build_recommendation(record, device="unknown (exported from storage)")
+    return rec, write_recommendation(rec, path)
+
+
+def plot(record: StudyRecord, out_dir: str | Path, *, png: bool = False) -> Path:
+    """Write report.html and plots/ for a study; the headline needs one completed trial."""
+    from sofim_tune.report import write_report
+
+    rec = build_recommendation(record, device="unknown (exported from storage)") if record.best_trial() else None
+    return write_report(record, out_dir, rec, png=png)
+
+
+@dataclass(frozen=True)
+class StudyStatus:
+    """Where a study stands: counts by state, best so far, wall-clock span."""
+
+    name: str
+    backend: str
+    target: int
+    counts: dict[str, int]
+    diverged: int
+    best_value: float | None
+    best_params: dict[str, float] | None
+    elapsed_seconds: float | None
+    finished: bool
+
+
+def status(record: StudyRecord) -> StudyStatus:
+    starts = [t.started for t in record.trials if t.started]
+    ends = [t.finished for t in record.trials if t.finished]
+    elapsed = None
+    if starts:
+        running = bool(record.by_state("running"))
+        end = datetime.now(starts[0].tzinfo) if running or not ends else max(ends)
+        elapsed = (end - min(starts)).total_seconds()
+    best = record.best_trial()
+    return StudyStatus(
+        name=record.name,
+        backend=record.backend,
+        target=record.target_trials,
+        counts={state: len(record.by_state(state)) for state in ("complete", "pruned", "failed", "running")},
+        diverged=sum(1 for t in record.trials if t.diverged),
+        best_value=best.value if best else None,
+        best_params=dict(best.params) if best else None,
+        elapsed_seconds=elapsed,
+        finished=record.finished,
+    )
+
+
+def find_recommendations(results: str | Path, dataset: str, arch: str | None = None) -> list[tuple[Path, Recommendation]]:
+    """Every valid best.json under ``results`` for ``dataset`` (and ``arch``), best first.
+
+    Files that are not v1 recommendations are skipped here; ``load_recommendation`` says why
+    for a single file.
+    """
+    root = Path(results)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in sorted(root.glob("*/best.json")):
+        try:
+            rec = load_recommendation(path)
+        except UserInputError:
+            continue
+        if rec.dataset == dataset and (arch is None or rec.arch == arch):
+            found.append((path, rec))
+    found.sort(key=lambda item: item[1].metric.value if item[1].metric.direction == "maximize" else -item[1].metric.value, reverse=True)
+    return found
+

@@ -1,0 +1,125 @@
+"""export, plot, show and recommend: reading run folders after (or during) a study."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+from typer.testing import CliRunner
+
+from sofim_tune.backends import optuna as optuna_backend
+from sofim_tune.cli.app import app
+from sofim_tune.recommend import SCHEMA_ID, load_recommendation
+from sofim_tune.space import load_space
+from sofim_tune.spec import load_spec
+from sofim_tune.tuning import RunOptions, tune
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> Path:
+    """A results root with one finished digits run."""
+    root = tmp_path_factory.mktemp("results")
+    spec = load_spec("digits").replace(trials=4, epochs=2, confirm_top=1, confirm_seeds=2)
+    tune(spec, RunOptions(out_dir=root / "digits-mlp", device="cpu", progress=False))
+    return root
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def one_line_exit_2(done, message: str) -> None:
+    lines = done.stderr.strip().splitlines()
+    assert done.exit_code == 2, done.output
+    assert len(lines) == 1 and message in lines[0], done.stderr
+
+
+def test_export_in_a_subprocess_writes_v1(results, tmp_path):
+    target = tmp_path / "out.json"
+    done = subprocess.run([sys.executable, "-m", "sofim_tune.cli.app", "export", str(results / "digits-mlp"), "-o", str(target)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    data = json.loads(target.read_text())
+    assert data["schema"] == SCHEMA_ID and data["study"]["final"] is True
+    assert data["metric"]["confirm"]["seeds"] and len(data["metric"]["confirm"]["seeds"]) == 2
+    assert data["metric"]["test_accuracy"] is not None
+
+
+def test_export_from_storage_of_a_running_study_says_best_so_far(results, tmp_path):
+    db = tmp_path / "copy.db"
+    shutil.copy(results / "digits-mlp" / "study.db", db)
+    study = optuna.load_study(study_name="digits-mlp", storage=f"sqlite:///{db}")
+    study.set_user_attr("sofim_tune", {**study.user_attrs["sofim_tune"], "trials": 10})
+    done = invoke("export", "--storage", f"sqlite:///{db}", "-o", tmp_path / "partial.json")
+    assert done.exit_code == 0, done.output
+    assert "best so far" in done.stdout
+    assert load_recommendation(tmp_path / "partial.json").study.final is False
+
+
+def test_plot_writes_the_report(results, tmp_path):
+    done = invoke("plot", results / "digits-mlp", "-o", tmp_path)
+    assert done.exit_code == 0, done.output
+    html = (tmp_path / "report.html").read_text()
+    assert "lr/rho" in html and (tmp_path / "plots").is_dir()
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="PNG export needs Debian's chromium (.ci/run installs it)")
+def test_plot_png(results, tmp_path):
+    done = invoke("plot", results / "digits-mlp", "-o", tmp_path, "--png")
+    assert done.exit_code == 0, done.output
+    pngs = list((tmp_path / "plots").glob("*.png"))
+    assert pngs and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+
+
+def test_show(results):
+    done = invoke("show", results / "digits-mlp")
+    assert done.exit_code == 0, done.output
+    assert "4 of 4" in done.stdout and "best so far" in done.stdout
+
+
+def test_recommend_table_and_json(results):
+    table = invoke("recommend", "--dataset", "digits", "--results", results)
+    assert table.exit_code == 0 and "mlp" in table.stdout
+    as_json = invoke("recommend", "--dataset", "digits", "--arch", "mlp", "--results", results, "--json")
+    assert json.loads(as_json.stdout)["dataset"] == "digits"
+
+
+def test_recommend_without_a_run_says_how_to_make_one(results):
+    done = invoke("recommend", "--dataset", "cifar100", "--arch", "resnet18", "--results", results)
+    assert done.exit_code == 1
+    assert "sofim-tune run --dataset cifar100 --arch resnet18" in done.stderr
+
+
+def test_folder_without_a_study(tmp_path):
+    one_line_exit_2(invoke("show", tmp_path), "holds no sofim-tune study")
+
+
+def test_study_without_completed_trial(tmp_path):
+    spec = load_spec("digits").replace(trials=2)
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    optuna_backend.open_study(spec, load_space("sofim"), url)
+    one_line_exit_2(invoke("export", "--storage", url, "-o", tmp_path / "best.json"), "no completed trial")
+    assert not (tmp_path / "best.json").exists()
+
+
+def test_unwritable_output(results, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    one_line_exit_2(invoke("export", results / "digits-mlp", "-o", blocker / "best.json"), "best.json")
+
+
+def test_sofim_from_recommendation(results):
+    import torch
+
+    from sofim_tune import SOFIM
+
+    rec = load_recommendation(results / "digits-mlp" / "best.json")
+    opt = SOFIM.from_recommendation(torch.nn.Linear(2, 2).parameters(), rec)
+    assert opt.param_groups[0]["lr"] == rec.hyperparameters["lr"] and opt.param_groups[0]["rho"] == rec.hyperparameters["rho"]
+    assert SOFIM.from_recommendation(torch.nn.Linear(2, 2).parameters(), results / "digits-mlp" / "best.json").defaults["beta1"] == rec.hyperparameters["beta1"]
