@@ -1,0 +1,47 @@
+"""The wheel: one import package, with the search spaces, study specs, schema and CLI inside."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> zipfile.ZipFile:
+    out = tmp_path_factory.mktemp("wheel")
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q", "-w", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=out,
+    )
+    assert build.returncode == 0, build.stderr
+    return zipfile.ZipFile(next(out.glob("sofim_tune-*.whl")))
+
+
+def test_wheel_exposes_only_sofim_tune(wheel):
+    top = {name.split("/")[0] for name in wheel.namelist()}
+    assert {t for t in top if not t.endswith(".dist-info")} == {"sofim_tune"}
+
+
+def test_wheel_carries_spaces_specs_schema_and_cli(wheel):
+    names = set(wheel.namelist())
+    for space in ("sofim", "sofim-effective", "sgd-momentum", "adamw"):
+        assert f"sofim_tune/search_spaces/{space}.yaml" in names
+    assert "sofim_tune/studies/cifar100-resnet18.toml" in names
+    assert "sofim_tune/studies/digits-mlp.toml" in names
+    assert "sofim_tune/recommendation.schema.json" in names
+    assert "sofim_tune/cli/app.py" in names
+    entry_points = wheel.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert "sofim-tune = sofim_tune.cli.app:main" in entry_points
+
+
+def test_help_lists_the_commands():
+    done = subprocess.run([sys.executable, "-m", "sofim_tune.cli.app", "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0
+    for command in ("train", "run", "export", "plot", "show", "recommend"):
+        assert command in done.stdout
