@@ -189,3 +189,25 @@ def test_bad_input_is_one_line_exit_2_and_leaves_earlier_results(args, message, 
 
 def test_run_folder_remembers_its_storage(earlier_run):
     assert json.loads((earlier_run / "run.json").read_text())["backend"] == "optuna"
+
+
+def test_ctrl_c_stops_cleanly_and_marks_the_trial_interrupted(tmp_path):
+    out = tmp_path / "run"
+    args = ["run", *SMALL, "--trials", "3", "--epochs", "40", "--pruner", "none", "--out", str(out)]
+    process = subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    storage = f"sqlite:///{out / 'study.db'}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        try:
+            if TrialState.RUNNING in states(storage):
+                break
+        except Exception:  # the study may not exist yet
+            continue
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert "run the same command again to resume" in stderr and "Traceback" not in stderr
+    study = optuna.load_study(study_name="digits-mlp", storage=storage)
+    assert [t.user_attrs.get("reason") for t in study.trials if t.state == TrialState.FAIL] == ["interrupted"]
+    assert TrialState.RUNNING not in states(storage)

@@ -43,9 +43,11 @@ GRACE_SECONDS = 120
 POLL_SECONDS = 1.0
 _HOST = socket.gethostname()
 
-# The live view and the summary table say what Optuna's INFO lines would; the heartbeat is
-# marked experimental but is the documented way to recover trials of dead processes.
-optuna.logging.set_verbosity(optuna.logging.WARNING)
+# The live view and the summary table say what Optuna's log lines would, and a failed
+# trial's error is recorded on the trial (``sofim-tune show``, the report) rather than
+# printed as a traceback. The heartbeat is marked experimental but is the documented way to
+# recover trials of dead processes.
+optuna.logging.set_verbosity(optuna.logging.ERROR)
 warnings.filterwarnings("ignore", category=ExperimentalWarning)
 
 
