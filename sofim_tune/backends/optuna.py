@@ -393,9 +393,15 @@ def record_from_study(study: optuna.Study) -> StudyRecord:
         raise UserInputError(f"study {study.study_name!r} was not made by sofim-tune")
     space = SearchSpace.from_dict(meta["space_definition"])
     trials = [_trial_record(t, space) for t in study.get_trials(deepcopy=False) if t.state in _STATES]
+    confirmations = [Confirmation(**c) for c in study.user_attrs.get("confirmations", [])]
+    return record_from_metadata(meta, name=study.study_name, backend="optuna", trials=trials, confirmations=confirmations)
+
+
+def record_from_metadata(meta: Mapping[str, Any], *, name: str, backend: str, trials: list[TrialRecord], confirmations: list[Confirmation]) -> StudyRecord:
+    """A StudyRecord from the metadata that :func:`study_metadata` wrote; shared by both backends."""
     return StudyRecord(
-        name=study.study_name,
-        backend="optuna",
+        name=name,
+        backend=backend,
         storage=meta["storage"],
         dataset=meta["dataset"],
         arch=meta["arch"],
@@ -409,9 +415,9 @@ def record_from_study(study: optuna.Study) -> StudyRecord:
         epochs=meta["epochs"],
         batch_size=meta["batch_size"],
         fixed=meta["fixed"],
-        trials=trials,
+        trials=sorted(trials, key=lambda t: t.number),
         target_trials=meta["trials"],
-        confirmations=[Confirmation(**c) for c in study.user_attrs.get("confirmations", [])],
+        confirmations=confirmations,
         created=datetime.fromisoformat(meta["created"]),
     )
 
