@@ -150,6 +150,8 @@ def _parse_gpus(gpus: str | None) -> tuple[int, ...]:
     if gpus == "all":
         import torch
 
+        if not torch.cuda.is_available():
+            raise UserInputError("--gpus all: this machine has no CUDA GPU; leave --gpus out to run on the CPU")
         return tuple(range(torch.cuda.device_count()))
     try:
         return tuple(int(g) for g in gpus.split(","))

@@ -103,9 +103,10 @@ class SOFIM(Optimizer):
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # Checked before the group is added, so that a caught ValueError leaves no bad group behind.
+        merged = {**self.defaults, **param_group}
+        _check_hyperparameters(merged["lr"], merged["rho"], merged["beta1"], merged["weight_decay"], merged["norm_scope"])
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        _check_hyperparameters(group["lr"], group["rho"], group["beta1"], group["weight_decay"], group["norm_scope"])
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
@@ -227,7 +228,8 @@ def sofim(
     coefficients = _step_coefficients(
         steps, squared_norms, lr=lr, rho=rho, beta1=beta1, norm_scope=norm_scope, bias_correction=bias_correction
     )
-    decay = 1.0 - lr * weight_decay if decoupled_weight_decay and weight_decay != 0.0 else 1.0
+    # Decided on plain Python values: lr may be a tensor, and a branch on it would sync.
+    decay = 1.0 - lr * weight_decay if decoupled_weight_decay and weight_decay != 0.0 else None
     apply_update(params, exp_avgs, coefficients, decay=decay)
 
 
@@ -280,9 +282,9 @@ def _update_moments_loop(
     return squared_norms
 
 
-def _apply_update_loop(params: list[Tensor], exp_avgs: list[Tensor], coefficients: list[Tensor], *, decay: float) -> None:
+def _apply_update_loop(params: list[Tensor], exp_avgs: list[Tensor], coefficients: list[Tensor], *, decay: float | Tensor | None) -> None:
     for param, exp_avg, coefficient in zip(params, exp_avgs, coefficients):
-        if decay != 1.0:
+        if decay is not None:
             param.mul_(decay)
         param.addcmul_(exp_avg, coefficient, value=-1.0)
 
@@ -305,10 +307,10 @@ def _update_moments_foreach(
     return squared_norms
 
 
-def _apply_update_foreach(params: list[Tensor], exp_avgs: list[Tensor], coefficients: list[Tensor], *, decay: float) -> None:
+def _apply_update_foreach(params: list[Tensor], exp_avgs: list[Tensor], coefficients: list[Tensor], *, decay: float | Tensor | None) -> None:
     grouped = Optimizer._group_tensors_by_device_and_dtype([params, exp_avgs, coefficients])
     for (dev_params, dev_exp_avgs, dev_coefficients), _ in grouped.values():
-        if decay != 1.0:
+        if decay is not None:
             torch._foreach_mul_(dev_params, decay)
         torch._foreach_addcmul_(dev_params, dev_exp_avgs, dev_coefficients, value=-1.0)
 

@@ -307,7 +307,7 @@ def good_region(study: StudyRecord, tolerance: float = 0.01) -> dict[str, tuple[
     return region
 
 
-def _distinct_ranked(study: StudyRecord) -> list[TrialRecord]:
+def distinct_ranked(study: StudyRecord) -> list[TrialRecord]:
     """Completed trials best first, keeping the best of trials with identical params."""
     sign = -1.0 if study.direction == "maximize" else 1.0
     ranked = sorted(_completed(study), key=lambda t: (sign * t.value, t.number))
@@ -350,7 +350,7 @@ def confirm_top(
             seeds=list(seeds),
             values=[float(evaluate(dict(trial.params), seed)) for seed in seeds],
         )
-        for trial in _distinct_ranked(study)[:top]
+        for trial in distinct_ranked(study)[:top]
     ]
 
 
@@ -410,7 +410,7 @@ def build_recommendation(
     if confirmations is None:
         confirmations = study.confirmations
     params, chosen = pick_recommended(study, confirmations)
-    same = [t for t in _distinct_ranked(study) if t.params == params]
+    same = [t for t in distinct_ranked(study) if t.params == params]
     # A confirmed configuration is normally one of the study's trials; if not, its mean
     # over seeds is the only value there is.
     value = same[0].value if same else chosen.mean
@@ -531,6 +531,7 @@ def load_recommendation(path: str | Path) -> Recommendation:
 
 
 _NETLOC = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<netloc>[^/?#]*)(?P<rest>.*)$", re.S)
+_LOOSE_USERINFO = re.compile(r"(?P<user>[^:/@\s]+):(?!\*\*\*@)[^/@\s]*@")
 _QUERY_SECRET = re.compile(r"(?P<key>[?&](?:password|passwd|pwd)=)[^&#]*", re.I)
 
 
@@ -551,4 +552,7 @@ def redact_storage_url(url: str) -> str:
             user = userinfo.partition(":")[0]
             netloc = f"{user}:***@{host}"
         url = match["scheme"] + netloc + match["rest"]
+    # Malformed URLs ("user:secret@host/db", "postgresql:/u:pw@h") fall through the pattern
+    # above; any user:password@ left anywhere is hidden too.
+    url = _LOOSE_USERINFO.sub(lambda m: m["user"] + ":***@", url)
     return _QUERY_SECRET.sub(lambda m: m["key"] + "***", url)

@@ -464,6 +464,9 @@ def _write_pngs(figures: dict[str, go.Figure], folder: Path) -> None:
         kaleido.write_fig_from_object_sync(specs, kopts={"mathjax": False}, cancel_on_error=True)
     except ChromeNotFoundError:
         raise UserInputError(PNG_NEEDS_CHROME) from None
+    except Exception as exc:  # noqa: BLE001 - a browser crash or timeout inside kaleido
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserInputError(f"PNG export failed ({first_line}); report.html and the HTML plots were written") from None
 
 
 def write_report(

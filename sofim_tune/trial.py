@@ -150,6 +150,11 @@ def _cached_data(dataset: str, device: torch.device, data_dir: str | None, downl
     return load_data(dataset, device=device, data_dir=data_dir, download=download, val_fraction=val_fraction, split_seed=split_seed, with_test=with_test)
 
 
+def clear_data_cache() -> None:
+    """Drop the datasets this process keeps for its next trials."""
+    _cached_data.cache_clear()
+
+
 def prepare_trial(config: TrialConfig) -> LoadedData:
     """Validate ``config``, load its data (cached per process) and check its architecture.
 
@@ -195,6 +200,9 @@ def train_trial(config: TrialConfig, reporter: Reporter | None = None, *, data: 
     else:
         config.validate()
     device = resolve_device(config.device)
+    data_device = getattr(data.train, "device", device)
+    if data_device.type != device.type or (data_device.index or 0) != (device.index or 0):
+        raise UserInputError(f"the data lives on {data_device} but the run is on {device}; load it with device={str(device)!r}")
     arch = config.arch or data.info.default_arch
     history: list[dict[str, float]] = []
 

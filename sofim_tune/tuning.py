@@ -7,6 +7,7 @@ report) is the same for both, and lives here.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -14,7 +15,7 @@ from sofim_tune.errors import UserInputError
 from sofim_tune.records import Confirmation, StudyRecord
 from sofim_tune.space import SearchSpace, load_space
 from sofim_tune.spec import StudySpec
-from sofim_tune.trial import TrialConfig, prepare_trial, train_trial
+from sofim_tune.trial import TrialConfig, clear_data_cache, prepare_trial, resolve_device, train_trial
 
 BACKENDS = ("optuna", "ray")
 
@@ -37,7 +38,6 @@ class RunOptions:
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` for trials not pinned to a GPU.
         data_dir, download: where torchvision datasets live, and whether to fetch them.
         export: retrain the top settings, write best.json and the report at the end.
-        progress: show the live view on stderr.
         address, gpus_per_trial, cpus_per_trial, max_concurrent, storage_path: Ray only.
     """
 
@@ -51,7 +51,6 @@ class RunOptions:
     data_dir: str | None = None
     download: bool = False
     export: bool = True
-    progress: bool = True
     address: str | None = None
     gpus_per_trial: float = 0.0
     cpus_per_trial: float = 1.0
@@ -68,6 +67,34 @@ class TuneOutcome:
     report: Path | None
 
 
+def claim_run_folder(out_dir: Path, *, backend: str, storage: str, study: str) -> None:
+    """Write ``out_dir/run.json``, refusing a folder that already belongs to another study.
+
+    ``storage`` is written redacted; a password never reaches the run folder.
+    """
+    from sofim_tune.recommend import redact_storage_url, write_text_atomic
+
+    claim = {"backend": backend, "storage": redact_storage_url(storage), "study": study}
+    run_file = out_dir / "run.json"
+    if run_file.is_file():
+        try:
+            current = json.loads(run_file.read_text())
+        except ValueError:
+            current = None
+        if current != claim:
+            raise UserInputError(f"{out_dir} already holds another study ({run_file}); choose another --out")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserInputError(f"cannot create run folder {out_dir}: {exc.strerror}") from None
+    write_text_atomic(run_file, json.dumps(claim, indent=2) + "\n")
+
+
+def effective_epochs(spec: StudySpec, space: SearchSpace) -> int:
+    """Epochs per trial: a space may pin them, else the spec's."""
+    return int(space.fixed.get("epochs", spec.epochs))
+
+
 def trial_config(spec: StudySpec, space: SearchSpace, hyperparameters: Mapping[str, float], *, seed: int, device: str, options: RunOptions, evaluate_test: bool = False) -> TrialConfig:
     """The TrialConfig of one trial; both backends and the confirmation step build it here."""
     optimizer_keys = {k: v for k, v in space.fixed.items() if k not in ("batch_size", "epochs")}
@@ -76,7 +103,7 @@ def trial_config(spec: StudySpec, space: SearchSpace, hyperparameters: Mapping[s
         arch=spec.arch,
         optimizer=space.optimizer,
         hyperparameters={**optimizer_keys, **hyperparameters},
-        epochs=int(space.fixed.get("epochs", spec.epochs)),
+        epochs=effective_epochs(spec, space),
         batch_size=int(space.fixed.get("batch_size", spec.batch_size)),
         seed=seed,
         device=device,
@@ -89,33 +116,55 @@ def trial_config(spec: StudySpec, space: SearchSpace, hyperparameters: Mapping[s
 
 
 def check_inputs(spec: StudySpec, space: SearchSpace, options: RunOptions) -> None:
-    """Fail with one clear line before anything is written: names, data, architecture, workers."""
+    """Fail with one clear line before anything is written: names, data, architecture, devices."""
     if options.workers < 1:
         raise UserInputError(f"--workers must be >= 1, got {options.workers}")
+    for device in {options.device, *spread_devices(options.workers, options.gpus, options.device)}:
+        resolve_device(device)
     some_settings = space.to_hyperparameters({name: p.low for name, p in space.params.items()})
-    # On the CPU, so that a parent process of GPU workers holds no CUDA memory.
+    # On the CPU, so that a parent process of GPU workers holds no CUDA memory; the copy is
+    # dropped at once, since trials load their own on their device.
     prepare_trial(trial_config(spec, space, some_settings, seed=spec.seed, device="cpu", options=options))
+    clear_data_cache()
+
+
+def _failed_run_value(direction: str) -> float:
+    """What a confirmation run that diverged or failed counts as: the worst finite value."""
+    return 0.0 if direction == "maximize" else 1e6
 
 
 def confirm(study: StudyRecord, spec: StudySpec, space: SearchSpace, options: RunOptions) -> tuple[list[Confirmation], float | None]:
-    """Retrain the top configurations with fresh seeds; measure test accuracy of the winner once."""
-    from sofim_tune.recommend import confirm_top, pick_recommended
+    """Retrain the top configurations with fresh seeds; report the winner's test accuracy.
+
+    Confirmations already stored for the same configurations and seeds are reused, so that
+    rerunning a finished study costs nothing. The test split is measured on each
+    configuration's first-seed run and reported for the winner only; the winner is chosen
+    by the validation mean.
+    """
+    from sofim_tune.recommend import confirm_top, distinct_ranked, pick_recommended
 
     seeds = [CONFIRM_SEED_BASE + i for i in range(spec.confirm_seeds)]
+    top = [t.params for t in distinct_ranked(study)[: spec.confirm_top]]
+    stored = study.confirmations
+    if stored and [c.params for c in stored] == top and all(c.seeds == seeds for c in stored):
+        _, chosen = pick_recommended(study, stored)
+        return list(stored), chosen.test_accuracy if chosen else None
+
+    test_accuracy: dict[tuple[tuple[str, float], ...], float | None] = {}
 
     def evaluate(hyperparameters: dict[str, float], seed: int) -> float:
-        result = train_trial(trial_config(spec, space, hyperparameters, seed=seed, device=options.device, options=options))
+        first_seed = seed == seeds[0]
+        result = train_trial(trial_config(spec, space, hyperparameters, seed=seed, device=options.device, options=options, evaluate_test=first_seed))
+        if first_seed:
+            test_accuracy[tuple(sorted(hyperparameters.items()))] = result.metrics.get("test_accuracy")
         value = result.metrics.get(spec.metric)
-        if result.status != "completed" or value is None:
-            return float("-inf") if spec.direction == "maximize" else float("inf")
-        return value
+        return value if result.status == "completed" and value is not None else _failed_run_value(spec.direction)
 
     confirmations = confirm_top(study, evaluate, top=spec.confirm_top, seeds=seeds)
-    winner, chosen = pick_recommended(study, confirmations)
-    final = train_trial(trial_config(spec, space, winner, seed=seeds[0], device=options.device, options=options, evaluate_test=True))
-    test_accuracy = final.metrics.get("test_accuracy")
+    _, chosen = pick_recommended(study, confirmations)
+    winner_test = test_accuracy.get(tuple(sorted(chosen.params.items()))) if chosen else None
     # The winner carries the test accuracy, so that a later export from storage finds it.
-    return [replace(c, test_accuracy=test_accuracy) if c is chosen else c for c in confirmations], test_accuracy
+    return [replace(c, test_accuracy=winner_test) if c is chosen else c for c in confirmations], winner_test
 
 
 def tune(spec: StudySpec, options: RunOptions, *, backend: str = "optuna", on_progress: Callable[[StudyRecord], None] | None = None) -> TuneOutcome:
@@ -157,8 +206,6 @@ def export_run(study: StudyRecord, spec: StudySpec, space: SearchSpace, options:
 
 def _device_name(device: str) -> str:
     import torch
-
-    from sofim_tune.trial import resolve_device
 
     resolved = resolve_device(device)
     return torch.cuda.get_device_name(resolved) if resolved.type == "cuda" else "cpu"

@@ -27,7 +27,7 @@ def results(tmp_path_factory) -> Path:
     """A results root with one finished digits run."""
     root = tmp_path_factory.mktemp("results")
     spec = load_spec("digits").replace(trials=4, epochs=2, confirm_top=1, confirm_seeds=2)
-    tune(spec, RunOptions(out_dir=root / "digits-mlp", device="cpu", progress=False))
+    tune(spec, RunOptions(out_dir=root / "digits-mlp", device="cpu"))
     return root
 
 

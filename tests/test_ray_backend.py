@@ -42,7 +42,7 @@ def small_spec(**overrides: object) -> StudySpec:
 
 
 def options(out_dir: Path, **overrides: object) -> RunOptions:
-    return RunOptions(out_dir=out_dir, progress=False, device="cpu", **overrides)  # type: ignore[arg-type]
+    return RunOptions(out_dir=out_dir, device="cpu", **overrides)  # type: ignore[arg-type]
 
 
 def test_tune_end_to_end(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from sofim_tune.backends import optuna as optuna_backend
 from sofim_tune.cli.app import app
+from sofim_tune.errors import UserInputError
 from sofim_tune.recommend import load_recommendation
 from sofim_tune.spec import load_spec
 from sofim_tune.tuning import RunOptions, tune
@@ -54,13 +55,13 @@ def test_full_study_on_digits_writes_the_run_folder(tmp_path):
 
 
 def test_paper_default_is_enqueued_first(tmp_path):
-    outcome = tune(load_spec("digits").replace(trials=2, epochs=1), RunOptions(out_dir=tmp_path, device="cpu", export=False, progress=False))
+    outcome = tune(load_spec("digits").replace(trials=2, epochs=1), RunOptions(out_dir=tmp_path, device="cpu", export=False))
     assert outcome.study.trials[0].params == pytest.approx({"lr": 0.1, "rho": 1.0, "beta1": 0.9})
 
 
 def test_pruning_prunes_and_diverged_trials_are_pruned_with_a_reason(tmp_path):
     spec = load_spec("digits").replace(trials=16, epochs=6, sampler="random", pruner="hyperband")
-    outcome = tune(spec, RunOptions(out_dir=tmp_path, device="cpu", export=False, progress=False))
+    outcome = tune(spec, RunOptions(out_dir=tmp_path, device="cpu", export=False))
     study = outcome.study
     pruned = study.by_state("pruned")
     assert any(t.attrs.get("reason") == "pruned" and len(t.intermediate) < spec.epochs for t in pruned)
@@ -73,7 +74,7 @@ def test_pruning_prunes_and_diverged_trials_are_pruned_with_a_reason(tmp_path):
 def test_journal_storage(tmp_path):
     journal = tmp_path / "study.log"
     spec = load_spec("digits").replace(trials=3, epochs=2)
-    outcome = tune(spec, RunOptions(out_dir=tmp_path / "run", storage=f"journal:{journal}", device="cpu", export=False, progress=False))
+    outcome = tune(spec, RunOptions(out_dir=tmp_path / "run", storage=f"journal:{journal}", device="cpu", export=False))
     assert journal.stat().st_size > 0 and not (tmp_path / "run" / "study.db").exists()
     assert len(outcome.study.trials) == 3
     record = optuna_backend.load_optuna_record(f"journal:{journal}", None)
@@ -89,14 +90,14 @@ def test_a_trial_that_raises_fails_alone(tmp_path, monkeypatch):
         return real(config, reporter)
 
     monkeypatch.setattr(optuna_backend, "train_trial", sometimes_broken)
-    outcome = tune(load_spec("digits").replace(trials=3, epochs=1), RunOptions(out_dir=tmp_path, device="cpu", export=False, progress=False))
+    outcome = tune(load_spec("digits").replace(trials=3, epochs=1), RunOptions(out_dir=tmp_path, device="cpu", export=False))
     failed = outcome.study.by_state("failed")
     assert len(failed) == 1 and "illegal memory access" in failed[0].attrs["error"]
     assert len(outcome.study.by_state("complete")) + len(outcome.study.by_state("pruned")) == 3
 
 
 def test_rerun_resumes_only_what_is_missing(tmp_path):
-    options = RunOptions(out_dir=tmp_path, device="cpu", export=False, progress=False)
+    options = RunOptions(out_dir=tmp_path, device="cpu", export=False)
     spec = load_spec("digits").replace(epochs=1)
     tune(spec.replace(trials=2), options)
     assert len(tune(spec.replace(trials=2), options).study.trials) == 2
@@ -165,6 +166,7 @@ def earlier_run(tmp_path_factory):
         (["--study", "no-such-study"], "no-such-study"),
         (["--space", "{bad_space}"], "low"),
         (["--storage", "postgresql://alice:s3cret@127.0.0.1:1/db"], "cannot open storage"),
+        (["--storage", "alice:s3cret@127.0.0.1/db"], "cannot open storage"),
         (["--space", "sofim-effective"], "different search space"),
         (["--enqueue", "{corrupt_json}"], "not a sofim-tune v1 recommendation"),
     ],
@@ -211,3 +213,74 @@ def test_ctrl_c_stops_cleanly_and_marks_the_trial_interrupted(tmp_path):
     study = optuna.load_study(study_name="digits-mlp", storage=storage)
     assert [t.user_attrs.get("reason") for t in study.trials if t.state == TrialState.FAIL] == ["interrupted"]
     assert TrialState.RUNNING not in states(storage)
+
+
+def test_a_retry_that_is_interrupted_again_is_retried_once(tmp_path):
+    from sofim_tune.space import load_space
+
+    study = optuna_backend.open_study(load_spec("digits").replace(trials=2), load_space("sofim"), f"sqlite:///{tmp_path / 'study.db'}")
+    for generation in range(3):  # the original, then two retries, each interrupted
+        trial = study.ask()  # takes the queued retry when there is one
+        trial.suggest_float("lr", 1e-4, 10.0, log=True)
+        trial.set_user_attr("reason", "interrupted")
+        study.tell(trial, state=TrialState.FAIL)
+        assert optuna_backend.recover_interrupted(study) == 1, generation
+        assert optuna_backend.recover_interrupted(study) == 0
+    tried = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert len({t.params["lr"] for t in tried}) == 1
+    assert [t.user_attrs.get("retry_of") for t in tried] == [None, 0, 1]
+
+
+def test_resume_with_other_epochs_is_refused(tmp_path):
+    options = RunOptions(out_dir=tmp_path, device="cpu", export=False)
+    tune(load_spec("digits").replace(trials=1, epochs=1), options)
+    with pytest.raises(UserInputError, match="epochs=1, not 2"):
+        tune(load_spec("digits").replace(trials=1, epochs=2), options)
+
+
+def test_a_run_folder_of_another_study_is_refused(tmp_path):
+    options = RunOptions(out_dir=tmp_path, device="cpu", export=False)
+    tune(load_spec("digits").replace(trials=1, epochs=1), options)
+    other = RunOptions(out_dir=tmp_path, storage=f"journal:{tmp_path / 'other.log'}", device="cpu", export=False)
+    with pytest.raises(UserInputError, match="already holds another study"):
+        tune(load_spec("digits").replace(trials=1, epochs=1), other)
+
+
+def test_diverged_trials_are_pruned_with_their_reason(tmp_path, monkeypatch):
+    """Detection itself is tested in test_trial.py; here, how the study records it."""
+    real = optuna_backend.train_trial
+
+    def first_diverges(config, reporter=None):
+        result = real(config, reporter)
+        if config.seed == 0:
+            result.status, result.diverged_epoch = "diverged", 1
+        return result
+
+    monkeypatch.setattr(optuna_backend, "train_trial", first_diverges)
+    study = tune(load_spec("digits").replace(trials=2, epochs=1), RunOptions(out_dir=tmp_path, device="cpu", export=False)).study
+    diverged = study.trials[0]
+    assert diverged.state == "pruned" and diverged.diverged and diverged.attrs["diverged_epoch"] == 1
+    assert not study.trials[1].diverged
+
+
+def test_relative_out_folder_is_readable_from_elsewhere(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tune(load_spec("digits").replace(trials=1, epochs=1), RunOptions(out_dir=Path("runs/d"), device="cpu", export=False))
+    monkeypatch.chdir(tmp_path.parent)
+    done = CliRunner().invoke(app, ["show", str(tmp_path / "runs" / "d")])
+    assert done.exit_code == 0, done.output
+    assert "1 of 1" in done.stdout
+
+
+def test_rerunning_a_finished_study_reuses_its_confirmations(tmp_path, monkeypatch):
+    from sofim_tune import tuning
+
+    spec = load_spec("digits").replace(trials=2, epochs=1, confirm_top=1, confirm_seeds=2)
+    options = RunOptions(out_dir=tmp_path, device="cpu")
+    first = tune(spec, options)
+    calls = []
+    monkeypatch.setattr(tuning, "train_trial", lambda *a, **k: calls.append(a))
+    second = tune(spec, options)
+    assert calls == []
+    assert second.study.confirmations == first.study.confirmations
+    assert load_recommendation(second.best_json).metric.test_accuracy is not None

@@ -12,6 +12,7 @@ import math
 import multiprocessing
 import os
 import socket
+import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -31,7 +32,7 @@ from sofim_tune.recommend import redact_storage_url
 from sofim_tune.space import ParamRange, SearchSpace
 from sofim_tune.spec import StudySpec
 from sofim_tune.trial import train_trial
-from sofim_tune.tuning import RunOptions, spread_devices, trial_config
+from sofim_tune.tuning import RunOptions, claim_run_folder, effective_epochs, spread_devices, trial_config
 
 ATTR = "sofim_tune"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -57,25 +58,36 @@ class TrialFailed(Exception):
 
 def storage_url(storage: str | None, out_dir: Path) -> str:
     """The storage URL a run uses: ``--storage`` as given, or SQLite in the run folder."""
-    return storage if storage is not None else f"sqlite:///{out_dir / 'study.db'}"
+    # Absolute, because run.json keeps it for commands started from other folders.
+    return storage if storage is not None else f"sqlite:///{out_dir.resolve() / 'study.db'}"
 
 
-def open_storage(url: str) -> BaseStorage:
+def _storage_file(url: str) -> Path | None:
+    """The local file behind a journal or SQLite URL; None for a database server."""
+    if url.startswith("journal:"):
+        return Path(url.removeprefix("journal:")).expanduser()
+    if url.startswith("sqlite:///"):
+        return Path(url.removeprefix("sqlite:///"))
+    return None
+
+
+def open_storage(url: str, *, create: bool = True) -> BaseStorage:
     """An Optuna storage for ``url``: ``journal:PATH`` for a journal file, else an SQLAlchemy URL.
 
     RDB storages get a heartbeat, so that trials of a process that died on another host are
     failed and retried after ``GRACE_SECONDS``; SQLite waits for a lock instead of failing
-    with "database is locked" when several workers write at once.
+    with "database is locked" when several workers write at once. With ``create=False`` a
+    missing SQLite or journal file is an error instead of a new empty storage.
     """
-    if url.startswith("journal:"):
-        path = Path(url.removeprefix("journal:")).expanduser()
-        if not path.parent.is_dir():
-            raise UserInputError(f"cannot open storage {url}: folder {path.parent} does not exist")
-        return JournalStorage(JournalFileBackend(str(path)))
-    engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 300}} if url.startswith("sqlite") else {}
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    file = _storage_file(url)
     try:
+        if file is not None and not create and not file.is_file():
+            raise UserInputError(f"cannot open storage {redact_storage_url(url)}: {file} does not exist")
+        if file is not None:
+            file.parent.mkdir(parents=True, exist_ok=True)
+        if url.startswith("journal:"):
+            return JournalStorage(JournalFileBackend(str(file)))
+        engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 300}} if url.startswith("sqlite") else {}
         return RDBStorage(
             url,
             engine_kwargs=engine_kwargs,
@@ -83,7 +95,9 @@ def open_storage(url: str) -> BaseStorage:
             grace_period=GRACE_SECONDS,
             heartbeat_stale_trial_callback=retry_interrupted,
         )
-    except Exception as exc:  # noqa: BLE001 - SQLAlchemy and drivers raise many types
+    except UserInputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the file system, SQLAlchemy and drivers raise many types
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserInputError(f"cannot open storage {redact_storage_url(url)}: {redact_storage_url(reason)}") from None
 
@@ -197,7 +211,8 @@ class _StopAfterFailures:
 
 def retry_interrupted(study: optuna.Study, trial: FrozenTrial) -> None:
     """Queue the settings of a trial that a dead or interrupted process left behind."""
-    study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.user_attrs.get("retry_of", trial.number)})
+    # The immediate predecessor, so that a retry that is itself interrupted is retried once too.
+    study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
 
 
 def _pid_alive(pid: int) -> bool:
@@ -245,8 +260,10 @@ def study_metadata(spec: StudySpec, space: SearchSpace, url: str) -> dict[str, A
         "direction": spec.direction,
         "sampler": spec.sampler,
         "pruner": spec.pruner,
-        "epochs": spec.epochs,
+        "epochs": effective_epochs(spec, space),
         "batch_size": int(space.fixed.get("batch_size", spec.batch_size)),
+        "seed": spec.seed,
+        "val_fraction": spec.val_fraction,
         "fixed": dict(space.fixed),
         "trials": spec.trials,
         "storage": redact_storage_url(url),
@@ -270,11 +287,20 @@ def open_study(spec: StudySpec, space: SearchSpace, url: str) -> optuna.Study:
             )
         if meta["metric"] != spec.metric or meta["direction"] != spec.direction:
             raise UserInputError(f"study {spec.name!r} optimizes {meta['metric']} ({meta['direction']}), not {spec.metric} ({spec.direction})")
+        wanted = study_metadata(spec, space, url)
+        for key in ("dataset", "arch", "epochs", "batch_size", "seed", "val_fraction"):
+            if meta.get(key, wanted[key]) != wanted[key]:
+                raise UserInputError(
+                    f"study {spec.name!r} in {redact_storage_url(url)} was run with {key}={meta[key]}, not {wanted[key]}; "
+                    "trials with different settings cannot be compared: use another --out or --study"
+                )
         if meta["trials"] != spec.trials:
             study.set_user_attr(ATTR, {**meta, "trials": spec.trials})
         return study
-    study = optuna.create_study(storage=storage, study_name=spec.name, direction=spec.direction)
-    study.set_user_attr(ATTR, study_metadata(spec, space, url))
+    # load_if_exists: another process may create the same study between the check and here.
+    study = optuna.create_study(storage=storage, study_name=spec.name, direction=spec.direction, load_if_exists=True)
+    if ATTR not in study.user_attrs:
+        study.set_user_attr(ATTR, study_metadata(spec, space, url))
     return study
 
 
@@ -284,7 +310,7 @@ def _optimize(spec: StudySpec, space: SearchSpace, options: RunOptions, url: str
         study_name=spec.name,
         storage=open_storage(url),
         sampler=make_sampler(spec.sampler, space, spec.seed + worker, spec.trials),
-        pruner=make_pruner(spec.pruner, spec.epochs),
+        pruner=make_pruner(spec.pruner, effective_epochs(spec, space)),
     )
     callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] = [
         optuna.study.MaxTrialsCallback(spec.trials, states=FINISHED),
@@ -300,6 +326,9 @@ def _worker_main(spec: StudySpec, space_definition: dict[str, Any], options: Run
         _optimize(spec, SearchSpace.from_dict(space_definition), options, url, device, worker, None)
     except KeyboardInterrupt:
         pass  # the trial is already marked failed and queued for retry on the next run
+    except UserInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 def finished_count(study: optuna.Study) -> int:
@@ -314,15 +343,12 @@ def run_optuna_study(spec: StudySpec, space: SearchSpace, options: RunOptions, *
     settings tried again. Returns the study as a :class:`StudyRecord`.
     """
     url = storage_url(options.storage, options.out_dir)
+    open_storage(url)  # a bad URL is the user's first problem to hear about
+    claim_run_folder(options.out_dir, backend="optuna", storage=url, study=spec.name)
     study = open_study(spec, space, url)
-    _write_run_file(options.out_dir, url, spec.name)
     recover_interrupted(study)
-    existing = {tuple(sorted(t.params.items())) for t in study.get_trials(deepcopy=False)}
     for settings in (*spec.enqueue, *options.enqueue):
-        params = space.from_hyperparameters(settings)
-        if tuple(sorted(params.items())) not in existing:
-            study.enqueue_trial(params)
-            existing.add(tuple(sorted(params.items())))
+        study.enqueue_trial(space.from_hyperparameters(settings), skip_if_exists=True)
 
     def progress(s: optuna.Study) -> None:
         if on_progress is not None:
@@ -352,6 +378,10 @@ def _run_workers(spec: StudySpec, space: SearchSpace, options: RunOptions, url: 
             poll()
             time.sleep(POLL_SECONDS)
         poll()
+        failed = [p.name for p in processes if p.exitcode != 0]
+        if failed:
+            # The workers said why on stderr; exporting half a study would hide it.
+            raise UserInputError(f"{', '.join(failed)} stopped with an error; see above, then run the same command again to resume")
     except KeyboardInterrupt:
         for process in processes:
             process.join(timeout=30)
@@ -363,13 +393,11 @@ def _run_workers(spec: StudySpec, space: SearchSpace, options: RunOptions, url: 
                 process.join()
 
 
-def _write_run_file(out_dir: Path, url: str, name: str) -> None:
-    import json
-
-    from sofim_tune.recommend import write_text_atomic
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out_dir / "run.json", json.dumps({"backend": "optuna", "storage": redact_storage_url(url), "study": name}, indent=2) + "\n")
+def _hyperparameters(trial: FrozenTrial, space: SearchSpace) -> dict[str, float]:
+    """The optimizer's settings of a trial; empty for one that has not sampled them yet."""
+    if "hyperparameters" in trial.user_attrs:
+        return dict(trial.user_attrs["hyperparameters"])
+    return space.to_hyperparameters(trial.params) if set(space.params) <= set(trial.params) else {}
 
 
 def _trial_record(trial: FrozenTrial, space: SearchSpace) -> TrialRecord:
@@ -377,7 +405,7 @@ def _trial_record(trial: FrozenTrial, space: SearchSpace) -> TrialRecord:
     return TrialRecord(
         number=trial.number,
         state=_STATES[trial.state],  # type: ignore[arg-type]
-        params=dict(trial.user_attrs.get("hyperparameters") or space.to_hyperparameters(trial.params)),
+        params=_hyperparameters(trial, space),
         value=trial.value if trial.state == TrialState.COMPLETE else None,
         intermediate={int(step): float(v) for step, v in trial.intermediate_values.items()},
         attrs=attrs,
@@ -424,7 +452,7 @@ def record_from_metadata(meta: Mapping[str, Any], *, name: str, backend: str, tr
 
 def load_optuna_record(url: str, name: str | None) -> StudyRecord:
     """Read a study from a storage; ``name`` may be omitted when the storage holds one study."""
-    storage = open_storage(url)
+    storage = open_storage(url, create=False)
     names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
     if name is None:
         if len(names) != 1:

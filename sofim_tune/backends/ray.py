@@ -37,14 +37,13 @@ from ray.tune.search.optuna import OptunaSearch
 from sofim_tune.backends.optuna import make_sampler, record_from_metadata, study_metadata
 from sofim_tune.errors import UserInputError
 from sofim_tune.records import Confirmation, StudyRecord, TrialRecord
-from sofim_tune.recommend import redact_storage_url, write_text_atomic
+from sofim_tune.recommend import write_text_atomic
 from sofim_tune.space import SearchSpace
 from sofim_tune.spec import StudySpec
 from sofim_tune.trial import train_trial
-from sofim_tune.tuning import RunOptions, trial_config
+from sofim_tune.tuning import RunOptions, claim_run_folder, effective_epochs, trial_config
 
 METADATA_FILE = "ray_study.json"
-RUN_FILE = "run.json"
 # The config key that carries the Optuna trial number to the trainable: it seeds the
 # trial (spec.seed + number, as in the Optuna backend) and numbers the trial records.
 NUMBER_KEY = "trial_number"
@@ -202,11 +201,6 @@ def _trial_record(
     )
 
 
-def _space_epochs(space: SearchSpace, meta: Mapping[str, Any]) -> int:
-    """Epochs per trial: a space may pin them (as trial_config does), else the spec's."""
-    return int(space.fixed.get("epochs", meta["epochs"]))
-
-
 def _study_record(meta: Mapping[str, Any], trials: list[TrialRecord]) -> StudyRecord:
     confirmations = [Confirmation(**c) for c in meta.get("confirmations", [])]
     return record_from_metadata(meta, name=meta["name"], backend="ray", trials=trials, confirmations=confirmations)
@@ -299,7 +293,7 @@ class _LiveRecord(tune.Callback):
         if listener is None:
             return
         metric, space = listener.meta["metric"], listener.space
-        epochs = _space_epochs(space, listener.meta)
+        epochs = int(listener.meta["epochs"])
         records = []
         for trial in trials:
             rows = self._rows.get(trial.trial_id) or ([trial.last_result] if trial.has_reported_at_least_once else [])
@@ -516,7 +510,8 @@ def run_ray_study(spec: StudySpec, space: SearchSpace, options: RunOptions, *, o
     _check_cluster_fits(options)
     _check_writable(root)
 
-    epochs = int(space.fixed.get("epochs", spec.epochs))
+    claim_run_folder(options.out_dir, backend="ray", storage=experiment, study=spec.name)
+    epochs = effective_epochs(spec, space)
     if existing is None:
         pruner, scheduler = _scheduler(spec, epochs)
         meta = {
@@ -531,7 +526,6 @@ def run_ray_study(spec: StudySpec, space: SearchSpace, options: RunOptions, *, o
     else:
         # A restored experiment keeps its searcher, scheduler and settings to enqueue.
         meta = existing
-    _write_json(options.out_dir / RUN_FILE, {"backend": "ray", "storage": redact_storage_url(experiment), "study": spec.name})
 
     trainable = tune.with_resources(
         tune.with_parameters(sofim_trial, spec=spec, space=space, options=options),
@@ -615,7 +609,7 @@ def load_ray_record(run_dir: Path) -> StudyRecord:
     if meta is None or meta.get("backend") != "ray":
         raise UserInputError(f"{run_dir} holds no Ray study (no {METADATA_FILE})")
     space = SearchSpace.from_dict(meta["space_definition"])
-    trials, _, _ = _read_trials(_experiment_path(meta, run_dir), space, meta["metric"], _space_epochs(space, meta))
+    trials, _, _ = _read_trials(_experiment_path(meta, run_dir), space, meta["metric"], int(meta["epochs"]))
     return _study_record(meta, trials)
 
 
