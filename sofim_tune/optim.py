@@ -248,10 +248,13 @@ def _step_coefficients(
     All scalars are stacked into one vector so that the arithmetic is a handful of
     vector ops instead of a few per tensor.
     """
+    devices = {s.device for s in squared_norms}
+    one_device = len(devices) == 1
     device = squared_norms[0].device
-    moment_sq = torch.stack([s.to(device) for s in squared_norms])
+    # .to() per tensor only when a group spans devices: 60 no-op calls cost more than the math.
+    moment_sq = torch.stack(squared_norms if one_device else [s.to(device) for s in squared_norms])
     if bias_correction:
-        step_vector = torch.stack([s.to(device, moment_sq.dtype) for s in steps])
+        step_vector = torch.stack(steps if one_device else [s.to(device) for s in steps]).to(moment_sq.dtype)
         correction = 1.0 - torch.pow(beta1, step_vector)
         corrected_sq = moment_sq / correction.square()
     else:
@@ -263,7 +266,20 @@ def _step_coefficients(
     if correction is not None:
         denominator = denominator * correction
     coefficients = (lr / denominator).expand_as(moment_sq).unbind()
-    return [c.to(s.device) for c, s in zip(coefficients, steps)]
+    return list(coefficients) if one_device else [c.to(s.device) for c, s in zip(coefficients, steps)]
+
+
+def _squared_norms(tensors: list[Tensor]) -> list[Tensor]:
+    """‖t‖² of each tensor (same device and dtype), accumulated in float32 at least.
+
+    On the CPU the reduction, not memory, limits the norm kernel; BLAS dot reads the same
+    bytes about 25% faster. Elsewhere one foreach norm covers the whole list.
+    """
+    dtype = _accumulation_dtype(tensors[0].dtype)
+    if tensors[0].device.type == "cpu" and tensors[0].dtype == dtype and all(t.is_contiguous() for t in tensors):
+        return [torch.dot(t.view(-1), t.view(-1)) for t in tensors]
+    norms = torch._foreach_norm(tensors, 2, dtype=dtype)
+    return list(torch._foreach_mul(norms, norms))
 
 
 def _update_moments_loop(
@@ -277,8 +293,7 @@ def _update_moments_loop(
             grad = grad.add(param, alpha=weight_decay)
         step.add_(1)
         exp_avg.lerp_(grad, 1.0 - beta1)
-        norm = torch.linalg.vector_norm(exp_avg, dtype=_accumulation_dtype(exp_avg.dtype))
-        squared_norms.append(norm.square())
+        squared_norms += _squared_norms([exp_avg])
     return squared_norms
 
 
@@ -301,9 +316,8 @@ def _update_moments_foreach(
             dev_grads = torch._foreach_add(dev_grads, dev_params, alpha=weight_decay)
         torch._foreach_add_(dev_steps, 1)
         torch._foreach_lerp_(dev_exp_avgs, dev_grads, 1.0 - beta1)
-        norms = torch._foreach_norm(dev_exp_avgs, 2, dtype=_accumulation_dtype(dev_exp_avgs[0].dtype))
-        for index, norm in zip(indices, torch._foreach_mul(norms, norms)):
-            squared_norms[index] = norm
+        for index, squared in zip(indices, _squared_norms(dev_exp_avgs)):
+            squared_norms[index] = squared
     return squared_norms
 
 
