@@ -8,6 +8,7 @@ report) is the same for both, and lives here.
 from __future__ import annotations
 
 import json
+from typing import Any
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -88,6 +89,29 @@ def claim_run_folder(out_dir: Path, *, backend: str, storage: str, study: str) -
     except OSError as exc:
         raise UserInputError(f"cannot create run folder {out_dir}: {exc.strerror}") from None
     write_text_atomic(run_file, json.dumps(claim, indent=2) + "\n")
+
+
+def check_resumable(meta: Mapping[str, Any], spec: StudySpec, space: SearchSpace, where: str) -> None:
+    """Refuse to resume a study whose trials could not be compared with the new ones.
+
+    ``meta`` is what the backend stored when the study began (``study_metadata``); ``where``
+    names the study in the message.
+    """
+    if meta["space_fingerprint"] != space.fingerprint():
+        raise UserInputError(f"{where} was made with a different search space ({meta['space']}); use another --out or --study, or the same space")
+    if meta["metric"] != spec.metric or meta["direction"] != spec.direction:
+        raise UserInputError(f"{where} optimizes {meta['metric']} ({meta['direction']}), not {spec.metric} ({spec.direction})")
+    wanted = {
+        "dataset": spec.dataset,
+        "arch": spec.arch,
+        "epochs": effective_epochs(spec, space),
+        "batch_size": int(space.fixed.get("batch_size", spec.batch_size)),
+        "seed": spec.seed,
+        "val_fraction": spec.val_fraction,
+    }
+    for key, value in wanted.items():
+        if meta.get(key, value) != value:
+            raise UserInputError(f"{where} was run with {key}={meta[key]}, not {value}; trials with different settings cannot be compared: use another --out or --study")
 
 
 def effective_epochs(spec: StudySpec, space: SearchSpace) -> int:

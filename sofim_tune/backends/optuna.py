@@ -32,7 +32,7 @@ from sofim_tune.recommend import redact_storage_url
 from sofim_tune.space import ParamRange, SearchSpace
 from sofim_tune.spec import StudySpec
 from sofim_tune.trial import train_trial
-from sofim_tune.tuning import RunOptions, claim_run_folder, effective_epochs, spread_devices, trial_config
+from sofim_tune.tuning import RunOptions, check_resumable, claim_run_folder, effective_epochs, spread_devices, trial_config
 
 ATTR = "sofim_tune"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -280,20 +280,7 @@ def open_study(spec: StudySpec, space: SearchSpace, url: str) -> optuna.Study:
         meta = study.user_attrs.get(ATTR)
         if meta is None:
             raise UserInputError(f"study {spec.name!r} in {redact_storage_url(url)} was not made by sofim-tune; choose another --study name")
-        if meta["space_fingerprint"] != space.fingerprint():
-            raise UserInputError(
-                f"study {spec.name!r} in {redact_storage_url(url)} was made with a different search space ({meta['space']}); "
-                "use another --out or --study, or the same space"
-            )
-        if meta["metric"] != spec.metric or meta["direction"] != spec.direction:
-            raise UserInputError(f"study {spec.name!r} optimizes {meta['metric']} ({meta['direction']}), not {spec.metric} ({spec.direction})")
-        wanted = study_metadata(spec, space, url)
-        for key in ("dataset", "arch", "epochs", "batch_size", "seed", "val_fraction"):
-            if meta.get(key, wanted[key]) != wanted[key]:
-                raise UserInputError(
-                    f"study {spec.name!r} in {redact_storage_url(url)} was run with {key}={meta[key]}, not {wanted[key]}; "
-                    "trials with different settings cannot be compared: use another --out or --study"
-                )
+        check_resumable(meta, spec, space, f"study {spec.name!r} in {redact_storage_url(url)}")
         if meta["trials"] != spec.trials:
             study.set_user_attr(ATTR, {**meta, "trials": spec.trials})
         return study

@@ -41,7 +41,7 @@ from sofim_tune.recommend import write_text_atomic
 from sofim_tune.space import SearchSpace
 from sofim_tune.spec import StudySpec
 from sofim_tune.trial import train_trial
-from sofim_tune.tuning import RunOptions, claim_run_folder, effective_epochs, trial_config
+from sofim_tune.tuning import RunOptions, check_resumable, claim_run_folder, effective_epochs, trial_config
 
 METADATA_FILE = "ray_study.json"
 # The config key that carries the Optuna trial number to the trainable: it seeds the
@@ -466,19 +466,14 @@ def _existing_experiment(spec: StudySpec, space: SearchSpace, options: RunOption
     meta = _read_metadata(options.out_dir)
     if meta is None or meta.get("backend") != "ray":
         raise UserInputError(f"{experiment} holds a Ray experiment that {options.out_dir / METADATA_FILE} does not describe; use another --out or --storage-path")
-    if meta["space_fingerprint"] != space.fingerprint():
-        raise UserInputError(
-            f"the Ray experiment in {experiment} was made with a different search space ({meta['space']}); "
-            "use another --out, or the same space"
-        )
-    if meta["metric"] != spec.metric or meta["direction"] != spec.direction:
-        raise UserInputError(f"the Ray experiment in {experiment} optimizes {meta['metric']} ({meta['direction']}), not {spec.metric} ({spec.direction})")
-    if (meta["trials"], meta["epochs"]) != (spec.trials, spec.epochs):
+    where = f"the Ray experiment in {experiment}"
+    if (meta["trials"], meta["epochs"]) != (spec.trials, effective_epochs(spec, space)):
         # Ray restores the experiment's own number of trials and its scheduler's epochs.
         raise UserInputError(
-            f"the Ray experiment in {experiment} runs {meta['trials']} trials of {meta['epochs']} epochs, and Ray cannot "
+            f"{where} runs {meta['trials']} trials of {meta['epochs']} epochs, and Ray cannot "
             f"change that on resume; use --trials {meta['trials']} --epochs {meta['epochs']}, or another --out"
         )
+    check_resumable(meta, spec, space, where)
     return meta
 
 
