@@ -206,7 +206,7 @@ def run(
     storage: Annotated[Optional[str], typer.Option(help="Optuna storage: an SQLAlchemy URL or `journal:PATH`; default: SQLite in --out.")] = None,
     workers: Annotated[int, typer.Option(help="Worker processes sharing the storage.")] = 1,
     gpus: Annotated[Optional[str], typer.Option(help="GPUs to spread workers over: `all` or `0,1`.")] = None,
-    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Run folder; default: runs/<dataset>-<arch>.")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Run folder; default: runs/DATASET-ARCH (the study name).")] = None,
     seed: SeedOpt = None,
     enqueue: Annotated[Optional[Path], typer.Option(help="A best.json whose settings are tried first.")] = None,
     timeout: Annotated[Optional[float], typer.Option(help="Stop starting trials after this many seconds.")] = None,
