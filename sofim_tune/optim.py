@@ -186,14 +186,15 @@ class SOFIM(Optimizer):
         return cls(params, **kwargs)
 
 
+_PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
+
+
 def _foreach_supported(tensors: list[Tensor]) -> bool:
     if torch.compiler.is_compiling():
         return True  # the compiler lowers foreach ops itself
-    # Tensor subclasses (DTensor and friends) may not implement the foreach ops.
-    return all(
-        type(t) in (Tensor, torch.nn.Parameter) and t.layout == torch.strided and _device_has_foreach_support(t.device)
-        for t in tensors
-    )
+    # Tensor subclasses (DTensor and friends) may not implement the foreach ops. Devices are
+    # checked once each: this runs every step, for every parameter.
+    return all(type(t) in _PLAIN_TENSOR_TYPES for t in tensors) and all(_device_has_foreach_support(d) for d in {t.device for t in tensors})
 
 
 def sofim(
@@ -277,7 +278,7 @@ def _squared_norms(tensors: list[Tensor]) -> list[Tensor]:
     """
     dtype = _accumulation_dtype(tensors[0].dtype)
     if tensors[0].device.type == "cpu" and tensors[0].dtype == dtype and all(t.is_contiguous() for t in tensors):
-        return [torch.dot(t.view(-1), t.view(-1)) for t in tensors]
+        return [torch.dot(flat, flat) for flat in (t.view(-1) for t in tensors)]
     norms = torch._foreach_norm(tensors, 2, dtype=dtype)
     return list(torch._foreach_mul(norms, norms))
 
@@ -314,7 +315,7 @@ def _update_moments_foreach(
             dev_grads = torch._foreach_neg(dev_grads)
         if weight_decay != 0.0:
             dev_grads = torch._foreach_add(dev_grads, dev_params, alpha=weight_decay)
-        torch._foreach_add_(dev_steps, 1)
+        torch._foreach_add_(dev_steps, 1.0)  # a float: an int scalar costs a conversion per tensor
         torch._foreach_lerp_(dev_exp_avgs, dev_grads, 1.0 - beta1)
         for index, squared in zip(indices, _squared_norms(dev_exp_avgs)):
             squared_norms[index] = squared
