@@ -161,11 +161,15 @@ def prepare_trial(config: TrialConfig) -> LoadedData:
     Raises :class:`UserInputError` for anything a run could not start with, so that callers
     can check their input before they show progress or write results.
     """
-    config.validate()
-    device = resolve_device(config.device)
-    data = _cached_data(config.dataset, device, config.data_dir, config.download, config.val_fraction, config.split_seed, config.evaluate_test)
+    data = _validated_data(config)
     build_model(config.arch or data.info.default_arch, data.info)
     return data
+
+
+def _validated_data(config: TrialConfig) -> LoadedData:
+    config.validate()
+    device = resolve_device(config.device)
+    return _cached_data(config.dataset, device, config.data_dir, config.download, config.val_fraction, config.split_seed, config.evaluate_test)
 
 
 def _evaluate(model: torch.nn.Module, split: Split, batch_size: int, autocast: contextlib.AbstractContextManager[Any]) -> tuple[float, float]:
@@ -195,8 +199,10 @@ def train_trial(config: TrialConfig, reporter: Reporter | None = None, *, data: 
     config (seed included) gives the same numbers on the CPU.
     """
     started = time.perf_counter()
+    # Not prepare_trial: it builds a model only to check the architecture, and the build
+    # below does that check already, once per trial.
     if data is None:
-        data = prepare_trial(config)
+        data = _validated_data(config)
     else:
         config.validate()
     device = resolve_device(config.device)
