@@ -141,6 +141,33 @@ def test_foreach_and_loop_agree_in_float32(foreach):
 
 
 @pytest.mark.parametrize("foreach", [False, True])
+def test_float16_parameters_keep_float16_moments_and_a_float32_norm(foreach):
+    p = torch.nn.Parameter(torch.zeros(70_000, dtype=torch.float16))
+    opt = SOFIM([p], lr=7e5, rho=1.0, foreach=foreach)
+    p.grad = torch.full_like(p, 10.0)
+    opt.step()
+    assert opt.state[p]["exp_avg"].dtype == torch.float16 and opt.state[p]["step"].dtype == torch.float32
+    # One step from a zero moment: m̂ = g = 10, so θ = −η·10/(ρ + 7·10⁶). ‖m‖² = 70,000 is past
+    # float16's largest value (65,504): a norm kept in float16 would be inf and θ would not move.
+    torch.testing.assert_close(p.detach().float(), torch.full((70_000,), -7e6 / (1.0 + 7e6)), rtol=1e-3, atol=0.0)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_channels_last_parameters_step_like_contiguous_ones(foreach):
+    def run(memory_format):
+        torch.manual_seed(0)
+        weight = torch.nn.Parameter(torch.randn(8, 4, 3, 3).contiguous(memory_format=memory_format))
+        opt = SOFIM([weight], lr=0.1, rho=0.5, foreach=foreach)
+        for step in range(5):
+            weight.grad = torch.sin(weight.detach() * (step + 1))
+            opt.step()
+        assert opt.state[weight]["exp_avg"].is_contiguous(memory_format=memory_format)
+        return weight.detach().contiguous()
+
+    torch.testing.assert_close(run(torch.channels_last), run(torch.contiguous_format), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
 def test_resume_from_state_dict_continues_exactly(foreach):
     def fresh():
         params = make_params(seed=3)
@@ -219,6 +246,34 @@ def test_parameters_without_grad_are_skipped():
     assert torch.equal(b.detach(), torch.ones(3))
     assert b not in opt.state
     assert not torch.equal(a.detach(), torch.ones(3))
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_a_tensor_that_joins_late_is_bias_corrected_by_its_own_step_count(foreach):
+    """b gets its first gradient at step 6: m̂ of each tensor uses its own t, the norm spans both."""
+    lr, rho, beta1 = 0.1, 0.5, 0.9
+    a, b = make_params(seed=5, shapes=[(4,), (3, 2)])
+    opt = SOFIM([a, b], lr=lr, rho=rho, beta1=beta1, foreach=foreach)
+    theta = [a.detach().numpy().ravel().copy(), b.detach().numpy().ravel().copy()]
+    moments, counts = [np.zeros(4), np.zeros(6)], [0, 0]
+    for step in range(12):
+        members = [0, 1] if step >= 6 else [0]
+        a.grad = torch.from_numpy(gradient(a.detach().numpy(), step, seed=0))
+        b.grad = torch.from_numpy(gradient(b.detach().numpy(), step, seed=1)) if step >= 6 else None
+        grads = {0: a.grad.numpy().ravel(), 1: b.grad.numpy().ravel() if b.grad is not None else None}
+        m_hats = {}
+        for i in members:
+            counts[i] += 1
+            moments[i] = beta1 * moments[i] + (1 - beta1) * grads[i]
+            m_hats[i] = moments[i] / (1 - beta1 ** counts[i])
+        direction = sherman_morrison_direction(np.concatenate([m_hats[i] for i in members]), rho)
+        offset = 0
+        for i in members:
+            theta[i] = theta[i] - lr * direction[offset : offset + theta[i].size]
+            offset += theta[i].size
+        opt.step()
+    assert [opt.state[p]["step"].item() for p in (a, b)] == [12, 6]
+    assert_close_rel(np.concatenate([a.detach().numpy().ravel(), b.detach().numpy().ravel()]), np.concatenate(theta))
 
 
 def test_sparse_gradients_raise():
