@@ -123,16 +123,17 @@ class SOFIM(Optimizer):
         # torch.compile recognises this name and signature (torch.optim's convention) and
         # runs the lazy state initialisation outside the traced graph.
         for param in group["params"]:
-            if param.grad is None:
+            grad = param.grad
+            if grad is None:
                 continue
-            if param.grad.is_sparse:
+            if grad.is_sparse:
                 raise RuntimeError("SOFIM does not support sparse gradients")
             state = self.state[param]
             if not state:
                 state["step"] = torch.zeros((), dtype=_accumulation_dtype(param.dtype), device=param.device)
                 state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
             params.append(param)
-            grads.append(param.grad)
+            grads.append(grad)
             exp_avgs.append(state["exp_avg"])
             steps.append(state["step"])
 
