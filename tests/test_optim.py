@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from sofim_tune import SOFIM
+from sofim_tune import SOFIM, optim
 
 SHAPES = [(4, 3), (5,), (2, 2, 3)]
 STEPS = 30
@@ -93,29 +93,38 @@ def run_against_reference(groups_kwargs, *, norm_scope="group", foreach, decoupl
     return opt
 
 
-@pytest.mark.parametrize("foreach", [False, True])
-class TestAgainstReference:
-    def test_one_group(self, foreach):
-        run_against_reference([dict(lr=0.1, rho=0.5, beta1=0.9)], foreach=foreach)
+@pytest.fixture(params=["loop", "foreach", "foreach-as-on-accelerators"])
+def step_path(request, monkeypatch):
+    """foreach for SOFIM; the third value runs, on the CPU, the foreach code that CUDA runs:
+    multi-tensor lerp and norm, and scalars kept as device tensors."""
+    if request.param == "foreach-as-on-accelerators":
+        monkeypatch.setattr(optim, "_has_multi_tensor_kernels", lambda tensor: True)
+        monkeypatch.setattr(optim, "_scalars_on_host", lambda buckets, lr: False)
+    return request.param != "loop"
 
-    def test_several_groups_with_their_own_values(self, foreach):
+
+class TestAgainstReference:
+    def test_one_group(self, step_path):
+        run_against_reference([dict(lr=0.1, rho=0.5, beta1=0.9)], foreach=step_path)
+
+    def test_several_groups_with_their_own_values(self, step_path):
         run_against_reference(
             [dict(lr=0.1, rho=0.5, beta1=0.9), dict(lr=0.03, rho=2.0, beta1=0.5, weight_decay=0.01), dict(lr=1.0, rho=10.0, beta1=0.99)],
-            foreach=foreach,
+            foreach=step_path,
         )
 
     @pytest.mark.parametrize("decoupled", [False, True])
-    def test_weight_decay(self, foreach, decoupled):
-        run_against_reference([dict(lr=0.2, rho=1.0, beta1=0.8, weight_decay=0.1)], foreach=foreach, decoupled=decoupled)
+    def test_weight_decay(self, step_path, decoupled):
+        run_against_reference([dict(lr=0.2, rho=1.0, beta1=0.8, weight_decay=0.1)], foreach=step_path, decoupled=decoupled)
 
-    def test_tensor_scope(self, foreach):
-        run_against_reference([dict(lr=0.1, rho=0.3, beta1=0.9), dict(lr=0.05, rho=1.0, beta1=0.7)], norm_scope="tensor", foreach=foreach)
+    def test_tensor_scope(self, step_path):
+        run_against_reference([dict(lr=0.1, rho=0.3, beta1=0.9), dict(lr=0.05, rho=1.0, beta1=0.7)], norm_scope="tensor", foreach=step_path)
 
-    def test_maximize(self, foreach):
-        run_against_reference([dict(lr=0.1, rho=0.5, beta1=0.9, weight_decay=0.05)], maximize=True, foreach=foreach)
+    def test_maximize(self, step_path):
+        run_against_reference([dict(lr=0.1, rho=0.5, beta1=0.9, weight_decay=0.05)], maximize=True, foreach=step_path)
 
-    def test_without_bias_correction(self, foreach):
-        run_against_reference([dict(lr=0.1, rho=0.5, beta1=0.9)], bias_correction=False, foreach=foreach)
+    def test_without_bias_correction(self, step_path):
+        run_against_reference([dict(lr=0.1, rho=0.5, beta1=0.9)], bias_correction=False, foreach=step_path)
 
 
 def test_sherman_morrison_matches_the_explicit_inverse():
@@ -140,10 +149,9 @@ def test_foreach_and_loop_agree_in_float32(foreach):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("foreach", [False, True])
-def test_float16_parameters_keep_float16_moments_and_a_float32_norm(foreach):
+def test_float16_parameters_keep_float16_moments_and_a_float32_norm(step_path):
     p = torch.nn.Parameter(torch.zeros(70_000, dtype=torch.float16))
-    opt = SOFIM([p], lr=7e5, rho=1.0, foreach=foreach)
+    opt = SOFIM([p], lr=7e5, rho=1.0, foreach=step_path)
     p.grad = torch.full_like(p, 10.0)
     opt.step()
     assert opt.state[p]["exp_avg"].dtype == torch.float16 and opt.state[p]["step"].dtype == torch.float32
@@ -152,12 +160,11 @@ def test_float16_parameters_keep_float16_moments_and_a_float32_norm(foreach):
     torch.testing.assert_close(p.detach().float(), torch.full((70_000,), -7e6 / (1.0 + 7e6)), rtol=1e-3, atol=0.0)
 
 
-@pytest.mark.parametrize("foreach", [False, True])
-def test_channels_last_parameters_step_like_contiguous_ones(foreach):
+def test_channels_last_parameters_step_like_contiguous_ones(step_path):
     def run(memory_format):
         torch.manual_seed(0)
         weight = torch.nn.Parameter(torch.randn(8, 4, 3, 3).contiguous(memory_format=memory_format))
-        opt = SOFIM([weight], lr=0.1, rho=0.5, foreach=foreach)
+        opt = SOFIM([weight], lr=0.1, rho=0.5, foreach=step_path)
         for step in range(5):
             weight.grad = torch.sin(weight.detach() * (step + 1))
             opt.step()
@@ -167,11 +174,10 @@ def test_channels_last_parameters_step_like_contiguous_ones(foreach):
     torch.testing.assert_close(run(torch.channels_last), run(torch.contiguous_format), rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("foreach", [False, True])
-def test_resume_from_state_dict_continues_exactly(foreach):
+def test_resume_from_state_dict_continues_exactly(step_path):
     def fresh():
         params = make_params(seed=3)
-        return params, SOFIM(params, lr=0.1, rho=0.5, beta1=0.9, weight_decay=0.01, foreach=foreach)
+        return params, SOFIM(params, lr=0.1, rho=0.5, beta1=0.9, weight_decay=0.01, foreach=step_path)
 
     params, opt = fresh()
     for step in range(STEPS):
@@ -248,12 +254,11 @@ def test_parameters_without_grad_are_skipped():
     assert not torch.equal(a.detach(), torch.ones(3))
 
 
-@pytest.mark.parametrize("foreach", [False, True])
-def test_a_tensor_that_joins_late_is_bias_corrected_by_its_own_step_count(foreach):
+def test_a_tensor_that_joins_late_is_bias_corrected_by_its_own_step_count(step_path):
     """b gets its first gradient at step 6: m̂ of each tensor uses its own t, the norm spans both."""
     lr, rho, beta1 = 0.1, 0.5, 0.9
     a, b = make_params(seed=5, shapes=[(4,), (3, 2)])
-    opt = SOFIM([a, b], lr=lr, rho=rho, beta1=beta1, foreach=foreach)
+    opt = SOFIM([a, b], lr=lr, rho=rho, beta1=beta1, foreach=step_path)
     theta = [a.detach().numpy().ravel().copy(), b.detach().numpy().ravel().copy()]
     moments, counts = [np.zeros(4), np.zeros(6)], [0, 0]
     for step in range(12):
