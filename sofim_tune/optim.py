@@ -360,24 +360,22 @@ def _update_moments_foreach(buckets: _Buckets, count: int, *, beta1: float, weig
             dev_grads = torch._foreach_neg(dev_grads)
         if weight_decay != 0.0:
             dev_grads = torch._foreach_add(dev_grads, dev_params, alpha=weight_decay)
-        if dev_steps[0].is_cpu:
-            # The CPU runs foreach ops as a loop over tensors: a scalar wrapped into a tensor
-            # once costs a quarter of a Python scalar wrapped per tensor (torch.optim.Adam does the same).
-            torch._foreach_add_(dev_steps, torch.tensor(1.0), alpha=1.0)
-        else:
-            torch._foreach_add_(dev_steps, 1.0)
         dtype = _accumulation_dtype(dev_exp_avgs[0].dtype)
-        if not _has_multi_tensor_kernels(dev_exp_avgs[0]):
-            # Nothing is lost by a loop here, and the norm of a moment taken right after its
-            # lerp reads part of it from cache: 5-10% off the moment pass of a ResNet-18 on two cores.
-            for index, exp_avg, grad in zip(indices, dev_exp_avgs, dev_grads):
-                exp_avg.lerp_(grad, 1.0 - beta1)
-                squared_norms[index] = _squared_norm(exp_avg, dtype)
+        if _has_multi_tensor_kernels(dev_exp_avgs[0]):
+            torch._foreach_add_(dev_steps, 1.0)
+            torch._foreach_lerp_(dev_exp_avgs, dev_grads, 1.0 - beta1)
+            norms = torch._foreach_norm(dev_exp_avgs, 2, dtype=dtype)
+            for index, squared in zip(indices, torch._foreach_mul(norms, norms)):
+                squared_norms[index] = squared
             continue
-        torch._foreach_lerp_(dev_exp_avgs, dev_grads, 1.0 - beta1)
-        norms = torch._foreach_norm(dev_exp_avgs, 2, dtype=dtype)
-        for index, squared in zip(indices, torch._foreach_mul(norms, norms)):
-            squared_norms[index] = squared
+        # A per-tensor loop anyway: a scalar wrapped into a tensor once costs a quarter of a
+        # Python scalar wrapped per tensor (torch.optim.Adam does the same).
+        torch._foreach_add_(dev_steps, torch.tensor(1.0), alpha=1.0)
+        # Nothing is lost by a loop here, and the norm of a moment taken right after its lerp
+        # reads part of it from cache: 5-10% off the moment pass of a ResNet-18 on two cores.
+        for index, exp_avg, grad in zip(indices, dev_exp_avgs, dev_grads):
+            exp_avg.lerp_(grad, 1.0 - beta1)
+            squared_norms[index] = _squared_norm(exp_avg, dtype)
     return squared_norms
 
 
@@ -387,11 +385,11 @@ def _apply_update_foreach(buckets: _Buckets, coefficients: list[Tensor] | list[f
             torch._foreach_mul_(dev_params, decay)
         dev_coefficients = [coefficients[i] for i in indices]
         first = dev_coefficients[0]
-        if isinstance(first, float) and dev_coefficients.count(first) == len(dev_coefficients):
-            # One block whose tensors share a step count: the common case of norm_scope="group".
-            torch._foreach_add_(dev_params, dev_exp_avgs, alpha=-first)
-            continue
         if isinstance(first, float):
+            if dev_coefficients.count(first) == len(dev_coefficients):
+                # One block whose tensors share a step count: the common case of norm_scope="group".
+                torch._foreach_add_(dev_params, dev_exp_avgs, alpha=-first)
+                continue
             dev_coefficients = list(torch.tensor(dev_coefficients, dtype=torch.float64).unbind())
         torch._foreach_addcmul_(dev_params, dev_exp_avgs, dev_coefficients, value=-1.0)
 
