@@ -263,15 +263,15 @@ def test_a_tensor_that_joins_late_is_bias_corrected_by_its_own_step_count(step_p
     moments, counts = [np.zeros(4), np.zeros(6)], [0, 0]
     for step in range(12):
         members = [0, 1] if step >= 6 else [0]
-        a.grad = torch.from_numpy(gradient(a.detach().numpy(), step, seed=0))
-        b.grad = torch.from_numpy(gradient(b.detach().numpy(), step, seed=1)) if step >= 6 else None
-        grads = {0: a.grad.numpy().ravel(), 1: b.grad.numpy().ravel() if b.grad is not None else None}
-        m_hats = {}
+        grads = [gradient(p.detach().numpy(), step, seed=i) for i, p in enumerate((a, b))]
+        a.grad = torch.from_numpy(grads[0])
+        b.grad = torch.from_numpy(grads[1]) if step >= 6 else None
+        m_hats = []
         for i in members:
             counts[i] += 1
-            moments[i] = beta1 * moments[i] + (1 - beta1) * grads[i]
-            m_hats[i] = moments[i] / (1 - beta1 ** counts[i])
-        direction = sherman_morrison_direction(np.concatenate([m_hats[i] for i in members]), rho)
+            moments[i] = beta1 * moments[i] + (1 - beta1) * grads[i].ravel()
+            m_hats.append(moments[i] / (1 - beta1 ** counts[i]))
+        direction = sherman_morrison_direction(np.concatenate(m_hats), rho)
         offset = 0
         for i in members:
             theta[i] = theta[i] - lr * direction[offset : offset + theta[i].size]
