@@ -16,11 +16,16 @@ On an accelerator every scalar (step counts, bias corrections, norms) stays a te
 the parameter's device, so ``step()`` never synchronises with the host and can be captured
 in a CUDA graph. On the CPU, where reading a scalar costs no synchronisation, the scalar
 arithmetic runs on Python floats instead, as ``torch.optim.Adam`` does when not capturable.
+
+A complex parameter steps exactly as its ``torch.view_as_real`` twin (so ‖m‖² = Σ|z|²). A
+float16 or bfloat16 parameter keeps a float32 moment: in 16 bits the increment (1 − β1)(g − m)
+rounds away long before m reaches g (with β1 = 0.999 a bfloat16 moment of g = 1 stalls at 0.25).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from itertools import chain
 from typing import Any, Literal
 
 import torch
@@ -35,6 +40,8 @@ _NORM_SCOPES = ("group", "tensor")
 
 
 def _check_hyperparameters(lr: Any, rho: Any, beta1: Any, weight_decay: Any, norm_scope: Any) -> None:
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")  # torch.optim's wording
     # Written as "not (valid)" so that NaN is rejected too.
     if not lr >= 0.0:
         raise ValueError(f"Invalid learning rate lr={lr!r}: it must be >= 0")
@@ -49,8 +56,18 @@ def _check_hyperparameters(lr: Any, rho: Any, beta1: Any, weight_decay: Any, nor
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for half-precision parameters, the parameter's own dtype above that."""
+    """float32 for half-precision parameters, the parameter's own dtype above that (complex64
+    for complex32). The dtype of the moment and of its norm's accumulation."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def _step_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a parameter's step count: real, float32 at least."""
+    return _accumulation_dtype(dtype.to_real())
+
+
+_FLAG_DEFAULTS: dict[str, Any] = dict(decoupled_weight_decay=False, norm_scope="group", bias_correction=True, maximize=False, foreach=None)
+"""Group entries that state dicts of older versions may lack."""
 
 
 class SOFIM(Optimizer):
@@ -58,8 +75,13 @@ class SOFIM(Optimizer):
 
     Args:
         params: parameters or param groups. Groups may set their own ``lr``, ``rho``,
-            ``beta1`` and ``weight_decay``.
-        lr: learning rate η, >= 0. The step length η‖m̂‖/(ρ + ‖m̂‖²) never exceeds η/(2√ρ).
+            ``beta1`` and ``weight_decay``. Parameters may be real or complex; a complex
+            tensor steps exactly as its ``torch.view_as_real`` twin. float16 and bfloat16
+            parameters keep a float32 moment; the update is computed in float32 and then
+            rounded to the parameter's dtype.
+        lr: learning rate η, >= 0, a float or a 1-element tensor (of any shape; a tensor lr
+            can be changed in place, and on an accelerator it is never read by the host).
+            The step length η‖m̂‖/(ρ + ‖m̂‖²) never exceeds η/(2√ρ).
         rho: regularization ρ of the Fisher information, > 0. When ‖m̂‖² ≪ ρ the update is
             SGD with momentum at learning rate η/ρ, so (lr, rho) pairs with equal lr/rho
             behave alike.
@@ -110,12 +132,40 @@ class SOFIM(Optimizer):
         super().add_param_group(param_group)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        # torch.optim leaves "step" where it was saved (often the CPU); it must live on the
-        # parameter's device for a sync-free step.
-        for param, state in self.state.items():
-            if "step" in state:
-                state["step"] = state["step"].to(device=param.device, dtype=_accumulation_dtype(param.dtype))
+        # torch.optim casts every saved tensor but "step" to its parameter's dtype, which would
+        # round the float32 moments of 16-bit parameters. This pre-hook runs last, after any
+        # registered ones, and sets the saved moments aside for __setstate__.
+        handle = self.register_load_state_dict_pre_hook(_set_aside_half_precision_moments)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            handle.remove()
+            self.__dict__.pop("_loaded_moments", None)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # torch.optim.Optimizer.load_state_dict calls this before its post-hooks, so that they
+        # see, and may change, the final state; unpickling and copy.deepcopy call it too.
+        super().__setstate__(state)
+        loaded_moments: dict[Tensor, Tensor] = self.__dict__.pop("_loaded_moments", {})
+        for group in self.param_groups:
+            for key, default in _FLAG_DEFAULTS.items():
+                group.setdefault(key, default)
+            for param in group["params"]:
+                param_state = self.state.get(param)
+                if not param_state:
+                    continue
+                # torch.optim leaves "step" as saved: a tensor, often on the CPU, or a number.
+                # It must be a tensor on the parameter's device for a sync-free step.
+                step = param_state.get("step")
+                if isinstance(step, Tensor):
+                    if step.is_complex():  # saved by versions that counted complex parameters' steps in complex
+                        step = step.real
+                    param_state["step"] = step.to(device=param.device, dtype=_step_dtype(param.dtype))
+                elif step is not None:
+                    param_state["step"] = torch.tensor(float(step), dtype=_step_dtype(param.dtype), device=param.device)
+                exp_avg = loaded_moments.get(param, param_state.get("exp_avg"))
+                if isinstance(exp_avg, Tensor):
+                    param_state["exp_avg"] = exp_avg.to(device=param.device, dtype=_accumulation_dtype(param.dtype))
 
     def _init_group(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], steps: list[Tensor]
@@ -130,8 +180,8 @@ class SOFIM(Optimizer):
                 raise RuntimeError("SOFIM does not support sparse gradients")
             state = self.state[param]
             if not state:
-                state["step"] = torch.zeros((), dtype=_accumulation_dtype(param.dtype), device=param.device)
-                state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state["step"] = torch.zeros((), dtype=_step_dtype(param.dtype), device=param.device)
+                state["exp_avg"] = torch.zeros_like(param, dtype=_accumulation_dtype(param.dtype), memory_format=torch.preserve_format)
             params.append(param)
             grads.append(grad)
             exp_avgs.append(state["exp_avg"])
@@ -188,6 +238,19 @@ class SOFIM(Optimizer):
         return cls(params, **kwargs)
 
 
+def _set_aside_half_precision_moments(optimizer: SOFIM, state_dict: dict[str, Any]) -> None:
+    """load_state_dict pre-hook: the saved moments of 16-bit parameters, by parameter."""
+    saved_state = state_dict["state"]
+    saved_ids = chain.from_iterable(group["params"] for group in state_dict["param_groups"])
+    params = chain.from_iterable(group["params"] for group in optimizer.param_groups)
+    moments = {}
+    for saved_id, param in zip(saved_ids, params):
+        saved = saved_state.get(saved_id)
+        if param.dtype != _accumulation_dtype(param.dtype) and isinstance(saved, dict) and isinstance(saved.get("exp_avg"), Tensor):
+            moments[param] = saved["exp_avg"]
+    optimizer._loaded_moments = moments
+
+
 _PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
 
 
@@ -205,7 +268,7 @@ def sofim(
     exp_avgs: list[Tensor],
     steps: list[Tensor],
     *,
-    lr: float,
+    lr: float | Tensor,
     rho: float,
     beta1: float,
     weight_decay: float = 0.0,
@@ -217,18 +280,25 @@ def sofim(
 ) -> None:
     """Functional SOFIM step over one block set (the tensors of one param group).
 
-    ``exp_avgs`` and ``steps`` are updated in place; ``steps`` are 0-dim tensors on each
-    parameter's device. With ``norm_scope="group"`` all ``params`` form one block.
+    ``exp_avgs`` and ``steps`` are updated in place; ``steps`` are 0-dim real tensors on each
+    parameter's device. ``exp_avgs`` have the dtype of their parameter, float32 for 16-bit
+    ones. ``lr`` is a float or a 1-element tensor. With ``norm_scope="group"`` all ``params``
+    form one block.
     """
     if foreach is None:
         foreach = _foreach_supported(params)
+    if isinstance(lr, Tensor) and lr.ndim != 0:
+        lr = lr.reshape(())  # [1] or [1, 1] would broadcast the coefficients and the decay
     moment_weight_decay = 0.0 if decoupled_weight_decay else weight_decay
     if foreach:
         # Grouped once for both passes: the grouping costs as much as a foreach op.
         buckets = list(Optimizer._group_tensors_by_device_and_dtype([params, grads, exp_avgs, steps], with_indices=True).values())
+        _view_complex_buckets_as_real(buckets)
         squared_norms = _update_moments_foreach(buckets, len(params), beta1=beta1, weight_decay=moment_weight_decay, maximize=maximize)
         step_coefficients = _host_step_coefficients if _scalars_on_host(buckets, lr) else _step_coefficients
     else:
+        if any(map(Tensor.is_complex, params)):
+            params, grads, exp_avgs = _as_real(params), _as_real(grads), _as_real(exp_avgs)
         squared_norms = _update_moments_loop(params, grads, exp_avgs, steps, beta1=beta1, weight_decay=moment_weight_decay, maximize=maximize)
         step_coefficients = _step_coefficients
     coefficients = step_coefficients(
@@ -242,11 +312,25 @@ def sofim(
         _apply_update_loop(params, exp_avgs, coefficients, decay=decay)
 
 
+def _as_real(tensors: list[Tensor]) -> list[Tensor]:
+    """Complex tensors as their real views (a trailing dimension of 2): on these every op of
+    the step, the norm Σ|z|² included, is the one of the real twin."""
+    return [torch.view_as_real(t) if torch.is_complex(t) else t for t in tensors]
+
+
+def _view_complex_buckets_as_real(buckets: _Buckets) -> None:
+    compiling = torch.compiler.is_compiling()
+    for position, ((dev_params, dev_grads, dev_exp_avgs, dev_steps), indices) in enumerate(buckets):
+        # A bucket holds one dtype, but under torch.compile there is a single bucket of all tensors.
+        if compiling or torch.is_complex(dev_params[0]):
+            buckets[position] = ((_as_real(dev_params), _as_real(dev_grads), _as_real(dev_exp_avgs), dev_steps), indices)
+
+
 def _step_coefficients(
     steps: list[Tensor],
     squared_norms: list[Tensor],
     *,
-    lr: float,
+    lr: float | Tensor,
     rho: float,
     beta1: float,
     norm_scope: NormScope,
@@ -326,13 +410,16 @@ def _update_moments_loop(
 ) -> list[Tensor]:
     squared_norms = []
     for param, grad, exp_avg, step in zip(params, grads, exp_avgs, steps):
+        dtype = exp_avg.dtype
+        if grad.dtype != dtype:
+            grad = grad.to(dtype)  # the float32 moment of a 16-bit parameter
         if maximize:
             grad = -grad
         if weight_decay != 0.0:
             grad = grad.add(param, alpha=weight_decay)
         step.add_(1)
         exp_avg.lerp_(grad, 1.0 - beta1)
-        squared_norms.append(_squared_norm(exp_avg, _accumulation_dtype(exp_avg.dtype)))
+        squared_norms.append(_squared_norm(exp_avg, _accumulation_dtype(dtype)))
     return squared_norms
 
 
@@ -355,7 +442,11 @@ def _has_multi_tensor_kernels(tensor: Tensor) -> bool:
 
 def _update_moments_foreach(buckets: _Buckets, count: int, *, beta1: float, weight_decay: float, maximize: bool) -> list[Tensor]:
     squared_norms: list[Tensor] = [torch.empty(0)] * count
+    compiling = torch.compiler.is_compiling()
     for (dev_params, dev_grads, dev_exp_avgs, dev_steps), indices in buckets:
+        if compiling or dev_grads[0].dtype != dev_exp_avgs[0].dtype:
+            # The float32 moments of 16-bit parameters (one bucket of all dtypes when compiling).
+            dev_grads = [grad.to(exp_avg.dtype) for grad, exp_avg in zip(dev_grads, dev_exp_avgs)]
         if maximize:
             dev_grads = torch._foreach_neg(dev_grads)
         if weight_decay != 0.0:

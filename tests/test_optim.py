@@ -80,7 +80,7 @@ def run_against_reference(groups_kwargs, *, norm_scope="group", foreach, decoupl
         members = [[p] for p in ps] if norm_scope == "tensor" else [ps]
         for block in members:
             flat = torch.cat([p.detach().flatten() for p in block]).numpy()
-            ref = ReferenceSOFIM(flat, kw["lr"], kw["rho"], kw["beta1"], kw.get("weight_decay", 0.0), decoupled, bias_correction, maximize)
+            ref = ReferenceSOFIM(flat, float(kw["lr"]), kw["rho"], kw["beta1"], kw.get("weight_decay", 0.0), decoupled, bias_correction, maximize)
             blocks.append((block, ref))
     for step in range(STEPS):
         for gi, ps in enumerate(groups):
@@ -149,15 +149,220 @@ def test_foreach_and_loop_agree_in_float32(foreach):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-def test_float16_parameters_keep_float16_moments_and_a_float32_norm(step_path):
+def test_float16_parameters_keep_float32_moments_and_a_float32_norm(step_path):
     p = torch.nn.Parameter(torch.zeros(70_000, dtype=torch.float16))
     opt = SOFIM([p], lr=7e5, rho=1.0, foreach=step_path)
     p.grad = torch.full_like(p, 10.0)
     opt.step()
-    assert opt.state[p]["exp_avg"].dtype == torch.float16 and opt.state[p]["step"].dtype == torch.float32
+    assert p.dtype == torch.float16
+    assert opt.state[p]["exp_avg"].dtype == torch.float32 and opt.state[p]["step"].dtype == torch.float32
     # One step from a zero moment: m̂ = g = 10, so θ = −η·10/(ρ + 7·10⁶). ‖m‖² = 70,000 is past
     # float16's largest value (65,504): a norm kept in float16 would be inf and θ would not move.
     torch.testing.assert_close(p.detach().float(), torch.full((70_000,), -7e6 / (1.0 + 7e6)), rtol=1e-3, atol=0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_moments_do_not_stall(step_path, dtype):
+    """g = 1 for 3,000 steps with β1 = 0.999: m = 1 − 0.999³⁰⁰⁰ ≈ 0.9503. Kept in its parameter's
+    dtype, (1 − β1)(g − m) rounds away once m nears the gradient: bfloat16 stalls at 0.25, float16 at 0.76."""
+    p = torch.nn.Parameter(torch.zeros(4, dtype=dtype))
+    opt = SOFIM([p], lr=1e-4, rho=1.0, beta1=0.999, foreach=step_path)
+    grad = torch.ones(4, dtype=dtype)
+    for _ in range(3000):
+        p.grad = grad
+        opt.step()
+    exp_avg = opt.state[p]["exp_avg"]
+    assert exp_avg.dtype == torch.float32 and p.dtype == dtype
+    torch.testing.assert_close(exp_avg, torch.full((4,), 1.0 - 0.999**3000), rtol=1e-3, atol=0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_moments_survive_a_state_dict_round_trip(step_path, dtype):
+    """torch.optim casts loaded state to the parameter's dtype; the float32 moment must come back unrounded."""
+
+    def fresh():
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s).to(dtype)) for s in SHAPES]
+        return params, SOFIM(params, lr=0.05, rho=0.5, beta1=0.9, foreach=step_path)
+
+    def run(params, opt, steps):
+        for step in steps:
+            for i, p in enumerate(params):
+                p.grad = torch.sin(p.detach().float() * (step + i + 1)).to(dtype)
+            opt.step()
+
+    params, opt = fresh()
+    run(params, opt, range(8))
+    uninterrupted = [p.detach().clone() for p in params]
+
+    params, opt = fresh()
+    run(params, opt, range(4))
+    saved = copy.deepcopy({"params": [p.detach() for p in params], "optim": opt.state_dict()})
+    params, opt = fresh()
+    with torch.no_grad():
+        for p, s in zip(params, saved["params"]):
+            p.copy_(s)
+    opt.load_state_dict(saved["optim"])
+    for p, s in zip(params, saved["optim"]["state"].values()):
+        assert opt.state[p]["exp_avg"].dtype == torch.float32 and torch.equal(opt.state[p]["exp_avg"], s["exp_avg"])
+    run(params, opt, range(4, 8))
+    for p, expected in zip(params, uninterrupted):
+        assert torch.equal(p.detach(), expected)
+
+
+def complex_twins(seed: int) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    """A group mixing complex and real tensors, and the same values with each complex tensor
+    replaced by its torch.view_as_real twin."""
+    gen = torch.Generator().manual_seed(seed)
+    values = [
+        torch.randn(4, 3, generator=gen, dtype=torch.complex128),
+        torch.randn(5, generator=gen, dtype=torch.float64),
+        torch.randn(2, 2, 3, generator=gen, dtype=torch.complex128),
+        torch.randn((), generator=gen, dtype=torch.complex128),
+    ]
+    params = [torch.nn.Parameter(v.clone()) for v in values]
+    twins = [torch.nn.Parameter(torch.view_as_real(v).clone() if v.is_complex() else v.clone()) for v in values]
+    return params, twins
+
+
+@pytest.mark.parametrize("norm_scope", ["group", "tensor"])
+@pytest.mark.parametrize("weight_decay", ["none", "coupled", "decoupled"])
+def test_complex_parameters_step_as_their_real_views(step_path, norm_scope, weight_decay):
+    params, twins = complex_twins(seed=7)
+    kwargs = dict(
+        lr=0.1,
+        rho=0.5,
+        beta1=0.8,
+        weight_decay=0.0 if weight_decay == "none" else 0.05,
+        decoupled_weight_decay=weight_decay == "decoupled",
+        norm_scope=norm_scope,
+        foreach=step_path,
+    )
+    opt, twin_opt = SOFIM(params, **kwargs), SOFIM(twins, **kwargs)
+    for step in range(6):
+        for i, (p, twin) in enumerate(zip(params, twins)):
+            gen = torch.Generator().manual_seed(100 * step + i)
+            p.grad = 0.3 * p.detach() + torch.randn(p.shape, generator=gen, dtype=p.dtype)
+            twin.grad = torch.view_as_real(p.grad).clone() if p.is_complex() else p.grad.clone()
+        opt.step()
+        twin_opt.step()
+    for p, twin in zip(params, twins):
+        assert p.dtype == (torch.complex128 if p.ndim != 1 else torch.float64)
+        assert opt.state[p]["exp_avg"].dtype == p.dtype and not opt.state[p]["step"].is_complex()
+        assert torch.equal(torch.view_as_real(p.detach()) if p.is_complex() else p.detach(), twin.detach())
+
+
+def test_a_complex_block_norm_is_the_sum_of_squared_moduli():
+    """m̂ = g after one step without momentum: the step is η·g/(ρ + Σ|g|²), against the reference."""
+    p = torch.nn.Parameter(torch.zeros(2, dtype=torch.complex128))
+    opt = SOFIM([p], lr=1.0, rho=1.0, beta1=0.0)
+    p.grad = torch.tensor([1 + 1j, 1j], dtype=torch.complex128)
+    opt.step()
+    torch.testing.assert_close(p.detach(), -p.grad / (1.0 + 3.0), rtol=1e-15, atol=0.0)
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (1, 1)])
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_tensor_lr_of_any_one_element_shape(step_path, shape, decoupled):
+    lr = torch.full(shape, 0.2, dtype=torch.float64)
+    opt = run_against_reference([dict(lr=lr, rho=1.0, beta1=0.8, weight_decay=0.1)], foreach=step_path, decoupled=decoupled)
+    assert opt.param_groups[0]["lr"] is lr  # schedulers change a tensor lr in place
+
+
+def test_tensor_lr_can_be_changed_in_place(step_path):
+    lr = torch.tensor([0.1], dtype=torch.float64)
+    p = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    opt = SOFIM([p], lr=lr, rho=1.0, beta1=0.0, foreach=step_path)
+    moves = []
+    for new_lr in (1.0, 0.5):
+        lr.fill_(new_lr)
+        before = p.item()
+        p.grad = torch.ones(1, dtype=torch.float64)
+        opt.step()
+        moves.append(before - p.item())
+    assert moves == pytest.approx([0.5, 0.25], rel=1e-15)
+
+
+def test_multi_element_tensor_lr_raises():
+    p = torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match="^Tensor lr must be 1-element$"):
+        SOFIM([p], lr=torch.tensor([0.1, 0.1]))
+    opt = SOFIM([p])
+    with pytest.raises(ValueError, match="^Tensor lr must be 1-element$"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "lr": torch.zeros(2, 1)})
+    assert len(opt.param_groups) == 1
+
+
+def trained_state_dict(step_path, steps=STEPS // 2):
+    params = make_params(seed=3)
+    opt = SOFIM(params, lr=0.1, rho=0.5, beta1=0.9, weight_decay=0.01, foreach=step_path)
+    for step in range(steps):
+        set_grads(params, step)
+        opt.step()
+    return [p.detach().clone() for p in params], copy.deepcopy(opt.state_dict())
+
+
+@pytest.mark.parametrize("number", [int, float])
+def test_load_state_dict_with_a_numeric_step(step_path, number):
+    """Checkpoints of torch's optimizers before 1.12 (and hand-made ones) hold "step" as a number."""
+    values, state_dict = trained_state_dict(step_path)
+    resumed = copy.deepcopy(state_dict)
+    for state in resumed["state"].values():
+        state["step"] = number(state["step"].item())
+
+    def continue_from(state_dict):
+        params = make_params(seed=3)
+        with torch.no_grad():
+            for p, v in zip(params, values):
+                p.copy_(v)
+        opt = SOFIM(params, lr=0.1, rho=0.5, beta1=0.9, weight_decay=0.01, foreach=step_path)
+        opt.load_state_dict(state_dict)
+        for step in range(STEPS // 2, STEPS):
+            set_grads(params, step)
+            opt.step()
+        return opt, params
+
+    opt, params = continue_from(resumed)
+    for p in params:
+        step = opt.state[p]["step"]
+        assert isinstance(step, torch.Tensor) and step.dtype == torch.float64 and step.item() == STEPS
+    for p, expected in zip(params, continue_from(state_dict)[1]):
+        assert torch.equal(p.detach(), expected.detach())
+
+
+def test_load_state_dict_post_hooks_see_and_keep_the_final_state():
+    _, state_dict = trained_state_dict(step_path=False)
+    for state in state_dict["state"].values():
+        state["step"] = state["step"].float()  # as torch.optim.Adam keeps it: float32, whatever the parameter
+    params = make_params(seed=3)
+    opt = SOFIM(params, lr=0.1, rho=0.5)
+    seen = []
+
+    def hook(optimizer):
+        seen.append([optimizer.state[p]["step"].dtype for p in params])
+        optimizer.state[params[0]]["step"] = torch.tensor(3.0)  # a hook's change, in float32
+        optimizer.state["hook"] = {"step": 1}
+
+    opt.register_load_state_dict_post_hook(hook)
+    opt.load_state_dict(state_dict)
+    assert seen == [[torch.float64] * len(params)]
+    assert opt.state[params[0]]["step"].dtype == torch.float32 and opt.state[params[0]]["step"].item() == 3.0
+    assert opt.state["hook"] == {"step": 1}
+
+
+def test_non_parameter_keys_in_state_survive_load_state_dict(step_path):
+    values, state_dict = trained_state_dict(step_path)
+    state_dict["state"]["extra"] = {"step": torch.tensor(5.0), "note": "kept as is"}
+    params = make_params(seed=3)
+    opt = SOFIM(params, lr=0.1, rho=0.5, beta1=0.9, weight_decay=0.01, foreach=step_path)
+    opt.load_state_dict(state_dict)
+    assert opt.state["extra"]["note"] == "kept as is" and opt.state["extra"]["step"].dtype == torch.float32
+    with torch.no_grad():
+        for p, v in zip(params, values):
+            p.copy_(v)
+    set_grads(params, STEPS // 2)
+    opt.step()
+    assert opt.state_dict()["state"]["extra"]["note"] == "kept as is"
 
 
 def test_channels_last_parameters_step_like_contiguous_ones(step_path):
