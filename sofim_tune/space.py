@@ -7,6 +7,10 @@ over later, and raises :class:`UserInputError` with one line naming the file and
 
 The helpers under "Shared validation" are also used by :mod:`sofim_tune.spec`, so that
 both file formats report errors the same way.
+
+A user's file is untrusted input: it is read only up to :data:`MAX_FILE_BYTES`, parsed
+without aliases, anchors or deep nesting (so no "billion laughs"), and any value quoted
+back in a message is cut to a short :func:`excerpt`.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
+import reprlib
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from importlib.resources import files
@@ -26,6 +32,7 @@ from sofim_tune.errors import UserInputError
 from sofim_tune.optim import OPTIMIZER_HYPERPARAMETERS
 
 __all__ = [
+    "MAX_FILE_BYTES",
     "OPTIMIZER_HYPERPARAMETERS",
     "ParamRange",
     "SearchSpace",
@@ -38,8 +45,72 @@ __all__ = [
 # ---------------------------------------------------------------------------------------
 
 
+#: Largest user's file (space or spec) read; a bigger one is refused before parsing.
+MAX_FILE_BYTES = 2**20
+
+EXCERPT_LIMIT = 60
+_EXCERPT_REPR = reprlib.Repr()
+_EXCERPT_REPR.maxlevel = 2  # a nested value shows its outer levels only
+_EXCERPT_REPR.maxstring = _EXCERPT_REPR.maxother = EXCERPT_LIMIT
+for _attr in ("maxtuple", "maxlist", "maxarray", "maxdict", "maxset", "maxfrozenset", "maxdeque"):
+    setattr(_EXCERPT_REPR, _attr, 4)
+
+# Keys shown as they are in "<file>: <key>: ..."; any other key is shown as an excerpt.
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_.\-]{1,60}")
+
+# Integers a file may give: anything a trial could use, and what SQLite stores as an int.
+_MAX_INTEGER = 2**63 - 1
+
+
+def excerpt(value: Any, limit: int = EXCERPT_LIMIT) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, for quoting a user's value in a message.
+
+    A longer text or container ends in ``…`` and says how long it was, so a message that
+    quotes a user's file stays one short line however big the value (``'aaa…' (1,000,000
+    characters)``). Never builds the full ``repr`` of a big value.
+    """
+    size = ""
+    if isinstance(value, (str, bytes)):
+        text = repr(value[: limit + 1])
+        size = f"{len(value):,} characters" if isinstance(value, str) else f"{len(value):,} bytes"
+        if len(value) <= limit and len(text) <= limit + 3:
+            return text
+    elif isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        # repr of a huge int is slow, and refused past 4300 digits.
+        digits = int(value.bit_length() * math.log10(2)) + 1
+        return f"{'-' if value < 0 else ''}<an integer of about {digits:,} digits>"
+    else:
+        try:
+            text = _EXCERPT_REPR.repr(value)
+        except Exception:  # a value whose repr fails still gets a message
+            text = f"<{type(value).__name__}>"
+        if isinstance(value, Collection):
+            try:
+                size = f"{len(value):,} items"
+            except Exception:
+                size = ""
+        if len(text) <= limit:
+            return text
+    return f"{text[:limit]}…" + (f" ({size})" if size else "")
+
+
+def one_line(text: Any, limit: int = 160) -> str:
+    """``str(text)`` on one line, at most about ``limit`` characters (for a parser's message)."""
+    text = " ".join(str(text)[: limit * 4].split())
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def key_text(key: Any) -> str:
+    """``key`` as a message shows it: a plain short name as is, anything else as an excerpt."""
+    return key if isinstance(key, str) and _PLAIN_KEY.fullmatch(key) else excerpt(key)
+
+
 def input_error(source: str, key: str, message: str) -> UserInputError:
-    """The one-line error for bad input: ``"<file>: <key>: <message>"`` (key may be empty)."""
+    """The one-line error for bad input: ``"<file>: <key>: <message>"`` (key may be empty).
+
+    Quote a user's value in ``message`` with :func:`excerpt` and a user's key in ``key``
+    with :func:`key_text`, never as it is.
+    """
     return UserInputError(f"{source}: {key}: {message}" if key else f"{source}: {message}")
 
 
@@ -49,26 +120,36 @@ def check_keys(table: Mapping[Any, Any], allowed: Collection[str], source: str, 
     ``prefix`` is the dotted path of ``table`` inside the file, ending in ``"."``.
     """
     for key in table:
-        if key not in allowed:
-            raise input_error(source, f"{prefix}{key}", f"unknown key; valid keys: {', '.join(allowed)}")
+        if not isinstance(key, str) or key not in allowed:
+            raise input_error(source, f"{prefix}{key_text(key)}", f"unknown key; valid keys: {', '.join(allowed)}")
 
 
 def _check_type(value: Any, types: tuple[type, ...], wanted: str, source: str, key: str) -> None:
     # bool is an int to Python, but `epochs = true` is a typo, not 1.
     if isinstance(value, bool) or not isinstance(value, types):
-        raise input_error(source, key, f"expected {wanted}, got {value!r}")
+        raise input_error(source, key, f"expected {wanted}, got {excerpt(value)}")
 
 
 def as_number(value: Any, source: str, key: str) -> float:
-    """``value`` as a finite float; raises for text, booleans, NaN and infinities."""
+    """``value`` as a finite float; raises for text, booleans, NaN, infinities and huge ints."""
     _check_type(value, (int, float), "a number", source, key)
-    require(math.isfinite(value), source, key, f"expected a finite number, got {value!r}")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an int past the float range
+        number = math.inf
+    require(math.isfinite(number), source, key, f"expected a finite number, got {excerpt(value)}")
+    return number
 
 
 def as_integer(value: Any, source: str, key: str) -> int:
-    """``value`` as an int; raises for floats (even ``10.0``), text and booleans."""
+    """``value`` as a signed 64-bit int; raises for floats (even ``10.0``), text and booleans."""
     _check_type(value, (int,), "an integer", source, key)
+    require(
+        -_MAX_INTEGER <= value <= _MAX_INTEGER,
+        source,
+        key,
+        f"expected an integer of at most 19 digits, got {excerpt(value)}",
+    )
     return int(value)
 
 
@@ -116,7 +197,7 @@ def read_source(name_or_path: str | Path, package: str, suffixes: tuple[str, ...
         known = shipped_names(package, suffixes)
         if name not in known:
             raise UserInputError(
-                f"unknown {what} {name!r}; shipped: {', '.join(known)}; or give a path to a {suffixes[0]} file"
+                f"unknown {what} {excerpt(name)}; shipped: {', '.join(known)}; or give a path to a {suffixes[0]} file"
             )
         folder = files(package)
         entry = next(folder.joinpath(name + s) for s in suffixes if folder.joinpath(name + s).is_file())
@@ -124,13 +205,23 @@ def read_source(name_or_path: str | Path, package: str, suffixes: tuple[str, ...
     path = Path(name_or_path)
     label = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as stream:
+            data = stream.read(MAX_FILE_BYTES + 1)  # no more, whatever the file is
+        text = data.decode("utf-8")
     except FileNotFoundError:
         raise input_error(label, "", f"{what} file not found") from None
     except UnicodeDecodeError:
         raise input_error(label, "", "not a text file (expected UTF-8)") from None
     except OSError as exc:
         raise input_error(label, "", f"cannot read: {exc.strerror or exc}") from None
+    except ValueError:  # a NUL in the path
+        raise input_error(label, "", "cannot read: not a valid path") from None
+    require(
+        len(data) <= MAX_FILE_BYTES,
+        label,
+        "",
+        f"larger than {MAX_FILE_BYTES // 2**20} MiB; a {what} file is a few lines",
+    )
     return SourceFile(label, path.stem, text, path.parent)
 
 
@@ -266,11 +357,11 @@ class SearchSpace:
             if key in wanted or (key in self.fixed and value == self.fixed[key]):
                 continue
             reason = (
-                f"fixed at {self.fixed[key]:g} by this space, got {value!r}"
+                f"fixed at {self.fixed[key]:g} by this space, got {excerpt(value)}"
                 if key in self.fixed
                 else f"not searched by this space (it searches {', '.join(wanted)})"
             )
-            raise input_error(self.source, str(key), reason)
+            raise input_error(self.source, key_text(key), reason)
         missing = [key for key in wanted if key not in hyperparameters]
         require(not missing, self.source, ", ".join(missing), "missing from the setting to enqueue")
         values = {key: as_number(hyperparameters[key], self.source, key) for key in wanted}
@@ -332,17 +423,80 @@ def space_names() -> list[str]:
 def load_space(name_or_path: str | Path) -> SearchSpace:
     """Load and validate a shipped space by name, or a user's ``.yaml`` file by path.
 
-    Raises :class:`UserInputError` naming the file and the key for anything invalid.
+    Raises :class:`UserInputError` naming the file and the key for anything invalid. A
+    user's file is refused above :data:`MAX_FILE_BYTES`, with YAML aliases or anchors,
+    nested deeper than 16 levels, or with more than 10,000 values.
     """
     file = read_source(name_or_path, _PACKAGE, _SUFFIXES, "search space")
     try:
-        raw = yaml.safe_load(file.text)
+        raw = yaml.load(file.text, Loader=_SpaceLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "cannot parse"
-        raise input_error(file.label, "", f"not valid YAML: {problem}{where}") from None
+        problem = one_line(str(getattr(exc, "problem", None) or "cannot parse"))
+        prefix = "" if isinstance(exc, _RefusedYAML) else "not valid YAML: "
+        raise input_error(file.label, "", f"{prefix}{problem}{where}") from None
     return _parse_space(raw, file.name, file.label)
+
+
+# A space is three levels deep (params -> name -> range) and has a few dozen values; more
+# is a mistake, or an attack on PyYAML's recursive composer and its slow pure-Python parser.
+_MAX_DEPTH = 16
+_MAX_NODES = 10_000
+
+
+class _RefusedYAML(yaml.composer.ComposerError):
+    """Valid YAML that a space may not use."""
+
+
+class _SpaceLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` (plain data only) without aliases, anchors or deep nesting.
+
+    An alias makes a small file expand to a huge value ("billion laughs"); a space never
+    needs one. Errors a value's constructor raises (a date in year 0, an int of 5000
+    digits) become YAML errors with the value's line.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._nodes = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise _RefusedYAML(
+                None,
+                None,
+                f"YAML aliases (*{one_line(event.anchor, 40)}) are not allowed in a search space; write the values out",
+                event.start_mark,
+            )
+        if event.anchor is not None:
+            raise _RefusedYAML(
+                None,
+                None,
+                f"YAML anchors (&{one_line(event.anchor, 40)}) and aliases are not allowed in a search space; write the values out",
+                event.start_mark,
+            )
+        if self._depth >= _MAX_DEPTH:
+            raise _RefusedYAML(None, None, f"nested deeper than {_MAX_DEPTH} levels", event.start_mark)
+        self._nodes += 1
+        if self._nodes > _MAX_NODES:
+            raise _RefusedYAML(None, None, f"more than {_MAX_NODES:,} values; a search space has a few dozen", event.start_mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_object(self, node: Any, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, OverflowError) as exc:
+            reason = str(exc).split(";")[0]  # Python's int limit goes on about sys.set_int_max_str_digits
+            shown = excerpt(node.value) if isinstance(node.value, str) else "here"
+            message = f"cannot read the value {shown}: {reason}"
+            raise yaml.constructor.ConstructorError(None, None, one_line(message), node.start_mark) from None
 
 
 def _parse_space(raw: Any, name: str, source: str) -> SearchSpace:
@@ -357,17 +511,17 @@ def _parse_space(raw: Any, name: str, source: str) -> SearchSpace:
         require(key in raw, source, key, "missing")
     optimizer = raw["optimizer"]
     require(
-        optimizer in OPTIMIZER_HYPERPARAMETERS,
+        isinstance(optimizer, str) and optimizer in OPTIMIZER_HYPERPARAMETERS,
         source,
         "optimizer",
-        f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZER_HYPERPARAMETERS)}",
+        f"unknown optimizer {excerpt(optimizer)}; choose one of {', '.join(OPTIMIZER_HYPERPARAMETERS)}",
     )
     reparameterization = raw.get("reparameterization")
     require(
         reparameterization is None or reparameterization in _REPARAMETERIZATIONS,
         source,
         "reparameterization",
-        f"unknown reparameterization {reparameterization!r}; choose one of {', '.join(_REPARAMETERIZATIONS)} or leave it out",
+        f"unknown reparameterization {excerpt(reparameterization)}; choose one of {', '.join(_REPARAMETERIZATIONS)} or leave it out",
     )
     takes = OPTIMIZER_HYPERPARAMETERS[optimizer]
     if reparameterization == "lr_over_rho":
@@ -390,8 +544,8 @@ def _parse_space(raw: Any, name: str, source: str) -> SearchSpace:
         require(
             key in searchable,
             source,
-            f"params.{key}",
-            f"optimizer {optimizer} takes no {key!r}; searchable: {', '.join(searchable)}",
+            f"params.{key_text(key)}",
+            f"optimizer {optimizer} takes no {excerpt(key)}; searchable: {', '.join(searchable)}",
         )
         params[key] = _parse_range(key, spec, source)
     if reparameterization == "lr_over_rho":
@@ -421,7 +575,7 @@ def _parse_range(name: str, spec: Any, source: str) -> ParamRange:
     require(isinstance(spec, dict), source, where, "expected a mapping like {type: float, low: 0.1, high: 1.0}")
     check_keys(spec, _RANGE_KEYS, source, f"{where}.")
     kind = spec.get("type", "float")
-    require(kind in _TYPES, source, f"{where}.type", f"unknown type {kind!r}; choose one of {', '.join(_TYPES)}")
+    require(kind in _TYPES, source, f"{where}.type", f"unknown type {excerpt(kind)}; choose one of {', '.join(_TYPES)}")
     bounds = []
     for bound in ("low", "high"):
         require(bound in spec, source, f"{where}.{bound}", "missing")
@@ -431,12 +585,12 @@ def _parse_range(name: str, spec: Any, source: str) -> ParamRange:
             not (isinstance(value, str) and _is_float_text(value)),
             source,
             f"{where}.{bound}",
-            f"{value!r} is text to YAML; write the exponent with a decimal point, e.g. 1.0e-4",
+            f"{excerpt(value)} is text to YAML; write the exponent with a decimal point, e.g. 1.0e-4",
         )
         bounds.append((as_integer if kind == "int" else as_number)(value, source, f"{where}.{bound}"))
     low, high = bounds
     log = spec.get("log", False)
-    require(isinstance(log, bool), source, f"{where}.log", f"expected true or false, got {log!r}")
+    require(isinstance(log, bool), source, f"{where}.log", f"expected true or false, got {excerpt(log)}")
     require(low < high, source, where, f"low ({low}) must be < high ({high})")
     require(not log or low > 0, source, f"{where}.low", f"must be > 0 for a log range (got {low})")
     _check_domain(name, low, source, f"{where}.low")

@@ -5,11 +5,15 @@ named ``<dataset>-<arch>``; a user's own is loaded by path. Keys a file leaves o
 the defaults of a dataset without a spec (see :func:`load_spec`), so a user's file can be
 as short as ``trials = 8``. Every :class:`StudySpec` is validated when built, and bad
 values raise :class:`UserInputError` with one line naming the file and the key.
+
+A spec's ``name`` is also the default run folder (``runs/<name>``), so it must be one
+safe path component: see :data:`NAME_PATTERN`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,8 +27,10 @@ from sofim_tune.space import (
     as_integer,
     as_number,
     check_keys,
+    excerpt,
     input_error,
     is_shipped_name,
+    one_line,
     read_source,
     require,
     shipped_names,
@@ -36,7 +42,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-__all__ = ["METRICS", "PRUNERS", "SAMPLERS", "StudySpec", "load_spec", "spec_names"]
+__all__ = ["METRICS", "NAME_PATTERN", "PRUNERS", "SAMPLERS", "StudySpec", "load_spec", "spec_names"]
 
 SAMPLERS = ("tpe", "random", "qmc", "cmaes", "gp", "grid")
 PRUNERS = ("hyperband", "median", "sha", "none")
@@ -45,6 +51,16 @@ METRICS: dict[str, str] = {"val_accuracy": "maximize", "val_loss": "minimize"}
 
 DEFAULT_TRIALS = 32
 DEFAULT_SPACE = "sofim"
+
+#: What a study name may be: one path component (it names the run folder), no ``..``.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_NAME_RULE = "use up to 128 letters, digits, '.', '_' and '-', starting with a letter or digit, without '..'"
+
+_MAX_ARCH_LENGTH = 200
+_MAX_PATH_LENGTH = 4096
+_PATH_EXCERPT = 120  # characters of a path quoted in a message (paths are made absolute, so longer)
+_MAX_ENQUEUE = 1000  # settings tried first; more than a study runs is a mistake
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 # A user's ImageFolder has no registry entry; a small CNN for a few epochs gives a study
 # that finishes on one GPU without knowing how big the folder is.
@@ -69,8 +85,10 @@ class StudySpec:
     Build it with :func:`load_spec`; construction and :meth:`replace` validate it.
 
     Attributes:
-        name: study name (also the default run folder), default ``"<dataset>-<arch>"``,
-            with a folder dataset's folder name in place of the dataset.
+        name: study name (also the default run folder), matching :data:`NAME_PATTERN`;
+            default ``"<dataset>-<arch>"``, with a folder dataset's folder name in place of
+            the dataset and other characters than those allowed made ``-``
+            (``"cifar100-tv-resnet50"`` for arch ``tv:resnet50``).
         dataset: a registry name (``"cifar100"``) or the path of an ImageFolder.
         arch: model architecture name (checked by the model registry, not here).
         search_space: a shipped space name (``"sofim"``) or the path of a ``.yaml`` file.
@@ -84,7 +102,7 @@ class StudySpec:
         seed: base random seed, >= 0.
         val_fraction: share of the training set held out for validation, in (0, 1).
         enqueue: settings tried first, by the optimizer's names
-            (e.g. ``{"lr": 0.1, "rho": 1.0, "beta1": 0.9}``).
+            (e.g. ``{"lr": 0.1, "rho": 1.0, "beta1": 0.9}``); at most 1000.
         confirm_top: how many of the best trials are retrained before recommending, >= 1.
         confirm_seeds: fresh seeds per retrained trial, >= 1.
         source: the file it came from, or ``"defaults"``.
@@ -110,8 +128,8 @@ class StudySpec:
 
     def __post_init__(self) -> None:
         source = self.source or "study spec"
-        for key in ("name", "arch"):
-            _check_string(getattr(self, key), source, key)
+        _check_name(self.name, source)
+        _check_string(self.arch, source, "arch", _MAX_ARCH_LENGTH)
         _check_dataset(self.dataset, source)
         _check_search_space(self.search_space, source)
         for key in ("epochs", "batch_size", "trials", "confirm_top", "confirm_seeds"):
@@ -126,7 +144,7 @@ class StudySpec:
             self.direction == METRICS[self.metric],
             source,
             "direction",
-            f"{self.metric} must be {METRICS[self.metric]}d, got {self.direction!r}",
+            f"{self.metric} must be {METRICS[self.metric]}d, got {excerpt(self.direction)}",
         )
         val_fraction = as_number(self.val_fraction, source, "val_fraction")
         require(0 < val_fraction < 1, source, "val_fraction", f"must be in (0, 1) (got {val_fraction:g})")
@@ -141,7 +159,7 @@ class StudySpec:
         key and read ``"overrides of <source>: ..."``.
         """
         kept = {key: value for key, value in overrides.items() if value is not None}
-        if "metric" in kept and "direction" not in kept and kept["metric"] in METRICS:
+        if "direction" not in kept and isinstance(kept.get("metric"), str) and kept["metric"] in METRICS:
             kept["direction"] = METRICS[kept["metric"]]
         try:
             return dataclasses.replace(self, **kept)
@@ -154,7 +172,7 @@ def spec_names() -> list[str]:
     return shipped_names(_PACKAGE, _SUFFIXES)
 
 
-def load_spec(dataset: str, arch: str | None = None, study: str | Path | None = None) -> StudySpec:
+def load_spec(dataset: str | None = None, arch: str | None = None, study: str | Path | None = None) -> StudySpec:
     """The spec for a study of ``dataset`` (a registry name or an ImageFolder path).
 
     ``study`` is a shipped spec name or a path to a ``.toml`` file. Without it, the shipped
@@ -163,11 +181,16 @@ def load_spec(dataset: str, arch: str | None = None, study: str | Path | None = 
     ``default_batch_size`` (a folder: arch ``"cnn"``, 10 epochs, batch size 64),
     :data:`DEFAULT_TRIALS` trials, the ``"sofim"`` space.
 
-    Raises :class:`UserInputError` when the file is missing or invalid, or names another
-    dataset or arch than the one asked for.
+    ``dataset`` may be None when ``study`` has a ``dataset`` key (a relative path in a
+    user's file starts at the file's folder); the study is then for that dataset.
+
+    Raises :class:`UserInputError` when neither names a dataset, when the file is missing
+    or invalid, or when it names another dataset or arch than the one asked for.
     """
-    defaults = _dataset_defaults(dataset)
-    if study is None and dataset in dataset_names():
+    if dataset is None and study is None:
+        raise UserInputError("name a dataset with --dataset, or a study spec (--study) that has a `dataset` key")
+    defaults = _dataset_defaults(dataset) if dataset is not None else None
+    if study is None and defaults is not None and dataset in dataset_names():
         shipped = f"{dataset}-{arch if arch is not None else defaults.arch}"
         if shipped in spec_names():
             study = shipped
@@ -176,14 +199,25 @@ def load_spec(dataset: str, arch: str | None = None, study: str | Path | None = 
         source = _DEFAULTS_SOURCE
     else:
         table, source = _read_table(study)
+        if dataset is None:
+            require(
+                "dataset" in table,
+                source,
+                "dataset",
+                "missing; name a dataset with --dataset, or add a `dataset` key to the study spec",
+            )
+            _check_string(table["dataset"], source, "dataset", _MAX_PATH_LENGTH)
+            dataset = table["dataset"]
+            defaults = _dataset_defaults(dataset, source)
         _check_agrees(table, dataset, arch, source)
+    assert dataset is not None and defaults is not None
 
     if arch is None:
         arch = table.get("arch", defaults.arch)
-    if "metric" in table and "direction" not in table and table["metric"] in METRICS:
+    if "direction" not in table and isinstance(table.get("metric"), str) and table["metric"] in METRICS:
         table["direction"] = METRICS[table["metric"]]
     merged: dict[str, Any] = {
-        "name": f"{defaults.label}-{arch}",
+        "name": _default_name(defaults.label, arch),
         "search_space": DEFAULT_SPACE,
         "epochs": defaults.epochs,
         "batch_size": defaults.batch_size,
@@ -200,16 +234,39 @@ class _DatasetDefaults(NamedTuple):
     batch_size: int
 
 
-def _dataset_defaults(dataset: str) -> _DatasetDefaults:
+def _dataset_defaults(dataset: str, source: str | None = None) -> _DatasetDefaults:
+    """Defaults for ``dataset``; an unknown one raises, naming ``source``'s ``dataset`` key if given."""
     if _is_folder(dataset):
         return _DatasetDefaults(Path(dataset).resolve().name, _FOLDER_ARCH, _FOLDER_EPOCHS, _FOLDER_BATCH_SIZE)
-    info = dataset_info(dataset)  # raises for an unknown name
+    if dataset not in dataset_names():
+        message = _unknown_dataset(dataset)
+        raise input_error(source, "dataset", message) if source else UserInputError(message)
+    info = dataset_info(dataset)
     return _DatasetDefaults(info.name, info.default_arch, info.default_epochs, info.default_batch_size)
+
+
+def _unknown_dataset(dataset: Any) -> str:
+    # data.dataset_info's wording, with the name cut short.
+    return f"unknown dataset {excerpt(dataset, _PATH_EXCERPT)}; choose one of {', '.join(dataset_names())} or give a path to an ImageFolder"
 
 
 def _is_folder(dataset: str) -> bool:
     # A registry name wins over a folder of the same name in the working directory.
-    return dataset not in dataset_names() and Path(dataset).is_dir()
+    return dataset not in dataset_names() and _is_dir(Path(dataset))
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except (OSError, ValueError):  # a name too long for the file system, a NUL
+        return False
+
+
+def _default_name(label: str, arch: Any) -> str:
+    """``"<label>-<arch>"`` made a valid study name: runs of other characters become ``-``."""
+    parts = (re.sub(r"[^A-Za-z0-9._-]+", "-", str(part)).strip("-") for part in (label, arch))
+    name = re.sub(r"\.{2,}", ".", "-".join(parts)).lstrip("._-")[:128]
+    return name or "study"
 
 
 def _read_table(study: str | Path) -> tuple[dict[str, Any], str]:
@@ -218,14 +275,19 @@ def _read_table(study: str | Path) -> tuple[dict[str, Any], str]:
     try:
         table = tomllib.loads(file.text)
     except tomllib.TOMLDecodeError as exc:
-        raise input_error(file.label, "", f"not valid TOML: {exc}") from None
+        raise input_error(file.label, "", f"not valid TOML: {one_line(exc)}") from None
+    except ValueError as exc:  # an int of more than 4300 digits (Python's limit)
+        raise input_error(file.label, "", f"not valid TOML: {one_line(str(exc).split(';')[0])}") from None
+    except RecursionError:  # tomllib is recursive: [[[[...]]]] thousands deep
+        raise input_error(file.label, "", "not valid TOML: nested too deeply") from None
     allowed = tuple(f.name for f in dataclasses.fields(StudySpec) if f.name != "source")
     check_keys(table, allowed, file.label)
     if file.folder is not None:
         # A user keeps a spec next to its space and images; paths in it start at its folder.
-        if isinstance(table.get("search_space"), str) and not is_shipped_name(table["search_space"]):
+        # (Not an empty one: that would name the folder itself.)
+        if isinstance(table.get("search_space"), str) and table["search_space"] and not is_shipped_name(table["search_space"]):
             table["search_space"] = str(file.folder / table["search_space"])
-        if isinstance(table.get("dataset"), str) and table["dataset"] not in dataset_names():
+        if isinstance(table.get("dataset"), str) and table["dataset"] and table["dataset"] not in dataset_names():
             table["dataset"] = str(file.folder / table["dataset"])
     return table, file.label
 
@@ -233,32 +295,54 @@ def _read_table(study: str | Path) -> tuple[dict[str, Any], str]:
 def _check_agrees(table: Mapping[str, Any], dataset: str, arch: str | None, source: str) -> None:
     """Raise when the file names another dataset or arch than the caller asked for."""
     if "dataset" in table:
-        _check_string(table["dataset"], source, "dataset")
+        _check_string(table["dataset"], source, "dataset", _MAX_PATH_LENGTH)
         same = (
             table["dataset"] == dataset
             if dataset in dataset_names()
-            else Path(table["dataset"]).resolve() == Path(dataset).resolve()
+            else _same_path(table["dataset"], dataset)
         )
-        require(same, source, "dataset", f"the spec is for {table['dataset']!r}, not {dataset!r}")
+        require(same, source, "dataset", f"the spec is for {excerpt(table['dataset'], _PATH_EXCERPT)}, not {excerpt(dataset, _PATH_EXCERPT)}")
     if arch is not None and "arch" in table:
-        require(table["arch"] == arch, source, "arch", f"the spec is for {table['arch']!r}, not {arch!r}")
+        require(table["arch"] == arch, source, "arch", f"the spec is for {excerpt(table['arch'])}, not {excerpt(arch)}")
 
 
-def _check_string(value: Any, source: str, key: str) -> None:
-    require(isinstance(value, str) and bool(value), source, key, f"expected a non-empty string, got {value!r}")
+def _same_path(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except (OSError, ValueError, RuntimeError):  # too long, a NUL, a symlink loop
+        return False
+
+
+def _check_string(value: Any, source: str, key: str, limit: int = _MAX_PATH_LENGTH) -> None:
+    require(isinstance(value, str) and bool(value), source, key, f"expected a non-empty string, got {excerpt(value)}")
+    require(len(value) <= limit, source, key, f"too long: {len(value):,} characters, at most {limit:,}")
+    require(
+        _CONTROL_CHARACTERS.search(value) is None,
+        source,
+        key,
+        f"{excerpt(value)} contains control characters (a newline, a tab, a NUL)",
+    )
+
+
+def _check_name(name: Any, source: str) -> None:
+    _check_string(name, source, "name")
+    require(
+        NAME_PATTERN.fullmatch(name) is not None and ".." not in name,
+        source,
+        "name",
+        f"{excerpt(name)} is not a safe study name (it names the run folder); {_NAME_RULE}",
+    )
 
 
 def _check_choice(value: Any, choices: tuple[str, ...], source: str, key: str) -> None:
-    require(value in choices, source, key, f"unknown {key} {value!r}; choose one of {', '.join(choices)}")
+    require(value in choices, source, key, f"unknown {key} {excerpt(value)}; choose one of {', '.join(choices)}")
 
 
 def _check_dataset(dataset: Any, source: str) -> None:
     _check_string(dataset, source, "dataset")
-    if not _is_folder(dataset):
-        try:
-            dataset_info(dataset)
-        except UserInputError as exc:
-            raise input_error(source, "dataset", str(exc)) from None
+    require(_is_folder(dataset) or dataset in dataset_names(), source, "dataset", _unknown_dataset(dataset))
 
 
 def _check_search_space(search_space: Any, source: str) -> None:
@@ -268,10 +352,17 @@ def _check_search_space(search_space: Any, source: str) -> None:
             search_space in space_names(),
             source,
             "search_space",
-            f"unknown search space {search_space!r}; shipped: {', '.join(space_names())}; or give a path to a .yaml file",
+            f"unknown search space {excerpt(search_space)}; shipped: {', '.join(space_names())}; or give a path to a .yaml file",
         )
     else:
-        require(Path(search_space).is_file(), source, "search_space", f"no such file: {search_space}")
+        require(_is_file(Path(search_space)), source, "search_space", f"no such file: {excerpt(search_space, _PATH_EXCERPT)}")
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def _check_enqueue(enqueue: Any, source: str) -> tuple[dict[str, float], ...]:
@@ -280,6 +371,12 @@ def _check_enqueue(enqueue: Any, source: str) -> tuple[dict[str, float], ...]:
         source,
         "enqueue",
         "expected an array of tables, e.g. [{lr = 0.1, rho = 1.0, beta1 = 0.9}]",
+    )
+    require(
+        len(enqueue) <= _MAX_ENQUEUE,
+        source,
+        "enqueue",
+        f"at most {_MAX_ENQUEUE} settings, got {len(enqueue):,}",
     )
     settings = []
     for index, setting in enumerate(enqueue):

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from sofim_tune.errors import UserInputError
-from sofim_tune.space import ParamRange, SearchSpace, load_space, space_names
+from sofim_tune.space import MAX_FILE_BYTES, ParamRange, SearchSpace, excerpt, load_space, space_names
 
 SOFIM_YAML = """\
 optimizer: sofim
@@ -251,3 +253,166 @@ def test_int_range_is_accepted(tmp_path: Path) -> None:
     assert space.params["lr"] == ParamRange("lr", "int", 0, 2)
     with pytest.raises(UserInputError, match=r"params\.lr: lr = 1\.5 is not in the integers 0\.\.2"):
         space.from_hyperparameters({"lr": 1.5})
+
+
+# ---------------------------------------------------------------------------------------
+# Hostile files: aliases, size, depth, huge values
+# ---------------------------------------------------------------------------------------
+
+
+def billion_laughs(levels: int = 9, width: int = 9) -> str:
+    """A valid space but for ``fixed.weight_decay``: ``width**levels`` "lol"s through aliases."""
+    lines = ["optimizer: sofim", "params:", "  lr: {low: 0.1, high: 1.0}", "fixed:", "  weight_decay:"]
+    lines.append(f"    - &l0 [{', '.join(['lol'] * width)}]")
+    for level in range(1, levels):
+        lines.append(f"    - &l{level} [{', '.join([f'*l{level - 1}'] * width)}]")
+    return "\n".join(lines) + "\n"
+
+
+# Runs in a child process, its address space capped at what the import took plus 1 GiB,
+# so that a regression fails (MemoryError, or the parent's timeout) instead of eating the
+# machine or hanging CI.
+_GUARDED_LOAD = """\
+import sys, time
+from sofim_tune.errors import UserInputError
+from sofim_tune.space import load_space
+try:
+    import resource
+    with open("/proc/self/status") as status:
+        size = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
+    resource.setrlimit(resource.RLIMIT_AS, (size + 2**30, size + 2**30))
+except (ImportError, OSError, StopIteration, ValueError):
+    pass
+started = time.monotonic()
+try:
+    load_space(sys.argv[1])
+except UserInputError as exc:
+    print(f"{time.monotonic() - started:.3f}")
+    print(exc)
+else:
+    print("loaded")
+"""
+
+
+def guarded_load(path: Path) -> tuple[float, str]:
+    """(seconds load_space took, its error message), run in a capped child process."""
+    done = subprocess.run(
+        [sys.executable, "-c", _GUARDED_LOAD, str(path)], capture_output=True, text=True, timeout=20, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout != "loaded\n", "load_space accepted the file"
+    seconds, message = done.stdout.split("\n", 1)
+    return float(seconds), message.rstrip("\n")
+
+
+def test_billion_laughs_is_refused_fast_and_short(tmp_path: Path) -> None:
+    path = write(tmp_path, billion_laughs())
+    seconds, message = guarded_load(path)
+    assert seconds < 1.0
+    assert message.startswith(f"{path}: YAML anchors (&l0) and aliases are not allowed in a search space"), message
+    assert "line 6" in message
+    assert "\n" not in message and len(message) < 300
+
+
+def test_alias_is_refused(tmp_path: Path) -> None:
+    # No anchor defines it: refused as an alias before PyYAML would call it undefined.
+    text = SOFIM_YAML.replace("weight_decay: 0.0", "weight_decay: *zero")
+    with pytest.raises(UserInputError, match=r": YAML aliases \(\*zero\) are not allowed in a search space; .* at line 7, column 17$"):
+        load_space(write(tmp_path, text))
+
+
+def test_anchor_alone_is_refused(tmp_path: Path) -> None:
+    text = SOFIM_YAML.replace("weight_decay: 0.0", "weight_decay: &zero 0.0")
+    with pytest.raises(UserInputError, match=r"YAML anchors \(&zero\) and aliases are not allowed .* at line 7"):
+        load_space(write(tmp_path, text))
+
+
+def test_file_over_a_mebibyte_is_refused_unread(tmp_path: Path) -> None:
+    path = write(tmp_path, SOFIM_YAML + "#" * MAX_FILE_BYTES + "\n")
+    with pytest.raises(UserInputError, match=rf"^{re.escape(str(path))}: larger than 1 MiB; a search space file is a few lines$"):
+        load_space(path)
+    # Just under the limit still loads.
+    load_space(write(tmp_path, SOFIM_YAML + "#" * (MAX_FILE_BYTES - len(SOFIM_YAML) - 1) + "\n"))
+
+
+def test_deep_nesting_is_refused(tmp_path: Path) -> None:
+    # PyYAML's composer recurses once per level: 100000 levels was a RecursionError.
+    path = write(tmp_path, "optimizer: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(UserInputError, match=rf"^{re.escape(str(path))}: nested deeper than 16 levels at line 1"):
+        load_space(path)
+
+
+def test_too_many_values_are_refused(tmp_path: Path) -> None:
+    # 200,000 values took PyYAML's pure-Python parser 6 s; it now stops at the 10,001st.
+    path = write(tmp_path, SOFIM_YAML.replace("weight_decay: 0.0", f"weight_decay: [{', '.join(['1'] * 200_000)}]"))
+    with pytest.raises(UserInputError, match=rf"^{re.escape(str(path))}: more than 10,000 values; a search space has a few dozen at line 7"):
+        load_space(path)
+
+
+MEGABYTE = 1_000_000
+
+HUGE_SPACES = {
+    "value": f"optimizer: {'a' * MEGABYTE}\nparams: {{}}\n",
+    "key": f"? {'k' * MEGABYTE}\n: 1\n",
+    "param name": f"optimizer: sofim\nparams:\n  ? {'p' * MEGABYTE}\n  : {{low: 0.1, high: 1.0}}\n",
+    "range type": SOFIM_YAML.replace("type: float, low: 0.5", f"type: {'t' * MEGABYTE}, low: 0.5"),
+    "log": SOFIM_YAML.replace("high: 0.999}", f"high: 0.999, log: {'y' * MEGABYTE}}}"),
+    "fixed value": SOFIM_YAML.replace("weight_decay: 0.0", f"weight_decay: {'w' * MEGABYTE}"),
+    "list value": SOFIM_YAML.replace("weight_decay: 0.0", f"weight_decay: [{', '.join(['1'] * 9_000)}]"),
+    "float text": SOFIM_YAML.replace("low: 0.5", f"low: 1{'0' * MEGABYTE}e-4"),
+    "tag": f"optimizer: !{'x' * MEGABYTE} sofim\n",
+}
+
+
+@pytest.mark.parametrize("text", HUGE_SPACES.values(), ids=HUGE_SPACES.keys())
+def test_huge_values_are_quoted_short(tmp_path: Path, text: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(UserInputError) as info:
+        load_space(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: "), message[:300]
+    assert len(message) - len(str(path)) < 300, message[:600]
+    assert "\n" not in message
+
+
+ODD_VALUES = {
+    "list optimizer (unhashable)": ("optimizer: [sofim]\nparams: {}\n", "optimizer: unknown optimizer ['sofim']"),
+    "int of 5000 digits": (SOFIM_YAML.replace("low: 0.5", "low: " + "1" * 5000), "not valid YAML: cannot read the value '111"),
+    "int past a float": (SOFIM_YAML.replace("weight_decay: 0.0", "weight_decay: " + "1" * 400), "fixed.weight_decay: expected a finite number, got <an integer of about 400 digits>"),
+    "int past 64 bits": (SOFIM_YAML + "  epochs: " + "9" * 20 + "\n", "fixed.epochs: expected an integer of at most 19 digits"),
+    "year 0": (SOFIM_YAML.replace("low: 0.5", "low: 0000-01-01"), "not valid YAML: cannot read the value '0000-01-01': year 0 is out of range at line 5"),
+    "python tag": (SOFIM_YAML.replace("weight_decay: 0.0", "weight_decay: !!python/object/apply:os.system [echo hi]"), "not valid YAML: could not determine a constructor"),
+    "non-string key": (SOFIM_YAML + "1: one\n", "1: unknown key"),
+    "key with a newline": (SOFIM_YAML + '"a\\nb": 1\n', "'a\\nb': unknown key"),
+}
+
+
+@pytest.mark.parametrize(("text", "expected"), ODD_VALUES.values(), ids=ODD_VALUES.keys())
+def test_odd_values_give_one_line_errors(tmp_path: Path, text: str, expected: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(UserInputError) as info:
+        load_space(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: "), message
+    assert expected in message, message
+    assert "\n" not in message and len(message) - len(str(path)) < 300
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("short", "'short'"),
+        ("a" * 100, "'" + "a" * 59 + "… (100 characters)"),
+        ("\x00" * 100, "'" + "\\x00" * 14 + "\\x0… (100 characters)"),
+        (list(range(100)), "[0, 1, 2, 3, ...]"),
+        ([[["deep"]]], "[[[...]]]"),
+        (10**5000, "<an integer of about 5,001 digits>"),
+        (-(10**100), "-<an integer of about 101 digits>"),
+        (1.5, "1.5"),
+        (None, "None"),
+    ],
+    ids=["short", "long", "escapes", "list", "nested", "huge int", "big negative int", "float", "None"],
+)
+def test_excerpt(value: object, expected: str) -> None:
+    assert excerpt(value) == expected
+    assert len(excerpt(value)) < 100

@@ -9,7 +9,7 @@ import pytest
 
 from sofim_tune.data import dataset_info
 from sofim_tune.errors import UserInputError
-from sofim_tune.space import load_space
+from sofim_tune.space import MAX_FILE_BYTES, load_space
 from sofim_tune.spec import DEFAULT_TRIALS, StudySpec, load_spec, spec_names
 
 BASE_TOML = """\
@@ -230,3 +230,158 @@ def test_spec_with_an_unknown_dataset(tmp_path: Path) -> None:
     spec = StudySpec("x", "digits", "mlp", "sofim", 1, 1, 1, source=str(path))
     with pytest.raises(UserInputError, match=rf"^overrides of {re.escape(str(path))}: dataset: unknown dataset 'imagenet'"):
         spec.replace(dataset="imagenet")
+
+
+# ---------------------------------------------------------------------------------------
+# The study name is a path component
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name", ["../x", "..", "a/b", "a\\\\b", "/etc", ".hidden", "-x", "a..b", "with space", "tab\\tname", "x" * 129, "é"]
+)
+def test_unsafe_name_is_refused(tmp_path: Path, name: str) -> None:
+    path = write(tmp_path, with_line("name", f'"{name}"'))
+    with pytest.raises(UserInputError) as info:
+        load_spec("digits", study=path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: name: "), message
+    assert "\n" not in message and len(message) - len(str(path)) < 300
+
+
+def test_unsafe_name_is_refused_in_overrides() -> None:
+    with pytest.raises(UserInputError, match=r"^overrides of studies/digits-mlp\.toml: name: '\.\./x' is not a safe study name"):
+        load_spec("digits").replace(name="../x")
+
+
+@pytest.mark.parametrize("name", ["a", "cifar100-resnet18", "v1.2_final", "X" * 128])
+def test_safe_names(tmp_path: Path, name: str) -> None:
+    assert load_spec("digits", study=write(tmp_path, with_line("name", f'"{name}"'))).name == name
+
+
+def test_default_name_is_made_safe(tmp_path: Path) -> None:
+    # torchvision archs are tv:NAME; a folder's name may hold spaces or dots.
+    assert load_spec("cifar10", "tv:resnet50").name == "cifar10-tv-resnet50"
+    assert load_spec(str(image_folder(tmp_path, "my flowers (2024)")), "tv:vit_b_16").name == "my-flowers-2024-tv-vit_b_16"
+    assert load_spec(str(image_folder(tmp_path, "..hidden..data"))).name == "hidden.data-cnn"
+    # A user's spec without a name gets the same default.
+    path = write(tmp_path, 'arch = "tv:resnet18"\n')
+    assert load_spec("cifar10", study=path).name == "cifar10-tv-resnet18"
+
+
+# ---------------------------------------------------------------------------------------
+# The dataset from the spec alone (--study my.toml without --dataset)
+# ---------------------------------------------------------------------------------------
+
+
+def test_dataset_from_the_spec(tmp_path: Path) -> None:
+    spec = load_spec(None, study=write(tmp_path, BASE_TOML))
+    assert (spec.dataset, spec.arch, spec.name, spec.trials) == ("digits", "mlp", "digits-mlp", 40)
+    assert load_spec(study="cifar10-resnet18") == load_spec("cifar10")
+
+
+def test_folder_dataset_from_the_spec_starts_at_its_folder(tmp_path: Path) -> None:
+    folder = image_folder(tmp_path)
+    spec = load_spec(study=write(tmp_path, 'dataset = "flowers"\ntrials = 5\n'))
+    assert (spec.dataset, spec.arch, spec.name, spec.epochs, spec.trials) == (str(folder), "cnn", "flowers-cnn", 10, 5)
+    # The same study named with --dataset too.
+    assert load_spec(str(folder), study=tmp_path / "study.toml") == spec
+
+
+def test_dataset_from_the_spec_still_checks_arch(tmp_path: Path) -> None:
+    path = write(tmp_path, BASE_TOML)
+    with pytest.raises(UserInputError, match=rf"^{re.escape(str(path))}: arch: the spec is for 'mlp', not 'cnn'$"):
+        load_spec(None, "cnn", study=path)
+
+
+def test_no_dataset_anywhere(tmp_path: Path) -> None:
+    with pytest.raises(UserInputError, match=r"^name a dataset with --dataset, or a study spec \(--study\) that has a `dataset` key$"):
+        load_spec(None)
+    path = write(tmp_path, "trials = 4\n")
+    with pytest.raises(UserInputError, match=rf"^{re.escape(str(path))}: dataset: missing; name a dataset with --dataset"):
+        load_spec(None, study=path)
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ('dataset = "imagenet"', "dataset: unknown dataset '{folder}"),  # a path: next to the spec
+        ("dataset = 3", "dataset: expected a non-empty string, got 3"),
+        ('dataset = ""', "dataset: expected a non-empty string, got ''"),
+    ],
+)
+def test_bad_dataset_in_the_spec_alone(tmp_path: Path, line: str, expected: str) -> None:
+    path = write(tmp_path, line + "\n")
+    expected = expected.format(folder=tmp_path)
+    with pytest.raises(UserInputError, match=rf"^{re.escape(str(path))}: {re.escape(expected)}"):
+        load_spec(None, study=path)
+
+
+# ---------------------------------------------------------------------------------------
+# Hostile files: size, depth, huge values
+# ---------------------------------------------------------------------------------------
+
+MEGABYTE = 1_000_000
+
+HOSTILE_SPECS = {
+    "huge value": f'sampler = "{"s" * MEGABYTE}"\n',
+    "huge key": f"{'k' * MEGABYTE} = 1\n",
+    "huge quoted key": f'"{"q" * MEGABYTE}" = 1\n',
+    "huge enqueue key": f"enqueue = [{{{'e' * MEGABYTE} = 0.1}}]\n",
+    "huge enqueue value": f'enqueue = [{{lr = "{"v" * MEGABYTE}"}}]\n',
+    "huge name": f'name = "{"n" * MEGABYTE}"\n',
+    "huge arch": f'arch = "{"a" * MEGABYTE}"\n',
+    "huge dataset": f'dataset = "{"d" * MEGABYTE}"\n',
+    "huge search_space": f'search_space = "{"x" * MEGABYTE}"\n',
+    "huge direction": f'direction = "{"m" * MEGABYTE}"\n',
+    "huge list": f"trials = [{', '.join(['1'] * 300_000)}]\n",
+    "huge int": f"seed = {'9' * 4000}\n",
+    "list metric (unhashable)": 'metric = ["val_loss"]\n',
+    "deep nesting": "trials = " + "[" * 100_000 + "]" * 100_000 + "\n",
+    "too many settings": "enqueue = [" + ", ".join(["{lr = 0.1}"] * 1001) + "]\n",
+    "newline in a path": 'search_space = "a\\nb.yaml"\n',
+    "NUL in a path": 'dataset = "fl\\u0000owers"\n',
+}
+
+
+@pytest.mark.parametrize("text", HOSTILE_SPECS.values(), ids=HOSTILE_SPECS.keys())
+def test_hostile_spec_gives_a_short_line(tmp_path: Path, text: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(UserInputError) as info:
+        load_spec("digits", study=path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: "), message[:300]
+    assert len(message) - len(str(path)) < 300, message[:600]
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("enqueue = [" + ", ".join(["{lr = 0.1}"] * 1001) + "]\n", "enqueue: at most 1000 settings, got 1,001"),
+        ("trials = " + "[" * 100_000 + "]" * 100_000 + "\n", "not valid TOML: nested too deeply"),
+        (f"seed = {'9' * 20}\n", "seed: expected an integer of at most 19 digits"),
+        (f"seed = {'9' * 5000}\n", "not valid TOML: Exceeds the limit (4300 digits) for integer string conversion"),
+        ('metric = ["val_loss"]\n', "metric: unknown metric ['val_loss']"),
+        ('arch = "a\\nb"\n', "arch: 'a\\nb' contains control characters (a newline, a tab, a NUL)"),
+        (f'arch = "{"a" * 201}"\n', "arch: too long: 201 characters, at most 200"),
+    ],
+    ids=["enqueue cap", "depth", "64 bits", "5000 digits", "unhashable", "control characters", "long arch"],
+)
+def test_hostile_spec_messages(tmp_path: Path, text: str, expected: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(UserInputError, match=rf"^{re.escape(str(path))}: {re.escape(expected)}"):
+        load_spec("digits", study=path)
+
+
+def test_spec_over_a_mebibyte_is_refused_unread(tmp_path: Path) -> None:
+    path = write(tmp_path, "trials = 4\n" + "#" * MAX_FILE_BYTES + "\n")
+    with pytest.raises(UserInputError, match=rf"^{re.escape(str(path))}: larger than 1 MiB; a study spec file is a few lines$"):
+        load_spec("digits", study=path)
+
+
+def test_long_dataset_argument_is_cut() -> None:
+    # Not from a file, but the message still quotes it short.
+    with pytest.raises(UserInputError) as info:
+        load_spec("d" * 100_000)
+    assert str(info.value).startswith("unknown dataset 'ddd") and len(str(info.value)) < 300
