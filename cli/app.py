@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -33,6 +35,18 @@ out = Console()
 err = Console(stderr=True, soft_wrap=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+class _WarningLines(logging.Handler):
+    """The library's warnings (a worker that died, say) as one line each on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        err.print(f"[yellow]warning:[/yellow] {escape(record.getMessage())}", highlight=False)
+
+
+_library_log = logging.getLogger("sofim_tune")
+_library_log.addHandler(_WarningLines(logging.WARNING))
+_library_log.propagate = False
 
 
 def user_errors(command: F) -> F:
@@ -144,6 +158,21 @@ def train(
     out.print(table)
 
 
+def _storage(storage: str | None, storage_env: str | None) -> str | None:
+    """``--storage`` as given, or the URL in the environment variable ``--storage-env`` names.
+
+    From the environment, a password never shows in ``ps`` or in the shell's history.
+    """
+    if storage_env is None:
+        return storage
+    if storage is not None:
+        raise UserInputError("give --storage or --storage-env, not both")
+    value = os.environ.get(storage_env)
+    if not value:
+        raise UserInputError(f"--storage-env {storage_env}: that environment variable is not set")
+    return value
+
+
 def _parse_gpus(gpus: str | None) -> tuple[int, ...]:
     if not gpus:
         return ()
@@ -162,13 +191,19 @@ def _parse_gpus(gpus: str | None) -> tuple[int, ...]:
 class _LiveView:
     """Trials done / pruned / failed, best so far and elapsed time, on stderr.
 
-    The bar appears with the first update, so that input errors found before the study
-    starts print alone.
+    On a terminal, a bar that appears with the first update, so that input errors found
+    before the study starts print alone. Without one (nohup, a batch job's log), one line
+    per finished trial, and a line every ``QUIET_SECONDS`` while none finishes.
     """
+
+    QUIET_SECONDS = 30.0
 
     def __init__(self) -> None:
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err)
         self.task: Any = None
+        self.terminal = err.is_terminal
+        self.seen: set[int] | None = None
+        self.started = self.last_line = time.monotonic()
 
     def __enter__(self) -> _LiveView:
         return self
@@ -178,12 +213,15 @@ class _LiveView:
             self.progress.stop()
 
     def __call__(self, record: Any) -> None:
-        if self.task is None:
-            self.progress.start()
-            self.task = self.progress.add_task("", total=record.target_trials)
         counts = {state: len(record.by_state(state)) for state in ("complete", "pruned", "failed", "running")}
         best = record.best_trial()
         best_text = f"best {record.metric} {best.value:.4f}" if best else "no completed trial yet"
+        if not self.terminal:
+            self._lines(record, counts, best_text)
+            return
+        if self.task is None:
+            self.progress.start()
+            self.task = self.progress.add_task("", total=record.target_trials)
         self.progress.update(
             self.task,
             total=record.target_trials,
@@ -191,11 +229,34 @@ class _LiveView:
             description=f"done {counts['complete']} · pruned {counts['pruned']} · failed {counts['failed']} · running {counts['running']} · {best_text}",
         )
 
+    def _lines(self, record: Any, counts: dict[str, int], best_text: str) -> None:
+        ended = [t for t in record.trials if t.state in ("complete", "pruned", "failed")]
+        if self.seen is None:  # trials of an earlier run are not news
+            self.seen = {t.number for t in ended}
+        now = time.monotonic()
+        progress = f"{counts['complete'] + counts['pruned']}/{record.target_trials} finished · {best_text} · {now - self.started:.0f} s"
+        for trial in ended:
+            if trial.number in self.seen:
+                continue
+            self.seen.add(trial.number)
+            if trial.state == "complete":
+                what = f"complete, {record.metric} {trial.value:.4f}"
+            elif trial.state == "pruned":
+                what = f"{trial.attrs.get('reason', 'pruned')} at epoch {max(trial.intermediate, default=0)}"
+            else:
+                what = f"failed: {trial.attrs.get('error', 'error')}"
+            settings = ", ".join(f"{k}={v:.4g}" for k, v in trial.params.items())
+            err.print(f"trial {trial.number} {what} ({settings}) · {progress}", highlight=False, markup=False, soft_wrap=True)
+            self.last_line = now
+        if now - self.last_line >= self.QUIET_SECONDS:
+            err.print(f"{counts['running']} running · {progress}", highlight=False, markup=False)
+            self.last_line = now
+
 
 @app.command()
 @user_errors
 def run(
-    dataset: DatasetOpt,
+    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="`digits`, `mnist`, `fashion-mnist`, `cifar10`, `cifar100`, `svhn`, or a path to an ImageFolder; may come from the --study file.")] = None,
     arch: ArchOpt = None,
     study: Annotated[Optional[str], typer.Option(help="A shipped study spec (`cifar100-resnet18`) or a path to a .toml.")] = None,
     space: Annotated[Optional[str], typer.Option(help="Search space: `sofim`, `sofim-effective`, `sgd-momentum`, `adamw`, or a path to a .yaml.")] = None,
@@ -204,6 +265,7 @@ def run(
     sampler: Annotated[Optional[str], typer.Option(help="`tpe` (default), `random`, `qmc`, `cmaes`, `gp` or `grid`.")] = None,
     pruner: Annotated[Optional[str], typer.Option(help="`hyperband` (default), `median`, `sha` or `none`.")] = None,
     storage: Annotated[Optional[str], typer.Option(help="Optuna storage: an SQLAlchemy URL or `journal:PATH`; default: SQLite in --out.")] = None,
+    storage_env: Annotated[Optional[str], typer.Option(help="Read the storage URL from this environment variable, so its password stays out of `ps`.")] = None,
     workers: Annotated[int, typer.Option(help="Worker processes sharing the storage.")] = 1,
     gpus: Annotated[Optional[str], typer.Option(help="GPUs to spread workers over: `all` or `0,1`.")] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Run folder; default: runs/DATASET-ARCH (the study name).")] = None,
@@ -235,7 +297,7 @@ def run(
     )
     options = RunOptions(
         out_dir=out_dir or Path("runs") / spec.name,
-        storage=storage,
+        storage=_storage(storage, storage_env),
         workers=workers,
         gpus=_parse_gpus(gpus),
         timeout=timeout,
@@ -280,6 +342,7 @@ def _print_summary(record: Any, seconds: float) -> None:
 RunDirArg = Annotated[Optional[Path], typer.Argument(help="A run folder written by `sofim-tune run`.", show_default=False)]
 StorageOpt = Annotated[Optional[str], typer.Option(help="Read the study from this storage URL instead of a run folder.")]
 StudyNameOpt = Annotated[Optional[str], typer.Option("--study", help="Study name in --storage (needed when it holds several).")]
+StorageEnvOpt = Annotated[Optional[str], typer.Option(help="Read the storage URL from this environment variable (keeps a password out of `ps`).")]
 
 
 @app.command()
@@ -288,6 +351,7 @@ def export(
     run_dir: RunDirArg = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Where to write the JSON; default: RUN_DIR/best.json, or ./best.json with --storage.")] = None,
     storage: StorageOpt = None,
+    storage_env: StorageEnvOpt = None,
     study: StudyNameOpt = None,
 ) -> None:
     """Write the recommended settings of a study as best.json (schema v1), also while it runs.
@@ -296,7 +360,7 @@ def export(
     """
     from sofim_tune import runs
 
-    record = runs.load_run(run_dir, storage=storage, study=study)
+    record = runs.load_run(run_dir, storage=_storage(storage, storage_env), study=study)
     target = output or (run_dir / "best.json" if run_dir else Path("best.json"))
     rec, path = runs.export(record, target)
     note = "" if rec.study.final else " (study still running: best so far)"
@@ -310,6 +374,7 @@ def plot(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Folder for report.html and plots/; default: RUN_DIR.")] = None,
     png: Annotated[bool, typer.Option("--png", help="Also write PNG files (needs Chrome or Chromium).")] = False,
     storage: StorageOpt = None,
+    storage_env: StorageEnvOpt = None,
     study: StudyNameOpt = None,
 ) -> None:
     """Write the sensitivity report (report.html) and one file per figure under plots/.
@@ -318,21 +383,21 @@ def plot(
     """
     from sofim_tune import runs
 
-    record = runs.load_run(run_dir, storage=storage, study=study)
+    record = runs.load_run(run_dir, storage=_storage(storage, storage_env), study=study)
     target = output or run_dir or Path(".")
     out.print(f"wrote {runs.plot(record, target, png=png)}", highlight=False)
 
 
 @app.command()
 @user_errors
-def show(run_dir: RunDirArg = None, storage: StorageOpt = None, study: StudyNameOpt = None) -> None:
+def show(run_dir: RunDirArg = None, storage: StorageOpt = None, storage_env: StorageEnvOpt = None, study: StudyNameOpt = None) -> None:
     """Show the state of a study: trials by state, best so far, elapsed time.
 
     Example: `sofim-tune show runs/cifar100-resnet18`
     """
     from sofim_tune import runs
 
-    state = runs.status(runs.load_run(run_dir, storage=storage, study=study))
+    state = runs.status(runs.load_run(run_dir, storage=_storage(storage, storage_env), study=study))
     table = Table(title=f"study {state.name} ({state.backend})", show_header=False)
     table.add_row("finished", f"{state.counts['complete'] + state.counts['pruned']} of {state.target}" + ("" if state.finished else " (not done)"))
     for key in ("complete", "pruned", "failed", "running"):
@@ -360,11 +425,13 @@ def recommend(
     """
     from sofim_tune import runs
 
-    found = runs.find_recommendations(results, dataset, arch)
+    search = runs.find_recommendations(results, dataset, arch)
+    for line in search.invalid:
+        err.print(f"[yellow]skipped:[/yellow] {escape(line)}", highlight=False)
+    found = search.recommendations
     if not found:
         what = f"{dataset}" + (f" / {arch}" if arch else "")
-        err.print(f"no recommendation for {what} under {results}/ yet; make one with: sofim-tune run --dataset {dataset}" + (f" --arch {arch}" if arch else ""), highlight=False)
-        raise typer.Exit(1)
+        raise UserInputError(f"no recommendation for {what} under {results}/ yet; make one with: sofim-tune run --dataset {dataset}" + (f" --arch {arch}" if arch else ""))
     if as_json:
         print(json.dumps(found[0][1].to_dict()))
         return

@@ -567,6 +567,12 @@ def _folder_layout(root: Path) -> _FolderLayout:
     return _FolderLayout(root, None, None)
 
 
+def has_test_split(dataset: str) -> bool:
+    """Whether ``dataset`` has a test split: every registry dataset does; an ImageFolder
+    only with a ``test/`` folder beside ``train/``."""
+    return dataset in DATASETS or _folder_layout(Path(dataset)).test is not None
+
+
 def _class_names(folder: Path) -> list[str]:
     try:
         return find_classes(folder)[0]

@@ -11,9 +11,6 @@ import functools
 import importlib.metadata
 import importlib.resources
 import json
-import os
-import re
-import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -26,6 +23,7 @@ import optuna
 
 from sofim_tune import __version__
 from sofim_tune.errors import UserInputError
+from sofim_tune.files import redact_storage_url, write_text_atomic
 from sofim_tune.records import Confirmation, StudyRecord, TrialRecord
 
 SCHEMA_ID = "sofim-tune/recommendation/v1"
@@ -40,13 +38,12 @@ __all__ = [
     "StudySummary",
     "build_recommendation",
     "confirm_top",
+    "current_confirmations",
     "good_region",
     "load_recommendation",
     "param_importances",
     "pick_recommended",
-    "redact_storage_url",
     "write_recommendation",
-    "write_text_atomic",
 ]
 
 
@@ -323,7 +320,7 @@ def distinct_ranked(study: StudyRecord) -> list[TrialRecord]:
 
 def confirm_top(
     study: StudyRecord,
-    evaluate: Callable[[dict[str, float], int], float],
+    evaluate: Callable[[list[tuple[dict[str, float], int]]], Sequence[float]],
     *,
     top: int = 3,
     seeds: Sequence[int],
@@ -331,9 +328,10 @@ def confirm_top(
     """Retrain the ``top`` best distinct completed configurations once per seed.
 
     Args:
-        evaluate: ``evaluate(params, seed) -> metric value`` trains one configuration with
-            one seed and returns the study's metric (same units and direction); a finite
-            number even when the run diverges (e.g. chance accuracy), so means compare.
+        evaluate: ``evaluate(jobs) -> values`` trains each ``(params, seed)`` job once
+            (all at once, so that a backend can run them in parallel) and returns the
+            study's metric per job, in order (same units and direction); a finite number
+            even when a run diverges (e.g. chance accuracy), so means compare.
         top: how many configurations, >= 1 (fewer when fewer distinct ones completed).
         seeds: one training run per seed per configuration; not empty.
 
@@ -344,14 +342,24 @@ def confirm_top(
         raise UserInputError(f"top must be >= 1, got {top}")
     if not seeds:
         raise UserInputError("confirmation needs at least one seed")
+    candidates = [dict(trial.params) for trial in distinct_ranked(study)[:top]]
+    values = iter(evaluate([(params, seed) for params in candidates for seed in seeds]))
     return [
-        Confirmation(
-            params=dict(trial.params),
-            seeds=list(seeds),
-            values=[float(evaluate(dict(trial.params), seed)) for seed in seeds],
-        )
-        for trial in distinct_ranked(study)[:top]
+        Confirmation(params=params, seeds=list(seeds), values=[float(next(values)) for _ in seeds])
+        for params in candidates
     ]
+
+
+def current_confirmations(study: StudyRecord) -> list[Confirmation]:
+    """The study's stored confirmations while they still belong to its top trials, else none.
+
+    A confirmation retrained the configurations that ranked best when it ran; once a
+    better trial has joined the study (it was extended), they no longer say anything
+    about what to recommend.
+    """
+    stored = study.confirmations
+    top = [t.params for t in distinct_ranked(study)[: len(stored)]]
+    return list(stored) if [c.params for c in stored] == top else []
 
 
 def pick_recommended(
@@ -394,8 +402,8 @@ def build_recommendation(
     """Assemble the recommendation for a study, finished or still running.
 
     Args:
-        confirmations: seed confirmations to pick from; None uses
-            ``study.confirmations``, ``()`` ignores them.
+        confirmations: seed confirmations to pick from; None uses the study's own
+            while they are current (:func:`current_confirmations`), ``()`` ignores them.
         test_accuracy: held-out test accuracy in [0, 1] of the recommended configuration;
             None falls back to the chosen confirmation's.
         device: the accelerator the study trained on, for provenance.
@@ -408,7 +416,7 @@ def build_recommendation(
     if best is None:
         raise _no_completed_trial(study)
     if confirmations is None:
-        confirmations = study.confirmations
+        confirmations = current_confirmations(study)
     params, chosen = pick_recommended(study, confirmations)
     same = [t for t in distinct_ranked(study) if t.params == params]
     # A confirmed configuration is normally one of the study's trials; if not, its mean
@@ -457,41 +465,6 @@ def build_recommendation(
     )
 
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` all at once, creating missing parent folders.
-
-    The text goes to a temporary file in the same folder, which then replaces ``path``
-    (``os.replace`` is atomic within one file system): readers see the old file or the
-    new one, never half of one, and a failure leaves any existing file untouched and no
-    temporary file behind.
-
-    Raises:
-        UserInputError: the folder cannot be created or written.
-    """
-    path = Path(path)
-    tmp: Path | None = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        tmp = Path(name)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp creates 0600 files; these are reports meant to be read and shared.
-        tmp.chmod(0o644)
-        os.replace(tmp, path)
-    except OSError as e:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
-        raise UserInputError(f"{path}: cannot write: {e.strerror or e}") from e
-    except BaseException:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_recommendation(rec: Recommendation, path: str | Path) -> Path:
     """Validate ``rec`` against the schema and write it to ``path`` atomically.
 
@@ -528,31 +501,3 @@ def load_recommendation(path: str | Path) -> Recommendation:
             f"{prefix}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}"
         ) from None
     return Recommendation.from_dict(data, source=str(path))
-
-
-_NETLOC = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<netloc>[^/?#]*)(?P<rest>.*)$", re.S)
-_LOOSE_USERINFO = re.compile(r"(?P<user>[^:/@\s]+):(?!\*\*\*@)[^/@\s]*@")
-_QUERY_SECRET = re.compile(r"(?P<key>[?&](?:password|passwd|pwd)=)[^&#]*", re.I)
-
-
-def redact_storage_url(url: str) -> str:
-    """Replace any password in a storage URL by ``***``; never raises.
-
-    ``postgresql://user:secret@host/db`` -> ``postgresql://user:***@host/db``; a
-    ``password=`` query parameter is hidden too. URLs without credentials
-    (``sqlite:///runs/x/study.db``, ``journal:./study.log``) come back unchanged.
-    This is the one place that redacts; every module that shows a storage URL calls it.
-    """
-    match = _NETLOC.match(url)
-    if match is not None:
-        netloc = match["netloc"]
-        # rpartition: an unescaped "@" inside the password still belongs to the password.
-        userinfo, at, host = netloc.rpartition("@")
-        if at and ":" in userinfo:
-            user = userinfo.partition(":")[0]
-            netloc = f"{user}:***@{host}"
-        url = match["scheme"] + netloc + match["rest"]
-    # Malformed URLs ("user:secret@host/db", "postgresql:/u:pw@h") fall through the pattern
-    # above; any user:password@ left anywhere is hidden too.
-    url = _LOOSE_USERINFO.sub(lambda m: m["user"] + ":***@", url)
-    return _QUERY_SECRET.sub(lambda m: m["key"] + "***", url)

@@ -7,42 +7,23 @@ names its backend and storage in ``run.json``; a storage given explicitly (``--s
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from sofim_tune.backends import get_backend
 from sofim_tune.errors import UserInputError
 from sofim_tune.recommend import Recommendation, build_recommendation, load_recommendation, write_recommendation
 from sofim_tune.records import StudyRecord
+from sofim_tune.study import read_run_file
 
 
 def load_run(run_dir: str | Path | None = None, *, storage: str | None = None, study: str | None = None) -> StudyRecord:
     """The study of a run folder, or of ``storage`` (and ``study`` when it holds several)."""
-    if storage is not None:
-        from sofim_tune.backends.optuna import load_optuna_record
-
-        return load_optuna_record(storage, study)
-    if run_dir is None:
-        raise UserInputError("name a run folder, or a storage with --storage (and --study)")
+    if storage is not None or run_dir is None:
+        return get_backend("optuna").load(None, storage=storage, study=study)
     folder = Path(run_dir)
-    run_file = folder / "run.json"
-    if not run_file.is_file():
-        raise UserInputError(f"{folder} holds no sofim-tune study (no run.json); give the folder that `sofim-tune run --out` wrote")
-    try:
-        meta = json.loads(run_file.read_text())
-        backend, url, name = meta["backend"], meta["storage"], meta["study"]
-    except (ValueError, KeyError, TypeError):
-        raise UserInputError(f"{run_file} is corrupted; pass the study's storage with --storage and --study") from None
-    if backend == "ray":
-        from sofim_tune.backends.ray import load_ray_record
-
-        return load_ray_record(folder)
-    if "***" in url:
-        raise UserInputError(f"the storage of {folder} needs a password; pass it with --storage URL --study {name}")
-    from sofim_tune.backends.optuna import load_optuna_record
-
-    return load_optuna_record(url, study or name)
+    return get_backend(read_run_file(folder)["backend"]).load(folder, study=study)
 
 
 def export(record: StudyRecord, path: str | Path) -> tuple[Recommendation, Path]:
@@ -96,23 +77,28 @@ def status(record: StudyRecord) -> StudyStatus:
     )
 
 
-def find_recommendations(results: str | Path, dataset: str, arch: str | None = None) -> list[tuple[Path, Recommendation]]:
+@dataclass(frozen=True)
+class Found:
+    """What :func:`find_recommendations` found under a results folder."""
+
+    recommendations: list[tuple[Path, Recommendation]]
+    invalid: list[str]  # one line per best.json that could not be read, saying why
+
+
+def find_recommendations(results: str | Path, dataset: str, arch: str | None = None) -> Found:
     """Every valid best.json under ``results`` for ``dataset`` (and ``arch``), best first.
 
-    Files that are not v1 recommendations are skipped here; ``load_recommendation`` says why
-    for a single file.
+    Files that are not v1 recommendations are left out and named in ``invalid``.
     """
     root = Path(results)
-    if not root.is_dir():
-        return []
-    found = []
-    for path in sorted(root.glob("*/best.json")):
+    found, invalid = [], []
+    for path in sorted(root.glob("*/best.json")) if root.is_dir() else []:
         try:
             rec = load_recommendation(path)
-        except UserInputError:
+        except UserInputError as exc:
+            invalid.append(str(exc))
             continue
         if rec.dataset == dataset and (arch is None or rec.arch == arch):
             found.append((path, rec))
     found.sort(key=lambda item: item[1].metric.value if item[1].metric.direction == "maximize" else -item[1].metric.value, reverse=True)
-    return found
-
+    return Found(found, invalid)

@@ -91,9 +91,41 @@ def test_recommend_table_and_json(results):
 
 
 def test_recommend_without_a_run_says_how_to_make_one(results):
-    done = invoke("recommend", "--dataset", "cifar100", "--arch", "resnet18", "--results", results)
-    assert done.exit_code == 1
-    assert "sofim-tune run --dataset cifar100 --arch resnet18" in done.stderr
+    one_line_exit_2(invoke("recommend", "--dataset", "cifar100", "--arch", "resnet18", "--results", results), "sofim-tune run --dataset cifar100 --arch resnet18")
+
+
+def test_recommend_names_the_invalid_files_it_skips(results, tmp_path):
+    root = tmp_path / "results"
+    shutil.copytree(results / "digits-mlp", root / "good")
+    (root / "broken").mkdir()
+    (root / "broken" / "best.json").write_text("{not json")
+    (root / "old").mkdir()
+    (root / "old" / "best.json").write_text(json.dumps({"schema": "sofim-tune/recommendation/v0"}))
+    done = invoke("recommend", "--dataset", "digits", "--results", root, "--json")
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.stdout)["dataset"] == "digits"
+    skipped = [line for line in done.stderr.splitlines() if line.startswith("skipped:")]
+    assert len(skipped) == 2
+    assert any("broken/best.json" in line and "invalid JSON" in line for line in skipped)
+    assert any("old/best.json" in line and "v0" in line for line in skipped)
+
+
+def test_a_copied_run_folder_is_its_own(results, tmp_path):
+    """run.json names the default storage relative to the folder: a copy reads itself, even
+    when the original is gone, and a rerun on the copy resumes the copy."""
+    original = tmp_path / "original"
+    shutil.copytree(results / "digits-mlp", original)
+    assert json.loads((original / "run.json").read_text())["storage"] == "study.db"
+    copy = tmp_path / "elsewhere" / "copy"
+    shutil.copytree(original, copy)
+    shutil.rmtree(original)
+    shown = invoke("show", copy)
+    assert shown.exit_code == 0, shown.output
+    assert "4 of 4" in shown.stdout
+    spec = load_spec("digits").replace(trials=5, epochs=2, confirm_top=1, confirm_seeds=2)
+    outcome = tune(spec, RunOptions(out_dir=copy, device="cpu"))
+    assert len(outcome.study.by_state("complete")) + len(outcome.study.by_state("pruned")) == 5
+    assert not original.exists()
 
 
 def test_folder_without_a_study(tmp_path):

@@ -18,13 +18,14 @@ from sofim_tune.recommend import (
     Recommendation,
     build_recommendation,
     confirm_top,
+    current_confirmations,
     good_region,
     load_recommendation,
     param_importances,
     pick_recommended,
-    redact_storage_url,
     write_recommendation,
 )
+from sofim_tune.files import redact_storage_url
 from study_records import make_study
 
 HYPERPARAMETERS = {"lr", "rho", "beta1"}
@@ -243,10 +244,10 @@ def test_confirm_top_and_pick_by_mean(study: StudyRecord) -> None:
     runner_up = ranked[1].params
     calls: list[tuple[dict, int]] = []
 
-    def evaluate(params: dict[str, float], seed: int) -> float:
-        calls.append((params, seed))
+    def evaluate(jobs: list[tuple[dict[str, float], int]]) -> list[float]:
+        calls.extend(jobs)
         # The runner-up of the search is the best on average over seeds.
-        return (0.75 if params == runner_up else 0.70) + seed * 1e-4
+        return [(0.75 if params == runner_up else 0.70) + seed * 1e-4 for params, seed in jobs]
 
     confirmations = confirm_top(study, evaluate, top=3, seeds=[1, 2])
     assert len(calls) == 3 * 2
@@ -262,16 +263,16 @@ def test_confirm_top_skips_duplicate_configurations(study: StudyRecord) -> None:
     best = study.best_trial()
     twin = dataclasses.replace(best, number=99, value=best.value - 0.001)
     doubled = dataclasses.replace(study, trials=[*study.trials, twin])
-    confirmations = confirm_top(doubled, lambda p, s: 0.5, top=2, seeds=[0])
+    confirmations = confirm_top(doubled, lambda jobs: [0.5] * len(jobs), top=2, seeds=[0])
     assert confirmations[0].params == best.params
     assert confirmations[1].params != best.params
 
 
 def test_confirm_top_validates_arguments(study: StudyRecord) -> None:
     with pytest.raises(UserInputError):
-        confirm_top(study, lambda p, s: 0.5, seeds=[])
+        confirm_top(study, lambda jobs: [0.5] * len(jobs), seeds=[])
     with pytest.raises(UserInputError):
-        confirm_top(study, lambda p, s: 0.5, top=0, seeds=[1])
+        confirm_top(study, lambda jobs: [0.5] * len(jobs), top=0, seeds=[1])
 
 
 def test_recommendation_uses_confirmation(study: StudyRecord) -> None:
@@ -300,6 +301,18 @@ def test_defaults_to_study_confirmations(study: StudyRecord, rec: Recommendation
     best_mean = max(study.confirmations, key=lambda c: c.mean)
     assert rec.hyperparameters == best_mean.params
     assert rec.metric.confirm.mean == pytest.approx(best_mean.mean)
+
+
+def test_stale_confirmations_are_ignored_after_a_better_trial_joins(study: StudyRecord) -> None:
+    """An extended study's old confirmations ranked other trials: export must not reuse them."""
+    best = study.best_trial()
+    better = dataclasses.replace(best, number=len(study.trials), params={**best.params, "lr": best.params["lr"] * 1.5}, value=best.value + 0.05)
+    extended = dataclasses.replace(study, trials=[*study.trials, better])
+    assert current_confirmations(study) == study.confirmations
+    assert current_confirmations(extended) == []
+    rec = build_recommendation(extended)
+    assert rec.hyperparameters == better.params
+    assert rec.metric.confirm is None
 
 
 def test_running_study_is_not_final() -> None:

@@ -139,8 +139,11 @@ def test_two_workers_share_the_default_storage(tmp_path):
     done = cli("run", *SMALL, "--trials", "6", "--epochs", "2", "--workers", "2", "--out", str(out))
     assert done.returncode == 0, done.stderr
     study = optuna.load_study(study_name="digits-mlp", storage=f"sqlite:///{out / 'study.db'}")
-    trials = study.get_trials(deepcopy=False)
+    # A trial asked for in the same instant as the last needed one is failed as "surplus"
+    # before it starts, and no record shows it.
+    trials = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("reason") != "surplus"]
     assert not [t for t in trials if t.state in (TrialState.FAIL, TrialState.RUNNING)]
+    assert len([t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]) == 6
     assert len({t.user_attrs["worker"]["pid"] for t in trials}) == 2
     assert "locked" not in done.stderr
 
@@ -165,8 +168,7 @@ def earlier_run(tmp_path_factory):
         (["--trials", "0"], "trials"),
         (["--study", "no-such-study"], "no-such-study"),
         (["--space", "{bad_space}"], "low"),
-        (["--storage", "postgresql://alice:s3cret@127.0.0.1:1/db"], "cannot open storage"),
-        (["--storage", "alice:s3cret@127.0.0.1/db"], "cannot open storage"),
+        (["--storage", "postgresql://alice:s3cret@127.0.0.1:1/db"], "keeps this study in another storage"),
         (["--space", "sofim-effective"], "different search space"),
         (["--enqueue", "{corrupt_json}"], "not a sofim-tune v1 recommendation"),
     ],
@@ -242,8 +244,10 @@ def test_a_run_folder_of_another_study_is_refused(tmp_path):
     options = RunOptions(out_dir=tmp_path, device="cpu", export=False)
     tune(load_spec("digits").replace(trials=1, epochs=1), options)
     other = RunOptions(out_dir=tmp_path, storage=f"journal:{tmp_path / 'other.log'}", device="cpu", export=False)
-    with pytest.raises(UserInputError, match="already holds another study"):
+    with pytest.raises(UserInputError, match=r"keeps this study in another storage \(study.db\)"):
         tune(load_spec("digits").replace(trials=1, epochs=1), other)
+    with pytest.raises(UserInputError, match="already holds another study"):
+        tune(load_spec("digits", "cnn").replace(trials=1, epochs=1), options)
 
 
 def test_diverged_trials_are_pruned_with_their_reason(tmp_path, monkeypatch):
@@ -273,14 +277,172 @@ def test_relative_out_folder_is_readable_from_elsewhere(tmp_path, monkeypatch):
 
 
 def test_rerunning_a_finished_study_reuses_its_confirmations(tmp_path, monkeypatch):
-    from sofim_tune import tuning
-
     spec = load_spec("digits").replace(trials=2, epochs=1, confirm_top=1, confirm_seeds=2)
     options = RunOptions(out_dir=tmp_path, device="cpu")
     first = tune(spec, options)
     calls = []
-    monkeypatch.setattr(tuning, "train_trial", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(optuna_backend, "train_trial", lambda *a, **k: calls.append(a))
     second = tune(spec, options)
     assert calls == []
     assert second.study.confirmations == first.study.confirmations
     assert load_recommendation(second.best_json).metric.test_accuracy is not None
+
+
+# --------------------------------------------------------------------------- resumes and workers
+
+
+@pytest.mark.parametrize("sampler", ["random", "tpe"])
+def test_an_extended_study_does_not_replay_its_sampler(tmp_path, sampler):
+    """Seeded from the study's state: trials added on a rerun are new settings, not copies."""
+    spec = load_spec("digits").replace(epochs=1, sampler=sampler, pruner="none", enqueue=[])
+    options = RunOptions(out_dir=tmp_path, device="cpu", export=False)
+    tune(spec.replace(trials=3), options)
+    trials = tune(spec.replace(trials=6), options).study.trials
+    first, added = [t.params for t in trials[:3]], [t.params for t in trials[3:]]
+    assert len(added) == 3
+    assert not [p for p in added if p in first]
+
+
+def test_a_grid_reaches_its_trial_count(tmp_path):
+    """A 10-trial grid over three parameters needs 3 values per axis (27 points), not 2 (8)."""
+    outcome = tune(load_spec("digits").replace(trials=10, epochs=1, sampler="grid", pruner="none", confirm_top=1, confirm_seeds=1), RunOptions(out_dir=tmp_path, device="cpu"))
+    assert len(outcome.study.by_state("complete")) == 10
+    assert load_recommendation(outcome.best_json).study.final
+
+
+def test_an_image_folder_without_test_split_finishes_with_null_test_accuracy(tmp_path):
+    from fake_datasets import write_image_folder
+
+    folder = tmp_path / "shapes"
+    for split, seed in (("train", 0), ("val", 1)):
+        write_image_folder(folder / split, ["a", "b"], per_class=8, seed=seed)
+    spec = load_spec(str(folder)).replace(trials=2, epochs=1, confirm_top=1, confirm_seeds=2)
+    outcome = tune(spec, RunOptions(out_dir=tmp_path / "run", device="cpu"))
+    rec = load_recommendation(outcome.best_json)
+    assert rec.study.final and rec.metric.confirm is not None
+    assert rec.metric.test_accuracy is None
+    # A rerun reuses the stored confirmation instead of failing the same way again.
+    assert tune(spec, RunOptions(out_dir=tmp_path / "run", device="cpu")).study.confirmations == outcome.study.confirmations
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def test_a_killed_worker_is_named_and_the_others_finish_the_study(tmp_path):
+    out, trials = tmp_path / "run", 6
+    args = ["run", *SMALL, "--trials", str(trials), "--epochs", "15", "--pruner", "none", "--workers", "2", "--out", str(out)]
+    process = subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    storage = f"sqlite:///{out / 'study.db'}"
+    victim = None
+    try:
+        deadline = time.monotonic() + 180
+        while victim is None and time.monotonic() < deadline:
+            time.sleep(0.3)
+            if not (out / "run.json").exists():
+                continue
+            workers = set(_children(process.pid))
+            study = optuna.load_study(study_name="digits-mlp", storage=optuna_backend.open_storage(storage))
+            running = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if t.user_attrs.get("worker", {}).get("pid") in workers]
+            if running and study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+                victim = running[0]
+        assert victim is not None, "no worker ran a trial in time"
+        os.kill(victim.user_attrs["worker"]["pid"], signal.SIGKILL)
+        stdout, stderr = process.communicate(timeout=300)
+    finally:
+        process.kill()
+    assert process.returncode == 0, stderr
+    warning = [line for line in stderr.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1
+    assert f"pid {victim.user_attrs['worker']['pid']}) was killed by SIGKILL" in warning[0]
+    assert f"it left trial {victim.number}" in warning[0]
+    study = optuna.load_study(study_name="digits-mlp", storage=optuna_backend.open_storage(storage))
+    all_trials = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("reason") != "surplus"]
+    assert not [t for t in all_trials if t.state == TrialState.RUNNING]
+    assert len([t for t in all_trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]) == trials
+    killed = study.trials[victim.number]
+    assert killed.state == TrialState.FAIL and killed.user_attrs["reason"] == "interrupted"
+    assert [t.params for t in all_trials if t.user_attrs.get("retry_of") == victim.number] == [killed.params]
+    assert load_recommendation(out / "best.json").study.final and (out / "report.html").exists()
+
+
+def test_a_log_without_a_terminal_gets_a_line_per_finished_trial(tmp_path):
+    done = cli("run", *SMALL, "--trials", "4", "--epochs", "2", "--out", str(tmp_path / "run"))
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("trial ")]
+    assert [line.split()[1] for line in lines] == ["0", "1", "2", "3"]
+    assert all("/4 finished" in line and "lr=" in line for line in lines)
+
+
+# --------------------------------------------------------------------------- bad input, nothing lost
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--timeout", "-5"], "--timeout must be > 0"),
+        (["--workers", "0"], "--workers must be >= 1"),
+        (["--storage", "postgresql://alice:s3cret@127.0.0.1:1/db"], "cannot open storage"),
+        (["--storage", "alice:s3cret@127.0.0.1/db"], "cannot open storage"),
+    ],
+)
+def test_a_run_refused_at_the_start_leaves_no_files(tmp_path, extra, message):
+    out = tmp_path / "new"
+    done = CliRunner().invoke(app, ["run", "--dataset", "digits", "--device", "cpu", "--trials", "2", "--out", str(out), *extra])
+    assert done.exit_code == 2, done.output
+    assert len(done.stderr.strip().splitlines()) == 1 and message in done.stderr
+    assert "s3cret" not in done.stderr
+    assert not out.exists()
+
+
+def test_out_that_is_not_a_run_folder_is_refused_and_untouched(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "best.json").write_text("my own notes")
+    (mine / "report.html").write_text("<p>mine</p>")
+    before = digest(mine)
+    done = CliRunner().invoke(app, ["run", "--dataset", "digits", "--device", "cpu", "--trials", "2", "--out", str(mine)])
+    assert done.exit_code == 2
+    assert "is not empty and is not a sofim-tune run folder" in done.stderr
+    assert digest(mine) == before and sorted(p.name for p in mine.iterdir()) == ["best.json", "report.html"]
+
+
+def test_out_that_is_a_file_says_so(tmp_path):
+    target = tmp_path / "file.txt"
+    target.write_text("x")
+    done = CliRunner().invoke(app, ["run", "--dataset", "digits", "--device", "cpu", "--trials", "2", "--out", str(target)])
+    assert done.exit_code == 2 and "is a file" in done.stderr and "storage" not in done.stderr
+    assert target.read_text() == "x"
+
+
+def test_study_file_names_the_dataset(tmp_path):
+    spec_file = tmp_path / "mine.toml"
+    spec_file.write_text('dataset = "digits"\nname = "my-digits"\ntrials = 2\nepochs = 1\nconfirm_top = 1\nconfirm_seeds = 1\n')
+    done = CliRunner().invoke(app, ["run", "--study", str(spec_file), "--device", "cpu", "--out", str(tmp_path / "run")])
+    assert done.exit_code == 0, done.output
+    assert load_recommendation(tmp_path / "run" / "best.json").study.name == "my-digits"
+
+
+def test_a_spec_name_cannot_leave_the_runs_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec_file = tmp_path / "evil.toml"
+    spec_file.write_text('dataset = "digits"\nname = "../escaped"\n')
+    done = CliRunner().invoke(app, ["run", "--study", str(spec_file), "--device", "cpu"])
+    assert done.exit_code == 2 and "not a safe study name" in done.stderr
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "runs").exists()
+
+
+def test_storage_from_the_environment(tmp_path, monkeypatch):
+    url = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    monkeypatch.setenv("MY_STUDY_DB", url)
+    out = tmp_path / "run"
+    done = CliRunner().invoke(app, ["run", *SMALL, "--trials", "2", "--epochs", "1", "--storage-env", "MY_STUDY_DB", "--out", str(out)])
+    assert done.exit_code == 0, done.output
+    assert (tmp_path / "elsewhere.db").exists() and not (out / "study.db").exists()
+    shown = CliRunner().invoke(app, ["show", "--storage-env", "MY_STUDY_DB"])
+    assert shown.exit_code == 0 and "2 of 2" in shown.stdout
+    unset = CliRunner().invoke(app, ["show", "--storage-env", "NOT_SET_ANYWHERE"])
+    assert unset.exit_code == 2 and "NOT_SET_ANYWHERE" in unset.stderr

@@ -8,15 +8,14 @@ search space is refused instead of mixing two searches in one study.
 from __future__ import annotations
 
 import dataclasses
-import math
+import logging
 import multiprocessing
 import os
 import socket
 import sys
 import time
 import warnings
-from collections.abc import Callable, Mapping
-from datetime import datetime, timezone
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +26,29 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
 from sofim_tune.errors import TrialPruned, UserInputError
+from sofim_tune.files import redact_storage_url
 from sofim_tune.records import Confirmation, StudyRecord, TrialRecord
-from sofim_tune.recommend import redact_storage_url
 from sofim_tune.space import ParamRange, SearchSpace
 from sofim_tune.spec import StudySpec
-from sofim_tune.trial import train_trial
-from sofim_tune.tuning import RunOptions, check_resumable, claim_run_folder, effective_epochs, spread_devices, trial_config
+from sofim_tune.study import (
+    RunOptions,
+    check_resumable,
+    check_run_folder,
+    claim_run_folder,
+    default_storage_url,
+    describe_exit,
+    effective_epochs,
+    make_sampler,
+    read_run_file,
+    record_from_metadata,
+    sampler_seed,
+    spread_devices,
+    storage_file,
+    storage_from_run_file,
+    study_metadata,
+    trial_config,
+)
+from sofim_tune.trial import TrialConfig, TrialResult, train_trial
 
 ATTR = "sofim_tune"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -43,6 +59,12 @@ HEARTBEAT_SECONDS = 30
 GRACE_SECONDS = 120
 POLL_SECONDS = 1.0
 _HOST = socket.gethostname()
+# A trial asked for after the study already had its target finished or running; it is
+# failed at once, and no record, count or sampler ever sees it.
+SURPLUS = "surplus"
+# SQLAlchemy's URL schemes whose driver is not installed with sofim-tune, and what installs it.
+_DRIVER_PACKAGES = {"psycopg": "'sofim-tune[postgres]'", "psycopg2": "'sofim-tune[postgres]' (and write postgresql+psycopg://)", "MySQLdb": "mysqlclient", "pymysql": "pymysql"}
+log = logging.getLogger("sofim_tune")
 
 # The live view and the summary table say what Optuna's log lines would, and a failed
 # trial's error is recorded on the trial (``sofim-tune show``, the report) rather than
@@ -56,19 +78,9 @@ class TrialFailed(Exception):
     """A trial's run failed; Optuna records it as FAIL and the study goes on."""
 
 
-def storage_url(storage: str | None, out_dir: Path) -> str:
+def storage_url(options: RunOptions) -> str:
     """The storage URL a run uses: ``--storage`` as given, or SQLite in the run folder."""
-    # Absolute, because run.json keeps it for commands started from other folders.
-    return storage if storage is not None else f"sqlite:///{out_dir.resolve() / 'study.db'}"
-
-
-def _storage_file(url: str) -> Path | None:
-    """The local file behind a journal or SQLite URL; None for a database server."""
-    if url.startswith("journal:"):
-        return Path(url.removeprefix("journal:")).expanduser()
-    if url.startswith("sqlite:///"):
-        return Path(url.removeprefix("sqlite:///"))
-    return None
+    return options.storage if options.storage is not None else default_storage_url(options.out_dir)
 
 
 def open_storage(url: str, *, create: bool = True) -> BaseStorage:
@@ -79,7 +91,7 @@ def open_storage(url: str, *, create: bool = True) -> BaseStorage:
     with "database is locked" when several workers write at once. With ``create=False`` a
     missing SQLite or journal file is an error instead of a new empty storage.
     """
-    file = _storage_file(url)
+    file = storage_file(url)
     try:
         if file is not None and not create and not file.is_file():
             raise UserInputError(f"cannot open storage {redact_storage_url(url)}: {file} does not exist")
@@ -97,40 +109,12 @@ def open_storage(url: str, *, create: bool = True) -> BaseStorage:
         )
     except UserInputError:
         raise
+    except ModuleNotFoundError as exc:
+        package = _DRIVER_PACKAGES.get(str(exc.name), exc.name)
+        raise UserInputError(f"cannot open storage {redact_storage_url(url)}: its database driver ({exc.name}) is not installed; pip install {package}") from None
     except Exception as exc:  # noqa: BLE001 - the file system, SQLAlchemy and drivers raise many types
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserInputError(f"cannot open storage {redact_storage_url(url)}: {redact_storage_url(reason)}") from None
-
-
-def make_sampler(name: str, space: SearchSpace, seed: int, trials: int) -> optuna.samplers.BaseSampler:
-    """The sampler for ``--sampler``; ``seed`` differs per worker so workers do not repeat each other."""
-    if name == "tpe":
-        return optuna.samplers.TPESampler(multivariate=True, seed=seed)
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if name == "qmc":
-        return optuna.samplers.QMCSampler(scramble=True, seed=seed)
-    if name == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=seed)
-    if name == "gp":
-        return optuna.samplers.GPSampler(seed=seed)
-    if name == "grid":
-        return optuna.samplers.GridSampler(grid_axes(space, trials), seed=seed)
-    raise UserInputError(f"unknown sampler {name!r}")
-
-
-def grid_axes(space: SearchSpace, trials: int) -> dict[str, list[float]]:
-    """Evenly spaced values per parameter (geometric for log ranges), about ``trials`` points in all."""
-    per_axis = max(2, round(trials ** (1.0 / len(space.params))))
-    axes = {}
-    for name, p in space.params.items():
-        if p.log:
-            low, high = math.log(p.low), math.log(p.high)
-            values = [math.exp(low + (high - low) * i / (per_axis - 1)) for i in range(per_axis)]
-        else:
-            values = [p.low + (p.high - p.low) * i / (per_axis - 1) for i in range(per_axis)]
-        axes[name] = sorted({int(round(v)) for v in values}) if p.type == "int" else values
-    return axes
 
 
 def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
@@ -164,11 +148,29 @@ class _OptunaReporter:
             raise TrialPruned
 
 
+class _Surplus(Exception):
+    """The study had its target when this trial was asked for; it does not run."""
+
+
+def _is_surplus(study: optuna.Study, number: int, target: int) -> bool:
+    """Whether ``target`` trials numbered below ``number`` finished or are running.
+
+    Trial numbers are handed out atomically by the storage, so when several workers ask
+    at once exactly the first ones run, and the study stops at its target, not beyond.
+    """
+    ahead = study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
+    return sum(1 for t in ahead if t.number < number) >= target
+
+
 class _Objective:
     def __init__(self, spec: StudySpec, space: SearchSpace, options: RunOptions, device: str) -> None:
         self.spec, self.space, self.options, self.device = spec, space, options, device
 
     def __call__(self, trial: optuna.Trial) -> float:
+        if _is_surplus(trial.study, trial.number, self.spec.trials):
+            trial.set_user_attr("reason", SURPLUS)
+            trial.study.stop()
+            raise _Surplus
         trial.set_user_attr("worker", {"host": _HOST, "pid": os.getpid()})
         searched = {name: _suggest(trial, p) for name, p in self.space.params.items()}
         hyperparameters = self.space.to_hyperparameters(searched)
@@ -199,11 +201,27 @@ class _Objective:
         raise TrialFailed(result.error or "failed")
 
 
+def _stop_at_target(target: int) -> Callable[[optuna.Study, FrozenTrial], None]:
+    """Stop a worker once the trials finished and running elsewhere reach the target.
+
+    Counting the running ones too keeps workers from asking for trials that the study will
+    not need (:func:`_is_surplus` catches the ones that still race past).
+    """
+
+    def callback(study: optuna.Study, trial: FrozenTrial) -> None:
+        if len(study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))) >= target:
+            study.stop()
+
+    return callback
+
+
 class _StopAfterFailures:
     def __init__(self, limit: int) -> None:
         self.limit, self.failures = limit, 0
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if trial.user_attrs.get("reason") == SURPLUS:
+            return
         self.failures = self.failures + 1 if trial.state == TrialState.FAIL else 0
         if self.failures >= self.limit:
             study.stop()
@@ -247,30 +265,6 @@ def recover_interrupted(study: optuna.Study) -> int:
     return queued
 
 
-def study_metadata(spec: StudySpec, space: SearchSpace, url: str) -> dict[str, Any]:
-    return {
-        "dataset": spec.dataset,
-        "arch": spec.arch,
-        "optimizer": space.optimizer,
-        "space": space.name,
-        "space_fingerprint": space.fingerprint(),
-        "space_definition": space.to_dict(),
-        "log_params": sorted(space.log_hyperparameters),
-        "metric": spec.metric,
-        "direction": spec.direction,
-        "sampler": spec.sampler,
-        "pruner": spec.pruner,
-        "epochs": effective_epochs(spec, space),
-        "batch_size": int(space.fixed.get("batch_size", spec.batch_size)),
-        "seed": spec.seed,
-        "val_fraction": spec.val_fraction,
-        "fixed": dict(space.fixed),
-        "trials": spec.trials,
-        "storage": redact_storage_url(url),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
 def open_study(spec: StudySpec, space: SearchSpace, url: str) -> optuna.Study:
     """Create the study, or load it and check that it was made with the same space and metric."""
     storage = open_storage(url)
@@ -293,19 +287,23 @@ def open_study(spec: StudySpec, space: SearchSpace, url: str) -> optuna.Study:
 
 def _optimize(spec: StudySpec, space: SearchSpace, options: RunOptions, url: str, device: str, worker: int, on_trial: Callable[[optuna.Study], None] | None) -> None:
     """One worker: run trials until the study has ``spec.trials`` finished ones."""
+    storage = open_storage(url)
+    # Seeded from the study's state, so that a resumed or extended study does not replay
+    # the settings of its first trials.
+    in_storage = len(optuna.load_study(study_name=spec.name, storage=storage).get_trials(deepcopy=False))
     study = optuna.load_study(
         study_name=spec.name,
-        storage=open_storage(url),
-        sampler=make_sampler(spec.sampler, space, spec.seed + worker, spec.trials),
+        storage=storage,
+        sampler=make_sampler(spec.sampler, space, sampler_seed(spec.seed, in_storage, worker), spec.trials),
         pruner=make_pruner(spec.pruner, effective_epochs(spec, space)),
     )
     callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] = [
-        optuna.study.MaxTrialsCallback(spec.trials, states=FINISHED),
+        _stop_at_target(spec.trials),
         _StopAfterFailures(MAX_CONSECUTIVE_FAILURES),
     ]
     if on_trial is not None:
         callbacks.append(lambda s, _t: on_trial(s))
-    study.optimize(_Objective(spec, space, options, device), timeout=options.timeout, catch=(TrialFailed,), callbacks=callbacks)
+    study.optimize(_Objective(spec, space, options, device), timeout=options.timeout, catch=(TrialFailed, _Surplus), callbacks=callbacks)
 
 
 def _worker_main(spec: StudySpec, space_definition: dict[str, Any], options: RunOptions, url: str, device: str, worker: int) -> None:
@@ -326,11 +324,12 @@ def run_optuna_study(spec: StudySpec, space: SearchSpace, options: RunOptions, *
     """Run (or resume) the study of ``spec`` until it has ``spec.trials`` finished trials.
 
     ``options.workers`` processes share the storage; each is pinned to a device from
-    ``options.gpus`` round-robin. Trials that a killed run left behind are failed and their
-    settings tried again. Returns the study as a :class:`StudyRecord`.
+    ``options.gpus`` round-robin. Trials that a killed run or worker left behind are failed
+    and their settings tried again. Returns the study as a :class:`StudyRecord`.
     """
-    url = storage_url(options.storage, options.out_dir)
-    open_storage(url)  # a bad URL is the user's first problem to hear about
+    url = storage_url(options)
+    check_run_folder(options.out_dir, backend="optuna", storage=url, study=spec.name)
+    open_storage(url)  # a bad URL is the user's next problem to hear about, before run.json is written
     claim_run_folder(options.out_dir, backend="optuna", storage=url, study=spec.name)
     study = open_study(spec, space, url)
     recover_interrupted(study)
@@ -342,16 +341,26 @@ def run_optuna_study(spec: StudySpec, space: SearchSpace, options: RunOptions, *
             on_progress(record_from_study(s))
 
     progress(study)
-    if finished_count(study) < spec.trials:
-        devices = spread_devices(options.workers, options.gpus, options.device)
-        if options.workers == 1:
-            _optimize(spec, space, options, url, devices[0], 0, progress)
-        else:
-            _run_workers(spec, space, options, url, devices, lambda: progress(study))
+    started = time.monotonic()
+    devices = spread_devices(options.workers, options.gpus, options.device)
+    if options.workers > 1 and finished_count(study) < spec.trials:
+        _run_workers(spec, space, options, url, devices, lambda: progress(study))
+        recover_interrupted(study)
+    # One worker, or what a dead worker left undone: this process runs it.
+    left = None if options.timeout is None else options.timeout - (time.monotonic() - started)
+    if finished_count(study) < spec.trials and (left is None or left > 0):
+        _optimize(spec, space, dataclasses.replace(options, timeout=left), url, devices[0], 0, progress)
     return record_from_study(study)
 
 
 def _run_workers(spec: StudySpec, space: SearchSpace, options: RunOptions, url: str, devices: list[str], poll: Callable[[], None]) -> None:
+    """Run one worker process per device until they all stop.
+
+    A worker that stops with an input error (exit code 2, its message already on stderr)
+    stops the study. A worker killed from outside (the OOM killer, ``kill -9``) is
+    reported with the trial it left, that trial is failed and queued again, and the other
+    workers go on; whatever they leave undone, the caller finishes.
+    """
     # Processes, not threads: each trial owns its interpreter, its CUDA context and its GIL.
     context = multiprocessing.get_context("spawn")
     processes = [
@@ -360,15 +369,22 @@ def _run_workers(spec: StudySpec, space: SearchSpace, options: RunOptions, url: 
     ]
     for process in processes:
         process.start()
+    study = optuna.load_study(study_name=spec.name, storage=open_storage(url))
+    reported: set[int] = set()
     try:
-        while any(p.is_alive() for p in processes):
+        while True:
+            running = any(p.is_alive() for p in processes)
             poll()
+            for process in processes:
+                if process.exitcode not in (None, 0, 2) and process.pid not in reported:
+                    reported.add(process.pid)
+                    _report_dead_worker(study, process)
+            if not running:
+                break
             time.sleep(POLL_SECONDS)
-        poll()
-        failed = [p.name for p in processes if p.exitcode != 0]
-        if failed:
-            # The workers said why on stderr; exporting half a study would hide it.
-            raise UserInputError(f"{', '.join(failed)} stopped with an error; see above, then run the same command again to resume")
+        stopped = [p.name for p in processes if p.exitcode == 2]
+        if stopped:
+            raise UserInputError(f"{', '.join(stopped)} stopped on an input error (printed above); fix it, then run the same command again to resume")
     except KeyboardInterrupt:
         for process in processes:
             process.join(timeout=30)
@@ -378,6 +394,18 @@ def _run_workers(spec: StudySpec, space: SearchSpace, options: RunOptions, url: 
             if process.is_alive():
                 process.terminate()
                 process.join()
+
+
+def _report_dead_worker(study: optuna.Study, process: multiprocessing.process.BaseProcess) -> None:
+    """Say which worker died, how, and which trial it left; fail and requeue that trial."""
+    left = [
+        t.number
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if t.user_attrs.get("worker", {}).get("pid") == process.pid and t.user_attrs.get("worker", {}).get("host") == _HOST
+    ]
+    recover_interrupted(study)
+    trials = f"trial {', '.join(map(str, left))}, which was marked failed and queued to run again" if left else "no trial"
+    log.warning("%s (pid %s) %s; it left %s; the other workers go on", process.name, process.pid, describe_exit(process.exitcode), trials)
 
 
 def _hyperparameters(trial: FrozenTrial, space: SearchSpace) -> dict[str, float]:
@@ -407,34 +435,9 @@ def record_from_study(study: optuna.Study) -> StudyRecord:
     if meta is None:
         raise UserInputError(f"study {study.study_name!r} was not made by sofim-tune")
     space = SearchSpace.from_dict(meta["space_definition"])
-    trials = [_trial_record(t, space) for t in study.get_trials(deepcopy=False) if t.state in _STATES]
+    trials = [_trial_record(t, space) for t in study.get_trials(deepcopy=False) if t.state in _STATES and t.user_attrs.get("reason") != SURPLUS]
     confirmations = [Confirmation(**c) for c in study.user_attrs.get("confirmations", [])]
     return record_from_metadata(meta, name=study.study_name, backend="optuna", trials=trials, confirmations=confirmations)
-
-
-def record_from_metadata(meta: Mapping[str, Any], *, name: str, backend: str, trials: list[TrialRecord], confirmations: list[Confirmation]) -> StudyRecord:
-    """A StudyRecord from the metadata that :func:`study_metadata` wrote; shared by both backends."""
-    return StudyRecord(
-        name=name,
-        backend=backend,
-        storage=meta["storage"],
-        dataset=meta["dataset"],
-        arch=meta["arch"],
-        optimizer=meta["optimizer"],
-        space=meta["space"],
-        log_params=frozenset(meta["log_params"]),
-        metric=meta["metric"],
-        direction=meta["direction"],
-        sampler=meta["sampler"],
-        pruner=meta["pruner"],
-        epochs=meta["epochs"],
-        batch_size=meta["batch_size"],
-        fixed=meta["fixed"],
-        trials=sorted(trials, key=lambda t: t.number),
-        target_trials=meta["trials"],
-        confirmations=confirmations,
-        created=datetime.fromisoformat(meta["created"]),
-    )
 
 
 def load_optuna_record(url: str, name: str | None) -> StudyRecord:
@@ -450,9 +453,34 @@ def load_optuna_record(url: str, name: str | None) -> StudyRecord:
     return record_from_study(optuna.load_study(study_name=name, storage=storage))
 
 
-def save_confirmations(record: StudyRecord, confirmations: list[Confirmation], options: RunOptions) -> StudyRecord:
-    """Store the seed confirmations on the study, so that a later export or plot shows them."""
-    url = storage_url(options.storage, options.out_dir)
-    study = optuna.load_study(study_name=record.name, storage=open_storage(url))
-    study.set_user_attr("confirmations", [dataclasses.asdict(c) for c in confirmations])
-    return dataclasses.replace(record, confirmations=list(confirmations))
+class OptunaBackend:
+    """The default backend: an Optuna study in an RDB or journal storage (see the module's docstring)."""
+
+    name = "optuna"
+
+    def run(self, spec: StudySpec, space: SearchSpace, options: RunOptions, *, on_progress: Callable[[StudyRecord], None] | None = None) -> StudyRecord:
+        return run_optuna_study(spec, space, options, on_progress=on_progress)
+
+    def load(self, run_dir: Path | None, *, storage: str | None = None, study: str | None = None) -> StudyRecord:
+        """A study from ``storage`` when given, else from the storage the run folder names."""
+        if storage is not None:
+            return load_optuna_record(storage, study)
+        if run_dir is None:
+            raise UserInputError("name a run folder, or a storage with --storage (and --study)")
+        meta = read_run_file(run_dir)
+        if "***" in meta["storage"]:
+            raise UserInputError(f"the storage of {run_dir} needs a password; pass it with --storage-env VAR (or --storage URL) and --study {meta['study']}")
+        return load_optuna_record(storage_from_run_file(meta["storage"], run_dir), study or meta["study"])
+
+    def confirm(self, configs: Sequence[TrialConfig], options: RunOptions) -> list[TrialResult]:
+        """One run after another, in this process."""
+        return [train_trial(config) for config in configs]
+
+    def save_confirmations(self, record: StudyRecord, confirmations: list[Confirmation], options: RunOptions) -> StudyRecord:
+        """Store the seed confirmations on the study, so that a later export or plot shows them."""
+        study = optuna.load_study(study_name=record.name, storage=open_storage(storage_url(options)))
+        study.set_user_attr("confirmations", [dataclasses.asdict(c) for c in confirmations])
+        return dataclasses.replace(record, confirmations=list(confirmations))
+
+
+BACKEND = OptunaBackend()

@@ -1,0 +1,75 @@
+"""Writing files safely and showing storage URLs safely: used by every layer that writes or prints."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from sofim_tune.errors import UserInputError
+
+__all__ = ["redact_storage_url", "write_text_atomic"]
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` all at once, creating missing parent folders.
+
+    The text goes to a temporary file in the same folder, which then replaces ``path``
+    (``os.replace`` is atomic within one file system): readers see the old file or the
+    new one, never half of one, and a failure leaves any existing file untouched and no
+    temporary file behind.
+
+    Raises:
+        UserInputError: the folder cannot be created or written.
+    """
+    path = Path(path)
+    tmp: Path | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        tmp = Path(name)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        # mkstemp creates 0600 files; these are reports meant to be read and shared.
+        tmp.chmod(0o644)
+        os.replace(tmp, path)
+    except OSError as e:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        raise UserInputError(f"{path}: cannot write: {e.strerror or e}") from e
+    except BaseException:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+_NETLOC = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<netloc>[^/?#]*)(?P<rest>.*)$", re.S)
+_LOOSE_USERINFO = re.compile(r"(?P<user>[^:/@\s]+):(?!\*\*\*@)[^/@\s]*@")
+_QUERY_SECRET = re.compile(r"(?P<key>[?&](?:password|passwd|pwd)=)[^&#]*", re.I)
+
+
+def redact_storage_url(url: str) -> str:
+    """Replace any password in a storage URL by ``***``; never raises.
+
+    ``postgresql://user:secret@host/db`` -> ``postgresql://user:***@host/db``; a
+    ``password=`` query parameter is hidden too. URLs without credentials
+    (``sqlite:///runs/x/study.db``, ``journal:./study.log``) come back unchanged.
+    This is the one place that redacts; every module that shows a storage URL calls it.
+    """
+    match = _NETLOC.match(url)
+    if match is not None:
+        netloc = match["netloc"]
+        # rpartition: an unescaped "@" inside the password still belongs to the password.
+        userinfo, at, host = netloc.rpartition("@")
+        if at and ":" in userinfo:
+            user = userinfo.partition(":")[0]
+            netloc = f"{user}:***@{host}"
+        url = match["scheme"] + netloc + match["rest"]
+    # Malformed URLs ("user:secret@host/db", "postgresql:/u:pw@h") fall through the pattern
+    # above; any user:password@ left anywhere is hidden too.
+    url = _LOOSE_USERINFO.sub(lambda m: m["user"] + ":***@", url)
+    return _QUERY_SECRET.sub(lambda m: m["key"] + "***", url)

@@ -1,0 +1,385 @@
+"""The study layer: what both backends share, below them and above the trial.
+
+Run options, run folders, the metadata a study records about itself, resume checks,
+samplers, the TrialConfig of a trial, and the :class:`Backend` protocol through which the
+pipeline (``tuning.py``, ``runs.py``) reaches a backend. Backends import this module;
+it imports no backend.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from sofim_tune.errors import UserInputError
+from sofim_tune.files import redact_storage_url, write_text_atomic
+from sofim_tune.records import Confirmation, StudyRecord, TrialRecord
+from sofim_tune.space import SearchSpace
+from sofim_tune.spec import StudySpec
+from sofim_tune.trial import TrialConfig, TrialResult
+
+if TYPE_CHECKING:
+    import optuna
+
+# Confirmation retrains with seeds that no search trial used (trials use spec.seed + number).
+CONFIRM_SEED_BASE = 1_000_003
+RUN_FILE = "run.json"
+# A storage that run.json names without a scheme is a file inside the run folder, so the
+# folder can be moved or copied with its study.
+DEFAULT_STORAGE_FILE = "study.db"
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How and where a study runs; the what (dataset, budget, space) is the :class:`StudySpec`.
+
+    Attributes:
+        out_dir: the run folder (storage, best.json, report.html, plots/).
+        storage: Optuna storage URL (``sqlite:///...``, ``postgresql://...``, ``journal:PATH``);
+            None means SQLite at ``out_dir/study.db``. For Ray: ignored.
+        workers: Optuna worker processes sharing the storage, >= 1.
+        gpus: GPU indices to spread workers over, round-robin; empty means ``device``.
+        timeout: stop starting new trials after this many seconds (> 0); None runs to the target.
+        enqueue: settings (the optimizer's names) to try before sampling.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` for trials not pinned to a GPU.
+        data_dir, download: where torchvision datasets live, and whether to fetch them.
+        export: retrain the top settings, write best.json and the report at the end.
+        address, gpus_per_trial, cpus_per_trial, max_concurrent, storage_path: Ray only.
+    """
+
+    out_dir: Path
+    storage: str | None = None
+    workers: int = 1
+    gpus: tuple[int, ...] = ()
+    timeout: float | None = None
+    enqueue: tuple[Mapping[str, float], ...] = ()
+    device: str = "auto"
+    data_dir: str | None = None
+    download: bool = False
+    export: bool = True
+    address: str | None = None
+    gpus_per_trial: float = 0.0
+    cpus_per_trial: float = 1.0
+    max_concurrent: int | None = None
+    storage_path: str | None = None
+
+
+class Backend(Protocol):
+    """What the pipeline needs of a search backend (``sofim_tune.backends.get_backend``)."""
+
+    name: str
+
+    def run(self, spec: StudySpec, space: SearchSpace, options: RunOptions, *, on_progress: Callable[[StudyRecord], None] | None = None) -> StudyRecord:
+        """Run (or resume) the study of ``spec`` to ``spec.trials`` finished trials."""
+
+    def load(self, run_dir: Path | None, *, storage: str | None = None, study: str | None = None) -> StudyRecord:
+        """Read a study back from its run folder (or, for Optuna, from ``storage``)."""
+
+    def confirm(self, configs: Sequence[TrialConfig], options: RunOptions) -> list[TrialResult]:
+        """Train each configuration once, in order, where the backend runs its trials."""
+
+    def save_confirmations(self, record: StudyRecord, confirmations: list[Confirmation], options: RunOptions) -> StudyRecord:
+        """Store the seed confirmations with the study, so that export and plot find them."""
+
+
+# ---------------------------------------------------------------------------------------
+# Run folders
+# ---------------------------------------------------------------------------------------
+
+
+def default_storage_url(out_dir: Path) -> str:
+    return f"sqlite:///{out_dir.resolve() / DEFAULT_STORAGE_FILE}"
+
+
+def storage_file(url: str) -> Path | None:
+    """The local file behind a journal or SQLite URL; None for a database server."""
+    if url.startswith("journal:"):
+        return Path(url.removeprefix("journal:")).expanduser()
+    if url.startswith("sqlite:///"):
+        return Path(url.removeprefix("sqlite:///"))
+    return None
+
+
+def run_file_storage(url: str, out_dir: Path) -> str:
+    """How run.json names a storage: relative to the folder when the file lies inside it.
+
+    Also makes a relative SQLite or journal path absolute, so that the folder's commands
+    work from any working directory. Any password is redacted.
+    """
+    file = storage_file(url)
+    if file is None:
+        return redact_storage_url(url)
+    file = file.resolve()
+    try:
+        return str(file.relative_to(out_dir.resolve()))
+    except ValueError:
+        return ("journal:" if url.startswith("journal:") else "sqlite:///") + str(file)
+
+
+def storage_from_run_file(value: str, run_dir: Path) -> str:
+    """Inverse of :func:`run_file_storage`: a URL the backend can open."""
+    if "://" in value or value.startswith("journal:"):
+        return value
+    path = run_dir.resolve() / value
+    return f"journal:{path}" if value.endswith((".log", ".journal")) else f"sqlite:///{path}"
+
+
+def read_run_file(run_dir: Path) -> dict[str, Any]:
+    """``run.json`` of a run folder: backend, storage (see :func:`run_file_storage`), study."""
+    run_file = run_dir / RUN_FILE
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserInputError(f"{run_dir} is a file, not a run folder")
+    if not run_file.is_file():
+        raise UserInputError(f"{run_dir} holds no sofim-tune study (no {RUN_FILE}); give the folder that `sofim-tune run --out` wrote")
+    try:
+        meta = json.loads(run_file.read_text(encoding="utf-8"))
+        if not all(isinstance(meta[key], str) for key in ("backend", "storage", "study")):
+            raise TypeError
+    except (ValueError, KeyError, TypeError, OSError):
+        raise UserInputError(f"{run_file} is corrupted; pass the study's storage with --storage and --study") from None
+    return meta
+
+
+def check_run_folder(out_dir: Path, *, backend: str, storage: str | None, study: str) -> None:
+    """Refuse a run folder that cannot hold this study; writes nothing.
+
+    The folder may be missing, empty, or a run folder of the same study (same backend,
+    storage and name; ``storage=None`` when the caller does not know it yet). A file, a
+    folder of other files (a user's own ``best.json``, say) or a run folder of another
+    study is refused, so nothing a user owns is overwritten.
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserInputError(f"--out {out_dir} is a file; give a folder for the run")
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    if not (out_dir / RUN_FILE).is_file():
+        if storage is not None and _only_storage(out_dir, storage):
+            return  # a run stopped between creating its storage and writing run.json
+        raise UserInputError(f"--out {out_dir} is not empty and is not a sofim-tune run folder (no {RUN_FILE}); choose a new or empty folder")
+    try:
+        current = read_run_file(out_dir)
+    except UserInputError:
+        current = None
+    if current is None or (current["backend"], current["study"]) != (backend, study):
+        raise UserInputError(f"{out_dir} already holds another study ({out_dir / RUN_FILE}); choose another --out")
+    if storage is not None and current["storage"] != run_file_storage(storage, out_dir):
+        raise UserInputError(f"{out_dir} keeps this study in another storage ({current['storage']}); leave --storage out, or choose another --out")
+
+
+def _only_storage(out_dir: Path, storage: str) -> bool:
+    """Whether ``out_dir`` holds nothing but the file of ``storage`` (and SQLite's side files)."""
+    file = storage_file(storage)
+    if file is None or file.resolve().parent != out_dir.resolve():
+        return False
+    own = {file.name + suffix for suffix in ("", "-journal", "-wal", "-shm")}
+    return all(entry.name in own for entry in out_dir.iterdir())
+
+
+def claim_run_folder(out_dir: Path, *, backend: str, storage: str, study: str) -> None:
+    """Write the folder's ``run.json``; call :func:`check_run_folder` before writing anything."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserInputError(f"cannot create run folder {out_dir}: {exc.strerror}") from None
+    claim = {"backend": backend, "storage": run_file_storage(storage, out_dir), "study": study}
+    write_text_atomic(out_dir / RUN_FILE, json.dumps(claim, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------
+# What a study records about itself, and the checks on resume
+# ---------------------------------------------------------------------------------------
+
+
+def effective_epochs(spec: StudySpec, space: SearchSpace) -> int:
+    """Epochs per trial: a space may pin them, else the spec's."""
+    return int(space.fixed.get("epochs", spec.epochs))
+
+
+def effective_batch_size(spec: StudySpec, space: SearchSpace) -> int:
+    """Examples per step: a space may pin it, else the spec's."""
+    return int(space.fixed.get("batch_size", spec.batch_size))
+
+
+def study_metadata(spec: StudySpec, space: SearchSpace, url: str) -> dict[str, Any]:
+    """What a study records about itself when it begins (read back by :func:`record_from_metadata`)."""
+    return {
+        "dataset": spec.dataset,
+        "arch": spec.arch,
+        "optimizer": space.optimizer,
+        "space": space.name,
+        "space_fingerprint": space.fingerprint(),
+        "space_definition": space.to_dict(),
+        "log_params": sorted(space.log_hyperparameters),
+        "metric": spec.metric,
+        "direction": spec.direction,
+        "sampler": spec.sampler,
+        "pruner": spec.pruner,
+        "epochs": effective_epochs(spec, space),
+        "batch_size": effective_batch_size(spec, space),
+        "seed": spec.seed,
+        "val_fraction": spec.val_fraction,
+        "fixed": dict(space.fixed),
+        "trials": spec.trials,
+        "storage": redact_storage_url(url),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def record_from_metadata(meta: Mapping[str, Any], *, name: str, backend: str, trials: list[TrialRecord], confirmations: list[Confirmation]) -> StudyRecord:
+    """A StudyRecord from the metadata that :func:`study_metadata` wrote; shared by both backends."""
+    return StudyRecord(
+        name=name,
+        backend=backend,
+        storage=meta["storage"],
+        dataset=meta["dataset"],
+        arch=meta["arch"],
+        optimizer=meta["optimizer"],
+        space=meta["space"],
+        log_params=frozenset(meta["log_params"]),
+        metric=meta["metric"],
+        direction=meta["direction"],
+        sampler=meta["sampler"],
+        pruner=meta["pruner"],
+        epochs=meta["epochs"],
+        batch_size=meta["batch_size"],
+        fixed=meta["fixed"],
+        trials=sorted(trials, key=lambda t: t.number),
+        target_trials=meta["trials"],
+        confirmations=confirmations,
+        created=datetime.fromisoformat(meta["created"]),
+    )
+
+
+def check_resumable(meta: Mapping[str, Any], spec: StudySpec, space: SearchSpace, where: str) -> None:
+    """Refuse to resume a study whose trials could not be compared with the new ones.
+
+    ``meta`` is what the backend stored when the study began (:func:`study_metadata`);
+    ``where`` names the study in the message.
+    """
+    if meta["space_fingerprint"] != space.fingerprint():
+        raise UserInputError(f"{where} was made with a different search space ({meta['space']}); use another --out or --study, or the same space")
+    if meta["metric"] != spec.metric or meta["direction"] != spec.direction:
+        raise UserInputError(f"{where} optimizes {meta['metric']} ({meta['direction']}), not {spec.metric} ({spec.direction})")
+    wanted = {
+        "dataset": spec.dataset,
+        "arch": spec.arch,
+        "epochs": effective_epochs(spec, space),
+        "batch_size": effective_batch_size(spec, space),
+        "seed": spec.seed,
+        "val_fraction": spec.val_fraction,
+    }
+    for key, value in wanted.items():
+        if meta.get(key, value) != value:
+            raise UserInputError(f"{where} was run with {key}={meta[key]}, not {value}; trials with different settings cannot be compared: use another --out or --study")
+
+
+# ---------------------------------------------------------------------------------------
+# Trials
+# ---------------------------------------------------------------------------------------
+
+
+def trial_config(spec: StudySpec, space: SearchSpace, hyperparameters: Mapping[str, float], *, seed: int, device: str, options: RunOptions, evaluate_test: bool = False) -> TrialConfig:
+    """The TrialConfig of one trial; both backends and the confirmation step build it here."""
+    optimizer_keys = {k: v for k, v in space.fixed.items() if k not in ("batch_size", "epochs")}
+    return TrialConfig(
+        dataset=spec.dataset,
+        arch=spec.arch,
+        optimizer=space.optimizer,
+        hyperparameters={**optimizer_keys, **hyperparameters},
+        epochs=effective_epochs(spec, space),
+        batch_size=effective_batch_size(spec, space),
+        seed=seed,
+        device=device,
+        data_dir=options.data_dir,
+        download=options.download,
+        val_fraction=spec.val_fraction,
+        split_seed=spec.seed,
+        evaluate_test=evaluate_test,
+    )
+
+
+def worst_value(direction: str) -> float:
+    """The finite value that a diverged or failed run counts as: below any real accuracy
+    (maximize) or above any real loss (minimize).
+
+    Finite and modest, so that a sampler that standardises values (GP, TPE's ranking) or a
+    scheduler that interpolates percentiles (ASHA) is not flattened by it.
+    """
+    return 0.0 if direction == "maximize" else 1e6
+
+
+def spread_devices(workers: int, gpus: Sequence[int], device: str) -> list[str]:
+    """One device per worker: GPUs round-robin (several workers may share one), else ``device``."""
+    if not gpus:
+        return [device] * workers
+    return [f"cuda:{gpus[i % len(gpus)]}" for i in range(workers)]
+
+
+# ---------------------------------------------------------------------------------------
+# Samplers
+# ---------------------------------------------------------------------------------------
+
+
+def sampler_seed(base: int, trials_in_storage: int, worker: int = 0) -> int:
+    """The seed of one sampler: distinct per worker and per (re)start of a study.
+
+    Seeding from the study's state means a resumed or extended study draws new settings
+    instead of replaying the stream that produced its first trials.
+    """
+    return base + 10_000 * trials_in_storage + worker
+
+
+def grid_axes(space: SearchSpace, trials: int) -> dict[str, list[float]]:
+    """Evenly spaced values per parameter (geometric for log ranges), at least ``trials`` points in all.
+
+    Rounding up, so that a grid never has fewer points than the study has trials to run.
+    """
+    per_axis = 2
+    while per_axis ** len(space.params) < trials:
+        per_axis += 1
+    axes = {}
+    for name, p in space.params.items():
+        if p.log:
+            low, high = math.log(p.low), math.log(p.high)
+            values = [math.exp(low + (high - low) * i / (per_axis - 1)) for i in range(per_axis)]
+        else:
+            values = [p.low + (p.high - p.low) * i / (per_axis - 1) for i in range(per_axis)]
+        axes[name] = sorted({int(round(v)) for v in values}) if p.type == "int" else values
+    return axes
+
+
+def make_sampler(name: str, space: SearchSpace, seed: int, trials: int) -> optuna.samplers.BaseSampler:
+    """The Optuna sampler for ``--sampler``; see :func:`sampler_seed` for ``seed``."""
+    import optuna
+
+    if name == "tpe":
+        return optuna.samplers.TPESampler(multivariate=True, seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "qmc":
+        return optuna.samplers.QMCSampler(scramble=True, seed=seed)
+    if name == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed)
+    if name == "grid":
+        return optuna.samplers.GridSampler(grid_axes(space, trials), seed=seed)
+    raise UserInputError(f"unknown sampler {name!r}")
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """``was killed by SIGKILL`` or ``exited with code 3``: how a worker process ended."""
+    if exitcode is None:
+        return "is still running"
+    if exitcode < 0:
+        try:
+            return f"was killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"was killed by signal {-exitcode}"
+    return f"exited with code {exitcode}"
