@@ -34,13 +34,13 @@ STRATEGIES = {
 
 def run(spec: StudySpec) -> StudyRecord:
     with tempfile.TemporaryDirectory() as folder:
-        return tune(spec, RunOptions(out_dir=Path(folder), device="cpu", export=False, progress=False)).study
+        return tune(spec, RunOptions(out_dir=Path(folder), device="cpu", export=False)).study
 
 
-def best_known(base: StudySpec, trials: int) -> float:
+def best_known(base: StudySpec, trials: int, cache: Path) -> float:
     """Best validation accuracy of a large random search; cached, since it costs the most."""
-    CACHE.mkdir(exist_ok=True)
-    path = CACHE / f"digits-best-known-e{base.epochs}-t{trials}-v{base.val_fraction}.json"
+    cache.mkdir(parents=True, exist_ok=True)
+    path = cache / f"digits-best-known-e{base.epochs}-t{trials}-v{base.val_fraction}.json"
     if path.exists():
         return json.loads(path.read_text())["best"]
     record = run(base.replace(name="best-known", sampler="random", pruner="none", trials=trials, seed=12345))
@@ -66,10 +66,11 @@ def main() -> None:
     parser.add_argument("--reference-trials", type=int, default=150)
     parser.add_argument("--tolerance", type=float, default=0.005)
     parser.add_argument("--val-fraction", type=float, default=0.3, help="a larger hold-out than studies use, so that 0.5 points is ~2 images, not less than one")
+    parser.add_argument("--cache", type=Path, default=CACHE, help="where the best-known accuracy is cached")
     args = parser.parse_args()
     # The paper-style default is not enqueued, so that every strategy starts from its own draws.
     base = load_spec("digits").replace(epochs=args.epochs, trials=args.trials, enqueue=(), val_fraction=args.val_fraction)
-    best = best_known(base, args.reference_trials)
+    best = best_known(base, args.reference_trials, args.cache)
     target = best - args.tolerance
     print(f"digits/mlp, validation {args.val_fraction:.0%} of the training data, {args.epochs} epochs per trial, {args.trials} trials, {args.seeds} seeds; best known val accuracy {best:.4f}, target >= {target:.4f}")
     medians = {}

@@ -1,7 +1,7 @@
 """Recommended settings from a study: ``best.json``, schema ``sofim-tune/recommendation/v1``.
 
 A study is read only through :class:`~sofim_tune.records.StudyRecord`, so the same code
-serves the Optuna and the Ray backend. The file format is documented in DESIGN.md and
+serves the Optuna and the Ray backend. The file format is documented in docs/architecture.md and
 enforced by the JSON Schema shipped next to this module (``recommendation.schema.json``).
 """
 
@@ -152,7 +152,7 @@ class Recommendation:
     provenance: Provenance
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON document, ``schema`` first, in DESIGN.md's field order."""
+        """The JSON document: ``schema`` first, then the fields in the order declared here."""
         data = {"schema": SCHEMA_ID, **asdict(self)}
         data["sensitivity"]["good_region"] = {
             name: list(bounds) for name, bounds in self.sensitivity.good_region.items()

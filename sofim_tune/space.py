@@ -1,6 +1,6 @@
 """Search spaces: which optimizer hyperparameters a study searches, and over which ranges.
 
-A space is a YAML file (format in DESIGN.md). The shipped ones live in ``search_spaces/``
+A space is a YAML file (format in docs/architecture.md). The shipped ones live in ``search_spaces/``
 and are loaded by name (``load_space("sofim")``); a user's own is loaded by path.
 :func:`load_space` validates everything a sampler or an optimizer would otherwise trip
 over later, and raises :class:`UserInputError` with one line naming the file and the key.

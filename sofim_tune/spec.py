@@ -1,6 +1,6 @@
 """Study specs: the budget and defaults of a study for one (dataset, architecture) pair.
 
-A spec is a TOML file (format in DESIGN.md). The shipped ones live in ``studies/`` and are
+A spec is a TOML file (format in docs/architecture.md). The shipped ones live in ``studies/`` and are
 named ``<dataset>-<arch>``; a user's own is loaded by path. Keys a file leaves out take
 the defaults of a dataset without a spec (see :func:`load_spec`), so a user's file can be
 as short as ``trials = 8``. Every :class:`StudySpec` is validated when built, and bad

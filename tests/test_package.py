@@ -45,3 +45,21 @@ def test_help_lists_the_commands():
     assert done.returncode == 0
     for command in ("train", "run", "export", "plot", "show", "recommend"):
         assert command in done.stdout
+
+
+def test_the_layers_hold():
+    """pyproject.toml's import-linter contracts: every import points down, and the backends
+    do not import each other (docs/architecture.md draws the layers)."""
+    done = subprocess.run([str(Path(sys.executable).with_name("lint-imports")), "--config", str(ROOT / "pyproject.toml")], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert "Contracts: 2 kept, 0 broken." in done.stdout
+
+
+def test_docs_cite_files_that_exist():
+    """Docstrings and comments point at the README or docs/, never at a file the project lacks."""
+    cited = set()
+    for path in [*ROOT.joinpath("sofim_tune").rglob("*.py"), *ROOT.joinpath("cli").glob("*.py"), *ROOT.joinpath("benchmarks").glob("*.py")]:
+        text = path.read_text(encoding="utf-8")
+        cited |= {word.strip("`'\"(),.:;") for word in text.split() if word.strip("`'\"(),.:;").endswith(".md")}
+    assert cited, "no citations found: the check itself is broken"
+    assert {name for name in cited if not (ROOT / name).exists()} == set()

@@ -1,0 +1,42 @@
+"""Every benchmark runs at a tiny size, so that the figures the README quotes stay reproducible."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def bench(script: str, *args: str) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_optimizer_step_prints_its_ratios():
+    out = bench("optimizer_step.py", "--device", "cpu", "--repeats", "2")
+    assert "ratio sofim / sgd-momentum =" in out and "ratio sofim / adamw" in out
+
+
+def test_trial_throughput_prints_its_ratios():
+    out = bench("trial_throughput.py", "--samples", "256", "--repeats", "1", "--workers", "0")
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.endswith("x")}
+    assert set(rows) == {"digits", "mnist-sized", "cifar-sized"}
+    assert all(row[-2].endswith("x") and float(row[-2][:-1]) > 0 for row in rows.values())
+
+
+def test_tuning_efficiency_prints_its_ratios(tmp_path):
+    out = bench("tuning_efficiency.py", "--seeds", "1", "--trials", "2", "--epochs", "1", "--reference-trials", "2", "--cache", str(tmp_path))
+    assert "random without pruning needs" in out
+    assert list(tmp_path.glob("digits-best-known-*.json"))
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in BENCHMARKS.glob("*.py")))
+def test_every_benchmark_has_a_smoke_test(script):
+    assert f'"{script}"' in Path(__file__).read_text()
