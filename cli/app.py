@@ -37,15 +37,17 @@ err = Console(stderr=True, soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class _WarningLines(logging.Handler):
-    """The library's warnings (a worker that died, say) as one line each on stderr."""
+class _LibraryLines(logging.Handler):
+    """The library's notes (a widened bound) and warnings (a worker that died) as one line each on stderr."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        err.print(f"[yellow]warning:[/yellow] {escape(record.getMessage())}", highlight=False)
+        label = "[yellow]warning:[/yellow]" if record.levelno >= logging.WARNING else "note:"
+        err.print(f"{label} {escape(record.getMessage())}", highlight=False)
 
 
 _library_log = logging.getLogger("sofim_tune")
-_library_log.addHandler(_WarningLines(logging.WARNING))
+_library_log.setLevel(logging.INFO)
+_library_log.addHandler(_LibraryLines())
 _library_log.propagate = False
 
 
@@ -273,7 +275,8 @@ def run(
     enqueue: Annotated[Optional[Path], typer.Option(help="A best.json whose settings are tried first.")] = None,
     timeout: Annotated[Optional[float], typer.Option(help="Stop starting trials after this many seconds.")] = None,
     confirm_top: Annotated[Optional[int], typer.Option(help="Configurations retrained with fresh seeds before recommending.")] = None,
-    confirm_seeds: Annotated[Optional[int], typer.Option(help="Fresh seeds per confirmed configuration.")] = None,
+    confirm_seeds: Annotated[Optional[int], typer.Option(help="Fresh seeds (and splits) per confirmed candidate, >= 2; the interval in best.json is over them.")] = None,
+    widen: Annotated[Optional[bool], typer.Option("--widen/--no-widen", help="Let the study widen a log bound by a decade (twice at most) when its best trials sit on it; default: the spec's (on).")] = None,
     backend: Annotated[str, typer.Option(help="`optuna` (default) or `ray`.")] = "optuna",
     address: Annotated[Optional[str], typer.Option(help="Ray: cluster address (`auto`, `ray://HOST:10001`); default: a local Ray.")] = None,
     gpus_per_trial: Annotated[float, typer.Option(help="Ray: GPUs per trial; 0.25 puts four trials on a GPU.")] = 0.0,
@@ -293,7 +296,7 @@ def run(
     from sofim_tune.tuning import RunOptions, tune
 
     spec = load_spec(dataset, arch, study).replace(
-        search_space=space, trials=trials, epochs=epochs, sampler=sampler, pruner=pruner, seed=seed, confirm_top=confirm_top, confirm_seeds=confirm_seeds
+        search_space=space, trials=trials, epochs=epochs, sampler=sampler, pruner=pruner, seed=seed, confirm_top=confirm_top, confirm_seeds=confirm_seeds, widen=widen
     )
     options = RunOptions(
         out_dir=out_dir or Path("runs") / spec.name,

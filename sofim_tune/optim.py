@@ -218,6 +218,35 @@ class SOFIM(Optimizer):
                 )
         return loss
 
+    @torch.no_grad()
+    def fisher_ratio(self) -> Tensor | None:
+        """‖m̂‖²/ρ of the current moments, averaged over the Fisher blocks; None before the first step.
+
+        It says which regime the steps are in. Well below 1, the curvature term does nothing:
+        the update is SGD with averaged momentum at rate η/ρ. Well above 1, it is a
+        normalised step of length about η/‖m̂‖. A 0-dim float32 tensor on the first
+        parameter's device, computed without reading anything back to the host.
+        """
+        ratios: list[Tensor] = []
+        for group in self.param_groups:
+            blocks: list[list[Tensor]] = []
+            for param in group["params"]:
+                state = self.state.get(param)
+                if not state:
+                    continue
+                moment = torch.view_as_real(state["exp_avg"]) if state["exp_avg"].is_complex() else state["exp_avg"]
+                squared = _squared_norm(moment, _accumulation_dtype(moment.dtype)).float()
+                if group["bias_correction"]:
+                    squared = squared / (1 - group["beta1"] ** state["step"].float()).square()
+                if group["norm_scope"] == "tensor" or not blocks:
+                    blocks.append([])
+                blocks[-1].append(squared)
+            ratios += [sum(block) / group["rho"] for block in blocks]
+        if not ratios:
+            return None
+        device = ratios[0].device
+        return torch.stack([ratio.to(device) for ratio in ratios]).mean()
+
     @classmethod
     def from_recommendation(cls, params: Iterable[Tensor] | Iterable[dict[str, Any]], recommendation: Any, **overrides: Any) -> SOFIM:
         """Build SOFIM with the hyperparameters of a recommendation.

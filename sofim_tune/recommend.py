@@ -8,6 +8,7 @@ enforced by the JSON Schema shipped next to this module (``recommendation.schema
 from __future__ import annotations
 
 import functools
+import math
 import importlib.metadata
 import importlib.resources
 import json
@@ -25,6 +26,8 @@ from sofim_tune import __version__
 from sofim_tune.errors import UserInputError
 from sofim_tune.files import redact_storage_url, write_text_atomic
 from sofim_tune.records import Confirmation, StudyRecord, TrialRecord
+from sofim_tune.selection import CRITERION, current_confirmations, distinct_ranked, interval95, pick_recommended, regime, robust_score
+from sofim_tune.study import EDGE_SHARE
 
 SCHEMA_ID = "sofim-tune/recommendation/v1"
 
@@ -37,12 +40,9 @@ __all__ = [
     "Sensitivity",
     "StudySummary",
     "build_recommendation",
-    "confirm_top",
-    "current_confirmations",
     "good_region",
     "load_recommendation",
     "param_importances",
-    "pick_recommended",
     "write_recommendation",
 ]
 
@@ -53,13 +53,20 @@ class ConfirmSummary:
 
     Attributes:
         seeds: the seeds used, one training run each.
-        mean, std: mean and population standard deviation of the metric over the seeds,
+        mean, std: mean and sample standard deviation (n − 1) of the metric over the runs,
             in metric units (accuracy in [0, 1]).
+        ci95: the 95% Student-t interval of the mean, ``[low, high]``; None in files
+            written before it was recorded, or from a single run.
+        split_seeds: each run's train/validation split; none is the search's.
+        protocol: how the runs relate to the data that selected the configuration.
     """
 
     seeds: list[int]
     mean: float
     std: float
+    ci95: tuple[float, float] | None = None
+    split_seeds: list[int] | None = None
+    protocol: str | None = None
 
 
 @dataclass(frozen=True)
@@ -90,10 +97,18 @@ class Sensitivity:
             sums to 1, empty below 2 completed trials.
         good_region: per hyperparameter, ``(low, high)`` over the completed trials within
             the tolerance of the best (see :func:`good_region`).
+        edges: searched hyperparameters whose recommended value sits at a bound of the
+            space: ``{"param", "side" ("low"|"high"), "bound"}``; the good settings may go
+            on past it.
+        regime: what SOFIM's step does at the recommended setting: ``{"fisher_ratio"``
+            (median ‖m̂‖²/ρ over the confirmation runs), ``"name"`` (``sgd-like``, ``mixed``
+            or ``normalised``)``}``; None for the baselines or without confirmation.
     """
 
     importance: dict[str, float]
     good_region: dict[str, tuple[float, float]]
+    edges: list[dict[str, Any]] | None = None
+    regime: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -108,6 +123,8 @@ class StudySummary:
         completed, pruned, failed: trials in each state (diverged trials count as pruned).
         sampler, pruner: search strategy and early stopping, by name.
         final: False while the study is still running: these are the best settings so far.
+        widened: the bounds the study moved while it ran (``{"param", "side", "from",
+            "to", "after_trials"}``); None in files written before widening existed.
     """
 
     backend: str
@@ -120,6 +137,7 @@ class StudySummary:
     sampler: str
     pruner: str
     final: bool
+    widened: list[dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -150,6 +168,7 @@ class Recommendation:
     sensitivity: Sensitivity
     study: StudySummary
     provenance: Provenance
+    selection: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON document: ``schema`` first, then the fields in the order declared here."""
@@ -157,6 +176,15 @@ class Recommendation:
         data["sensitivity"]["good_region"] = {
             name: list(bounds) for name, bounds in self.sensitivity.good_region.items()
         }
+        confirm = data["metric"]["confirm"]
+        if confirm is not None and confirm["ci95"] is not None:
+            confirm["ci95"] = list(confirm["ci95"])
+        # Fields added after the first release are left out when unknown, so that a file
+        # written by that release round-trips unchanged.
+        for table, keys in ((data, ("selection",)), (data["sensitivity"], ("edges", "regime")), (data["study"], ("widened",)), (confirm or {}, ("ci95", "split_seeds", "protocol"))):
+            for key in keys:
+                if table.get(key, 0) is None:
+                    del table[key]
         return data
 
     @classmethod
@@ -180,12 +208,14 @@ class Recommendation:
                 name=metric["name"],
                 direction=metric["direction"],
                 value=metric["value"],
-                confirm=ConfirmSummary(**confirm) if confirm is not None else None,
+                confirm=ConfirmSummary(**{**confirm, "ci95": tuple(confirm["ci95"]) if confirm.get("ci95") else None}) if confirm is not None else None,
                 test_accuracy=metric.get("test_accuracy"),
             ),
             sensitivity=Sensitivity(
                 importance=dict(sensitivity["importance"]),
                 good_region={k: (lo, hi) for k, (lo, hi) in sensitivity["good_region"].items()},
+                edges=sensitivity.get("edges"),
+                regime=sensitivity.get("regime"),
             ),
             study=StudySummary(**data["study"]),
             provenance=Provenance(
@@ -193,6 +223,7 @@ class Recommendation:
                 device=data["provenance"]["device"],
                 versions=dict(data["provenance"]["versions"]),
             ),
+            selection=data.get("selection"),
         )
 
 
@@ -304,91 +335,64 @@ def good_region(study: StudyRecord, tolerance: float = 0.01) -> dict[str, tuple[
     return region
 
 
-def distinct_ranked(study: StudyRecord) -> list[TrialRecord]:
-    """Completed trials best first, keeping the best of trials with identical params."""
-    sign = -1.0 if study.direction == "maximize" else 1.0
-    ranked = sorted(_completed(study), key=lambda t: (sign * t.value, t.number))
-    seen: set[tuple[tuple[str, float], ...]] = set()
-    distinct = []
-    for trial in ranked:
-        key = tuple(sorted(trial.params.items()))
-        if key not in seen:
-            seen.add(key)
-            distinct.append(trial)
-    return distinct
-
-
-def confirm_top(
-    study: StudyRecord,
-    evaluate: Callable[[list[tuple[dict[str, float], int]]], Sequence[float]],
-    *,
-    top: int = 3,
-    seeds: Sequence[int],
-) -> list[Confirmation]:
-    """Retrain the ``top`` best distinct completed configurations once per seed.
-
-    Args:
-        evaluate: ``evaluate(jobs) -> values`` trains each ``(params, seed)`` job once
-            (all at once, so that a backend can run them in parallel) and returns the
-            study's metric per job, in order (same units and direction); a finite number
-            even when a run diverges (e.g. chance accuracy), so means compare.
-        top: how many configurations, >= 1 (fewer when fewer distinct ones completed).
-        seeds: one training run per seed per configuration; not empty.
-
-    Returns:
-        One Confirmation per configuration, best search value first.
-    """
-    if top < 1:
-        raise UserInputError(f"top must be >= 1, got {top}")
-    if not seeds:
-        raise UserInputError("confirmation needs at least one seed")
-    candidates = [dict(trial.params) for trial in distinct_ranked(study)[:top]]
-    values = iter(evaluate([(params, seed) for params in candidates for seed in seeds]))
-    return [
-        Confirmation(params=params, seeds=list(seeds), values=[float(next(values)) for _ in seeds])
-        for params in candidates
-    ]
-
-
-def current_confirmations(study: StudyRecord) -> list[Confirmation]:
-    """The study's stored confirmations while they still belong to its top trials, else none.
-
-    A confirmation retrained the configurations that ranked best when it ran; once a
-    better trial has joined the study (it was extended), they no longer say anything
-    about what to recommend.
-    """
-    stored = study.confirmations
-    top = [t.params for t in distinct_ranked(study)[: len(stored)]]
-    return list(stored) if [c.params for c in stored] == top else []
-
-
-def pick_recommended(
-    study: StudyRecord, confirmations: Sequence[Confirmation]
-) -> tuple[dict[str, float], Confirmation | None]:
-    """The configuration to recommend, and its confirmation.
-
-    With confirmations, the one with the best mean over seeds (ties: the first given);
-    a single lucky search run thus cannot win. Without, the best completed trial's params.
-
-    Raises:
-        UserInputError: no confirmation and no completed trial.
-    """
-    if confirmations:
-        pick = max if study.direction == "maximize" else min
-        chosen = pick(confirmations, key=lambda c: c.mean)
-        return dict(chosen.params), chosen
-    best = study.best_trial()
-    if best is None:
-        raise _no_completed_trial(study)
-    return dict(best.params), None
-
-
 def _versions(backend: str) -> dict[str, str]:
     packages = ["torch", "optuna"] + (["ray"] if backend == "ray" else [])
     # Read installed metadata rather than importing: importing ray takes seconds.
     return {"sofim_tune": __version__} | {
         name: importlib.metadata.version(name) for name in packages
     }
+
+
+# How a confirmation's runs relate to the data that selected the candidate (selection.py).
+PROTOCOL = "resplit: each run trains and validates on its own random split of the training data, not the split the search selected on"
+
+
+def edges(study: StudyRecord, params: Mapping[str, float]) -> list[dict[str, Any]]:
+    """The searched hyperparameters whose value in ``params`` sits at a bound of the space."""
+    found = []
+    for name, (low, high) in study.bounds.items():
+        if name not in params:
+            continue
+        scale = math.log if name in study.log_params else float
+        width = scale(high) - scale(low)
+        for side, bound in (("low", low), ("high", high)):
+            if abs(scale(params[name]) - scale(bound)) <= EDGE_SHARE * width:
+                found.append({"param": name, "side": side, "bound": bound})
+    return found
+
+
+def _confirm_summary(chosen: Confirmation) -> ConfirmSummary:
+    return ConfirmSummary(
+        seeds=list(chosen.seeds),
+        mean=float(chosen.mean),
+        std=float(chosen.std),
+        ci95=interval95(chosen.values) if len(chosen.values) >= 2 else None,
+        split_seeds=list(chosen.split_seeds) or None,
+        protocol=PROTOCOL if chosen.split_seeds else None,
+    )
+
+
+def _selection(study: StudyRecord, confirmations: Sequence[Confirmation], chosen: Confirmation) -> dict[str, Any]:
+    """What best.json says about how the recommendation was chosen among the candidates."""
+    by_params = {tuple(sorted(t.params.items())): t.value for t in distinct_ranked(study)}
+    candidates = [
+        {
+            "hyperparameters": dict(c.params),
+            "search_value": by_params.get(tuple(sorted(c.params.items()))),
+            "mean": c.mean,
+            "std": c.std,
+            "neighbours": {label: sum(values) / len(values) for label, values in c.neighbours.items()},
+            "score": robust_score(c, study.direction),
+        }
+        for c in confirmations
+    ]
+    index = list(confirmations).index(chosen)
+    best_mean = (max if study.direction == "maximize" else min)(range(len(candidates)), key=lambda i: candidates[i]["mean"])
+    if index == best_mean:
+        why = "it has the best mean and the best robust score"
+    else:
+        why = f"candidate {best_mean + 1} has a higher mean, but a neighbour of it scores {candidates[best_mean]['score']:.4f}; this one holds {candidates[index]['score']:.4f}"
+    return {"criterion": CRITERION, "candidates": candidates, "chosen": index, "why": why}
 
 
 def build_recommendation(
@@ -424,6 +428,7 @@ def build_recommendation(
     value = same[0].value if same else chosen.mean
     if test_accuracy is None and chosen is not None:
         test_accuracy = chosen.test_accuracy
+    fisher_ratio = chosen.fisher_ratio if chosen is not None else None
     return Recommendation(
         dataset=study.dataset,
         arch=study.arch,
@@ -434,17 +439,16 @@ def build_recommendation(
             name=study.metric,
             direction=study.direction,
             value=float(value),
-            confirm=(
-                ConfirmSummary(list(chosen.seeds), float(chosen.mean), float(chosen.std))
-                if chosen is not None
-                else None
-            ),
+            confirm=_confirm_summary(chosen) if chosen is not None else None,
             test_accuracy=test_accuracy,
         ),
         sensitivity=Sensitivity(
             importance=param_importances(study),
             good_region=good_region(study, tolerance),
+            edges=edges(study, params),
+            regime={"fisher_ratio": fisher_ratio, "name": regime(fisher_ratio)} if fisher_ratio is not None else None,
         ),
+        selection=_selection(study, confirmations, chosen) if chosen is not None else None,
         study=StudySummary(
             backend=study.backend,
             name=study.name,
@@ -456,6 +460,7 @@ def build_recommendation(
             sampler=study.sampler,
             pruner=study.pruner,
             final=study.finished,
+            widened=list(study.widenings),
         ),
         provenance=Provenance(
             created=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),

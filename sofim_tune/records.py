@@ -26,7 +26,8 @@ class TrialRecord:
         value: the final value of the study's metric, or None.
         intermediate: metric value per epoch (1-based), as reported during training.
         attrs: free-form facts recorded on the trial (``reason``: ``"diverged"`` or
-            ``"pruned"``; ``error``: the message of a failure; ``diverged_epoch``).
+            ``"pruned"``; ``error``: the message of a failure; ``diverged_epoch``;
+            ``fisher_ratio``: SOFIM's median ‖m̂‖²/ρ over the trial's steps).
         started, finished: wall-clock times, when known.
     """
 
@@ -46,12 +47,27 @@ class TrialRecord:
 
 @dataclass(frozen=True)
 class Confirmation:
-    """A configuration retrained with fresh seeds before it is recommended."""
+    """A candidate configuration retrained with fresh seeds before one is recommended.
+
+    Attributes:
+        params: the candidate's hyperparameters.
+        seeds: weight/batch-order seeds, one run each.
+        values: the study's metric of each run, in seed order (a diverged or failed run
+            counts as the worst finite value).
+        test_accuracy: mean test accuracy over the runs, when the dataset has a test split.
+        split_seeds: the train/validation split of each run (none of them the search's).
+        neighbours: for ``"lr×0.5"`` and ``"lr×2"`` (the candidate with only lr changed),
+            the metric of runs with the first seeds, in seed order.
+        fisher_ratio: median over the runs of each run's median ‖m̂‖²/ρ (SOFIM only).
+    """
 
     params: dict[str, float]
     seeds: list[int]
     values: list[float]
     test_accuracy: float | None = None
+    split_seeds: list[int] = field(default_factory=list)
+    neighbours: dict[str, list[float]] = field(default_factory=dict)
+    fisher_ratio: float | None = None
 
     @property
     def mean(self) -> float:
@@ -59,8 +75,11 @@ class Confirmation:
 
     @property
     def std(self) -> float:
+        """Sample standard deviation over the seeds (n − 1 in the denominator); 0 for one run."""
+        if len(self.values) < 2:
+            return 0.0
         mean = self.mean
-        return (sum((v - mean) ** 2 for v in self.values) / len(self.values)) ** 0.5
+        return (sum((v - mean) ** 2 for v in self.values) / (len(self.values) - 1)) ** 0.5
 
 
 @dataclass(frozen=True)
@@ -82,6 +101,9 @@ class StudyRecord:
         target_trials: how many finished trials the study aims for.
         confirmations: seed-confirmation results, once the confirm step ran.
         created: when the study started.
+        bounds: per searched optimizer hyperparameter, the ``(low, high)`` of the space
+            (after any widening); empty when unknown.
+        widenings: the bounds the study moved while it ran, in order.
     """
 
     name: str
@@ -103,6 +125,8 @@ class StudyRecord:
     target_trials: int
     confirmations: list[Confirmation] = field(default_factory=list)
     created: datetime | None = None
+    bounds: dict[str, tuple[float, float]] = field(default_factory=dict)
+    widenings: list[dict[str, Any]] = field(default_factory=list)
 
     def by_state(self, state: TrialState) -> list[TrialRecord]:
         return [t for t in self.trials if t.state == state]

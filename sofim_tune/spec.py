@@ -99,12 +99,18 @@ class StudySpec:
         pruner: one of :data:`PRUNERS` (``"none"`` runs every trial to the end).
         metric: ``"val_accuracy"`` (fraction in [0, 1]) or ``"val_loss"``.
         direction: ``"maximize"`` for accuracy, ``"minimize"`` for loss.
-        seed: base random seed, >= 0.
+        seed: base random seed of the search (sampler, weights, batch order), >= 0.
+        split_seed: seed of the train/validation split, >= 0. Separate from ``seed``, so
+            that studies with different seeds select on the same validation images.
         val_fraction: share of the training set held out for validation, in (0, 1).
         enqueue: settings tried first, by the optimizer's names
             (e.g. ``{"lr": 0.1, "rho": 1.0, "beta1": 0.9}``); at most 1000.
         confirm_top: how many of the best trials are retrained before recommending, >= 1.
-        confirm_seeds: fresh seeds per retrained trial, >= 1.
+        widen: let the study widen a log-scaled bound of the space by a decade, at most
+            twice per bound, when its best trials sit on it (Optuna backend; samplers
+            ``tpe``, ``random`` and ``gp``).
+        confirm_seeds: fresh seeds per confirmed candidate, >= 2 (each also draws its own
+            train/validation split); the recommendation's interval is over these runs.
         source: the file it came from, or ``"defaults"``.
     """
 
@@ -120,10 +126,12 @@ class StudySpec:
     metric: str = "val_accuracy"
     direction: str = "maximize"
     seed: int = 0
+    split_seed: int = 0
     val_fraction: float = 0.1
     enqueue: tuple[dict[str, float], ...] = ()
     confirm_top: int = 3
-    confirm_seeds: int = 3
+    confirm_seeds: int = 5
+    widen: bool = True
     source: str = ""
 
     def __post_init__(self) -> None:
@@ -135,8 +143,12 @@ class StudySpec:
         for key in ("epochs", "batch_size", "trials", "confirm_top", "confirm_seeds"):
             value = as_integer(getattr(self, key), source, key)
             require(value >= 1, source, key, f"must be >= 1 (got {value})")
-        seed = as_integer(self.seed, source, "seed")
-        require(seed >= 0, source, "seed", f"must be >= 0 (got {seed})")
+        for key in ("seed", "split_seed"):
+            seed = as_integer(getattr(self, key), source, key)
+            require(seed >= 0, source, key, f"must be >= 0 (got {seed})")
+        # A standard deviation and an interval need two runs at least.
+        require(as_integer(self.confirm_seeds, source, "confirm_seeds") >= 2, source, "confirm_seeds", f"must be >= 2 (got {self.confirm_seeds})")
+        require(isinstance(self.widen, bool), source, "widen", f"expected true or false, got {excerpt(self.widen)}")
         _check_choice(self.sampler, SAMPLERS, source, "sampler")
         _check_choice(self.pruner, PRUNERS, source, "pruner")
         _check_choice(self.metric, tuple(METRICS), source, "metric")

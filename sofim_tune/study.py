@@ -27,9 +27,10 @@ from sofim_tune.trial import TrialConfig, TrialResult
 if TYPE_CHECKING:
     import optuna
 
-# Confirmation retrains with seeds that no search trial used (trials use spec.seed + number).
-CONFIRM_SEED_BASE = 1_000_003
 RUN_FILE = "run.json"
+# A value within this share of a range's width (in log units for log ranges) of a bound sits
+# on it: best.json names such bounds, and a study widens them.
+EDGE_SHARE = 0.05
 # A storage that run.json names without a scheme is a file inside the run folder, so the
 # folder can be moved or copied with its study.
 DEFAULT_STORAGE_FILE = "study.db"
@@ -223,9 +224,11 @@ def study_metadata(spec: StudySpec, space: SearchSpace, url: str) -> dict[str, A
         "epochs": effective_epochs(spec, space),
         "batch_size": effective_batch_size(spec, space),
         "seed": spec.seed,
+        "split_seed": spec.split_seed,
         "val_fraction": spec.val_fraction,
         "fixed": dict(space.fixed),
         "trials": spec.trials,
+        "widen": spec.widen,
         "storage": redact_storage_url(url),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -253,7 +256,15 @@ def record_from_metadata(meta: Mapping[str, Any], *, name: str, backend: str, tr
         target_trials=meta["trials"],
         confirmations=confirmations,
         created=datetime.fromisoformat(meta["created"]),
+        bounds=search_bounds(meta),
+        widenings=list(meta.get("widenings", [])),
     )
+
+
+def search_bounds(meta: Mapping[str, Any]) -> dict[str, tuple[float, float]]:
+    """The bounds of the searched optimizer hyperparameters, widened ones included."""
+    params = {**meta["space_definition"]["params"], **meta.get("widened_params", {})}
+    return {name: (float(p["low"]), float(p["high"])) for name, p in params.items() if name != "lr_over_rho"}
 
 
 def check_resumable(meta: Mapping[str, Any], spec: StudySpec, space: SearchSpace, where: str) -> None:
@@ -272,6 +283,7 @@ def check_resumable(meta: Mapping[str, Any], spec: StudySpec, space: SearchSpace
         "epochs": effective_epochs(spec, space),
         "batch_size": effective_batch_size(spec, space),
         "seed": spec.seed,
+        "split_seed": spec.split_seed,
         "val_fraction": spec.val_fraction,
     }
     for key, value in wanted.items():
@@ -284,8 +296,14 @@ def check_resumable(meta: Mapping[str, Any], spec: StudySpec, space: SearchSpace
 # ---------------------------------------------------------------------------------------
 
 
-def trial_config(spec: StudySpec, space: SearchSpace, hyperparameters: Mapping[str, float], *, seed: int, device: str, options: RunOptions, evaluate_test: bool = False) -> TrialConfig:
-    """The TrialConfig of one trial; both backends and the confirmation step build it here."""
+def trial_config(
+    spec: StudySpec, space: SearchSpace, hyperparameters: Mapping[str, float], *, seed: int, device: str, options: RunOptions, evaluate_test: bool = False, split_seed: int | None = None
+) -> TrialConfig:
+    """The TrialConfig of one trial; both backends and the confirmation step build it here.
+
+    Search trials train on the spec's split (``split_seed=None``); confirmation runs pass
+    their own, so that they are not scored on the images that selected them.
+    """
     optimizer_keys = {k: v for k, v in space.fixed.items() if k not in ("batch_size", "epochs")}
     return TrialConfig(
         dataset=spec.dataset,
@@ -299,7 +317,7 @@ def trial_config(spec: StudySpec, space: SearchSpace, hyperparameters: Mapping[s
         data_dir=options.data_dir,
         download=options.download,
         val_fraction=spec.val_fraction,
-        split_seed=spec.seed,
+        split_seed=spec.split_seed if split_seed is None else split_seed,
         evaluate_test=evaluate_test,
     )
 
@@ -350,6 +368,8 @@ def grid_axes(space: SearchSpace, trials: int) -> dict[str, list[float]]:
             values = [math.exp(low + (high - low) * i / (per_axis - 1)) for i in range(per_axis)]
         else:
             values = [p.low + (p.high - p.low) * i / (per_axis - 1) for i in range(per_axis)]
+        # exp(log(x)) can land an ulp outside the range; the ends are the bounds themselves.
+        values[0], values[-1] = p.low, p.high
         axes[name] = sorted({int(round(v)) for v in values}) if p.type == "int" else values
     return axes
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import statistics
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -28,6 +29,9 @@ TrialStatus = Literal["completed", "pruned", "diverged", "failed"]
 # Reading the loss on the host stalls an accelerator's queue; every this many batches is
 # often enough to stop a diverged run early and rare enough to cost nothing.
 DIVERGENCE_CHECK_INTERVAL = 32
+# SOFIM's ‖m̂‖²/ρ is sampled every this many steps (a pass over the moments, no host sync)
+# and read back with the epoch's metrics; the trial reports the median of the samples.
+FISHER_SAMPLE_INTERVAL = 8
 
 
 class Reporter(Protocol):
@@ -105,7 +109,9 @@ class TrialResult:
         status: ``completed``; ``pruned`` (the reporter stopped it); ``diverged`` (a
             non-finite loss, at ``diverged_epoch``); ``failed`` (an error, in ``error``).
         metrics: the last epoch's ``val_accuracy`` (0..1), ``val_loss``, ``train_loss``
-            (mean cross-entropy, nats), and ``test_accuracy`` when asked for.
+            (mean cross-entropy, nats), ``test_accuracy`` when asked for, and for SOFIM
+            ``fisher_ratio``: the median of ‖m̂‖²/ρ over the steps so far (sampled every
+            ``FISHER_SAMPLE_INTERVAL`` steps; see :meth:`SOFIM.fisher_ratio`).
         history: the metrics of every finished epoch, in order.
         epochs: epochs finished.
         seconds: wall-clock time of the whole run, data loading included.
@@ -237,6 +243,10 @@ def train_trial(config: TrialConfig, reporter: Reporter | None = None, *, data: 
     # bf16 autocast keeps float32 master weights; on the CPU it would only slow things down.
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else contextlib.nullcontext()
     generator = torch.Generator(device=device).manual_seed(config.seed)
+    fisher_ratio = getattr(optimizer, "fisher_ratio", None)
+    fisher_samples: list[float] = []
+    pending_samples: list[torch.Tensor] = []
+    step = 0
 
     try:
         for epoch in range(1, config.epochs + 1):
@@ -250,6 +260,9 @@ def train_trial(config: TrialConfig, reporter: Reporter | None = None, *, data: 
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                step += 1
+                if fisher_ratio is not None and (step - 1) % FISHER_SAMPLE_INTERVAL == 0:
+                    pending_samples.append(fisher_ratio())
                 loss_sum += loss.detach().float() * len(y)
                 if batch % DIVERGENCE_CHECK_INTERVAL == 0 and not math.isfinite(loss_sum.item()):
                     return result("diverged", diverged_epoch=epoch)
@@ -258,6 +271,10 @@ def train_trial(config: TrialConfig, reporter: Reporter | None = None, *, data: 
             if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
                 return result("diverged", diverged_epoch=epoch)
             history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_accuracy": val_accuracy})
+            if pending_samples:
+                fisher_samples += torch.stack(pending_samples).tolist()
+                pending_samples.clear()
+                history[-1]["fisher_ratio"] = statistics.median(fisher_samples)
             if reporter is not None:
                 reporter.report(epoch, history[-1])
     except TrialPruned:

@@ -8,18 +8,18 @@ seeds, writing ``best.json`` and the report) is the same for every backend, and 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from sofim_tune.backends import get_backend
 from sofim_tune.data import has_test_split
 from sofim_tune.errors import UserInputError
-from sofim_tune.recommend import build_recommendation, confirm_top, distinct_ranked, pick_recommended, write_recommendation
+from sofim_tune.recommend import build_recommendation, write_recommendation
 from sofim_tune.records import Confirmation, StudyRecord
+from sofim_tune.selection import Measurement, confirm_top, confirmation_seeds, distinct_ranked
 from sofim_tune.space import SearchSpace, load_space
 from sofim_tune.spec import StudySpec
 from sofim_tune.study import (
-    CONFIRM_SEED_BASE,
     Backend,
     RunOptions,
     check_run_folder,
@@ -62,43 +62,39 @@ def check_inputs(spec: StudySpec, space: SearchSpace, options: RunOptions, backe
     check_run_folder(options.out_dir, backend=backend, storage=storage, study=spec.name)
 
 
-def confirm(study: StudyRecord, spec: StudySpec, space: SearchSpace, options: RunOptions, backend: Backend) -> tuple[list[Confirmation], float | None]:
-    """Retrain the top configurations with fresh seeds; report the winner's test accuracy.
+def confirm(study: StudyRecord, spec: StudySpec, space: SearchSpace, options: RunOptions, backend: Backend) -> list[Confirmation]:
+    """Retrain the top candidates and their neighbours on fresh seeds and splits (selection.py).
 
     The runs go through ``backend.confirm``, so a Ray study confirms on its cluster.
-    Confirmations already stored for the same configurations and seeds are reused, so that
-    rerunning a finished study costs nothing. The test split, when the dataset has one, is
-    measured on each configuration's first-seed run and reported for the winner only; the
-    winner is chosen by the validation mean.
+    Confirmations already stored for the same candidates, seeds and splits are reused, so
+    that rerunning a finished study costs nothing. The test split, when the dataset has
+    one, is measured on every run of a candidate (not of its neighbours).
     """
-    seeds = [CONFIRM_SEED_BASE + i for i in range(spec.confirm_seeds)]
+    seeds, split_seeds = confirmation_seeds(spec.seed, len(study.trials), spec.split_seed, spec.confirm_seeds)
     stored = study.confirmations
     candidates = [t.params for t in distinct_ranked(study)[: spec.confirm_top]]
-    if stored and [c.params for c in stored] == candidates and all(c.seeds == seeds for c in stored):
-        _, chosen = pick_recommended(study, stored)
-        return list(stored), chosen.test_accuracy if chosen else None
-
+    if stored and [c.params for c in stored] == candidates and all(c.seeds == seeds and c.split_seeds == split_seeds for c in stored):
+        return list(stored)
     with_test = has_test_split(spec.dataset)
-    test_accuracy: dict[tuple[tuple[str, float], ...], float | None] = {}
 
-    def evaluate(jobs: list[tuple[dict[str, float], int]]) -> list[float]:
+    def evaluate(jobs: list[tuple[dict[str, float], int, int]]) -> list[Measurement]:
         configs = [
-            trial_config(spec, space, params, seed=seed, device=options.device, options=options, evaluate_test=with_test and seed == seeds[0])
-            for params, seed in jobs
+            trial_config(spec, space, params, seed=seed, split_seed=split, device=options.device, options=options, evaluate_test=with_test and params in candidates)
+            for params, seed, split in jobs
         ]
-        values = []
-        for (params, seed), result in zip(jobs, backend.confirm(configs, options), strict=True):
-            if seed == seeds[0]:
-                test_accuracy[tuple(sorted(params.items()))] = result.metrics.get("test_accuracy")
+        measured = []
+        for result in backend.confirm(configs, options):
             value = result.metrics.get(spec.metric)
-            values.append(value if result.status == "completed" and value is not None else worst_value(spec.direction))
-        return values
+            measured.append(
+                Measurement(
+                    value=value if result.status == "completed" and value is not None else worst_value(spec.direction),
+                    test_accuracy=result.metrics.get("test_accuracy"),
+                    fisher_ratio=result.metrics.get("fisher_ratio"),
+                )
+            )
+        return measured
 
-    confirmations = confirm_top(study, evaluate, top=spec.confirm_top, seeds=seeds)
-    _, chosen = pick_recommended(study, confirmations)
-    winner_test = test_accuracy.get(tuple(sorted(chosen.params.items()))) if chosen else None
-    # The winner carries the test accuracy, so that a later export from storage finds it.
-    return [replace(c, test_accuracy=winner_test) if c is chosen else c for c in confirmations], winner_test
+    return confirm_top(study, evaluate, top=spec.confirm_top, seeds=seeds, split_seeds=split_seeds)
 
 
 def tune(spec: StudySpec, options: RunOptions, *, backend: str = "optuna", on_progress: Callable[[StudyRecord], None] | None = None) -> TuneOutcome:
@@ -120,9 +116,9 @@ def export_run(study: StudyRecord, spec: StudySpec, space: SearchSpace, options:
     """Confirm the best settings, store the confirmations, write best.json and the report."""
     from sofim_tune.report import write_report  # plotly: not needed until the search is over
 
-    confirmations, test_accuracy = confirm(study, spec, space, options, backend)
+    confirmations = confirm(study, spec, space, options, backend)
     study = backend.save_confirmations(study, confirmations, options)
-    rec = build_recommendation(study, confirmations=confirmations, test_accuracy=test_accuracy, device=_device_name(options.device))
+    rec = build_recommendation(study, confirmations=confirmations, device=_device_name(options.device))
     best = write_recommendation(rec, options.out_dir / "best.json")
     report = write_report(study, options.out_dir, rec)
     return TuneOutcome(study, best, report)

@@ -17,15 +17,13 @@ from sofim_tune.recommend import (
     SCHEMA_ID,
     Recommendation,
     build_recommendation,
-    confirm_top,
-    current_confirmations,
     good_region,
     load_recommendation,
     param_importances,
-    pick_recommended,
     write_recommendation,
 )
 from sofim_tune.files import redact_storage_url
+from sofim_tune.selection import current_confirmations, pick_recommended
 from study_records import make_study
 
 HYPERPARAMETERS = {"lr", "rho", "beta1"}
@@ -78,7 +76,7 @@ def test_written_file_validates(tmp_path: Path, rec: Recommendation, study: Stud
     assert data["study"] | {"storage": None} == {
         "backend": "optuna", "name": "cifar100-resnet18", "storage": None, "trials": 40,
         "completed": len(study.by_state("complete")), "pruned": len(study.by_state("pruned")),
-        "failed": 1, "sampler": "tpe", "pruner": "hyperband", "final": True,
+        "failed": 1, "sampler": "tpe", "pruner": "hyperband", "final": True, "widened": [],
     }
     assert data["provenance"]["device"] == "NVIDIA H100 80GB HBM3"
     assert data["provenance"]["created"].endswith("Z")
@@ -86,7 +84,8 @@ def test_written_file_validates(tmp_path: Path, rec: Recommendation, study: Stud
 
 
 def test_design_example_loads() -> None:
-    """DESIGN.md's example best.json, plus ``study.final``, is a valid v1 document."""
+    """The first release's best.json (the design's example plus ``study.final``) still loads
+    and round-trips unchanged: the fields added since are optional."""
     example = {
         "schema": "sofim-tune/recommendation/v1",
         "dataset": "cifar100", "arch": "resnet18", "optimizer": "sofim",
@@ -239,42 +238,6 @@ def test_good_region(study: StudyRecord) -> None:
 # --- confirmation and picking --------------------------------------------------------------
 
 
-def test_confirm_top_and_pick_by_mean(study: StudyRecord) -> None:
-    ranked = sorted((t for t in study.by_state("complete")), key=lambda t: -t.value)
-    runner_up = ranked[1].params
-    calls: list[tuple[dict, int]] = []
-
-    def evaluate(jobs: list[tuple[dict[str, float], int]]) -> list[float]:
-        calls.extend(jobs)
-        # The runner-up of the search is the best on average over seeds.
-        return [(0.75 if params == runner_up else 0.70) + seed * 1e-4 for params, seed in jobs]
-
-    confirmations = confirm_top(study, evaluate, top=3, seeds=[1, 2])
-    assert len(calls) == 3 * 2
-    assert [c.params for c in confirmations] == [t.params for t in ranked[:3]]
-    assert all(c.seeds == [1, 2] and len(c.values) == 2 for c in confirmations)
-    params, chosen = pick_recommended(study, confirmations)
-    assert params == runner_up and chosen is confirmations[1]
-    # Minimizing, the lowest mean wins.
-    assert pick_recommended(_negated(study), confirmations)[0] == ranked[0].params
-
-
-def test_confirm_top_skips_duplicate_configurations(study: StudyRecord) -> None:
-    best = study.best_trial()
-    twin = dataclasses.replace(best, number=99, value=best.value - 0.001)
-    doubled = dataclasses.replace(study, trials=[*study.trials, twin])
-    confirmations = confirm_top(doubled, lambda jobs: [0.5] * len(jobs), top=2, seeds=[0])
-    assert confirmations[0].params == best.params
-    assert confirmations[1].params != best.params
-
-
-def test_confirm_top_validates_arguments(study: StudyRecord) -> None:
-    with pytest.raises(UserInputError):
-        confirm_top(study, lambda jobs: [0.5] * len(jobs), seeds=[])
-    with pytest.raises(UserInputError):
-        confirm_top(study, lambda jobs: [0.5] * len(jobs), top=0, seeds=[1])
-
-
 def test_recommendation_uses_confirmation(study: StudyRecord) -> None:
     second = sorted(study.by_state("complete"), key=lambda t: -t.value)[1]
     confirmation = Confirmation(params=dict(second.params), seeds=[7, 8], values=[0.8, 0.9],
@@ -284,7 +247,9 @@ def test_recommendation_uses_confirmation(study: StudyRecord) -> None:
     assert rec.metric.value == second.value  # its own search value, not the study's best
     assert rec.metric.confirm.seeds == [7, 8]
     assert rec.metric.confirm.mean == pytest.approx(0.85)
-    assert rec.metric.confirm.std == pytest.approx(0.05)
+    # Sample standard deviation (n − 1), and the Student-t interval with 1 degree of freedom.
+    assert rec.metric.confirm.std == pytest.approx(0.05 * 2 ** 0.5)
+    assert rec.metric.confirm.ci95 == pytest.approx((0.85 - 12.7062 * 0.05, 0.85 + 12.7062 * 0.05), abs=1e-4)
     assert rec.metric.test_accuracy == 0.77
     assert build_recommendation(study, confirmations=[confirmation], test_accuracy=0.7).metric.test_accuracy == 0.7
 

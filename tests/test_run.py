@@ -24,7 +24,7 @@ from sofim_tune.spec import load_spec
 from sofim_tune.tuning import RunOptions, tune
 
 CLI = [sys.executable, "-m", "sofim_tune.cli.app"]
-SMALL = ["--dataset", "digits", "--device", "cpu", "--confirm-top", "1", "--confirm-seeds", "1"]
+SMALL = ["--dataset", "digits", "--device", "cpu", "--confirm-top", "1", "--confirm-seeds", "2"]
 
 
 def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -305,7 +305,7 @@ def test_an_extended_study_does_not_replay_its_sampler(tmp_path, sampler):
 
 def test_a_grid_reaches_its_trial_count(tmp_path):
     """A 10-trial grid over three parameters needs 3 values per axis (27 points), not 2 (8)."""
-    outcome = tune(load_spec("digits").replace(trials=10, epochs=1, sampler="grid", pruner="none", confirm_top=1, confirm_seeds=1), RunOptions(out_dir=tmp_path, device="cpu"))
+    outcome = tune(load_spec("digits").replace(trials=10, epochs=1, sampler="grid", pruner="none", confirm_top=1, confirm_seeds=2), RunOptions(out_dir=tmp_path, device="cpu"))
     assert len(outcome.study.by_state("complete")) == 10
     assert load_recommendation(outcome.best_json).study.final
 
@@ -420,7 +420,7 @@ def test_out_that_is_a_file_says_so(tmp_path):
 
 def test_study_file_names_the_dataset(tmp_path):
     spec_file = tmp_path / "mine.toml"
-    spec_file.write_text('dataset = "digits"\nname = "my-digits"\ntrials = 2\nepochs = 1\nconfirm_top = 1\nconfirm_seeds = 1\n')
+    spec_file.write_text('dataset = "digits"\nname = "my-digits"\ntrials = 2\nepochs = 1\nconfirm_top = 1\nconfirm_seeds = 2\n')
     done = CliRunner().invoke(app, ["run", "--study", str(spec_file), "--device", "cpu", "--out", str(tmp_path / "run")])
     assert done.exit_code == 0, done.output
     assert load_recommendation(tmp_path / "run" / "best.json").study.name == "my-digits"

@@ -16,8 +16,8 @@ from sofim_tune.space import MAX_FILE_BYTES, ParamRange, SearchSpace, excerpt, l
 SOFIM_YAML = """\
 optimizer: sofim
 params:
-  lr:    {type: float, low: 1.0e-4, high: 10.0, log: true}
-  rho:   {type: float, low: 1.0e-4, high: 10.0, log: true}
+  lr:    {type: float, low: 1.0e-4, high: 100.0, log: true}
+  rho:   {type: float, low: 1.0e-4, high: 100.0, log: true}
   beta1: {type: float, low: 0.5, high: 0.999}
 fixed:
   weight_decay: 0.0
@@ -38,13 +38,13 @@ def test_shipped_spaces() -> None:
         assert space.source == f"search_spaces/{name}.yaml"
 
 
-def test_sofim_space_is_the_design_one() -> None:
+def test_sofim_space_is_the_shipped_one() -> None:
     space = load_space("sofim")
     assert space.optimizer == "sofim"
     assert space.reparameterization is None
     assert list(space.params) == ["lr", "rho", "beta1"]
-    assert space.params["lr"] == ParamRange("lr", "float", 1e-4, 10.0, log=True)
-    assert space.params["rho"] == ParamRange("rho", "float", 1e-4, 10.0, log=True)
+    assert space.params["lr"] == ParamRange("lr", "float", 1e-4, 100.0, log=True)
+    assert space.params["rho"] == ParamRange("rho", "float", 1e-4, 100.0, log=True)
     assert space.params["beta1"] == ParamRange("beta1", "float", 0.5, 0.999, log=False)
     assert space.fixed == {"weight_decay": 0.0}
     assert space.log_hyperparameters == {"lr", "rho"}
@@ -87,7 +87,7 @@ def test_plain_space_round_trip_and_fixed_values() -> None:
 @pytest.mark.parametrize(
     ("setting", "key"),
     [
-        ({"lr": 50.0, "rho": 1.0, "beta1": 0.9}, "params.lr"),
+        ({"lr": 500.0, "rho": 1.0, "beta1": 0.9}, "params.lr"),
         ({"lr": 0.1, "rho": 1.0}, "beta1"),
         ({"lr": 0.1, "rho": 1.0, "beta1": 0.9, "momentum": 0.9}, "momentum"),
         ({"lr": 0.1, "rho": 1.0, "beta1": 0.9, "weight_decay": 0.1}, "weight_decay"),
@@ -117,8 +117,8 @@ def test_fingerprint_is_stable_and_sees_ranges(tmp_path: Path) -> None:
 fixed: {weight_decay: 0}
 params:
   beta1: {high: 0.999, low: 0.5}
-  rho:   {log: true, low: 1.0e-4, high: 10.0}
-  lr:    {type: float, low: 1.0e-4, high: 10.0, log: true}
+  rho:   {log: true, low: 1.0e-4, high: 100.0}
+  lr:    {type: float, low: 1.0e-4, high: 100.0, log: true}
 optimizer: sofim
 """
     assert load_space(write(tmp_path, reordered, "r.yaml")).fingerprint() == base.fingerprint()
@@ -170,19 +170,19 @@ BAD_SPACES = {
     "unknown param key": (SOFIM_YAML.replace("high: 0.999}", "high: 0.999, step: 0.1}"), "params.beta1.step"),
     "missing low": (SOFIM_YAML.replace("low: 0.5, ", ""), "params.beta1.low: missing"),
     "low >= high": (
-        SOFIM_YAML.replace("lr:    {type: float, low: 1.0e-4, high: 10.0", "lr:    {type: float, low: 5.0, high: 1.0"),
+        SOFIM_YAML.replace("lr:    {type: float, low: 1.0e-4, high: 100.0", "lr:    {type: float, low: 5.0, high: 1.0"),
         "params.lr: low (5.0) must be < high (1.0)",
     ),
     "log with low 0": (SOFIM_YAML.replace("lr:    {type: float, low: 1.0e-4", "lr:    {type: float, low: 0.0"), "params.lr.low"),
-    "log not a bool": (SOFIM_YAML.replace("high: 10.0, log: true}\n  beta1", "high: 10.0, log: yes please}\n  beta1"), "params.rho.log"),
+    "log not a bool": (SOFIM_YAML.replace("high: 100.0, log: true}\n  beta1", "high: 100.0, log: yes please}\n  beta1"), "params.rho.log"),
     "beta1 high 1": (SOFIM_YAML.replace("high: 0.999", "high: 1.0"), "params.beta1.high: must be in [0, 1)"),
     "beta1 low < 0": (SOFIM_YAML.replace("low: 0.5", "low: -0.1"), "params.beta1.low: must be in [0, 1)"),
     "rho low 0": (
-        SOFIM_YAML.replace("rho:   {type: float, low: 1.0e-4, high: 10.0, log: true}", "rho: {low: 0.0, high: 1.0}"),
+        SOFIM_YAML.replace("rho:   {type: float, low: 1.0e-4, high: 100.0, log: true}", "rho: {low: 0.0, high: 1.0}"),
         "params.rho.low: must be > 0",
     ),
     "lr low < 0": (
-        SOFIM_YAML.replace("lr:    {type: float, low: 1.0e-4, high: 10.0, log: true}", "lr: {low: -1.0, high: 1.0}"),
+        SOFIM_YAML.replace("lr:    {type: float, low: 1.0e-4, high: 100.0, log: true}", "lr: {low: -1.0, high: 1.0}"),
         "params.lr.low: must be >= 0",
     ),
     "param the optimizer does not take": (SOFIM_YAML.replace("beta1:", "momentum:"), "params.momentum: optimizer sofim takes no"),
@@ -199,7 +199,7 @@ BAD_SPACES = {
     "fixed epochs 0": (SOFIM_YAML + "  epochs: 0\n", "fixed.epochs: must be >= 1"),
     "unknown reparameterization": (SOFIM_YAML + "reparameterization: log_lr\n", "reparameterization: unknown"),
     "lr_over_rho without lr_over_rho": (
-        SOFIM_YAML.replace("  lr:    {type: float, low: 1.0e-4, high: 10.0, log: true}\n", "")
+        SOFIM_YAML.replace("  lr:    {type: float, low: 1.0e-4, high: 100.0, log: true}\n", "")
         + "reparameterization: lr_over_rho\n",
         "reparameterization: lr_over_rho needs both",
     ),

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import multiprocessing
 import os
 import socket
+import statistics
 import sys
 import time
 import warnings
@@ -31,6 +33,7 @@ from sofim_tune.records import Confirmation, StudyRecord, TrialRecord
 from sofim_tune.space import ParamRange, SearchSpace
 from sofim_tune.spec import StudySpec
 from sofim_tune.study import (
+    EDGE_SHARE,
     RunOptions,
     check_resumable,
     check_run_folder,
@@ -130,6 +133,64 @@ def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
     raise UserInputError(f"unknown pruner {name!r}")
 
 
+# Widening: a log bound moves by this factor, at most this often per bound, once this many
+# trials completed, when the median of the best WIDEN_TOP_SHARE of them sits on it.
+WIDEN_FACTOR = 10.0
+WIDEN_LIMIT = 2
+WIDEN_AFTER = 8
+WIDEN_TOP_SHARE = 0.2
+WIDEN_SAMPLERS = ("tpe", "random", "gp")
+
+
+def active_ranges(space: SearchSpace, meta: Mapping[str, Any]) -> dict[str, ParamRange]:
+    """The space's ranges with the study's widened bounds in place."""
+    widened = meta.get("widened_params", {})
+    return {name: ParamRange(name, p.type, **widened[name], log=p.log) if name in widened else p for name, p in space.params.items()}
+
+
+def maybe_widen(study: optuna.Study, space: SearchSpace) -> list[dict[str, Any]]:
+    """Widen each log bound that the study's best completed trials sit on; returns what moved.
+
+    The best :data:`WIDEN_TOP_SHARE` of completed trials (at least three) are looked at once
+    :data:`WIDEN_AFTER` have completed. When the median of their values of a log-scaled
+    parameter lies within ``recommend.EDGE_SHARE`` of a range's width of a bound, that bound
+    moves a decade outwards, at most :data:`WIDEN_LIMIT` times per bound. The new bounds
+    are stored with the study, so that every worker and every resume samples from them.
+    """
+    meta = study.user_attrs[ATTR]
+    if not meta.get("widen", False) or meta["sampler"] not in WIDEN_SAMPLERS:
+        return []
+    completed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
+    if len(completed) < WIDEN_AFTER:
+        return []
+    completed.sort(key=lambda t: t.value, reverse=meta["direction"] == "maximize")
+    top = completed[: max(3, round(WIDEN_TOP_SHARE * len(completed)))]
+    ranges = active_ranges(space, meta)
+    widenings = list(meta.get("widenings", []))
+    moved = []
+    for name, p in ranges.items():
+        values = [t.params[name] for t in top if name in t.params]
+        if not p.log or not values:
+            continue
+        middle, low, high = (math.log(v) for v in (statistics.median(values), p.low, p.high))
+        for side, at_bound in (("low", middle - low <= EDGE_SHARE * (high - low)), ("high", high - middle <= EDGE_SHARE * (high - low))):
+            if not at_bound or sum(1 for w in widenings if (w["param"], w["side"]) == (name, side)) >= WIDEN_LIMIT:
+                continue
+            old = p.low if side == "low" else p.high
+            new = old / WIDEN_FACTOR if side == "low" else old * WIDEN_FACTOR
+            if p.type == "int":
+                new = max(1.0, float(round(new)))
+            moved.append({"param": name, "side": side, "from": old, "to": new, "after_trials": len(completed)})
+            p = ParamRange(name, p.type, new if side == "low" else p.low, new if side == "high" else p.high, p.log)
+            ranges[name] = p
+    if moved:
+        widened = {name: {"low": r.low, "high": r.high} for name, r in ranges.items() if r != space.params[name]}
+        study.set_user_attr(ATTR, {**meta, "widened_params": widened, "widenings": widenings + moved})
+        for change in moved:
+            log.info("widened %s's %s bound from %g to %g: the best trials sit on it", change["param"], change["side"], change["from"], change["to"])
+    return moved
+
+
 def _suggest(trial: optuna.Trial, p: ParamRange) -> float:
     if p.type == "int":
         return trial.suggest_int(p.name, int(p.low), int(p.high), log=p.log)
@@ -172,7 +233,8 @@ class _Objective:
             trial.study.stop()
             raise _Surplus
         trial.set_user_attr("worker", {"host": _HOST, "pid": os.getpid()})
-        searched = {name: _suggest(trial, p) for name, p in self.space.params.items()}
+        ranges = active_ranges(self.space, trial.study.user_attrs[ATTR])
+        searched = {name: _suggest(trial, p) for name, p in ranges.items()}
         hyperparameters = self.space.to_hyperparameters(searched)
         trial.set_user_attr("hyperparameters", hyperparameters)
         config = trial_config(self.spec, self.space, hyperparameters, seed=self.spec.seed + trial.number, device=self.device, options=self.options)
@@ -188,6 +250,8 @@ class _Objective:
             trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
             raise TrialFailed(str(exc)) from exc
         trial.set_user_attr("seconds", round(result.seconds, 3))
+        if "fisher_ratio" in result.metrics:
+            trial.set_user_attr("fisher_ratio", result.metrics["fisher_ratio"])
         if result.status == "completed":
             return result.metrics[self.spec.metric]
         trial.set_user_attr("reason", result.status)
@@ -275,8 +339,8 @@ def open_study(spec: StudySpec, space: SearchSpace, url: str) -> optuna.Study:
         if meta is None:
             raise UserInputError(f"study {spec.name!r} in {redact_storage_url(url)} was not made by sofim-tune; choose another --study name")
         check_resumable(meta, spec, space, f"study {spec.name!r} in {redact_storage_url(url)}")
-        if meta["trials"] != spec.trials:
-            study.set_user_attr(ATTR, {**meta, "trials": spec.trials})
+        if (meta["trials"], meta.get("widen")) != (spec.trials, spec.widen):
+            study.set_user_attr(ATTR, {**meta, "trials": spec.trials, "widen": spec.widen})
         return study
     # load_if_exists: another process may create the same study between the check and here.
     study = optuna.create_study(storage=storage, study_name=spec.name, direction=spec.direction, load_if_exists=True)
@@ -337,6 +401,8 @@ def run_optuna_study(spec: StudySpec, space: SearchSpace, options: RunOptions, *
         study.enqueue_trial(space.from_hyperparameters(settings), skip_if_exists=True)
 
     def progress(s: optuna.Study) -> None:
+        # Here, in the one main process, so that two workers never widen the same bound.
+        maybe_widen(s, space)
         if on_progress is not None:
             on_progress(record_from_study(s))
 
@@ -416,7 +482,7 @@ def _hyperparameters(trial: FrozenTrial, space: SearchSpace) -> dict[str, float]
 
 
 def _trial_record(trial: FrozenTrial, space: SearchSpace) -> TrialRecord:
-    attrs = {k: v for k, v in trial.user_attrs.items() if k in ("reason", "error", "diverged_epoch", "retry_of", "seconds")}
+    attrs = {k: v for k, v in trial.user_attrs.items() if k in ("reason", "error", "diverged_epoch", "retry_of", "seconds", "fisher_ratio")}
     return TrialRecord(
         number=trial.number,
         state=_STATES[trial.state],  # type: ignore[arg-type]

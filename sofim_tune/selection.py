@@ -1,0 +1,215 @@
+"""Choosing what to recommend: rank the search's trials, retrain the best candidates and their
+neighbours on fresh seeds and fresh splits, and pick by a criterion that a cliff cannot fool.
+
+The protocol (the README's "How the recommendation is chosen" says the same):
+
+1. Candidates: the ``top`` best distinct completed trials of the search.
+2. Each candidate is retrained once per confirmation seed. Run ``i`` uses weight seed
+   ``seeds[i]`` and its own train/validation split ``split_seeds[i]``, never the search's
+   split, so the confirmed numbers are not measured on the images that selected the
+   candidate, and the spread over runs includes the spread over splits.
+3. Each candidate's neighbours, lr × ½ and lr × 2 with everything else unchanged, are trained
+   with the first :data:`NEIGHBOUR_SEEDS` of those seeds and splits.
+4. The recommendation is the candidate with the best *robust score*: the worse of its own
+   mean and its worse neighbour's mean. A candidate on a cliff (2 × lr loses points) thus
+   loses to a slightly worse but flat one.
+5. Its mean, sample standard deviation and 95% Student-t interval over the runs are
+   reported.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from sofim_tune.errors import UserInputError
+from sofim_tune.records import Confirmation, StudyRecord, TrialRecord
+
+__all__ = [
+    "CRITERION",
+    "NEIGHBOURS",
+    "NEIGHBOUR_SEEDS",
+    "Measurement",
+    "confirm_top",
+    "confirmation_seeds",
+    "current_confirmations",
+    "distinct_ranked",
+    "interval95",
+    "neighbour_settings",
+    "pick_recommended",
+    "regime",
+    "robust_score",
+]
+
+# Neighbours along the axis that matters most for every optimizer here: the learning rate.
+NEIGHBOURS: dict[str, float] = {"lr×0.5": 0.5, "lr×2": 2.0}
+NEIGHBOUR_SEEDS = 3
+CRITERION = "the worse of the candidate's mean and its worse neighbour's mean (lr × ½, lr × 2), over fresh seeds and splits"
+# Seeds far from those of search trials (spec.seed + trial number); see confirmation_seeds.
+_CONFIRM_SEED_BASE = 1_000_003
+# ‖m̂‖²/ρ below this, SOFIM steps like SGD with averaged momentum; above its inverse, a
+# normalised step. One decade either side of 1, where both terms of ρ + ‖m̂‖² matter.
+_REGIME_DECADE = 0.1
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What one confirmation run measured.
+
+    Attributes:
+        value: the study's metric, finite even for a diverged or failed run (its worst value).
+        test_accuracy: accuracy on the test split, or None (not measured, or no test split).
+        fisher_ratio: the run's median ‖m̂‖²/ρ (SOFIM only), or None.
+    """
+
+    value: float
+    test_accuracy: float | None = None
+    fisher_ratio: float | None = None
+
+
+def _completed(study: StudyRecord) -> list[TrialRecord]:
+    return [t for t in study.trials if t.state == "complete" and t.value is not None]
+
+
+def distinct_ranked(study: StudyRecord) -> list[TrialRecord]:
+    """Completed trials best first, keeping the best of trials with identical params."""
+    sign = -1.0 if study.direction == "maximize" else 1.0
+    ranked = sorted(_completed(study), key=lambda t: (sign * t.value, t.number))
+    seen: set[tuple[tuple[str, float], ...]] = set()
+    distinct = []
+    for trial in ranked:
+        key = tuple(sorted(trial.params.items()))
+        if key not in seen:
+            seen.add(key)
+            distinct.append(trial)
+    return distinct
+
+
+def confirmation_seeds(search_seed: int, trials: int, search_split_seed: int, count: int) -> tuple[list[int], list[int]]:
+    """Weight seeds and split seeds for ``count`` confirmation runs of a study.
+
+    No weight seed equals a search trial's (``search_seed + number`` for ``trials``
+    trials), and no split seed equals the search's ``search_split_seed``.
+    """
+    base = max(_CONFIRM_SEED_BASE, search_seed + trials)
+    seeds = [base + i for i in range(count)]
+    splits = [seed for seed in range(base, base + count + 1) if seed != search_split_seed][:count]
+    return seeds, splits
+
+
+def neighbour_settings(params: dict[str, float]) -> dict[str, dict[str, float]]:
+    """The candidate with lr halved and doubled, everything else unchanged."""
+    return {label: {**params, "lr": params["lr"] * factor} for label, factor in NEIGHBOURS.items()}
+
+
+def confirm_top(
+    study: StudyRecord,
+    evaluate: Callable[[list[tuple[dict[str, float], int, int]]], Sequence[Measurement]],
+    *,
+    top: int = 3,
+    seeds: Sequence[int],
+    split_seeds: Sequence[int],
+    neighbour_seeds: int = NEIGHBOUR_SEEDS,
+) -> list[Confirmation]:
+    """Retrain the ``top`` best distinct completed configurations, and their neighbours.
+
+    Args:
+        evaluate: ``evaluate(jobs) -> measurements`` trains each ``(params, seed,
+            split_seed)`` job once (all at once, so that a backend can run them in
+            parallel) and returns one :class:`Measurement` per job, in order.
+        top: how many candidates, >= 1 (fewer when fewer distinct ones completed).
+        seeds, split_seeds: one run per pair per candidate; at least one pair.
+        neighbour_seeds: how many of the first pairs the neighbours run with (0: none).
+
+    Returns:
+        One Confirmation per candidate, best search value first.
+    """
+    if top < 1:
+        raise UserInputError(f"top must be >= 1, got {top}")
+    if not seeds or len(seeds) != len(split_seeds):
+        raise UserInputError("confirmation needs at least one seed, and one split seed per seed")
+    pairs = list(zip(seeds, split_seeds, strict=True))
+    candidates = [dict(trial.params) for trial in distinct_ranked(study)[:top]]
+    jobs: list[tuple[dict[str, float], int, int]] = []
+    for params in candidates:
+        jobs += [(params, seed, split) for seed, split in pairs]
+        for neighbour in neighbour_settings(params).values() if "lr" in params else ():
+            jobs += [(neighbour, seed, split) for seed, split in pairs[:neighbour_seeds]]
+    measured = iter(evaluate(jobs))
+    confirmations = []
+    for params in candidates:
+        own = [next(measured) for _ in pairs]
+        neighbours = {label: [next(measured).value for _ in pairs[:neighbour_seeds]] for label in NEIGHBOURS} if "lr" in params else {}
+        tests = [m.test_accuracy for m in own if m.test_accuracy is not None]
+        ratios = [m.fisher_ratio for m in own if m.fisher_ratio is not None]
+        confirmations.append(
+            Confirmation(
+                params=params,
+                seeds=list(seeds),
+                values=[m.value for m in own],
+                test_accuracy=statistics.fmean(tests) if tests else None,
+                split_seeds=list(split_seeds),
+                neighbours={label: values for label, values in neighbours.items() if values},
+                fisher_ratio=statistics.median(ratios) if ratios else None,
+            )
+        )
+    return confirmations
+
+
+def robust_score(confirmation: Confirmation, direction: str) -> float:
+    """The worse of the candidate's mean and its worse neighbour's mean (see the module doc)."""
+    means = [confirmation.mean] + [statistics.fmean(v) for v in confirmation.neighbours.values() if v]
+    return min(means) if direction == "maximize" else max(means)
+
+
+def current_confirmations(study: StudyRecord) -> list[Confirmation]:
+    """The study's stored confirmations while they still belong to its top trials, else none.
+
+    A confirmation retrained the configurations that ranked best when it ran; once a
+    better trial has joined the study (it was extended), they no longer say anything
+    about what to recommend.
+    """
+    stored = study.confirmations
+    top = [t.params for t in distinct_ranked(study)[: len(stored)]]
+    return list(stored) if [c.params for c in stored] == top else []
+
+
+def pick_recommended(study: StudyRecord, confirmations: Sequence[Confirmation]) -> tuple[dict[str, float], Confirmation | None]:
+    """The configuration to recommend, and its confirmation.
+
+    With confirmations, the one with the best :func:`robust_score` (ties: the better
+    search rank); without, the best completed trial's params.
+
+    Raises:
+        UserInputError: no confirmation and no completed trial.
+    """
+    if confirmations:
+        sign = 1.0 if study.direction == "maximize" else -1.0
+        chosen = max(confirmations, key=lambda c: sign * robust_score(c, study.direction))
+        return dict(chosen.params), chosen
+    best = study.best_trial()
+    if best is None:
+        raise UserInputError(f"study {study.name!r} has no completed trial yet; wait for one to finish or run more trials")
+    return dict(best.params), None
+
+
+def interval95(values: Sequence[float]) -> tuple[float, float]:
+    """The 95% Student-t confidence interval of the mean of ``values`` (at least 2)."""
+    from scipy import stats
+
+    if len(values) < 2:
+        raise UserInputError("an interval needs at least two runs")
+    mean = statistics.fmean(values)
+    half = float(stats.t.ppf(0.975, len(values) - 1)) * statistics.stdev(values) / math.sqrt(len(values))
+    return mean - half, mean + half
+
+
+def regime(fisher_ratio: float) -> str:
+    """``sgd-like`` (‖m̂‖²/ρ < 0.1), ``normalised`` (> 10) or ``mixed``: what SOFIM's step is doing."""
+    if fisher_ratio < _REGIME_DECADE:
+        return "sgd-like"
+    if fisher_ratio > 1 / _REGIME_DECADE:
+        return "normalised"
+    return "mixed"

@@ -1,0 +1,201 @@
+"""The selection protocol: candidates, neighbours, the robust criterion, seeds, intervals, regime."""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+
+import pytest
+import torch
+from scipy import stats
+
+from sofim_tune import SOFIM
+from sofim_tune.errors import UserInputError
+from sofim_tune.records import Confirmation, StudyRecord, TrialRecord
+from sofim_tune.recommend import build_recommendation
+from sofim_tune.selection import (
+    NEIGHBOUR_SEEDS,
+    Measurement,
+    confirm_top,
+    confirmation_seeds,
+    interval95,
+    neighbour_settings,
+    pick_recommended,
+    regime,
+    robust_score,
+)
+
+from study_records import make_study
+
+
+@pytest.fixture
+def study() -> StudyRecord:
+    return make_study(30)
+
+
+def cliff_and_plateau(study: StudyRecord) -> tuple[StudyRecord, dict[str, float], dict[str, float]]:
+    """Two completed trials: a sharp peak (best search value) and a flat plateau just below."""
+    sharp = {"lr": 1.0, "rho": 1.0, "beta1": 0.9}
+    flat = {"lr": 0.01, "rho": 1.0, "beta1": 0.9}
+    trials = [
+        TrialRecord(number=0, state="complete", params=sharp, value=0.99),
+        TrialRecord(number=1, state="complete", params=flat, value=0.97),
+    ]
+    return dataclasses.replace(study, trials=trials, confirmations=[]), sharp, flat
+
+
+def landscape(params: dict[str, float]) -> float:
+    """A synthetic objective: a cliff just above lr = 1, a gentle plateau around lr = 0.01."""
+    if params["lr"] >= 1.0:
+        return 0.985 if params["lr"] < 1.5 else 0.60  # 2 × lr falls off the cliff
+    return 0.975
+
+
+def evaluate_landscape(jobs):
+    return [Measurement(landscape(params) + 1e-4 * (seed % 3)) for params, seed, _ in jobs]
+
+
+def test_a_flat_candidate_beats_a_sharp_one_with_a_higher_mean(study):
+    cliffy, sharp, flat = cliff_and_plateau(study)
+    confirmations = confirm_top(cliffy, evaluate_landscape, top=2, seeds=[1, 2, 3, 4, 5], split_seeds=[11, 12, 13, 14, 15])
+    by_params = {tuple(sorted(c.params.items())): c for c in confirmations}
+    sharp_c, flat_c = by_params[tuple(sorted(sharp.items()))], by_params[tuple(sorted(flat.items()))]
+    assert sharp_c.mean > flat_c.mean  # the sharp one wins on its own mean ...
+    assert robust_score(sharp_c, "maximize") == pytest.approx(0.60 + 1e-4 * statistics.fmean(s % 3 for s in [1, 2, 3]))
+    params, chosen = pick_recommended(cliffy, confirmations)
+    assert params == flat and chosen is flat_c  # ... but its 2 × lr neighbour loses 38 points
+    rec = build_recommendation(cliffy, confirmations=confirmations)
+    assert rec.selection["chosen"] == confirmations.index(flat_c)
+    assert "neighbour" in rec.selection["why"]
+    assert rec.selection["candidates"][0]["neighbours"]["lr×2"] == pytest.approx(0.60, abs=1e-3)
+
+
+def test_neighbours_change_lr_only_and_run_on_the_first_seeds(study):
+    cliffy, sharp, _ = cliff_and_plateau(study)
+    jobs_seen = []
+
+    def evaluate(jobs):
+        jobs_seen.extend(jobs)
+        return [Measurement(0.5) for _ in jobs]
+
+    confirm_top(cliffy, evaluate, top=1, seeds=[1, 2, 3, 4, 5], split_seeds=[11, 12, 13, 14, 15])
+    assert neighbour_settings(sharp) == {"lr×0.5": {**sharp, "lr": 0.5}, "lr×2": {**sharp, "lr": 2.0}}
+    own = [(seed, split) for params, seed, split in jobs_seen if params == sharp]
+    assert own == [(1, 11), (2, 12), (3, 13), (4, 14), (5, 15)]
+    for neighbour in neighbour_settings(sharp).values():
+        assert [(seed, split) for params, seed, split in jobs_seen if params == neighbour] == own[:NEIGHBOUR_SEEDS]
+
+
+@pytest.mark.parametrize("search_seed, trials, split_seed", [(0, 40, 0), (1_000_000, 500, 1_000_003), (7, 3, 1_000_004), (2**31, 64, 5)])
+def test_confirmation_seeds_never_meet_search_seeds(search_seed, trials, split_seed):
+    seeds, splits = confirmation_seeds(search_seed, trials, split_seed, 5)
+    search_seeds = set(range(search_seed, search_seed + trials))  # trial n trains with seed + n
+    assert len(set(seeds)) == 5 and not set(seeds) & search_seeds
+    assert len(set(splits)) == 5 and split_seed not in splits
+
+
+def test_interval95_is_student_t():
+    values = [0.97, 0.98, 0.975, 0.985, 0.97]
+    low, high = interval95(values)
+    expected = stats.t.interval(0.95, len(values) - 1, loc=statistics.fmean(values), scale=stats.sem(values))
+    assert (low, high) == pytest.approx(expected)
+    with pytest.raises(UserInputError):
+        interval95([0.9])
+
+
+def test_confirm_top_validates_arguments(study):
+    with pytest.raises(UserInputError):
+        confirm_top(study, evaluate_landscape, seeds=[], split_seeds=[])
+    with pytest.raises(UserInputError):
+        confirm_top(study, evaluate_landscape, top=0, seeds=[1], split_seeds=[1])
+    with pytest.raises(UserInputError):
+        confirm_top(study, evaluate_landscape, seeds=[1, 2], split_seeds=[1])
+
+
+def test_confirm_top_skips_duplicate_configurations(study):
+    best = study.best_trial()
+    twin = dataclasses.replace(best, number=99, value=best.value - 0.001)
+    doubled = dataclasses.replace(study, trials=[*study.trials, twin])
+    confirmations = confirm_top(doubled, lambda jobs: [Measurement(0.5) for _ in jobs], top=2, seeds=[0, 1], split_seeds=[5, 6])
+    assert confirmations[0].params == best.params
+    assert confirmations[1].params != best.params
+
+
+def test_measurements_are_summarised_per_candidate(study):
+    cliffy, sharp, _ = cliff_and_plateau(study)
+    ratios = iter([0.01, 0.03, 0.02, 9.0, 9.0, 9.0, 9.0, 9.0, 9.0])
+    confirmation = confirm_top(cliffy, lambda jobs: [Measurement(0.9, 0.8 + 0.01 * seed, next(ratios)) for _, seed, _ in jobs], top=1, seeds=[1, 2, 3], split_seeds=[4, 5, 6])[0]
+    assert confirmation.test_accuracy == pytest.approx(0.82)  # the candidate's runs, not its neighbours'
+    assert confirmation.fisher_ratio == pytest.approx(0.02)
+    assert confirmation.split_seeds == [4, 5, 6]
+
+
+@pytest.mark.parametrize("ratio, name", [(0.001, "sgd-like"), (0.0999, "sgd-like"), (0.1, "mixed"), (10.0, "mixed"), (10.01, "normalised")])
+def test_regime_names(ratio, name):
+    assert regime(ratio) == name
+
+
+def test_the_regime_in_best_json_is_the_chosen_candidates_ratio(study):
+    cliffy, _, flat = cliff_and_plateau(study)
+    confirmation = Confirmation(params=flat, seeds=[1, 2], values=[0.97, 0.98], fisher_ratio=0.03)
+    rec = build_recommendation(cliffy, confirmations=[confirmation])
+    assert rec.sensitivity.regime == {"fisher_ratio": 0.03, "name": "sgd-like"}
+
+
+# ----------------------------------------------------------------------- ‖m̂‖²/ρ from the optimizer
+
+
+def hand_fisher_ratio(grads: list[list[torch.Tensor]], beta1: float, rho: float, scope: str) -> float:
+    """‖m̂‖²/ρ after the given gradient steps, written from the definition in float64."""
+    moments = [torch.zeros_like(g, dtype=torch.float64) for g in grads[0]]
+    for step_grads in grads:
+        moments = [beta1 * m + (1 - beta1) * g.double() for m, g in zip(moments, step_grads)]
+    steps = len(grads)
+    squared = [float((m / (1 - beta1**steps)).square().sum()) for m in moments]
+    ratios = [sum(squared) / rho] if scope == "group" else [s / rho for s in squared]
+    return statistics.fmean(ratios)
+
+
+@pytest.mark.parametrize("scope", ["group", "tensor"])
+@pytest.mark.parametrize("foreach", [False, True])
+def test_fisher_ratio_matches_the_definition(scope, foreach):
+    torch.manual_seed(0)
+    params = [torch.randn(3, 4, requires_grad=True), torch.randn(5, requires_grad=True)]
+    opt = SOFIM(params, lr=0.1, rho=0.3, beta1=0.8, norm_scope=scope, foreach=foreach)
+    assert opt.fisher_ratio() is None
+    grads = []
+    for _ in range(4):
+        step_grads = [torch.randn_like(p) for p in params]
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        grads.append(step_grads)
+        opt.step()
+    ratio = opt.fisher_ratio()
+    assert ratio.dim() == 0 and ratio.dtype == torch.float32
+    assert float(ratio) == pytest.approx(hand_fisher_ratio(grads, 0.8, 0.3, scope), rel=1e-5)
+
+
+def test_train_trial_reports_the_median_of_its_samples(monkeypatch):
+    """With a sample after every step, the trial's fisher_ratio is the median of them all."""
+    from sofim_tune import trial as trial_module
+    from sofim_tune.trial import TrialConfig, train_trial
+
+    samples, steps = [], []
+    original_ratio, original_step = SOFIM.fisher_ratio, SOFIM.step
+
+    def recording_ratio(self):
+        value = original_ratio(self)
+        samples.append(float(value))
+        return value
+
+    def counting_step(self, *args, **kwargs):
+        steps.append(1)
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(trial_module, "FISHER_SAMPLE_INTERVAL", 1)
+    monkeypatch.setattr(SOFIM, "fisher_ratio", recording_ratio)
+    monkeypatch.setattr(SOFIM, "step", counting_step)
+    result = train_trial(TrialConfig(dataset="digits", hyperparameters={"lr": 0.1, "rho": 0.05, "beta1": 0.9}, epochs=2, device="cpu"))
+    assert len(samples) == len(steps) > 20
+    assert result.metrics["fisher_ratio"] == pytest.approx(statistics.median(samples))
+    assert result.history[0]["fisher_ratio"] == pytest.approx(statistics.median(samples[: len(samples) // 2]))
