@@ -37,6 +37,13 @@ def test_tuning_efficiency_prints_its_ratios(tmp_path):
     assert list(tmp_path.glob("digits-best-known-*.json"))
 
 
+def test_recommendation_quality_prints_gaps_and_coverage():
+    out = bench("recommendation_quality.py", "--quick", "--studies", "1", "--seeds", "2", "--grid-seeds", "2", "--jobs", "1")
+    rows = [line for line in out.splitlines() if line.startswith("| 0 |")]
+    assert len(rows) == 1 and rows[0].rstrip(" |").split("|")[-1].strip() in ("yes", "no")
+    assert "worst gap" in out and "intervals covering: " in out
+
+
 @pytest.mark.parametrize("script", sorted(p.name for p in BENCHMARKS.glob("*.py")))
 def test_every_benchmark_has_a_smoke_test(script):
     assert f'"{script}"' in Path(__file__).read_text()
