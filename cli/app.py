@@ -388,7 +388,9 @@ def plot(
 
     record = runs.load_run(run_dir, storage=_storage(storage, storage_env), study=study)
     target = output or run_dir or Path(".")
-    out.print(f"wrote {runs.plot(record, target, png=png)}", highlight=False)
+    report = runs.plot(record, target, png=png)
+    for path in (report.html, *report.pngs):
+        out.print(f"wrote {path}", highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import html
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,16 +24,18 @@ from scipy.spatial import QhullError
 from sofim_tune.errors import UserInputError
 from sofim_tune.records import StudyRecord, TrialRecord
 from sofim_tune.recommend import (
+    ConfirmSummary,
     Recommendation,
     build_recommendation,
     param_importances,
     redact_storage_url,
     write_text_atomic,
 )
+from sofim_tune.selection import regime
 
-__all__ = ["FIGURES", "PNG_NEEDS_CHROME", "build_figures", "write_report"]
+__all__ = ["FIGURES", "PNG_NEEDS_CHROME", "Report", "build_figures", "write_report"]
 
-FIGURES = ("history", "importance", "slices", "contour", "parallel", "curves", "confirmation")
+FIGURES = ("history", "importance", "slices", "contour", "regime", "parallel", "curves", "confirmation")
 
 PNG_NEEDS_CHROME = (
     "PNG export needs Chrome or Chromium; install it (e.g. apt-get install chromium) "
@@ -41,8 +44,9 @@ PNG_NEEDS_CHROME = (
 
 _HEIGHT = 460  # px, every figure
 _WIDTH = 1100  # px, PNG export
+_PLOT_PX = (850, 300)  # px, about the plot area inside a figure (width, height), for tick density
 _GRID = 80  # contour interpolation grid points per axis
-_DIAGONAL_DECADES = (-2, -1, 0, 1, 2)  # lr/rho diagonals drawn, in decades around the best
+_DIAGONAL_DECADES = (-2, -1, 0, 1, 2)  # lr/rho diagonals drawn, in decades around the recommended
 
 # Trial kinds, drawn in this order (best on top) with these styles.
 _STYLE = {
@@ -52,6 +56,22 @@ _STYLE = {
     "completed": {"color": "#1f77b4", "dash": "solid", "width": 1.2, "opacity": 0.7},
 }
 _BEST_COLOR = "#ff7f0e"
+_RECOMMENDED_COLOR = "#e6007e"  # magenta: stands out on viridis and on the regime scale
+_NO_RATIO_COLOR = "#bdbdbd"
+# Trials that stopped early, where they are drawn as points: the history's style.
+_STOPPED_MARKER = {
+    "pruned": {"color": _STYLE["pruned"]["color"], "symbol": "circle-open", "size": 7},
+    "diverged": {"color": _STYLE["diverged"]["color"], "symbol": "x", "size": 7},
+}
+# log10 ‖m̂‖²/ρ: below -1 SOFIM steps like SGD, above 1 its step is normalised (selection.regime).
+_RATIO_RANGE = (-3.0, 3.0)
+_RATIO_SCALE = [[0.0, "#053061"], [1 / 3, "#4393c3"], [0.5, "#9970ab"], [2 / 3, "#d6604d"],
+                [1.0, "#67001f"]]
+_RATIO_TITLE = "log10 ‖m̂‖²/ρ<br>< −1 SGD-like, > 1 normalised step"
+# Tick labels a log axis may carry, per pixel of axis length (a label is ~6 characters).
+_PX_PER_LABEL_X = 75
+_PX_PER_LABEL_Y = 30
+_LOG_MANTISSAS = ((1, 2, 3, 4, 5, 6, 7, 8, 9), (1, 2, 5), (1, 3), (1,))
 
 _EXPLAIN = {
     "history": "Metric of every trial in the order they ran; the line is the best so far.",
@@ -60,13 +80,26 @@ _EXPLAIN = {
         "hyperparameter only: on SOFIM's lr/rho diagonal, the ratio can matter more than "
         "lr or rho alone."
     ),
-    "slices": "Metric against each hyperparameter; color is the trial number.",
+    "slices": (
+        "Metric against each hyperparameter: completed trials colored by trial number, "
+        "pruned and diverged ones at the last value they reported."
+    ),
     "contour": (
         "Metric over the (lr, rho) plane, interpolated between completed trials (dots). "
+        "Star: the best single trial; ring: the recommended setting (chosen on fresh seeds). "
         "Dashed lines: lr/rho = const. While the squared momentum norm is small against rho, "
         "only lr/rho matters, so good settings lie along one of these diagonals."
     ),
-    "parallel": "Every completed trial as a line through its hyperparameters and metric.",
+    "regime": (
+        "Where SOFIM's curvature term matters: each finished trial colored by log10 of its median "
+        "‖m̂‖²/ρ. Blue (< −1): ‖m̂‖² ≪ ρ, the step is SGD's with learning rate lr/rho and only "
+        "the ratio matters. Red (> 1): ‖m̂‖² ≫ ρ, the step is normalised to about lr/‖m̂‖ and "
+        "rho barely matters. Grey: not recorded."
+    ),
+    "parallel": (
+        "Every completed trial as a line through its hyperparameters and metric "
+        "(log-scale hyperparameters on log axes)."
+    ),
     "curves": (
         "Metric per epoch. Completed trials in color, pruned ones grey and dashed, "
         "diverged ones red with a cross where they diverged."
@@ -107,8 +140,74 @@ def _coloraxis(study: StudyRecord) -> dict:
     }
 
 
-def _axis_type(study: StudyRecord, name: str) -> str:
-    return "log" if name in study.log_params else "linear"
+def _tick_text(value: float) -> str:
+    """A whole number as a tick label: 0.05, 0.0002, 10, 1e-5 (never a bare mantissa)."""
+    return f"{value:g}".replace("e-0", "e-").replace("e+0", "e").replace("e+", "e")
+
+
+def _log_ticks(values: Iterable[float], max_labels: int) -> tuple[list[float], list[float]]:
+    """Labelled and unlabelled tick positions (data units) for a log axis over ``values``.
+
+    Labels fall on 1-9, 1-2-5, 1-3 or 1 times each power of ten, the densest of these with
+    at most ``max_labels`` labels on the visible range; with too many decades even for
+    that, every second (third, ...) decade. The remaining 1-9 multiples become minor ticks.
+    """
+    logs = [math.log10(v) for v in values if v > 0 and math.isfinite(v)]
+    if not logs:
+        return [], []
+    low, high = min(logs), max(logs)
+    # Plotly pads the range around markers: ticks a little outside the data still show.
+    pad = 0.08 * max(high - low, 0.5)
+    decades = range(math.floor(low - pad), math.ceil(high + pad) + 1)
+
+    def visible(ticks: list[float]) -> list[float]:
+        return [t for t in ticks if low - pad <= math.log10(t) <= high + pad]
+
+    everything = [float(f"{m}e{k}") for k in decades for m in range(1, 10)]
+    max_labels = max(max_labels, 2)
+    labelled = None
+    for mantissas in _LOG_MANTISSAS:
+        ticks = [float(f"{m}e{k}") for k in decades for m in mantissas]
+        if len(visible(ticks)) <= max_labels:
+            labelled = ticks
+            break
+    if labelled is None:
+        shown = len(visible([float(f"1e{k}") for k in decades]))
+        step = math.ceil(shown / max_labels)
+        # Every step-th decade, starting where the most of them land on the visible range.
+        labelled = max(([float(f"1e{k}") for k in decades if k % step == r] for r in range(step)),
+                       key=lambda ticks: len(visible(ticks)))
+    if len(visible(labelled)) < 2:
+        # Less than a decade between 1-9 multiples: round numbers in between, linearly.
+        labelled = _linear_ticks(10**low, 10**high, max_labels)
+    return labelled, [t for t in everything if t not in labelled]
+
+
+def _linear_ticks(low: float, high: float, count: int) -> list[float]:
+    """About ``count`` round numbers (1, 2 or 5 times a power of ten apart) over [low, high]."""
+    raw = (high - low) / max(count, 1) or abs(high) or 1.0
+    power = 10.0 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    first = math.floor(low / step)
+    return [float(f"{i * step:.12g}") for i in range(first, first + count + 3) if i * step > 0]
+
+
+def _axis(study: StudyRecord, name: str, values: Iterable[float], length_px: float,
+          px_per_label: int) -> dict:
+    """Axis settings for hyperparameter ``name``: log axes get full-number labels only.
+
+    Plotly's own log ticks label minor ticks with a bare digit ("5  0.1  2"), so that
+    0.05 reads as 5; here every label is the whole number and minor ticks are unlabelled.
+    """
+    if name not in study.log_params:
+        return {"type": "linear"}
+    labelled, minor = _log_ticks(values, int(length_px // px_per_label))
+    return {
+        "type": "log", "tickmode": "array", "tickvals": labelled,
+        "ticktext": [_tick_text(t) for t in labelled],
+        "minor": {"tickmode": "array", "tickvals": minor, "ticks": "outside", "ticklen": 3,
+                  "showgrid": False},
+    }
 
 
 def _history(study: StudyRecord) -> go.Figure:
@@ -148,36 +247,108 @@ def _importance(study: StudyRecord, rec: Recommendation | None) -> go.Figure:
     return fig
 
 
+def _last_value(trial: TrialRecord) -> float | None:
+    """The last finite metric value a trial reported, or None."""
+    for epoch in sorted(trial.intermediate, reverse=True):
+        value = trial.intermediate[epoch]
+        if value is not None and math.isfinite(value):
+            return value
+    return None
+
+
+def _stopped(study: StudyRecord, kind: str) -> list[tuple[TrialRecord, float]]:
+    """Trials of ``kind`` (pruned or diverged) that reported a value, with their last one."""
+    found = [(t, _last_value(t)) for t in study.trials if _kind(t) == kind]
+    return [(t, value) for t, value in found if value is not None]
+
+
 def _slices(study: StudyRecord) -> go.Figure:
     names = _hyperparameters(study)
     completed = _completed(study)
+    stopped = {kind: _stopped(study, kind) for kind in ("pruned", "diverged")}
     fig = make_subplots(rows=1, cols=max(1, len(names)), shared_yaxes=True,
                         subplot_titles=names, horizontal_spacing=0.04)
+    width = _PLOT_PX[0] / max(1, len(names))
     for col, name in enumerate(names, start=1):
+        # Stopped trials first, so that completed ones are drawn on top of them.
+        for kind, found in stopped.items():
+            found = [(t, v) for t, v in found if name in t.params]
+            fig.add_scatter(
+                x=[t.params[name] for t, _ in found], y=[v for _, v in found], mode="markers",
+                name=f"{kind} (last value)", legendgroup=kind, showlegend=col == 1,
+                customdata=[t.number for t, _ in found], marker=_STOPPED_MARKER[kind],
+                hovertemplate=f"trial %{{customdata}}, {kind}<br>{name} = %{{x:.4g}}"
+                "<br>last value %{y:.4f}<extra></extra>",
+                row=1, col=col,
+            )
         trials = [t for t in completed if name in t.params]
         fig.add_scatter(
             x=[t.params[name] for t in trials], y=[t.value for t in trials],
-            mode="markers", name=name, showlegend=False, customdata=[t.number for t in trials],
+            mode="markers", name="completed", legendgroup="completed", showlegend=col == 1,
+            customdata=[t.number for t in trials],
             hovertemplate=f"trial %{{customdata}}<br>{name} = %{{x:.4g}}<br>%{{y:.4f}}<extra></extra>",
             marker={"color": [t.number for t in trials], "coloraxis": "coloraxis", "size": 6},
             row=1, col=col,
         )
-        fig.update_xaxes(type=_axis_type(study, name), title_text=name, row=1, col=col)
+        drawn = [t.params[name] for t in study.trials if name in t.params and t.state != "failed"]
+        fig.update_xaxes(title_text=name, row=1, col=col,
+                         **_axis(study, name, drawn, width, _PX_PER_LABEL_X))
     fig.update_yaxes(title_text=study.metric, row=1, col=1)
-    # Light blue to dark, never white: early trials must stay visible.
+    # Light blue to dark, never white: early trials must stay visible. The legend goes
+    # above the plots: on the right it would cover the colorbar.
     fig.update_layout(title="Slices", coloraxis={"colorscale": [[0, "#9ecae1"], [1, "#08306b"]],
-                                                 "colorbar": {"title": {"text": "trial"}}})
+                                                 "colorbar": {"title": {"text": "trial"}}},
+                      legend={"orientation": "h", "x": 1, "xanchor": "right", "y": 1.08,
+                              "yanchor": "bottom"})
     return fig
 
 
-def _diagonals(lr: np.ndarray, rho: np.ndarray, best_ratio: float) -> list[float]:
-    """Ratios lr/rho to draw: the best one and whole decades around it, inside the data."""
+def _diagonals(lr: np.ndarray, rho: np.ndarray, anchor: float) -> list[float]:
+    """Ratios lr/rho to draw: ``anchor`` and whole decades around it, inside the data."""
     ratios = lr / rho
-    candidates = (best_ratio * 10.0**k for k in _DIAGONAL_DECADES)
+    candidates = (anchor * 10.0**k for k in _DIAGONAL_DECADES)
     return [c for c in candidates if ratios.min() * 0.999 <= c <= ratios.max() * 1.001]
 
 
-def _contour(study: StudyRecord, best: TrialRecord | None) -> go.Figure:
+def _lr_rho(params: dict[str, float] | None) -> tuple[float, float] | None:
+    if params is None or not {"lr", "rho"} <= params.keys():
+        return None
+    return params["lr"], params["rho"]
+
+
+def _plane(study: StudyRecord, fig: go.Figure, trials: Sequence[TrialRecord]) -> None:
+    """lr and rho axes of an (lr, rho) figure, with full-number labels on log axes."""
+    fig.update_xaxes(title_text="lr", **_axis(
+        study, "lr", [t.params["lr"] for t in trials], _PLOT_PX[0], _PX_PER_LABEL_X))
+    fig.update_yaxes(title_text="rho", **_axis(
+        study, "rho", [t.params["rho"] for t in trials], _PLOT_PX[1], _PX_PER_LABEL_Y))
+
+
+def _best_and_recommended(fig: go.Figure, best: TrialRecord | None,
+                          rec: Recommendation | None) -> None:
+    """The best single trial (star) and the recommended setting (ring) on an (lr, rho) figure.
+
+    They differ when seed confirmation preferred another candidate; when they coincide,
+    the ring circles the star.
+    """
+    at = _lr_rho(best.params if best is not None else None)
+    if at is not None:
+        fig.add_scatter(x=[at[0]], y=[at[1]], mode="markers", name=f"best single trial {best.number}",
+                        hovertemplate=f"best single trial {best.number}<br>lr = %{{x:.4g}}"
+                        f"<br>rho = %{{y:.4g}}<br>{best.value:.4f}<extra></extra>",
+                        marker={"symbol": "star", "size": 16, "color": _BEST_COLOR,
+                                "line": {"color": "black", "width": 1}})
+    at = _lr_rho(rec.hyperparameters if rec is not None else None)
+    if at is not None:
+        fig.add_scatter(x=[at[0]], y=[at[1]], mode="markers",
+                        name=f"recommended (lr = {_fmt(at[0])}, rho = {_fmt(at[1])})",
+                        hovertemplate="recommended<br>lr = %{x:.4g}<br>rho = %{y:.4g}"
+                        "<extra></extra>",
+                        marker={"symbol": "circle-open", "size": 24, "color": _RECOMMENDED_COLOR,
+                                "line": {"width": 3}})
+
+
+def _contour(study: StudyRecord, best: TrialRecord | None, rec: Recommendation | None) -> go.Figure:
     trials = [t for t in _completed(study) if "lr" in t.params and "rho" in t.params]
     lr = np.array([t.params["lr"] for t in trials])
     rho = np.array([t.params["rho"] for t in trials])
@@ -207,12 +378,11 @@ def _contour(study: StudyRecord, best: TrialRecord | None) -> go.Figure:
         marker={"color": values, "coloraxis": "coloraxis", "size": 7,
                 "line": {"color": "white", "width": 0.8}},
     )
-    if best is not None and {"lr", "rho"} <= best.params.keys():
-        best_lr, best_rho = best.params["lr"], best.params["rho"]
-        fig.add_scatter(x=[best_lr], y=[best_rho], mode="markers", name=f"best (trial {best.number})",
-                        marker={"symbol": "star", "size": 16, "color": _BEST_COLOR,
-                                "line": {"color": "black", "width": 1}})
-        for ratio in _diagonals(lr, rho, best_lr / best_rho):
+    # The diagonals go through the setting the headline recommends (else the best trial).
+    anchor = _lr_rho(rec.hyperparameters if rec is not None else None) or _lr_rho(
+        best.params if best is not None else None)
+    if anchor is not None and len(trials):
+        for ratio in _diagonals(lr, rho, anchor[0] / anchor[1]):
             # The part of rho = lr / ratio inside the data's box.
             lo = max(lr.min(), ratio * rho.min())
             hi = min(lr.max(), ratio * rho.max())
@@ -224,12 +394,65 @@ def _contour(study: StudyRecord, best: TrialRecord | None) -> go.Figure:
                             text=[""] * (len(xs) - 1) + [label], textposition="top left",
                             line={"dash": "dash", "color": "black", "width": 1},
                             hoverinfo="name", showlegend=False)
-    fig.update_xaxes(type=_axis_type(study, "lr"), title_text="lr")
-    fig.update_yaxes(type=_axis_type(study, "rho"), title_text="rho")
+    _best_and_recommended(fig, best, rec)
+    _plane(study, fig, trials)
     # Legend above the plot: on the right it would cover the colorbar.
     fig.update_layout(title="lr × rho", coloraxis=_coloraxis(study),
                       legend={"orientation": "h", "x": 1, "xanchor": "right", "y": 1.02,
                               "yanchor": "bottom"})
+    return fig
+
+
+def _fisher_ratio(trial: TrialRecord) -> float | None:
+    """The trial's median ‖m̂‖²/ρ when it recorded a usable one."""
+    ratio = trial.attrs.get("fisher_ratio")
+    if isinstance(ratio, (int, float)) and math.isfinite(ratio) and ratio > 0:
+        return float(ratio)
+    return None
+
+
+def _regime(study: StudyRecord, best: TrialRecord | None, rec: Recommendation | None) -> go.Figure:
+    trials = [t for t in study.trials
+              if t.state in ("complete", "pruned") and {"lr", "rho"} <= t.params.keys()]
+    symbols = {"completed": "circle", "pruned": "diamond", "diverged": "x"}
+    fig = go.Figure()
+    hover = ("trial %{customdata[0]}, %{customdata[1]}<br>lr = %{x:.4g}<br>rho = %{y:.4g}"
+             "<br>‖m̂‖²/ρ = %{customdata[2]}<extra></extra>")
+    missing = [t for t in trials if _fisher_ratio(t) is None]
+    for kind, symbol in symbols.items():
+        found = [t for t in trials if _kind(t) == kind and _fisher_ratio(t) is not None]
+        if not found:
+            continue
+        ratios = [_fisher_ratio(t) for t in found]
+        fig.add_scatter(
+            x=[t.params["lr"] for t in found], y=[t.params["rho"] for t in found],
+            mode="markers", name=kind,
+            customdata=[[t.number, kind, f"{r:.3g} ({regime(r)})"] for t, r in zip(found, ratios)],
+            hovertemplate=hover,
+            marker={"color": np.log10(ratios), "coloraxis": "coloraxis", "symbol": symbol,
+                    "size": 9, "line": {"color": "white", "width": 0.6}},
+        )
+    if missing:
+        fig.add_scatter(
+            x=[t.params["lr"] for t in missing], y=[t.params["rho"] for t in missing],
+            mode="markers", name="‖m̂‖²/ρ not recorded",
+            customdata=[[t.number, _kind(t), "not recorded"] for t in missing],
+            hovertemplate=hover,
+            marker={"color": _NO_RATIO_COLOR, "size": 8,
+                    "symbol": [symbols[_kind(t)] for t in missing]},
+        )
+    if len(missing) == len(trials):
+        _note(fig, "No trial recorded ‖m̂‖²/ρ (studies run before it was recorded).")
+    _best_and_recommended(fig, best, rec)
+    _plane(study, fig, trials)
+    low, high = _RATIO_RANGE
+    fig.update_layout(
+        title="SOFIM's regime over lr × rho: where the Fisher term ‖m̂‖² matters",
+        coloraxis={"colorscale": _RATIO_SCALE, "cmin": low, "cmax": high,
+                   "colorbar": {"title": {"text": _RATIO_TITLE, "side": "right"},
+                                "tickvals": list(range(int(low), int(high) + 1))}},
+        legend={"orientation": "h", "x": 1, "xanchor": "right", "y": 1.02, "yanchor": "bottom"},
+    )
     return fig
 
 
@@ -239,9 +462,23 @@ def _parallel(study: StudyRecord) -> go.Figure:
     dimensions = []
     for name in _hyperparameters(study):
         column = np.array([t.params.get(name, math.nan) for t in completed], dtype=float)
-        log = name in study.log_params
-        dimensions.append({"label": f"log10({name})" if log else name,
-                           "values": np.log10(column) if log else column})
+        if name not in study.log_params:
+            dimensions.append({"label": name, "values": column})
+            continue
+        # Parcoords has no log axis: log10 values, labelled with the numbers themselves.
+        present = column[np.isfinite(column) & (column > 0)]
+        labelled, _ = _log_ticks(present, int(_PLOT_PX[1] // _PX_PER_LABEL_Y))
+        dimension = {"label": f"{name} (log)", "values": np.log10(column)}
+        if len(present):
+            # The axis spans the data; its end labels would be log10 values, so the
+            # range ends on the labelled numbers around the data.
+            low = max((t for t in labelled if t <= present.min()), default=present.min())
+            high = min((t for t in labelled if t >= present.max()), default=present.max())
+            shown = [t for t in labelled if low <= t <= high]
+            dimension |= {"range": [math.log10(low), math.log10(high)],
+                          "tickvals": [math.log10(t) for t in shown],
+                          "ticktext": [_tick_text(t) for t in shown]}
+        dimensions.append(dimension)
     dimensions.append({"label": study.metric, "values": values})
     fig = go.Figure(go.Parcoords(line={"color": values, **_coloraxis(study), "showscale": True},
                                  dimensions=dimensions))
@@ -315,10 +552,10 @@ def _confirmation(study: StudyRecord, rec: Recommendation | None) -> go.Figure:
         x=labels, y=[c.mean for c in confirmations], mode="markers", name="mean ± std",
         error_y={"type": "data", "array": [c.std for c in confirmations], "visible": True},
         marker={"size": 12, "symbol": "diamond",
-                "color": [_BEST_COLOR if c.params == recommended else _STYLE["completed"]["color"]
+                "color": [_RECOMMENDED_COLOR if c.params == recommended else _STYLE["completed"]["color"]
                           for c in confirmations]},
     )
-    fig.update_layout(title="Seed confirmation (orange: recommended)", yaxis_title=study.metric)
+    fig.update_layout(title="Seed confirmation (magenta: recommended)", yaxis_title=study.metric)
     return fig
 
 
@@ -331,10 +568,10 @@ def _note(fig: go.Figure, text: str) -> None:
 def build_figures(study: StudyRecord, rec: Recommendation | None = None) -> dict[str, go.Figure]:
     """Every figure of the report, keyed by name, in :data:`FIGURES` order.
 
-    ``contour`` is present only when both ``lr`` and ``rho`` are hyperparameters; the
-    others always are (with an explanatory note when there is nothing to plot yet).
-    ``rec`` supplies the importance shares and marks the recommended configuration;
-    without it importance is computed from the study.
+    ``contour`` and ``regime`` are present only when both ``lr`` and ``rho`` are
+    hyperparameters; the others always are (with an explanatory note when there is
+    nothing to plot yet). ``rec`` supplies the importance shares and marks the recommended
+    configuration; without it importance is computed from the study.
     """
     best = study.best_trial()
     figures = {
@@ -343,7 +580,8 @@ def build_figures(study: StudyRecord, rec: Recommendation | None = None) -> dict
         "slices": _slices(study),
     }
     if {"lr", "rho"} <= set(_hyperparameters(study)):
-        figures["contour"] = _contour(study, best)
+        figures["contour"] = _contour(study, best, rec)
+        figures["regime"] = _regime(study, best, rec)
     figures |= {
         "parallel": _parallel(study),
         "curves": _curves(study, best),
@@ -352,6 +590,90 @@ def build_figures(study: StudyRecord, rec: Recommendation | None = None) -> dict
     for fig in figures.values():
         fig.update_layout(height=_HEIGHT)
     return figures
+
+
+def _selection_lines(study: StudyRecord, rec: Recommendation) -> list[str]:
+    """Why the recommendation is not the search's best trial, or not the best mean, if so."""
+    best = study.best_trial()
+    differs = best is not None and best.params != rec.hyperparameters
+    why = ""
+    selection = rec.selection
+    if selection and selection.get("candidates"):
+        candidates = selection["candidates"]
+        pick = max if rec.metric.direction == "maximize" else min
+        best_mean = pick(range(len(candidates)), key=lambda i: candidates[i]["mean"])
+        if selection.get("chosen") != best_mean:
+            why = (f" Why this candidate: {html.escape(str(selection.get('why', '')))} "
+                   f"(criterion: {html.escape(str(selection.get('criterion', '')))}).")
+    if not differs:
+        return [why.strip()] if why else []
+    return [
+        f"Not the search's best single trial (trial {best.number}: {_fmt(best.value)}, the "
+        "star on the lr × rho chart): the top candidates were retrained on fresh seeds and "
+        f"this one held up best.{why}"
+    ]
+
+
+def _confirm_line(confirm: ConfirmSummary) -> str:
+    """Mean ± std over the confirmation runs, the 95% interval and how the runs were made."""
+    runs = len(confirm.seeds)
+    line = (f"Confirmed: <b>{_fmt(confirm.mean)} ± {_fmt(confirm.std)}</b> (mean ± sample std "
+            f"over {runs} run{'s' * (runs != 1)}, seeds {', '.join(map(str, confirm.seeds))})")
+    if confirm.ci95 is not None:
+        line += f"; 95% interval of the mean {_fmt(confirm.ci95[0])} to {_fmt(confirm.ci95[1])}"
+    line += "."
+    if confirm.protocol:
+        name, _, how = confirm.protocol.partition(": ")
+        how = how or name
+        splits = (f"split seeds {', '.join(map(str, confirm.split_seeds))}; "
+                  if confirm.split_seeds else "")
+        line += (f"<br><span class=\"small\">{html.escape(how[:1].upper() + how[1:])} "
+                 f"({splits}protocol “{html.escape(name)}”).</span>")
+    return line
+
+
+_REGIMES = {
+    "sgd-like": "the Fisher term does little; lr/rho acts as SGD's learning rate",
+    "mixed": ("both rho and the Fisher term ‖m̂‖² shape the step, so lr and rho matter "
+              "separately, not only through lr/rho"),
+    "normalised": ("the Fisher term dominates: the step is about lr · m̂/‖m̂‖², so rho does "
+                   "little and lr sets the step length"),
+}
+
+
+def _regime_line(regime_info: dict) -> str:
+    """What SOFIM's step does at the recommended setting, in words."""
+    name = str(regime_info.get("name", ""))
+    ratio = regime_info.get("fisher_ratio")
+    median = f" (median ‖m̂‖²/ρ = {ratio:.2g})" if isinstance(ratio, (int, float)) else ""
+    what = _REGIMES.get(name)
+    if what is None:
+        return f"SOFIM's regime here: {html.escape(name)}{median}."
+    shown = "SGD-like" if name == "sgd-like" else name
+    return f"SOFIM runs in its {shown} regime here{median}: {what}."
+
+
+def _space_warnings(rec: Recommendation) -> list[str]:
+    """Warnings when the recommendation sits on a bound of the space, and past widenings."""
+    esc = html.escape
+    found = [
+        f"<b>{esc(str(edge['param']))}</b> sits at the {esc(str(edge['side']))} bound "
+        f"{_fmt(edge['bound'])} of the search space: better settings may lie beyond it; "
+        f"widen the space's {esc(str(edge['param']))} range and run more trials."
+        for edge in rec.sensitivity.edges or []
+    ]
+    widened = [
+        f"{esc(str(w['param']))} {esc(str(w['side']))} bound {_fmt(w['from'])} → "
+        f"{_fmt(w['to'])} after {w['after_trials']} completed trials"
+        for w in rec.study.widened or []
+    ]
+    if widened:
+        found.append("The study widened its search space while it ran: " + "; ".join(widened) + ".")
+    if not found:
+        return []
+    if not rec.sensitivity.edges:  # widenings alone are information, not a warning
+        return [f"<p>{line}</p>" for line in found]
+    return ['<div class="warning">' + "".join(f"<p>{line}</p>" for line in found) + "</div>"]
 
 
 def _headline(study: StudyRecord, rec: Recommendation | None) -> str:
@@ -373,21 +695,19 @@ def _headline(study: StudyRecord, rec: Recommendation | None) -> str:
         if {"lr", "rho"} <= rec.hyperparameters.keys():
             settings += f" (lr/rho = {_fmt(rec.hyperparameters['lr'] / rec.hyperparameters['rho'])})"
         metric = rec.metric
-        lines = [
-            f"Recommended settings: {settings}",
-            f"{esc(metric.name)} during the search: {_fmt(metric.value)} ({metric.direction})",
-        ]
+        lines = [f"Recommended settings: {settings}"]
         if metric.confirm is not None:
-            lines.append(
-                f"Confirmed over {len(metric.confirm.seeds)} seeds "
-                f"({', '.join(map(str, metric.confirm.seeds))}): "
-                f"{_fmt(metric.confirm.mean)} ± {_fmt(metric.confirm.std)}"
-            )
+            lines.append(_confirm_line(metric.confirm))
         if metric.test_accuracy is not None:
             lines.append(f"Test accuracy: {_fmt(metric.test_accuracy)}")
+        lines.append(f"{esc(metric.name)} during the search: {_fmt(metric.value)} ({metric.direction})")
+        lines += _selection_lines(study, rec)
+        if rec.sensitivity.regime is not None:
+            lines.append(_regime_line(rec.sensitivity.regime))
         fixed = ", ".join(f"{esc(k)} = {esc(str(v))}" for k, v in rec.fixed.items())
         lines.append(f"Fixed: {fixed}")
         parts.append("<ul>" + "".join(f"<li>{line}</li>" for line in lines) + "</ul>")
+        parts += _space_warnings(rec)
         rows = "".join(
             f"<tr><td>{esc(k)}</td><td>{_fmt(lo)}</td><td>{_fmt(hi)}</td>"
             f"<td>{rec.sensitivity.importance.get(k, 0.0):.2f}</td></tr>"
@@ -417,7 +737,8 @@ _PAGE = """<!DOCTYPE html>
 <title>{title}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; max-width: 1200px; margin: 1.5em auto; padding: 0 1em; color: #222; }}
-.warning {{ background: #fff3cd; border: 1px solid #e0b000; padding: 0.6em 1em; }}
+.warning {{ background: #fff3cd; border: 1px solid #e0b000; padding: 0.6em 1em; margin: 1em 0; }}
+.warning p {{ margin: 0.3em 0; }}
 table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: 0.2em 0.8em; text-align: right; }}
 .small {{ font-size: 0.85em; color: #555; }}
 section {{ margin-top: 2em; }}
@@ -443,7 +764,21 @@ def _page(study: StudyRecord, rec: Recommendation | None, figures: dict[str, go.
                         headline=_headline(study, rec), sections="\n".join(sections))
 
 
-def _write_pngs(figures: dict[str, go.Figure], folder: Path) -> None:
+@dataclass(frozen=True)
+class Report:
+    """What :func:`write_report` wrote.
+
+    Attributes:
+        html: ``report.html``, the page to open.
+        pngs: one PNG per figure under ``plots/``, in :data:`FIGURES` order; empty
+            without ``png=True``.
+    """
+
+    html: Path
+    pngs: tuple[Path, ...] = ()
+
+
+def _write_pngs(figures: dict[str, go.Figure], folder: Path) -> tuple[Path, ...]:
     try:
         import kaleido
         from kaleido.errors import ChromeNotFoundError
@@ -467,18 +802,21 @@ def _write_pngs(figures: dict[str, go.Figure], folder: Path) -> None:
     except Exception as exc:  # noqa: BLE001 - a browser crash or timeout inside kaleido
         first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserInputError(f"PNG export failed ({first_line}); report.html and the HTML plots were written") from None
+    return tuple(spec["path"] for spec in specs)
 
 
 def write_report(
     study: StudyRecord, out_dir: str | Path, rec: Recommendation | None = None, *,
     png: bool = False,
-) -> Path:
+) -> Report:
     """Write ``out_dir/report.html`` and ``out_dir/plots/<figure>.html`` (and ``.png``).
 
     ``report.html`` is one self-contained page, viewable offline: the headline
-    (recommended settings, metric, seed confirmation, good region, trial counts, and a
-    "best so far" warning while the study runs), then every figure. The files under
-    ``plots/`` share one ``plots/plotly.min.js``. Each file is written atomically.
+    (recommended settings and why them, metric, seed confirmation with its interval and
+    protocol, SOFIM's regime, warnings when a setting sits on a bound of the space, good
+    region, trial counts, and a "best so far" warning while the study runs), then every
+    figure. The files under ``plots/`` share one ``plots/plotly.min.js``. Each file is
+    written atomically.
 
     Args:
         rec: the recommendation to show; None builds one from the study when a trial
@@ -487,7 +825,7 @@ def write_report(
             Chrome or Chromium.
 
     Returns:
-        The path of ``report.html``.
+        A :class:`Report`: the path of ``report.html`` and of every PNG written.
 
     Raises:
         UserInputError: ``out_dir`` cannot be written, or ``png`` without a browser.
@@ -503,6 +841,4 @@ def write_report(
         write_text_atomic(plots / f"{name}.html",
                           fig.to_html(include_plotlyjs="directory", full_html=True))
     # Last: the HTML report stands even when the PNG export fails for want of a browser.
-    if png:
-        _write_pngs(figures, plots)
-    return report
+    return Report(html=report, pngs=_write_pngs(figures, plots) if png else ())

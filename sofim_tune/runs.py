@@ -8,6 +8,7 @@ names its backend and storage in ``run.json``; a storage given explicitly (``--s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from datetime import datetime
 from pathlib import Path
 
@@ -16,6 +17,9 @@ from sofim_tune.errors import UserInputError
 from sofim_tune.recommend import Recommendation, build_recommendation, load_recommendation, write_recommendation
 from sofim_tune.records import StudyRecord
 from sofim_tune.study import read_run_file
+
+if TYPE_CHECKING:
+    from sofim_tune.report import Report
 
 
 def load_run(run_dir: str | Path | None = None, *, storage: str | None = None, study: str | None = None) -> StudyRecord:
@@ -32,8 +36,11 @@ def export(record: StudyRecord, path: str | Path) -> tuple[Recommendation, Path]
     return rec, write_recommendation(rec, path)
 
 
-def plot(record: StudyRecord, out_dir: str | Path, *, png: bool = False) -> Path:
-    """Write report.html and plots/ for a study; the headline needs one completed trial."""
+def plot(record: StudyRecord, out_dir: str | Path, *, png: bool = False) -> Report:
+    """Write report.html and plots/ for a study; returns report.html and any PNG files written.
+
+    The headline needs one completed trial.
+    """
     from sofim_tune.report import write_report
 
     rec = build_recommendation(record, device="unknown (exported from storage)") if record.best_trial() else None

@@ -120,7 +120,7 @@ def export_run(study: StudyRecord, spec: StudySpec, space: SearchSpace, options:
     study = backend.save_confirmations(study, confirmations, options)
     rec = build_recommendation(study, confirmations=confirmations, device=_device_name(options.device))
     best = write_recommendation(rec, options.out_dir / "best.json")
-    report = write_report(study, options.out_dir, rec)
+    report = write_report(study, options.out_dir, rec).html
     return TuneOutcome(study, best, report)
 
 

@@ -75,6 +75,8 @@ def test_plot_png(results, tmp_path):
     assert done.exit_code == 0, done.output
     pngs = list((tmp_path / "plots").glob("*.png"))
     assert pngs and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    # It says which files it wrote: every PNG, one line each.
+    assert {line.removeprefix("wrote ") for line in done.stdout.splitlines() if line.endswith(".png")} == {str(p) for p in pngs}
 
 
 def test_show(results):
