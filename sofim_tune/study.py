@@ -46,7 +46,9 @@ class RunOptions:
             None means SQLite at ``out_dir/study.db``. For Ray: ignored.
         workers: Optuna worker processes sharing the storage, >= 1.
         gpus: GPU indices to spread workers over, round-robin; empty means ``device``.
-        timeout: stop starting new trials after this many seconds (> 0); None runs to the target.
+        timeout: stop starting new trials after this many seconds (> 0); None runs to the
+            target. Ray: Ray's time budget: running trials are stopped (they count as
+            pruned) and the study ends; a rerun does not continue it.
         enqueue: settings (the optimizer's names) to try before sampling.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` for trials not pinned to a GPU.
         data_dir, download: where torchvision datasets live, and whether to fetch them.

@@ -1,7 +1,8 @@
 """The Ray Tune backend on a local Ray with 2 CPUs: search, early stopping, resume, checks.
 
 Every test trains the digits MLP for a few epochs on the CPU; one Ray instance serves them
-all, because starting Ray costs seconds.
+all, because starting Ray costs seconds, and one finished study (``finished_run``) serves
+every test that only reads it.
 """
 
 from __future__ import annotations
@@ -9,21 +10,33 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
+import shutil
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import optuna
 import pytest
 import ray
+import ray.cloudpickle
+import torch
+from optuna.trial import TrialState
 
-from sofim_tune.backends.ray import load_ray_record, run_ray_study
+from sofim_tune.backends import ray as ray_backend
+from sofim_tune.backends.ray import BACKEND, MAX_CONSECUTIVE_FAILURES, NUMBER_KEY, load_ray_record, run_ray_study
 from sofim_tune.errors import UserInputError
 from sofim_tune.recommend import SCHEMA_ID, load_recommendation
 from sofim_tune.records import StudyRecord
+from sofim_tune.runs import load_run
 from sofim_tune.space import load_space
 from sofim_tune.spec import StudySpec, load_spec
-from sofim_tune.tuning import RunOptions, tune
+from sofim_tune.study import trial_config, worst_value
+from sofim_tune.trial import TrialConfig, TrialResult
+from sofim_tune.tuning import RunOptions, TuneOutcome, tune
 
 pytestmark = pytest.mark.slow
 
@@ -33,23 +46,49 @@ EPOCHS = 6
 @pytest.fixture(scope="module", autouse=True)
 def local_ray() -> Iterator[None]:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # The stand-in trainables and tasks below run in Ray's workers, which cannot import
+    # this file: Ray sends them by value.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     yield
+    ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     ray.shutdown()
 
 
 def small_spec(**overrides: object) -> StudySpec:
-    return load_spec("digits").replace(**{"trials": 9, "epochs": EPOCHS, "confirm_top": 1, "confirm_seeds": 1, **overrides})
+    return load_spec("digits").replace(**{"trials": 9, "epochs": EPOCHS, "confirm_top": 1, "confirm_seeds": 2, **overrides})
 
 
 def options(out_dir: Path, **overrides: object) -> RunOptions:
     return RunOptions(out_dir=out_dir, device="cpu", **overrides)  # type: ignore[arg-type]
 
 
-def test_tune_end_to_end(tmp_path: Path) -> None:
+@dataclasses.dataclass(frozen=True)
+class FinishedRun:
+    spec: StudySpec
+    out: Path
+    outcome: TuneOutcome
+    seen: list[StudyRecord]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> FinishedRun:
+    """One study with ASHA, confirmed and exported by ``tune``."""
     spec = small_spec()
-    out = tmp_path / "run"
+    out = tmp_path_factory.mktemp("finished") / "run"
     seen: list[StudyRecord] = []
     outcome = tune(spec, options(out), backend="ray", on_progress=seen.append)
+    return FinishedRun(spec, out, outcome, seen)
+
+
+def searcher_study(experiment: Path) -> optuna.Study:
+    """The Optuna study inside the searcher's last saved state (Ray's pickle; the test trusts it)."""
+    state_file = max(experiment.glob("searcher-state-*.pkl"))
+    with state_file.open("rb") as f:
+        return pickle.load(f)["_ot_study"]
+
+
+def test_tune_end_to_end(finished_run: FinishedRun) -> None:
+    spec, out, outcome, seen = finished_run.spec, finished_run.out, finished_run.outcome, finished_run.seen
     study = outcome.study
 
     assert study.backend == "ray" and study.pruner == "asha" and study.sampler == "tpe"
@@ -62,6 +101,7 @@ def test_tune_end_to_end(tmp_path: Path) -> None:
     assert completed and pruned, "ASHA stopped no trial early"
     for trial in completed:
         assert sorted(trial.intermediate) == list(range(1, EPOCHS + 1))
+        assert trial.attrs["fisher_ratio"] > 0  # SOFIM's, as the Optuna backend records it
         assert trial.value == trial.intermediate[EPOCHS]
         assert trial.started is not None and trial.finished is not None
     for trial in pruned:
@@ -73,11 +113,49 @@ def test_tune_end_to_end(tmp_path: Path) -> None:
     rec = load_recommendation(outcome.best_json)
     assert rec.study.backend == "ray" and rec.study.trials == spec.trials and rec.study.final
     assert rec.to_dict()["schema"] == SCHEMA_ID
-    assert outcome.report is not None and outcome.report.is_file()
+    assert outcome.report is not None and (out / "report.html").is_file()
     assert json.loads((out / "run.json").read_text()) == {"backend": "ray", "storage": str(out.resolve() / "ray" / spec.name), "study": spec.name}
     # The run folder alone gives the study back, confirmations included.
     assert load_ray_record(out) == study
     assert len(study.confirmations) == 1
+
+
+def test_sampler_sees_stopped_trials_as_pruned(finished_run: FinishedRun) -> None:
+    # Ray's OptunaSearch tells Optuna an ASHA-stopped trial is COMPLETE with its last
+    # epoch's value; the sampler must see what the Optuna backend would show it.
+    study = finished_run.outcome.study
+    searched = searcher_study(finished_run.out / "ray" / finished_run.spec.name)
+    states = {t.number: t.state for t in searched.trials}
+    assert states == {t.number: TrialState.PRUNED if t.state == "pruned" else TrialState.COMPLETE for t in study.trials}
+    values = {t.number: t.value for t in searched.trials if t.state == TrialState.COMPLETE}
+    assert values == {t.number: t.value for t in study.by_state("complete")}
+    for trial in searched.trials:
+        assert trial.intermediate_values == study.trials[trial.number].intermediate
+
+
+def _no_unpickling(*args: Any, **kwargs: Any) -> Any:
+    raise AssertionError("a run folder was unpickled")
+
+
+def test_run_folder_is_read_from_plain_files(finished_run: FinishedRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Reading a run folder someone sent runs no code from it: nothing is unpickled.
+    study = finished_run.outcome.study
+    for module in (pickle, ray.cloudpickle):
+        monkeypatch.setattr(module, "loads", _no_unpickling)
+        monkeypatch.setattr(module, "load", _no_unpickling)
+    monkeypatch.setattr(pickle, "Unpickler", _no_unpickling)
+    assert load_ray_record(finished_run.out) == study
+
+    # A copy reads the same with the original out of the way.
+    copy = tmp_path / "copy"
+    shutil.copytree(finished_run.out, copy)
+    hidden = finished_run.out.with_name("hidden")
+    finished_run.out.rename(hidden)
+    try:
+        assert load_ray_record(copy) == study
+        assert load_run(copy) == study  # as show, plot and export read it
+    finally:
+        hidden.rename(finished_run.out)
 
 
 def test_interrupted_run_resumes(tmp_path: Path) -> None:
@@ -132,11 +210,140 @@ def test_diverged_and_failed_trials(tmp_path: Path) -> None:
     spec = small_spec(trials=2, epochs=3, search_space=str(space_file), enqueue=[{"lr": 0.0, "momentum": 0.9}, {"lr": 80.0, "momentum": 0.9}])
     study = run_ray_study(spec, load_space(space_file), options(tmp_path / "run"))
 
-    failed, diverged = study.trials
+    # The diverged trial's result holds the same finite worst value as in the Optuna
+    # backend (not ±1e300, which flattens a GP sampler's standardisation).
+    experiment = tmp_path / "run" / "ray" / spec.name
+    (folder,) = experiment.glob("trial_0001_*")
+    last = json.loads((folder / "result.json").read_text().splitlines()[-1])
+    assert last["reason"] == "diverged" and last[spec.metric] == worst_value(spec.direction) == 0.0
+
+    # The failed trial (after Ray's retries) does not count: a third one ran in its place.
+    failed, diverged, third = study.trials
     assert failed.state == "failed" and failed.attrs["reason"] == "failed"
     assert failed.attrs["error"] == "UserInputError: lr must be > 0, got 0.0"
     assert diverged.state == "pruned" and diverged.diverged and diverged.attrs["diverged_epoch"] == 1
     assert diverged.value is None and diverged.intermediate == {}
+    assert third.state in ("complete", "pruned") and study.finished
+    # The sampler sees a failed trial and a pruned one that reported nothing, as with Optuna.
+    searched = searcher_study(experiment).trials
+    assert [t.state for t in searched[:2]] == [TrialState.FAIL, TrialState.PRUNED]
+    assert searched[1].intermediate_values == {}
+
+
+def _raises_in_trial_1(config: dict[str, Any], **kwargs: Any) -> None:
+    """sofim_trial, except that trial 1 crashes."""
+    if int(config[NUMBER_KEY]) == 1:
+        raise RuntimeError("the worker lost its GPU")
+    _sofim_trial(config, **kwargs)
+
+
+_sofim_trial = ray_backend.sofim_trial
+
+
+def test_errored_trial_is_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ray_backend, "sofim_trial", _raises_in_trial_1)
+    monkeypatch.setattr(ray_backend, "MAX_FAILURES", 0)  # no retries: they cost seconds each
+    spec = small_spec(trials=3, epochs=2, pruner="none")
+    space = load_space(spec.search_space)
+    out = tmp_path / "run"
+    study = run_ray_study(spec, space, options(out))
+
+    assert [t.number for t in study.trials] == [0, 1, 2, 3]
+    crashed = study.trials[1]
+    assert crashed.state == "failed" and crashed.attrs["error"] == "RuntimeError: the worker lost its GPU"
+    assert len(study.by_state("complete")) + len(study.by_state("pruned")) == spec.trials
+    # Not "still running": the run is over and the study has its target.
+    assert study.finished and not study.by_state("running")
+    assert load_ray_record(out) == study
+    assert [t.state for t in searcher_study(out / "ray" / spec.name).trials][1] == TrialState.FAIL
+    # A rerun resumes nothing: the failed trial stays failed, no trial runs again.
+    assert run_ray_study(spec, space, options(out)) == study
+
+
+def test_time_budget_ends_the_study(tmp_path: Path) -> None:
+    # Ray's time budget stops the running trials without telling the searcher: they are
+    # pruned (or, before their first epoch, left out), never "running" after the run.
+    # (On a loaded machine no trial may finish an epoch in time; the budget still ends
+    # the run, and trials it stopped before their first epoch are left out.)
+    spec = small_spec(trials=100)
+    out = tmp_path / "run"
+    study = run_ray_study(spec, load_space(spec.search_space), options(out, timeout=8.0))
+    assert not study.by_state("running") and not study.finished
+    assert load_ray_record(out) == study
+    # Ray cannot go on with a search its time budget ended: a rerun returns the same study
+    # (rather than claiming to be interrupted for ever).
+    assert run_ray_study(spec, load_space(spec.search_space), options(out)) == study
+
+
+def test_searcher_records_trials_as_the_optuna_backend() -> None:
+    search = ray_backend._SofimSearch(
+        load_space("sofim"), metric="val_accuracy", mode="max", points_to_evaluate=None, sampler=optuna.samplers.RandomSampler(seed=0), epochs=4, target=3
+    )
+
+    def row(epoch: int, value: float, **extra: object) -> dict[str, Any]:
+        return {"val_accuracy": value, "epoch": epoch, "training_iteration": epoch, **extra}
+
+    stopped, errored, diverged = (search.suggest(t) for t in ("stopped", "errored", "diverged"))
+    assert stopped and errored and diverged
+    assert search.suggest("fourth") is None, "3 trials running for a target of 3: wait for one to end"
+    search.on_trial_result("stopped", row(1, 0.5))
+    search.on_trial_complete("stopped", result=row(2, 0.6))  # ASHA stopped it after epoch 2 of 4
+    search.on_trial_complete("errored", error=True)
+    search.on_trial_result("diverged", row(1, 0.0, reason="diverged"))
+    search.on_trial_complete("diverged", result=row(1, 0.0, reason="diverged"))
+    assert search.suggest("complete")
+    for epoch in range(1, 5):
+        search.on_trial_result("complete", row(epoch, 0.2 * epoch))
+    search.on_trial_complete("complete", result=row(4, 0.8))
+    assert search.suggest("fifth") == ray_backend.Searcher.FINISHED
+
+    trials = search._ot_study.trials
+    assert [t.state for t in trials] == [TrialState.PRUNED, TrialState.FAIL, TrialState.PRUNED, TrialState.COMPLETE]
+    assert trials[1].intermediate_values == {} and trials[2].intermediate_values == {}
+    assert trials[3].value == 0.8
+    summary = search.summary()
+    assert summary["finished"] and [t["state"] for t in summary["trials"]] == ["pruned", "failed", "pruned", "complete"]
+
+    # Trials that all fail stop the search, as in the Optuna backend.
+    failing = ray_backend._SofimSearch(
+        load_space("sofim"), metric="val_accuracy", mode="max", points_to_evaluate=None, sampler=optuna.samplers.RandomSampler(seed=0), epochs=4, target=3
+    )
+    for i in range(MAX_CONSECUTIVE_FAILURES):
+        assert failing.suggest(f"t{i}")
+        failing.on_trial_complete(f"t{i}", error=True)
+    assert failing.suggest("next") == ray_backend.Searcher.FINISHED
+
+
+_confirmation_run = ray_backend.confirmation_run
+
+
+def _confirmation_with_pid(config: TrialConfig, options: RunOptions) -> TrialResult:
+    """confirmation_run, and where it ran."""
+    result = _confirmation_run(config, options)
+    result.metrics.update(pid=float(os.getpid()), threads=float(torch.get_num_threads()))
+    return result
+
+
+def test_confirmation_runs_as_ray_tasks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ray_backend, "confirmation_run", _confirmation_with_pid)
+    spec = small_spec(epochs=2)
+    space = load_space(spec.search_space)
+    opts = options(tmp_path)
+    settings = {"lr": 0.1, "rho": 1.0, "beta1": 0.9}
+    configs = [
+        trial_config(spec, space, settings, seed=5, device="auto", options=opts),
+        trial_config(spec, space, {**settings, "lr": 0.0}, seed=6, device="auto", options=opts),  # fails
+        trial_config(spec, space, settings, seed=7, device="auto", options=opts),
+    ]
+    results = BACKEND.confirm(configs, opts)
+
+    assert [r.config.seed for r in results] == [5, 6, 7]
+    assert [r.status for r in results] == ["completed", "failed", "completed"]
+    assert results[1].error == "UserInputError: lr must be > 0, got 0.0"
+    for result in (results[0], results[2]):
+        assert result.metrics["pid"] != os.getpid(), "a confirmation ran in the driver"
+        assert result.device == "cpu" and result.metrics["threads"] == 1
+        assert result.epochs == 2
 
 
 @pytest.mark.parametrize("address", ["ray://127.0.0.1:1", "127.0.0.1:1"])

@@ -1,11 +1,19 @@
 """Ray Tune backend: trials as Ray actors on one machine or a cluster, resume on rerun.
 
-The search is Optuna's sampler inside Ray's ``OptunaSearch``; early stopping is a Ray
-scheduler (ASHA for the ``hyperband`` and ``sha`` pruners). The run folder holds Ray's
-experiment folder (``ray/<name>``, unless ``--storage-path`` puts it elsewhere) and
-``ray_study.json``, which records what was tuned, so that ``export``, ``plot`` and ``show``
-read the study from the folder alone, and a rerun with another search space is refused
-instead of mixing two searches in one experiment.
+The search is Optuna's sampler inside Ray's ``OptunaSearch`` (:class:`_SofimSearch`, which
+records trials in the sampler's study as the Optuna backend does: early-stopped and
+diverged trials are pruned, errored ones failed); early stopping is a Ray scheduler (ASHA
+for the ``hyperband`` and ``sha`` pruners). As with the Optuna backend, the study runs
+until it has ``spec.trials`` finished (complete or pruned) trials: a trial that errors does
+not count, and another one takes its place.
+
+The run folder holds Ray's experiment folder (``ray/<name>``, unless ``--storage-path`` puts
+it elsewhere) and ``ray_study.json``, which records what was tuned. ``export``, ``plot``
+and ``show`` read the study from plain files alone (``ray_study.json``, the searcher's
+``sofim_search.json``, and each trial folder's ``params.json``, ``result.json`` and
+``error.txt``), never from Ray's pickled state, so that opening a run folder from
+elsewhere runs no code from it. A rerun with another search space is refused instead of
+mixing two searches in one experiment.
 """
 
 from __future__ import annotations
@@ -20,36 +28,54 @@ import re
 import signal
 import socket
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import optuna
 import ray
 import torch
+from optuna.trial import TrialState
 from ray import tune
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule, TrialScheduler
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from sofim_tune.backends.optuna import make_sampler, record_from_metadata, study_metadata
 from sofim_tune.errors import UserInputError
+from sofim_tune.files import write_text_atomic
 from sofim_tune.records import Confirmation, StudyRecord, TrialRecord
-from sofim_tune.recommend import write_text_atomic
 from sofim_tune.space import SearchSpace
 from sofim_tune.spec import StudySpec
-from sofim_tune.trial import train_trial
-from sofim_tune.tuning import RunOptions, check_resumable, claim_run_folder, effective_epochs, trial_config
+from sofim_tune.study import (
+    RunOptions,
+    check_resumable,
+    claim_run_folder,
+    effective_epochs,
+    make_sampler,
+    record_from_metadata,
+    study_metadata,
+    trial_config,
+    worst_value,
+)
+from sofim_tune.trial import TrialConfig, TrialResult, train_trial
 
 METADATA_FILE = "ray_study.json"
+# The searcher's account of every trial it handed out, as plain JSON next to Ray's state
+# in the experiment folder (see _SofimSearch.save_to_dir).
+SEARCH_FILE = "sofim_search.json"
 # The config key that carries the Optuna trial number to the trainable: it seeds the
 # trial (spec.seed + number, as in the Optuna backend) and numbers the trial records.
 NUMBER_KEY = "trial_number"
 # Ray reruns a failed trial from scratch this often: what it is for is a lost node or an
 # OOM kill; a deterministic error just fails three times.
 MAX_FAILURES = 2
+# As in the Optuna backend: a search whose trials all fail (a broken GPU, say) stops after
+# this many failures in a row instead of replacing them for ever.
+MAX_CONSECUTIVE_FAILURES = 10
 # How long to wait for a TCP connection to a cluster's address, in seconds. ray.init
 # itself retries an unreachable GCS for minutes and then calls sys.exit.
 CONNECT_TIMEOUT_S = 10.0
@@ -58,6 +84,8 @@ _DEFAULT_GCS_PORT = 6379
 # Trial states Ray has left behind when it was stopped before the end.
 _UNFINISHED = (Trial.PENDING, Trial.RUNNING, Trial.PAUSED)
 _ANALYSIS_LOGGER = "ray.tune.analysis.experiment_analysis"
+# trial_0007_<id>: see _trial_dirname.
+_TRIAL_DIR = re.compile(r"^trial_(\d+)_(\w+)$")
 
 
 # "sofim_tune.errors.UserInputError: lr must be > 0": the class's short name and the message.
@@ -73,16 +101,6 @@ class TrialFailed(RuntimeError):
 # ---------------------------------------------------------------------------------------
 
 
-def _worst(direction: str) -> float:
-    """A finite value below (maximize) or above (minimize) any real metric value.
-
-    Ray requires the metric in every result, so a diverged trial reports this: the
-    scheduler and the sampler then rank it below every trial that trained. Finite,
-    because ASHA interpolates percentiles and inf - inf is NaN.
-    """
-    return -1e300 if direction == "maximize" else 1e300
-
-
 class _RayReporter:
     """train_trial's reporter: one Ray result per epoch.
 
@@ -94,27 +112,49 @@ class _RayReporter:
         tune.report({**metrics, "epoch": epoch})
 
 
+def _worker_device(options: RunOptions) -> str:
+    """The device of a trial or confirmation run inside a Ray worker.
+
+    Ray hides the GPUs a task did not ask for (CUDA_VISIBLE_DEVICES), so "cuda" is the
+    task's own (share of a) GPU.
+    """
+    return "cuda" if options.gpus_per_trial > 0 else "cpu"
+
+
+def _set_threads(options: RunOptions) -> None:
+    # One intra-op thread per CPU the task reserved: more would steal the CPUs of the
+    # tasks running beside it.
+    torch.set_num_threads(max(1, int(options.cpus_per_trial)))
+
+
 def sofim_trial(config: dict[str, Any], *, spec: StudySpec, space: SearchSpace, options: RunOptions) -> None:
-    """The function trainable: one training run with the settings Ray's searcher chose."""
+    """The function trainable: one training run with the settings Ray's searcher chose.
+
+    ``Tuner.restore`` needs this trainable again, wrapped as :func:`run_ray_study` wraps it.
+    """
     number = int(config[NUMBER_KEY])
     hyperparameters = space.to_hyperparameters({name: config[name] for name in space.params})
-    # Ray hides the GPUs a trial did not ask for (CUDA_VISIBLE_DEVICES), so "cuda" is the
-    # trial's own (share of a) GPU.
-    device = "cuda" if options.gpus_per_trial > 0 else "cpu"
-    # One intra-op thread per CPU the trial reserved: more would steal the CPUs of the
-    # trials running beside it.
-    torch.set_num_threads(max(1, int(options.cpus_per_trial)))
-    run = trial_config(spec, space, hyperparameters, seed=spec.seed + number, device=device, options=options)
+    _set_threads(options)
+    run = trial_config(spec, space, hyperparameters, seed=spec.seed + number, device=_worker_device(options), options=options)
     result = train_trial(run, _RayReporter())
     if result.status == "diverged":
+        # Ray requires the metric in every result: the same finite worst value as the
+        # Optuna backend's, so that ASHA ranks the trial last without a huge number
+        # flattening anything. The searcher leaves this row out of the sampler's study.
         tune.report({
-            spec.metric: _worst(spec.direction),
+            spec.metric: worst_value(spec.direction),
             "epoch": result.diverged_epoch,
             "reason": "diverged",
             "diverged_epoch": result.diverged_epoch,
         })
     elif result.status == "failed":
         raise TrialFailed(result.error or "failed")
+
+
+def confirmation_run(config: TrialConfig, options: RunOptions) -> TrialResult:
+    """One confirmation retrain, as a Ray task (see :meth:`RayBackend.confirm`)."""
+    _set_threads(options)
+    return train_trial(dataclasses.replace(config, device=_worker_device(options)))
 
 
 def _trial_dirname(trial: Trial) -> str:
@@ -142,12 +182,128 @@ class _DefineSpace:
 
 
 # ---------------------------------------------------------------------------------------
+# The searcher (runs in Ray's driver)
+# ---------------------------------------------------------------------------------------
+
+# What the searcher knows of a trial: "removed" is one Ray stopped before its first epoch
+# (a pending trial it dropped); it is failed in the sampler's study and in no record.
+Outcome = Literal["complete", "pruned", "failed", "removed"]
+_OUTCOME_STATES = {"complete": TrialState.COMPLETE, "pruned": TrialState.PRUNED, "failed": TrialState.FAIL, "removed": TrialState.FAIL}
+
+
+class _SofimSearch(OptunaSearch):
+    """Ray's OptunaSearch, told about trials the way the Optuna backend tells Optuna.
+
+    Ray reports a trial that ASHA stopped early as complete, with the value of its last
+    epoch, and a diverged trial's worst value as a result; the sampler would take both for
+    real outcomes. Here a trial that reached ``epochs`` is COMPLETE, one stopped earlier
+    or diverged PRUNED (with the epochs it trained as intermediate values), and one that
+    errored FAIL.
+
+    It also decides when the search is over: Ray's ``num_samples`` counts every trial,
+    failed ones included, so the Tuner runs with no limit and this searcher hands out
+    trials until ``target`` of them finished (complete or pruned), or
+    ``MAX_CONSECUTIVE_FAILURES`` in a row failed. Its state is pickled with Ray's
+    experiment, so a resumed run keeps counting.
+    """
+
+    def __init__(self, space: SearchSpace, *, metric: str, mode: str, points_to_evaluate: list[dict[str, float]] | None, sampler: optuna.samplers.BaseSampler, epochs: int, target: int) -> None:
+        super().__init__(_DefineSpace(space), metric=metric, mode=mode, points_to_evaluate=points_to_evaluate, sampler=sampler)
+        self.epochs = epochs
+        self.target = target
+        self.outcomes: dict[str, Outcome] = {}
+        self.consecutive_failures = 0
+        self.search_finished = False
+
+    def _counts(self) -> tuple[int, int]:
+        done = sum(1 for outcome in self.outcomes.values() if outcome in ("complete", "pruned"))
+        live = sum(1 for trial_id in self._ot_trials if trial_id not in self.outcomes)
+        return done, live
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        if trial_id not in self._ot_trials:
+            done, live = self._counts()
+            if done >= self.target or self.consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
+                self.search_finished = True
+                return Searcher.FINISHED
+            if done + live >= self.target:
+                return None  # enough trials running; ask again when one ends (it may fail)
+        return super().suggest(trial_id)
+
+    def _report(self, trial_id: str, result: Mapping[str, Any]) -> None:
+        """One epoch's value as the trial's intermediate value at step ``epoch``, as the Optuna backend reports it.
+
+        A diverged trial's last row is there for Ray only; for the sampler the trial is
+        pruned after the epochs it trained. An epoch reported already (a trial retried
+        from scratch) keeps its first value.
+        """
+        value, epoch = result.get(self.metric), result.get("epoch")
+        if result.get("reason") == "diverged" or not isinstance(value, (int, float)) or not math.isfinite(value) or epoch is None:
+            return
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self._ot_trials[trial_id].report(float(value), step=int(epoch))
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        if trial_id in self._ot_trials and trial_id not in self._completed_trials:
+            self._report(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            super().on_trial_complete(trial_id, result=result, error=error)  # Ray's own warning
+            return
+        outcome: Outcome
+        if error:
+            outcome = "failed"
+        elif not result or result.get("epoch") is None:
+            outcome = "removed"  # stopped before its first epoch
+        elif result.get("reason") == "diverged" or int(result.get("epoch", 0)) < self.epochs:
+            outcome = "pruned"
+        else:
+            outcome = "complete"
+        if result:
+            # Ray does not pass on the result that made the scheduler stop a trial (at
+            # max_t too, for ASHA): the last epoch is reported here.
+            self._report(trial_id, result)
+        value = result.get(self.metric) if outcome == "complete" and result else None
+        if outcome == "complete" and not (isinstance(value, (int, float)) and math.isfinite(value)):
+            outcome, value = "failed", None
+        try:
+            self._ot_study.tell(self._ot_trials[trial_id], value, state=_OUTCOME_STATES[outcome])
+        except (ValueError, RuntimeError) as exc:
+            logging.getLogger(__name__).warning("the searcher could not record trial %s: %s", trial_id, exc)
+        self._completed_trials.add(trial_id)
+        self.outcomes[trial_id] = outcome
+        if outcome == "failed":
+            self.consecutive_failures += 1
+        elif outcome != "removed":
+            self.consecutive_failures = 0
+
+    def summary(self) -> dict[str, Any]:
+        """What :data:`SEARCH_FILE` holds: every trial handed out, with its outcome or ``running``."""
+        trials = [
+            {"number": ot_trial.number, "trial_id": trial_id, "state": self.outcomes.get(trial_id, "running"), "params": dict(ot_trial.params)}
+            for trial_id, ot_trial in self._ot_trials.items()
+        ]
+        return {"target": self.target, "finished": self.search_finished, "trials": sorted(trials, key=lambda t: t["number"])}
+
+    def save_to_dir(self, checkpoint_dir: str, session_str: str = "default") -> None:
+        # Ray saves the searcher together with the trials' states (and at the very end of
+        # a run, interrupted or not), so the JSON always matches the experiment's state.
+        super().save_to_dir(checkpoint_dir, session_str)
+        write_text_atomic(Path(checkpoint_dir) / SEARCH_FILE, json.dumps(self.summary(), indent=1) + "\n")
+
+
+# ---------------------------------------------------------------------------------------
 # Reading trials back: one mapping for the live view and for the experiment folder
 # ---------------------------------------------------------------------------------------
 
+# How a trial stands before its rows are looked at: "ended" (by itself, by the
+# scheduler or by the time budget), "failed" (errored for good) or "running" (not ended).
+Standing = Literal["ended", "failed", "running"]
+
 
 def _present(value: Any) -> bool:
-    # Results read back through pandas carry NaN where a key was missing from a row.
     return value is not None and not (isinstance(value, float) and math.isnan(value))
 
 
@@ -156,15 +312,16 @@ def _time(seconds: Any) -> datetime | None:
 
 
 def _trial_record(
-    status: str, config: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], error: str | None, space: SearchSpace, metric: str, epochs: int
+    standing: Standing, number: int, params: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], error: str | None, space: SearchSpace, metric: str, epochs: int
 ) -> TrialRecord | None:
-    """A Ray trial as a :class:`TrialRecord`; None for a trial stopped before it started.
+    """A Ray trial as a :class:`TrialRecord`; None for a trial that ended before it started.
 
-    ``rows`` are the trial's results in order (one per epoch, plus a last one for a
-    diverged trial). A finished trial that reached ``epochs`` is complete; one that
-    stopped earlier was stopped by the scheduler (or by ``--timeout``) and is pruned.
+    ``params`` are the searched values (the space's names); ``rows`` the trial's results
+    in order (one per epoch, plus a last one for a diverged trial). An ended trial that
+    reached ``epochs`` is complete; one that stopped earlier was stopped by the scheduler
+    (or by ``--timeout``) and is pruned.
     """
-    params = space.to_hyperparameters({name: config[name] for name in space.params})
+    hyperparameters = space.to_hyperparameters({name: params[name] for name in space.params})
     last = rows[-1] if rows else {}
     # A run retried from scratch reports its epochs again; the latest attempt wins.
     intermediate = {int(r["epoch"]): float(r[metric]) for r in rows if r.get("reason") != "diverged" and _present(r.get(metric))}
@@ -172,10 +329,14 @@ def _trial_record(
     value = None
     if _present(last.get("time_total_s")):
         attrs["seconds"] = round(float(last["time_total_s"]), 3)
-    if status == Trial.ERROR:
+    # As the Optuna backend records it: the last finished epoch's (SOFIM only).
+    trained = [r for r in rows if r.get("reason") != "diverged"]
+    if trained and _present(trained[-1].get("fisher_ratio")):
+        attrs["fisher_ratio"] = float(trained[-1]["fisher_ratio"])
+    if standing == "failed":
         state = "failed"
         attrs.update(reason="failed", error=error or "failed")
-    elif status in _UNFINISHED:
+    elif standing == "running":
         state = "running"
     elif last.get("reason") == "diverged":
         state = "pruned"
@@ -190,9 +351,9 @@ def _trial_record(
     first = rows[0] if rows else {}
     started = _time(first["timestamp"] - first.get("time_this_iter_s", 0.0)) if _present(first.get("timestamp")) else None
     return TrialRecord(
-        number=int(config[NUMBER_KEY]),
+        number=number,
         state=state,  # type: ignore[arg-type]
-        params=params,
+        params=hyperparameters,
         value=value,
         intermediate=intermediate,
         attrs=attrs,
@@ -206,13 +367,9 @@ def _study_record(meta: Mapping[str, Any], trials: list[TrialRecord]) -> StudyRe
     return record_from_metadata(meta, name=meta["name"], backend="ray", trials=trials, confirmations=confirmations)
 
 
-def _trial_error(trial: Trial) -> str | None:
-    """The last line of a trial's error trace, read from the experiment folder's text file.
-
-    The text, not Ray's pickled copy of the exception: a run folder may come from elsewhere,
-    and nothing from it is unpickled to read an error message.
-    """
-    lines = [line.strip() for line in (trial.get_error() or "").splitlines() if line.strip()]
+def _error_message(text: str | None) -> str | None:
+    """The last line of a trial's ``error.txt`` (Ray's text trace of its latest failure)."""
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
     if not lines:
         return None
     match = _QUALIFIED_ERROR.match(lines[-1])
@@ -234,26 +391,124 @@ def _quiet(logger_name: str) -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _read_trials(experiment: str, space: SearchSpace, metric: str, epochs: int) -> tuple[list[TrialRecord], int, bool]:
-    """The trials of a Ray experiment folder: records, how many Ray created, any unfinished."""
-    try:
-        # Ray warns about every trial without a result file; after an interruption that
-        # is each trial that had not finished an epoch yet, which is expected.
-        with _quiet(_ANALYSIS_LOGGER):
-            analysis = tune.ExperimentAnalysis(experiment)
-    except (ValueError, FileNotFoundError):
-        return [], 0, False  # started, but Ray saved no state yet
-    frames = analysis.trial_dataframes
-    records = []
-    for trial in analysis.trials:
-        frame = frames.get(trial.trial_id)
-        rows = frame.to_dict("records") if frame is not None and not frame.empty else []
-        error = _trial_error(trial) if trial.status == Trial.ERROR else None
-        record = _trial_record(trial.status, trial.config, rows, error, space, metric, epochs)
+class _Files:
+    """Plain files of an experiment folder, local or at a URI (``s3://...``): read as text, never unpickled."""
+
+    def __init__(self, root: str) -> None:
+        self.fs: Any = None
+        self.root = root
+        if _is_uri(root):
+            import pyarrow.fs
+
+            self.fs, self.root = pyarrow.fs.FileSystem.from_uri(root)
+
+    def folders(self) -> list[str]:
+        if self.fs is None:
+            path = Path(self.root)
+            return sorted(p.name for p in path.iterdir() if p.is_dir()) if path.is_dir() else []
+        import pyarrow.fs
+
+        infos = self.fs.get_file_info(pyarrow.fs.FileSelector(self.root, allow_not_found=True))
+        return sorted(Path(i.path).name for i in infos if i.type == pyarrow.fs.FileType.Directory)
+
+    def text(self, *parts: str) -> str | None:
+        """The file's text; None when it does not exist."""
+        if self.fs is None:
+            try:
+                return Path(self.root, *parts).read_text(encoding="utf-8", errors="replace")
+            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                return None
+        import pyarrow.fs
+
+        path = "/".join((self.root.rstrip("/"), *parts))
+        if self.fs.get_file_info(path).type != pyarrow.fs.FileType.File:
+            return None
+        with self.fs.open_input_stream(path) as f:
+            return f.readall().decode("utf-8", errors="replace")
+
+    def json(self, *parts: str) -> Any:
+        text = self.text(*parts)
+        try:
+            return json.loads(text) if text is not None else None
+        except ValueError:
+            return None  # a file written by something else; read as missing
+
+    def rows(self, folder: str) -> list[dict[str, Any]]:
+        """``result.json``: one JSON object per line; a line cut short by a live writer is skipped."""
+        rows = []
+        for line in (self.text(folder, "result.json") or "").splitlines():
+            with contextlib.suppress(ValueError):
+                row = json.loads(line)
+                if isinstance(row, dict):
+                    rows.append(row)
+        return rows
+
+
+def _search_finished(experiment: str) -> bool | None:
+    """Whether the searcher ended the search (target reached, or too many failures in a row);
+    None when the experiment has no :data:`SEARCH_FILE`."""
+    search = _Files(experiment).json(SEARCH_FILE)
+    return bool(search.get("finished")) if isinstance(search, dict) else None
+
+
+def _read_trials(experiment: str, space: SearchSpace, metric: str, epochs: int, *, ended: bool) -> list[TrialRecord]:
+    """The trials of a Ray experiment folder, from its plain files.
+
+    Which trials belong to the experiment, and how each ended, is the searcher's account in
+    :data:`SEARCH_FILE`, saved with Ray's own state. A trial that ended after the last save
+    (the run is live, or was killed) is read from its folder: a last result marked
+    ``done`` means it ended; an ``error.txt`` without one, that it failed. Folders of
+    trials the account does not know are read the same way, unless their number belongs
+    to a known trial (a run killed between two saves hands numbers out again on resume).
+    ``ended``: the run returned and was not interrupted, so no trial is running (Ray's
+    time budget stops trials without telling the searcher).
+    """
+    files = _Files(experiment)
+    search = files.json(SEARCH_FILE)
+    known: dict[str, dict[str, Any]] = {}
+    if isinstance(search, dict):
+        known = {t["trial_id"]: t for t in search.get("trials", [])}
+    folders: dict[str, tuple[int, str]] = {}
+    for name in files.folders():
+        match = _TRIAL_DIR.match(name)
+        if match:
+            folders[match.group(2)] = (int(match.group(1)), name)
+    numbers = {int(t["number"]) for t in known.values()}
+    unknown = [trial_id for trial_id, (number, _) in folders.items() if trial_id not in known and number not in numbers]
+
+    records: dict[int, tuple[float, TrialRecord]] = {}
+    for trial_id in [*known, *unknown]:
+        number, folder = folders.get(trial_id, (None, None))
+        entry = known.get(trial_id)
+        rows = files.rows(folder) if folder else []
+        error = files.text(folder, "error.txt") if folder else None
+        if entry is not None:
+            number, params, recorded = int(entry["number"]), entry["params"], entry["state"]
+        else:
+            config = files.json(folder, "params.json") if folder else None
+            if not isinstance(config, dict) or any(name not in config for name in space.params):
+                continue  # a trial that has not written its settings yet
+            params, recorded = config, None
+        standing: Standing
+        if recorded == "removed":
+            continue
+        if recorded == "failed":
+            standing = "failed"
+        elif recorded in ("complete", "pruned") or (rows and rows[-1].get("done")):
+            standing = "ended"
+        elif error is not None:
+            standing = "failed"
+        else:
+            standing = "ended" if ended else "running"
+        if standing == "failed" and not rows and error is None:
+            continue  # never started
+        record = _trial_record(standing, int(number), params, rows, _error_message(error), space, metric, epochs)  # type: ignore[arg-type]
         if record is not None:
-            records.append(record)
-    unfinished = any(t.status in _UNFINISHED for t in analysis.trials)
-    return records, len(analysis.trials), unfinished
+            # Two unknown folders of one number: the later one is the trial's latest run.
+            when = float(rows[-1].get("timestamp", 0.0)) if rows else 0.0
+            if record.number not in records or when >= records[record.number][0]:
+                records[record.number] = (when, record)
+    return [record for _, record in records.values()]
 
 
 # ---------------------------------------------------------------------------------------
@@ -272,6 +527,12 @@ class _Listener:
 # callback holds only a key into this table, so that a listener that cannot be pickled
 # (the CLI's live view) works, and a resumed run reports to the listener of this process.
 _LISTENERS: dict[str, _Listener] = {}
+
+
+def _standing(status: str) -> Standing:
+    if status == Trial.ERROR:
+        return "failed"
+    return "running" if status in _UNFINISHED else "ended"
 
 
 class _LiveRecord(tune.Callback):
@@ -297,7 +558,7 @@ class _LiveRecord(tune.Callback):
         records = []
         for trial in trials:
             rows = self._rows.get(trial.trial_id) or ([trial.last_result] if trial.has_reported_at_least_once else [])
-            record = _trial_record(trial.status, trial.config, rows, None, space, metric, epochs)
+            record = _trial_record(_standing(trial.status), int(trial.config[NUMBER_KEY]), trial.config, rows, None, space, metric, epochs)
             if record is not None:
                 records.append(record)
         listener.on_progress(_study_record(listener.meta, records))
@@ -409,13 +670,21 @@ def _check_writable(root: str) -> None:
     """A local storage folder must exist or be creatable, and take files; URIs pass."""
     if _is_uri(root):
         return
-    probe = Path(root) / ".sofim-tune-probe"
+    folder = Path(root)
+    # The folders this check creates are removed again: the run folder must stay empty
+    # until it is claimed, and Ray makes the experiment folder itself.
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
+    probe = folder / ".sofim-tune-probe"
     try:
-        probe.parent.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
         raise UserInputError(f"cannot write Ray storage at {root}: {exc.strerror or exc}") from None
+    finally:
+        for path in created:
+            with contextlib.suppress(OSError):
+                path.rmdir()
 
 
 # ---------------------------------------------------------------------------------------
@@ -483,13 +752,16 @@ def _existing_experiment(spec: StudySpec, space: SearchSpace, options: RunOption
 
 
 def run_ray_study(spec: StudySpec, space: SearchSpace, options: RunOptions, *, on_progress: Callable[[StudyRecord], None] | None = None) -> StudyRecord:
-    """Run (or resume) the study of ``spec`` as a Ray Tune experiment of ``spec.trials`` trials.
+    """Run (or resume) the study of ``spec`` as a Ray Tune experiment, to ``spec.trials`` finished trials.
 
     Each trial reserves ``options.cpus_per_trial`` CPUs and ``options.gpus_per_trial``
     GPUs (a fraction shares a GPU); at most ``options.max_concurrent`` run at once
-    (default: as many as fit). A rerun with the same run folder resumes the experiment:
-    finished trials are kept, unfinished and errored ones run again. ``on_progress``
-    receives the study after every result. Returns the study as a :class:`StudyRecord`.
+    (default: as many as fit). A trial that errors (after Ray's retries) is failed and
+    does not count: another one runs in its place, as in the Optuna backend, until
+    ``MAX_CONSECUTIVE_FAILURES`` in a row failed. A rerun with the same run folder resumes
+    the experiment: finished and failed trials are kept, unfinished ones run again.
+    ``on_progress`` receives the study after every result. Returns the study as a
+    :class:`StudyRecord`.
 
     Raises:
         UserInputError: bad resources, an unreachable cluster, storage that cannot be
@@ -517,10 +789,12 @@ def run_ray_study(spec: StudySpec, space: SearchSpace, options: RunOptions, *, o
             # None: the experiment lives in the run folder, and moves with it.
             "storage_path": root if options.storage_path is not None else None,
         }
-        _write_json(options.out_dir / METADATA_FILE, meta)
     else:
         # A restored experiment keeps its searcher, scheduler and settings to enqueue.
         meta = existing
+    # "ended": the last run returned, not interrupted; until then trials may be running.
+    meta = {**meta, "ended": False}
+    _write_json(options.out_dir / METADATA_FILE, meta)
 
     trainable = tune.with_resources(
         tune.with_parameters(sofim_trial, spec=spec, space=space, options=options),
@@ -535,14 +809,16 @@ def run_ray_study(spec: StudySpec, space: SearchSpace, options: RunOptions, *, o
     main_thread = threading.current_thread() is threading.main_thread()
     sigint = signal.getsignal(signal.SIGINT) if main_thread else None
     try:
-        # Restoring, and at the end of fit(), Ray reads the experiment back (see
-        # _read_trials on why quietly).
+        # Restoring, and at the end of fit(), Ray reads the experiment back and warns
+        # about every trial without a result file; after an interruption that is each
+        # trial that had not finished an epoch yet, which is expected.
         with _quiet(_ANALYSIS_LOGGER):
             if existing is not None:
-                tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, restart_errored=True)
+                # Errored trials stay failed: the searcher ran others in their place.
+                tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=False)
             else:
                 tuner = tune.Tuner(trainable, tune_config=_tune_config(spec, space, options, scheduler, enqueue), run_config=_run_config(spec, root, key))
-            tuner.fit()
+            grid = tuner.fit()
     finally:
         _LISTENERS.pop(key, None)
         # Tune leaves its Ctrl-C handler installed after a run; without this, the first
@@ -550,12 +826,23 @@ def run_ray_study(spec: StudySpec, space: SearchSpace, options: RunOptions, *, o
         if main_thread:
             signal.signal(signal.SIGINT, sigint)
 
-    trials, created, unfinished = _read_trials(experiment, space, spec.metric, epochs)
-    record = _study_record(meta, trials)
-    # Ctrl-C makes Tune save its state and return as if done: trials left unfinished, or
-    # fewer trials than asked without a time budget to explain it, mean it was interrupted.
-    if unfinished or (created < spec.trials and options.timeout is None):
+    # Ctrl-C makes Tune save its state and return as if done. Trials left neither ended
+    # nor errored, or a search that had not finished without a time budget to explain
+    # it, mean the run was interrupted.
+    unfinished = len(grid) - grid.num_terminated - grid.num_errors
+    finished = _search_finished(experiment)
+    if finished is None:
+        # No account: the experiment was made before the searcher kept one.
+        finished = len(grid) >= spec.trials
+    # A search that Ray's time budget ended stays ended: a restored experiment starts no
+    # new trial, so a rerun (with or without --timeout) returns the same study.
+    budget_spent = not finished and (options.timeout is not None or bool(meta.get("time_budget_spent")))
+    interrupted = unfinished > 0 or not (finished or budget_spent)
+    if interrupted:
         raise KeyboardInterrupt
+    meta = {**meta, "ended": True, "time_budget_spent": budget_spent}
+    _write_json(options.out_dir / METADATA_FILE, meta)
+    record = _study_record(meta, _read_trials(experiment, space, spec.metric, epochs, ended=True))
     if on_progress is not None:
         on_progress(record)
     return record
@@ -563,17 +850,21 @@ def run_ray_study(spec: StudySpec, space: SearchSpace, options: RunOptions, *, o
 
 def _tune_config(spec: StudySpec, space: SearchSpace, options: RunOptions, scheduler: TrialScheduler, enqueue: list[dict[str, float]]) -> tune.TuneConfig:
     mode = "max" if spec.direction == "maximize" else "min"
-    search = OptunaSearch(
-        _DefineSpace(space),
+    search = _SofimSearch(
+        space,
         metric=spec.metric,
         mode=mode,
         points_to_evaluate=enqueue or None,
         sampler=make_sampler(spec.sampler, space, spec.seed, spec.trials),
+        epochs=effective_epochs(spec, space),
+        target=spec.trials,
     )
     return tune.TuneConfig(
         search_alg=search,
         scheduler=scheduler,
-        num_samples=spec.trials,
+        # No limit: the searcher ends the search once spec.trials trials finished, so
+        # that failed trials are replaced (see _SofimSearch).
+        num_samples=-1,
         max_concurrent_trials=options.max_concurrent,
         time_budget_s=options.timeout,
         trial_dirname_creator=_trial_dirname,
@@ -604,14 +895,75 @@ def load_ray_record(run_dir: Path) -> StudyRecord:
     if meta is None or meta.get("backend") != "ray":
         raise UserInputError(f"{run_dir} holds no Ray study (no {METADATA_FILE})")
     space = SearchSpace.from_dict(meta["space_definition"])
-    trials, _, _ = _read_trials(_experiment_path(meta, run_dir), space, meta["metric"], int(meta["epochs"]))
+    trials = _read_trials(_experiment_path(meta, run_dir), space, meta["metric"], int(meta["epochs"]), ended=bool(meta.get("ended")))
     return _study_record(meta, trials)
 
 
-def save_confirmations(record: StudyRecord, confirmations: list[Confirmation], options: RunOptions) -> StudyRecord:
-    """Store the seed confirmations in ``ray_study.json``, so that a later export or plot shows them."""
-    meta = _read_metadata(options.out_dir)
-    if meta is None:
-        raise UserInputError(f"{options.out_dir} holds no Ray study (no {METADATA_FILE})")
-    _write_json(options.out_dir / METADATA_FILE, {**meta, "confirmations": [dataclasses.asdict(c) for c in confirmations]})
-    return dataclasses.replace(record, confirmations=list(confirmations))
+def _failed_result(config: TrialConfig, options: RunOptions, exc: Exception) -> TrialResult:
+    """A confirmation run whose task raised, as the failed run it is."""
+    cause = getattr(exc, "cause", None) or exc  # RayTaskError carries the task's exception
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    error = f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
+    return TrialResult(
+        status="failed",
+        metrics={},
+        history=[],
+        epochs=0,
+        seconds=0.0,
+        device=_worker_device(options),
+        arch=config.arch or "",
+        config=config,
+        error=error,
+    )
+
+
+class RayBackend:
+    """Ray Tune: trials as Ray actors on one machine or a cluster (see the module's docstring)."""
+
+    name = "ray"
+
+    def run(self, spec: StudySpec, space: SearchSpace, options: RunOptions, *, on_progress: Callable[[StudyRecord], None] | None = None) -> StudyRecord:
+        return run_ray_study(spec, space, options, on_progress=on_progress)
+
+    def load(self, run_dir: Path | None, *, storage: str | None = None, study: str | None = None) -> StudyRecord:
+        if run_dir is None:
+            raise UserInputError("a Ray study is read from its run folder")
+        return load_ray_record(run_dir)
+
+    def confirm(self, configs: Sequence[TrialConfig], options: RunOptions) -> list[TrialResult]:
+        """All runs at once, as Ray tasks with a trial's resources; results in the order of ``configs``.
+
+        A task that errors (a lost node, bad settings) gives a ``failed`` result; the
+        others are kept.
+        """
+        if not configs:
+            return []
+        _check_resource_numbers(options)
+        _connect(options)
+        task = ray.remote(confirmation_run).options(num_cpus=options.cpus_per_trial, num_gpus=options.gpus_per_trial)
+        refs = [task.remote(config, options) for config in configs]
+        results = []
+        try:
+            for config, ref in zip(configs, refs, strict=True):
+                try:
+                    results.append(ray.get(ref))
+                except (ray.exceptions.RayError, UserInputError) as exc:
+                    results.append(_failed_result(config, options, exc))
+        except KeyboardInterrupt:
+            # Ctrl-C: the runs still queued or running on the cluster are not wanted any more.
+            for ref in refs:
+                with contextlib.suppress(Exception):
+                    ray.cancel(ref, force=True)
+            raise
+        return results
+
+    def save_confirmations(self, record: StudyRecord, confirmations: list[Confirmation], options: RunOptions) -> StudyRecord:
+        """Store the seed confirmations in ``ray_study.json``, so that a later export or plot shows them."""
+        meta = _read_metadata(options.out_dir)
+        if meta is None:
+            raise UserInputError(f"{options.out_dir} holds no Ray study (no {METADATA_FILE})")
+        _write_json(options.out_dir / METADATA_FILE, {**meta, "confirmations": [dataclasses.asdict(c) for c in confirmations]})
+        return dataclasses.replace(record, confirmations=list(confirmations))
+
+
+BACKEND = RayBackend()
