@@ -246,7 +246,7 @@ class _LiveView:
             elif trial.state == "pruned":
                 what = f"{trial.attrs.get('reason', 'pruned')} at epoch {max(trial.intermediate, default=0)}"
             else:
-                what = f"failed: {trial.attrs.get('error', 'error')}"
+                what = f"failed: {trial.attrs.get('error') or trial.attrs.get('reason', 'error')}"
             settings = ", ".join(f"{k}={v:.4g}" for k, v in trial.params.items())
             err.print(f"trial {trial.number} {what} ({settings}) · {progress}", highlight=False, markup=False, soft_wrap=True)
             self.last_line = now

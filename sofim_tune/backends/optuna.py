@@ -112,9 +112,13 @@ def open_storage(url: str, *, create: bool = True) -> BaseStorage:
         )
     except UserInputError:
         raise
-    except ModuleNotFoundError as exc:
-        package = _DRIVER_PACKAGES.get(str(exc.name), exc.name)
-        raise UserInputError(f"cannot open storage {redact_storage_url(url)}: its database driver ({exc.name}) is not installed; pip install {package}") from None
+    except ImportError as exc:
+        # Optuna's RDBStorage re-raises the driver's ModuleNotFoundError as a plain ImportError.
+        missing = exc if isinstance(exc, ModuleNotFoundError) else exc.__cause__
+        name = getattr(missing, "name", None) if isinstance(missing, ImportError) else None
+        if name is None:
+            raise UserInputError(f"cannot open storage {redact_storage_url(url)}: {redact_storage_url(str(exc))}") from None
+        raise UserInputError(f"cannot open storage {redact_storage_url(url)}: its database driver ({name}) is not installed; pip install {_DRIVER_PACKAGES.get(name, name)}") from None
     except Exception as exc:  # noqa: BLE001 - the file system, SQLAlchemy and drivers raise many types
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserInputError(f"cannot open storage {redact_storage_url(url)}: {redact_storage_url(reason)}") from None
