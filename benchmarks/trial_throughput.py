@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from sofim_tune.data import DatasetInfo, LoadedData, TensorSplit, data_from_tensors, load_data, random_crop_flip
+from sofim_tune.data import DatasetInfo, LoadedData, TensorSplit, data_from_tensors, load_data, random_augment
 from sofim_tune.models import build_model
 from sofim_tune.optim import build_optimizer
 from sofim_tune.trial import TrialConfig, train_trial
@@ -79,8 +79,8 @@ def epoch_of_minimal_loop(data: LoadedData, arch: str, batch_size: int, device: 
     for start in range(0, len(split), batch_size):
         index = order[start : start + batch_size]
         x = split.images[index]
-        if data.info.augment:
-            x = random_crop_flip(x, gen)
+        if data.info.augment != "none":
+            x = random_augment(x, data.info.augment, gen)
         x = x.float().mul_(scale).add_(shift)
         loss = F.cross_entropy(model(x), split.labels[index])
         optimizer.zero_grad(set_to_none=True)
@@ -98,11 +98,13 @@ def epoch_of_minimal_loop(data: LoadedData, arch: str, batch_size: int, device: 
 class _PerSampleDataset(Dataset):
     """The usual recipe: one PIL-free sample at a time through torchvision transforms."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, mean: list[float], std: list[float], augment: bool, size: int) -> None:
+    def __init__(self, images: np.ndarray, labels: np.ndarray, mean: list[float], std: list[float], augment: str, size: int) -> None:
         self.images, self.labels = images, labels
         steps: list[torch.nn.Module] = [v2.ToImage()]
-        if augment:
-            steps += [v2.RandomCrop(size, padding=4, padding_mode="reflect"), v2.RandomHorizontalFlip()]
+        if "crop" in augment:
+            steps.append(v2.RandomCrop(size, padding=4, padding_mode="reflect"))
+        if "flip" in augment:
+            steps.append(v2.RandomHorizontalFlip())
         steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
         self.transform = v2.Compose(steps)
 
@@ -143,7 +145,7 @@ def compare_loops(args: argparse.Namespace) -> None:
     sets = {
         "digits": load_data("digits", device=device),
         "mnist-sized": synthetic(DatasetInfo("mnist-sized", 10, 1, 28, args.arch), args.samples, 512, device),
-        "cifar-sized": synthetic(DatasetInfo("cifar-sized", 100, 3, 32, args.arch, augment=True), args.samples, 512, device),
+        "cifar-sized": synthetic(DatasetInfo("cifar-sized", 100, 3, 32, args.arch, augment="crop-flip"), args.samples, 512, device),
     }
     print(f"CPU, {torch.get_num_threads()} threads; arch {args.arch}; batch {args.batch_size}; {args.samples} synthetic samples; median of {args.repeats}")
     print(f"{'dataset':<13}{'train_trial':>12}{'minimal':>10}{'dataloader':>12}{'vs minimal':>12}{'dataloader/us':>15}")
@@ -162,7 +164,7 @@ def compare_loops(args: argparse.Namespace) -> None:
 
 
 def gpu_epoch(args: argparse.Namespace) -> None:
-    info = DatasetInfo("cifar100-synthetic", 100, 3, 32, "resnet18", augment=True)
+    info = DatasetInfo("cifar100-synthetic", 100, 3, 32, "resnet18", augment="crop-flip")
     data = synthetic(info, 50_000, 1_000, "cuda")
     seconds = [epoch_of_train_trial(data, "resnet18", args.batch_size, "cuda", epochs=3)]
     minimal = [epoch_of_minimal_loop(data, "resnet18", args.batch_size, "cuda") for _ in range(2)]  # fp32, no autocast

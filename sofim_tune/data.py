@@ -1,14 +1,20 @@
 """Datasets by name: metadata in a registry, loading into device-resident tensors.
 
 A dataset is decoded once into ``uint8`` images on the training device; every epoch then
-costs one index permutation and, per batch, one gather, an optional vectorised crop and
-flip, and the normalisation, all on the device. ImageFolders too large for
-:data:`MEMORY_BUDGET_BYTES` are streamed from disk through a ``DataLoader`` instead and
-give batches of the same format.
+costs one index permutation and, per batch, one gather, an optional vectorised augmentation
+(see :data:`AUGMENT_MODES`), and the normalisation, all on the device. ImageFolders too
+large for :data:`MEMORY_BUDGET_BYTES` are streamed from disk through a ``DataLoader``
+instead and give batches of the same format.
+
+A user's ImageFolder keeps what its images are: grayscale stays one channel, and images
+that all share one square size keep it. Only mixed or colour modes become RGB, and only
+differing, non-square or out-of-range sizes (or an ``image_size`` the caller asks for) are
+resized; :attr:`DatasetInfo.preprocessing` says, in words, what was done.
 
 Normalisation uses the per-channel mean and standard deviation of the training split
 (after the validation hold-out), computed exactly from pixel histograms, so a user's
-ImageFolder is treated like a registry dataset; validation and test splits reuse them.
+ImageFolder is treated like a registry dataset, and like the same pixels given to
+:func:`data_from_tensors`; validation and test splits reuse them.
 
 Randomness (shuffling, crops, flips) comes from the ``generator`` passed to
 :meth:`Split.batches`, on whatever device that generator lives; the draws are moved to
@@ -17,8 +23,11 @@ the data's device. The same generator device and seed give the same batches.
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Iterable, Iterator
+import statistics
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -36,6 +45,20 @@ from torchvision.datasets.folder import find_classes
 from sofim_tune.errors import UserInputError
 
 
+AUGMENT_MODES = ("none", "crop", "flip", "crop-flip")
+"""Training augmentations: ``crop`` is a random crop of the 4-pixel reflect-padded image (a
+shift of up to 4 pixels), ``flip`` a horizontal flip with probability 0.5, ``crop-flip`` both.
+A flip suits photos of objects (CIFAR) and never digits or letters, whose mirror image is
+another symbol or none."""
+
+
+def check_augment(mode: object) -> str:
+    """``mode`` when it is one of :data:`AUGMENT_MODES`; else :class:`UserInputError` listing them."""
+    if not isinstance(mode, str) or mode not in AUGMENT_MODES:
+        raise UserInputError(f"unknown augmentation {mode!r}; choose one of {', '.join(AUGMENT_MODES)}")
+    return mode
+
+
 @dataclass(frozen=True)
 class DatasetInfo:
     """What models and studies need to know about a dataset.
@@ -46,9 +69,13 @@ class DatasetInfo:
         channels: image channels (1 or 3).
         image_size: side of the square images in pixels, as the model sees them.
         default_arch: architecture used when the user names none.
-        augment: random crop (4-pixel padding) and horizontal flip during training.
+        augment: the augmentation a training run uses unless it names another, one of
+            :data:`AUGMENT_MODES`; ``batches(augment=True)`` applies it. ``True`` and
+            ``False`` (the switch this used to be) mean ``"crop-flip"`` and ``"none"``.
         default_epochs: epochs per trial in a study without a spec file.
         default_batch_size: batch size in a study without a spec file.
+        preprocessing: what loading does to the images, in words
+            (``"grayscale, native 28x28, no resize"``); sizes are width x height.
     """
 
     name: str
@@ -56,20 +83,46 @@ class DatasetInfo:
     channels: int
     image_size: int
     default_arch: str
-    augment: bool = False
+    augment: str = "none"
     default_epochs: int = 10
     default_batch_size: int = 128
+    preprocessing: str = ""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.augment, bool):
+            object.__setattr__(self, "augment", "crop-flip" if self.augment else "none")
+        check_augment(self.augment)
+        if not self.preprocessing:
+            side = self.image_size
+            object.__setattr__(self, "preprocessing", f"{_colour_word(self.channels)}, native {side}x{side}, no resize")
 
 
+def _colour_word(channels: int) -> str:
+    return "grayscale" if channels == 1 else "RGB" if channels == 3 else f"{channels} channels"
+
+
+# Default augmentations follow each field's practice, and a digit is never mirrored.
 DATASETS: dict[str, DatasetInfo] = {
     info.name: info
     for info in (
-        DatasetInfo("digits", 10, 1, 8, "mlp", default_epochs=10, default_batch_size=64),
-        DatasetInfo("mnist", 10, 1, 28, "cnn", default_epochs=5, default_batch_size=128),
-        DatasetInfo("fashion-mnist", 10, 1, 28, "cnn", default_epochs=10, default_batch_size=128),
-        DatasetInfo("cifar10", 10, 3, 32, "resnet18", augment=True, default_epochs=30, default_batch_size=256),
-        DatasetInfo("cifar100", 100, 3, 32, "resnet18", augment=True, default_epochs=30, default_batch_size=256),
-        DatasetInfo("svhn", 10, 3, 32, "resnet18", augment=True, default_epochs=15, default_batch_size=256),
+        # 8x8 images: a 4-pixel shift would move half the digit out of the frame.
+        DatasetInfo(
+            "digits", 10, 1, 8, "mlp", augment="none", default_epochs=10, default_batch_size=64,
+            preprocessing="grayscale, native 8x8, no resize (pixel values 0..16 scaled to 0..255)",
+        ),
+        # MNIST digits are size-normalised and centred by their centre of mass, in training and
+        # test images alike: shifts teach an invariance the test never asks for, and "none" keeps
+        # studies comparable with those run before augmentation was a choice.
+        DatasetInfo("mnist", 10, 1, 28, "cnn", augment="none", default_epochs=5, default_batch_size=128),
+        # Centred items too, and every shoe points the same way: a flip would only add
+        # images the validation and test splits never show. Unchanged from before.
+        DatasetInfo("fashion-mnist", 10, 1, 28, "cnn", augment="none", default_epochs=10, default_batch_size=128),
+        # Photos of objects: crop and flip are the standard CIFAR recipe (He et al. 2016).
+        DatasetInfo("cifar10", 10, 3, 32, "resnet18", augment="crop-flip", default_epochs=30, default_batch_size=256),
+        DatasetInfo("cifar100", 100, 3, 32, "resnet18", augment="crop-flip", default_epochs=30, default_batch_size=256),
+        # House-number digits: a shift keeps the label (neighbouring digits are already in the
+        # frame), a mirror does not (a mirrored 2, 3 or 7 is no digit).
+        DatasetInfo("svhn", 10, 3, 32, "resnet18", augment="crop", default_epochs=15, default_batch_size=256),
     )
 }
 
@@ -91,9 +144,15 @@ MEMORY_BUDGET_BYTES = 2 * 2**30
 """Largest decoded ImageFolder (all loaded splits, ``uint8``) kept in memory; larger ones stream."""
 
 DEFAULT_IMAGE_SIZE = 32
-"""Side in pixels that ImageFolder images are resized to when the caller names none."""
+"""Side in pixels of an ImageFolder none of whose image headers could be read."""
+
+MAX_AUTO_IMAGE_SIZE = 256
+"""Largest side an ImageFolder keeps or is resized to when the caller names no ``image_size``;
+larger images are resized to it (and ``preprocessing`` says so), so that a folder of photos
+does not train at full resolution by accident. An explicit ``image_size`` may exceed it."""
 
 _MIN_IMAGE_SIZE = 8  # reflect padding by 4 needs more than 4 pixels, and the CNN pools twice
+_MIN_CROP_SIDE = 16  # an ImageFolder smaller than this defaults to no crop: 4 pixels would be a quarter of it
 _CROP_PADDING = 4
 _DIGITS_TEST_FRACTION = 0.2
 _DIGITS_TEST_SEED = 0  # fixed, so every study scores on the same digits test images
@@ -122,7 +181,7 @@ class Split(Protocol):
         ...
 
     def batches(
-        self, batch_size: int, *, shuffle: bool, augment: bool, generator: torch.Generator | None = None
+        self, batch_size: int, *, shuffle: bool, augment: str | bool, generator: torch.Generator | None = None
     ) -> Iterator[tuple[Tensor, Tensor]]:
         """One epoch of ``(x, y)`` batches; see :meth:`TensorSplit.batches`."""
         ...
@@ -130,12 +189,12 @@ class Split(Protocol):
 
 @dataclass(frozen=True)
 class _Placement:
-    """What every split of a dataset shares: its device, normalisation and augmentation switch."""
+    """What every split of a dataset shares: its device, normalisation and default augmentation."""
 
     device: torch.device
     mean: Tensor
     std: Tensor
-    augmentable: bool
+    augment: str
 
 
 class _SplitBase:
@@ -145,17 +204,26 @@ class _SplitBase:
         self.device = placement.device
         self.mean = placement.mean
         self.std = placement.std
-        self.augmentable = placement.augmentable
+        self.augment = placement.augment
         # (x/255 - mean)/std folded into one multiply-add per element.
         shape = (1, -1, 1, 1)
         self._scale = (1.0 / (255.0 * self.std)).view(shape).to(self.device)
         self._shift = (-self.mean / self.std).view(shape).to(self.device)
 
-    def _finish(self, x: Tensor, augment: bool, generator: torch.Generator | None) -> Tensor:
-        """Augment (if asked and allowed) and normalise a ``uint8`` batch already on the device."""
-        if augment and self.augmentable:
-            x = random_crop_flip(x, generator)
-        return x.float().mul_(self._scale).add_(self._shift)
+    @property
+    def augmentable(self) -> bool:
+        """Whether ``batches(augment=True)`` changes images: the dataset's default is not ``"none"``."""
+        return self.augment != "none"
+
+    def _mode(self, augment: str | bool) -> str:
+        """The augmentation that ``batches(augment=...)`` asks for, checked before any work."""
+        if isinstance(augment, bool):
+            return self.augment if augment else "none"
+        return check_augment(augment)
+
+    def _finish(self, x: Tensor, mode: str, generator: torch.Generator | None) -> Tensor:
+        """Augment and normalise a ``uint8`` batch already on the device."""
+        return random_augment(x, mode, generator).float().mul_(self._scale).add_(self._shift)
 
 
 class TensorSplit(_SplitBase):
@@ -166,7 +234,8 @@ class TensorSplit(_SplitBase):
         labels: ``int64`` tensor N on ``device``, class indices 0..num_classes-1.
         mean, std: float32 CPU tensors of C values in [0, 1]: the training split's
             per-channel pixel statistics (pixels scaled to [0, 1]) that normalise batches.
-        augmentable: whether ``batches(augment=True)`` crops and flips (the dataset's ``info.augment``).
+        augment: the dataset's default augmentation (``info.augment``), which
+            ``batches(augment=True)`` applies.
     """
 
     def __init__(self, images: Tensor, labels: Tensor, placement: _Placement) -> None:
@@ -178,7 +247,7 @@ class TensorSplit(_SplitBase):
         return len(self.labels)
 
     def batches(
-        self, batch_size: int, *, shuffle: bool, augment: bool, generator: torch.Generator | None = None
+        self, batch_size: int, *, shuffle: bool, augment: str | bool, generator: torch.Generator | None = None
     ) -> Iterator[tuple[Tensor, Tensor]]:
         """One epoch of batches, the last one partial when ``batch_size`` does not divide the split.
 
@@ -186,16 +255,22 @@ class TensorSplit(_SplitBase):
             batch_size: samples per batch, at least 1.
             shuffle: visit samples in the order of a permutation drawn from ``generator``;
                 otherwise in stored order.
-            augment: random crop of the 4-pixel reflect-padded image and horizontal flip
-                with probability 0.5, per sample; ignored unless ``augmentable``.
+            augment: one of :data:`AUGMENT_MODES`, applied per sample: ``"crop"`` a random
+                crop of the 4-pixel reflect-padded image, ``"flip"`` a horizontal flip with
+                probability 0.5, ``"crop-flip"`` both, ``"none"`` nothing. ``True`` means
+                the dataset's default (:attr:`augment`), ``False`` means ``"none"``.
             generator: source of all randomness, on any device (draws are moved to the
                 split's device); ``None`` uses the global CPU generator.
 
         Yields:
             ``x``: float32 N×C×H×W on the split's device, ``(pixel/255 - mean)/std``;
             ``y``: int64 N on the split's device.
+
+        Raises:
+            UserInputError: a batch size below 1 or an unknown augmentation.
         """
         _check_batch_size(batch_size)
+        mode = self._mode(augment)
         order = _permutation(len(self), generator).to(self.device) if shuffle else None
         for start in range(0, len(self), batch_size):
             if order is None:
@@ -203,7 +278,7 @@ class TensorSplit(_SplitBase):
             else:
                 index = order[start : start + batch_size]
                 x, y = self.images[index], self.labels[index]
-            yield self._finish(x, augment, generator), y
+            yield self._finish(x, mode, generator), y
 
 
 class StreamedSplit(_SplitBase):
@@ -222,15 +297,16 @@ class StreamedSplit(_SplitBase):
         return len(self.indices)
 
     def batches(
-        self, batch_size: int, *, shuffle: bool, augment: bool, generator: torch.Generator | None = None
+        self, batch_size: int, *, shuffle: bool, augment: str | bool, generator: torch.Generator | None = None
     ) -> Iterator[tuple[Tensor, Tensor]]:
         """Same contract as :meth:`TensorSplit.batches`."""
         _check_batch_size(batch_size)
+        mode = self._mode(augment)
         indices = self.indices[_permutation(len(self), generator)] if shuffle else self.indices
         pin = self.device.type == "cuda"
         for x, y in _read(self.files, indices, batch_size, pin_memory=pin):
             x = x.to(self.device, non_blocking=pin)
-            yield self._finish(x, augment, generator), y.to(self.device, non_blocking=pin)
+            yield self._finish(x, mode, generator), y.to(self.device, non_blocking=pin)
 
 
 def _check_batch_size(batch_size: int) -> None:
@@ -246,7 +322,7 @@ def _permutation(n: int, generator: torch.Generator | None) -> Tensor:
     return torch.randperm(n, generator=generator, device=_draw_device(generator))
 
 
-def crop_flip(x: Tensor, dy: Tensor, dx: Tensor, flip: Tensor) -> Tensor:
+def crop_flip(x: Tensor, dy: Tensor, dx: Tensor, flip: Tensor | None) -> Tensor:
     """Crop each image of its reflect-padded self at a given offset, mirrored where asked.
 
     Equivalent to padding ``x`` by 4 pixels on every side (reflect mode), taking the
@@ -256,12 +332,13 @@ def crop_flip(x: Tensor, dy: Tensor, dx: Tensor, flip: Tensor) -> Tensor:
     Args:
         x: N×C×H×W tensor of any dtype, H and W larger than 4.
         dy, dx: int64 tensors of N offsets in 0..8 (4 = no shift), on ``x``'s device.
-        flip: bool tensor of N, on ``x``'s device.
+        flip: bool tensor of N, on ``x``'s device; ``None`` mirrors none.
     """
     n, c, h, w = x.shape
     rows = dy[:, None] - _CROP_PADDING + torch.arange(h, device=x.device)
     cols = dx[:, None] - _CROP_PADDING + torch.arange(w, device=x.device)
-    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    if flip is not None:
+        cols = torch.where(flip[:, None], cols.flip(1), cols)
     rows, cols = _reflect(rows, h), _reflect(cols, w)
     batch = torch.arange(n, device=x.device)[:, None, None, None]
     channel = torch.arange(c, device=x.device)[None, :, None, None]
@@ -274,13 +351,41 @@ def _reflect(index: Tensor, size: int) -> Tensor:
     return torch.where(index >= size, 2 * (size - 1) - index, index)
 
 
+def _random_flips(n: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
+    return torch.randint(0, 2, (n,), generator=generator, device=_draw_device(generator)).bool().to(device)
+
+
+def _random_offsets(n: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
+    offsets = torch.randint(0, 2 * _CROP_PADDING + 1, (2, n), generator=generator, device=_draw_device(generator))
+    return offsets.to(device)
+
+
 def random_crop_flip(x: Tensor, generator: torch.Generator | None) -> Tensor:
     """:func:`crop_flip` with offsets uniform in 0..8 and flips with probability 0.5 from ``generator``."""
-    n, device = len(x), _draw_device(generator)
-    flip = torch.randint(0, 2, (n,), generator=generator, device=device).bool()
-    offsets = torch.randint(0, 2 * _CROP_PADDING + 1, (2, n), generator=generator, device=device)
-    dy, dx = offsets.to(x.device)
-    return crop_flip(x, dy, dx, flip.to(x.device))
+    flip = _random_flips(len(x), generator, x.device)  # drawn first: the order batches have always used
+    dy, dx = _random_offsets(len(x), generator, x.device)
+    return crop_flip(x, dy, dx, flip)
+
+
+def random_augment(x: Tensor, mode: str, generator: torch.Generator | None) -> Tensor:
+    """A batch N×C×H×W augmented as ``mode`` (one of :data:`AUGMENT_MODES`) says, from ``generator``.
+
+    ``"none"`` returns ``x`` itself; ``"crop"`` shifts (as :func:`crop_flip` without flips),
+    ``"flip"`` mirrors each image left-right with probability 0.5 and never shifts,
+    ``"crop-flip"`` is :func:`random_crop_flip`.
+    """
+    check_augment(mode)
+    if mode == "none" or len(x) == 0:
+        return x
+    if mode == "flip":
+        flip = _random_flips(len(x), generator, x.device)
+        return torch.where(flip[:, None, None, None], x.flip(-1), x)
+    if min(x.shape[-2:]) <= _CROP_PADDING:
+        raise UserInputError(f"augmentation {mode!r} crops with {_CROP_PADDING}-pixel padding and needs images larger than {_CROP_PADDING}x{_CROP_PADDING}")
+    if mode == "crop-flip":
+        return random_crop_flip(x, generator)
+    dy, dx = _random_offsets(len(x), generator, x.device)
+    return crop_flip(x, dy, dx, None)
 
 
 # ----------------------------------------------------------------------------- pools
@@ -375,7 +480,7 @@ class LoadedData:
 
     Attributes:
         info: registry entry, or the ImageFolder's description.
-        train: training split (augmentable when ``info.augment``).
+        train: training split; ``batches(augment=True)`` applies ``info.augment``.
         val: validation split, held out from the training data unless the folder has ``val/``.
         test: official test split; only when loaded with ``with_test=True``.
     """
@@ -398,11 +503,12 @@ def data_from_tensors(
     """Tensors you already hold, ready for :func:`sofim_tune.train_trial` (its ``data=``).
 
     Images are ``uint8`` N×C×H×W with pixel values 0..255 and labels ``int64`` class indices
-    below ``info.num_classes``; batches are normalised with the training images' statistics
-    and augmented when ``info.augment``.
+    below ``info.num_classes``; batches are normalised with the training images' statistics,
+    exactly as :func:`load_data` normalises the same pixels read from an ImageFolder, and
+    augmented as ``info.augment`` says unless a run names another mode.
     """
     mean, std = _channel_stats(_TensorPool(train_images, train_labels).stats_chunks(), info.channels)
-    placement = _Placement(torch.device(device), mean, std, augmentable=info.augment)
+    placement = _Placement(torch.device(device), mean, std, augment=info.augment)
     return LoadedData(info=info, train=TensorSplit(train_images, train_labels, placement), val=TensorSplit(val_images, val_labels, placement))
 
 
@@ -431,31 +537,35 @@ def load_data(
         split_seed: seed of the validation hold-out.
         with_test: also load the test split (``digits``: a fixed 20% of the images, the
             same for every ``split_seed``; ImageFolder: ``test/``, which must exist).
-        image_size: ImageFolder images are resized to this square side in pixels
-            (default 32, at least 8); for a registry dataset only its own size is accepted.
+        image_size: ImageFolder images are resized to this square side in pixels (at
+            least 8); by default they keep their size when all share one square size, and
+            are resized to the median side otherwise (see :func:`dataset_info_for`). For a
+            registry dataset only its own size is accepted.
 
     Raises:
         UserInputError: unknown name, missing files, bad folder, bad fraction; one line each.
     """
     if not 0.0 < val_fraction < 1.0:
         raise UserInputError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction}")
-    info = dataset_info_for(dataset, image_size)
+    train: _Pool
     test: _Pool | None = None
     val: _Pool | None = None
     if dataset == "digits":
+        info = dataset_info_for(dataset, image_size)
         train, digits_test = _digits_pools()
         test = digits_test if with_test else None
     elif dataset in DATASETS:
+        info = dataset_info_for(dataset, image_size)
         root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
         train = _torchvision_pool(dataset, root, train=True, download=download)
         test = _torchvision_pool(dataset, root, train=False, download=download) if with_test else None
     else:
-        train, val, test = _folder_pools(Path(dataset), info.image_size, with_test)
+        info, train, val, test = _folder_data(Path(dataset), image_size, with_test)
     if val is None:
         kept, held = _holdout(len(train), val_fraction, split_seed)
         train, val = train.subset(kept), train.subset(held)
     mean, std = _channel_stats(train.stats_chunks(), info.channels)
-    placement = _Placement(torch.device(device), mean, std, augmentable=info.augment)
+    placement = _Placement(torch.device(device), mean, std, augment=info.augment)
     return LoadedData(
         info=info,
         train=train.to_split(placement),
@@ -467,9 +577,20 @@ def load_data(
 def dataset_info_for(dataset: str, image_size: int | None = None) -> DatasetInfo:
     """Registry entry for a name, or the description of an ImageFolder at a path.
 
-    A folder is inspected (class subfolders of ``train/`` or of the folder itself) without
-    decoding images: ``channels`` is 3 (images are converted to RGB), ``image_size`` is
-    ``image_size`` or 32, ``default_arch`` is ``"cnn"`` and ``augment`` is on.
+    A folder is described from its image headers alone (no pixel is decoded), over the
+    files of every split it has (``train/``, ``val/``, ``test/``, or the folder itself):
+
+    - ``channels``: 1 when every image is single-band (modes ``1``, ``L``, ``LA``, 16- and
+      32-bit grayscale, or a palette of greys), else 3: colour or mixed folders become RGB.
+    - ``image_size``: ``image_size`` when given; else the images' own side when all share
+      one square size; else (sizes differ, or are not square) the lower median of all
+      widths and heights. A side below 8 is raised to 8 and one above :data:`MAX_AUTO_IMAGE_SIZE`
+      lowered to it. Images of another size are resized (bilinear, antialiased).
+    - ``augment``: ``"crop"`` (never a flip, which would change a digit or a letter), or
+      ``"none"`` below 16 pixels, where a 4-pixel shift is a quarter of the image.
+    - ``preprocessing``: all of this, in words; ``default_arch`` is ``"cnn"``.
+
+    Unreadable files are left out here and named when the images are decoded.
     """
     if dataset in DATASETS:
         info = DATASETS[dataset]
@@ -478,19 +599,7 @@ def dataset_info_for(dataset: str, image_size: int | None = None) -> DatasetInfo
                 f"{dataset} images are {info.image_size}x{info.image_size}; an image size applies only to ImageFolder datasets"
             )
         return info
-    size = DEFAULT_IMAGE_SIZE if image_size is None else image_size
-    if size < _MIN_IMAGE_SIZE:
-        raise UserInputError(f"image size must be at least {_MIN_IMAGE_SIZE} pixels, got {size}")
-    layout = _folder_layout(Path(dataset))
-    classes = _class_names(layout.train)
-    return DatasetInfo(
-        name=str(Path(dataset).expanduser().resolve()),
-        num_classes=len(classes),
-        channels=3,
-        image_size=size,
-        default_arch="cnn",
-        augment=True,
-    )
+    return _folder_plan(Path(dataset), image_size).info
 
 
 def _digits_pools() -> tuple[_TensorPool, _TensorPool]:
@@ -582,51 +691,216 @@ def _class_names(folder: Path) -> list[str]:
         ) from None
 
 
-def _folder_pools(root: Path, image_size: int, with_test: bool) -> tuple[_Pool, _Pool | None, _Pool | None]:
-    """(train, val or None, test or None) pools of an ImageFolder, decoded when they fit the memory budget."""
+_SINGLE_BAND_MODES = frozenset({"1", "L", "LA", "La", "I", "F", "I;16", "I;16L", "I;16B", "I;16N"})
+"""PIL modes of one colour band (an alpha band aside): such an image becomes ``L``, losing only its alpha."""
+
+
+@dataclass(frozen=True)
+class _Header:
+    mode: str  # PIL mode as stored
+    grey: bool  # one colour band: a single-band mode, or a palette of greys
+    size: tuple[int, int]  # width, height
+
+
+def _header(path: str) -> _Header | None:
+    """Mode and size from the file's header (PIL decodes no pixels on open); None when unreadable."""
+    try:
+        with Image.open(path) as image:
+            return _Header(image.mode, _is_grey(image), image.size)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+def _is_grey(image: Image.Image) -> bool:
+    if image.mode in _SINGLE_BAND_MODES:
+        return True
+    palette = image.palette if image.mode == "P" else None  # read with the header, no pixels decoded
+    if palette is None or palette.mode != "RGB":
+        return False
+    colours = bytes(palette.palette)
+    return len(colours) % 3 == 0 and colours[0::3] == colours[1::3] == colours[2::3]
+
+
+@functools.lru_cache(maxsize=4)
+def _headers(paths: tuple[str, ...], stamps: tuple[tuple[int, int], ...]) -> tuple[_Header | None, ...]:
+    # ``stamps`` (each file's modification time and size) only key the cache, so that a
+    # file rewritten since is read again.
+    return tuple(_header(path) for path in paths)
+
+
+def _stamp(path: str) -> tuple[int, int]:
+    try:
+        status = os.stat(path)
+    except OSError:
+        return (-1, -1)
+    return (status.st_mtime_ns, status.st_size)
+
+
+def _folder_headers(files: Sequence[_ImageFiles]) -> list[_Header | None]:
+    """The headers of every image of ``files``, read once per process for unchanged files
+    (a ``stat`` per file, some 30 times cheaper than opening it)."""
+    paths = tuple(path for f in files for path, _ in f.samples)
+    return list(_headers(paths, tuple(_stamp(path) for path in paths)))
+
+
+def _describe_sizes(sizes: Counter[tuple[int, int]]) -> str:
+    def text(size: tuple[int, int]) -> str:
+        return f"{size[0]}x{size[1]}"
+
+    if len(sizes) == 1:
+        return text(next(iter(sizes)))
+    ordered = sorted(sizes, key=lambda size: (size[0] * size[1], size))
+    return f"{len(sizes)} sizes, {text(ordered[0])} to {text(ordered[-1])}"
+
+
+def _describe_modes(modes: Counter[str], grey: bool) -> str:
+    names = ", ".join(sorted(modes))
+    if any(mode.startswith("I;16") for mode in modes):
+        names += "; 16-bit values scaled to 8 bits"
+    if grey:
+        return "grayscale" if set(modes) == {"L"} else f"grayscale (modes {names})"
+    if set(modes) == {"RGB"}:
+        return "RGB"
+    mixed = len(modes) > 1 and any(mode in _SINGLE_BAND_MODES for mode in modes)
+    return f"RGB (mixed modes: {names})" if mixed else f"RGB (modes {names})"
+
+
+def _choose_side(sizes: Counter[tuple[int, int]], image_size: int | None) -> tuple[int, str]:
+    """The square side images are brought to, and what that does to them, in words."""
+    if image_size is not None:
+        if set(sizes) == {(image_size, image_size)}:
+            return image_size, f"native {image_size}x{image_size}, no resize"
+        found = f"; images are {_describe_sizes(sizes)}" if sizes else ""
+        return image_size, f"resized to {image_size}x{image_size} (image size asked for{found})"
+    if not sizes:
+        return DEFAULT_IMAGE_SIZE, f"resized to {DEFAULT_IMAGE_SIZE}x{DEFAULT_IMAGE_SIZE} (no image header could be read)"
+    (width, height), *others = sizes
+    if not others and width == height and _MIN_IMAGE_SIZE <= width <= MAX_AUTO_IMAGE_SIZE:
+        return width, f"native {width}x{height}, no resize"
+    # The median of every width and height: the typical image's scale, one rule for mixed
+    # sizes and for a uniform non-square size (models take one square side).
+    side = statistics.median_low(s for (w, h), count in sizes.items() for s in (w, h) for _ in range(count))
+    if others:
+        reasons = [f"sizes differ: {_describe_sizes(sizes)}; median side {side}"]
+    elif width != height:
+        reasons = [f"images are {width}x{height}, not square; median side {side}"]
+    else:
+        reasons = [f"images are {width}x{height}"]
+    if side > MAX_AUTO_IMAGE_SIZE:
+        side = MAX_AUTO_IMAGE_SIZE
+        reasons.append(f"capped at {MAX_AUTO_IMAGE_SIZE} unless an image size is asked for")
+    elif side < _MIN_IMAGE_SIZE:
+        side = _MIN_IMAGE_SIZE
+        reasons.append(f"raised to the {_MIN_IMAGE_SIZE}-pixel minimum")
+    return side, f"resized to {side}x{side} ({'; '.join(reasons)})"
+
+
+@dataclass(frozen=True)
+class _FolderPlan:
+    """An ImageFolder's description and its listed splits, each set to decode as ``info`` says."""
+
+    info: DatasetInfo
+    layout: _FolderLayout
+    train: _ImageFiles
+    val: _ImageFiles | None
+    test: _ImageFiles | None  # None also when test/ exists but lists no images
+
+
+def _folder_plan(root: Path, image_size: int | None) -> _FolderPlan:
+    """List every split of the folder and decide, from the image headers, how to decode it."""
+    if image_size is not None and image_size < _MIN_IMAGE_SIZE:
+        raise UserInputError(f"image size must be at least {_MIN_IMAGE_SIZE} pixels, got {image_size}")
     layout = _folder_layout(root)
-    if with_test and layout.test is None:
+    train = _image_files(layout.train)
+    val = _image_files(layout.val) if layout.val is not None else None
+    test = None
+    if layout.test is not None:
+        # Only a run that evaluates on test/ must find it well formed (see _folder_data);
+        # for the others its images, when it has any, only count towards the decision.
+        try:
+            test = _image_files(layout.test)
+        except UserInputError:
+            pass
+    listed = [files for files in (train, val, test) if files is not None]
+    headers = [h for h in _folder_headers(listed) if h is not None]
+    grey = bool(headers) and all(h.grey for h in headers)
+    side, size_text = _choose_side(Counter(h.size for h in headers), image_size)
+    modes_text = _describe_modes(Counter(h.mode for h in headers), grey) if headers else "RGB"
+    info = DatasetInfo(
+        name=str(root.expanduser().resolve()),
+        num_classes=len(train.classes),
+        channels=1 if grey else 3,
+        image_size=side,
+        default_arch="cnn",
+        augment="crop" if side >= _MIN_CROP_SIDE else "none",
+        preprocessing=f"{modes_text}, {size_text}",
+    )
+    for files in listed:
+        files.mode, files.side = ("L" if grey else "RGB"), side
+    return _FolderPlan(info, layout, train, val, test)
+
+
+def _folder_data(root: Path, image_size: int | None, with_test: bool) -> tuple[DatasetInfo, _Pool, _Pool | None, _Pool | None]:
+    """(info, train, val or None, test or None) of an ImageFolder, decoded when they fit the memory budget."""
+    plan = _folder_plan(root, image_size)
+    if with_test and plan.layout.test is None:
         raise UserInputError(f"{root} has no test/ folder; add one laid out like train/ to evaluate on a test set")
-    train = _image_files(layout.train, image_size)
-    others = [_image_files(folder, image_size) if folder else None for folder in (layout.val, layout.test if with_test else None)]
-    for files in others:
-        if files is not None and files.classes != train.classes:
-            raise UserInputError(f"{files.root} has classes {files.classes} but {train.root} has {train.classes}; they must match")
-    pools = [_FilePool(files, torch.arange(len(files))) if files is not None else None for files in (train, *others)]
-    fits = sum(len(p) for p in pools if p is not None) * 3 * image_size**2 <= MEMORY_BUDGET_BYTES
+    test = (plan.test or _image_files(plan.layout.test)) if with_test and plan.layout.test is not None else None
+    for files in (plan.val, test):
+        if files is not None and files.classes != plan.train.classes:
+            raise UserInputError(f"{files.root} has classes {files.classes} but {plan.train.root} has {plan.train.classes}; they must match")
+    info = plan.info
+    pools = [_FilePool(files, torch.arange(len(files))) if files is not None else None for files in (plan.train, plan.val, test)]
+    fits = sum(len(p) for p in pools if p is not None) * info.channels * info.image_size**2 <= MEMORY_BUDGET_BYTES
     placed = [p.decode() if fits and p is not None else p for p in pools]
-    return placed[0], placed[1], placed[2]  # type: ignore[return-value]  # train is never None
+    return info, placed[0], placed[1], placed[2]  # type: ignore[return-value]  # train is never None
 
 
-def _image_files(folder: Path, image_size: int) -> _ImageFiles:
+def _image_files(folder: Path) -> _ImageFiles:
     _class_names(folder)  # for its message when there are no class folders
     try:
-        return _ImageFiles(folder, image_size)
+        return _ImageFiles(folder)
     except FileNotFoundError as error:  # a class folder without images
         raise UserInputError(f"no images in some class folders of {folder}: {error}") from None
 
 
-class _ImageFiles(ImageFolder):
-    """ImageFolder giving (uint8 3×S×S tensor, label), label -1 for a file PIL cannot decode."""
+def _to_mode(image: Image.Image, mode: str) -> Image.Image:
+    """``image`` as ``L`` or ``RGB``; 16-bit grayscale is scaled to 8 bits (PIL would clip it)."""
+    if image.mode.startswith("I;16"):
+        pixels = np.asarray(image).astype(np.uint32)
+        image = Image.fromarray(((pixels * 255 + 32767) // 65535).astype(np.uint8))
+    return image if image.mode == mode else image.convert(mode)
 
-    def __init__(self, root: Path, image_size: int) -> None:
-        transform = transforms.Compose([transforms.Resize((image_size, image_size)), transforms.PILToTensor()])
-        super().__init__(str(root), transform=transform)
-        self.image_size = image_size
+
+class _ImageFiles(ImageFolder):
+    """ImageFolder giving (uint8 C×S×S tensor, label), label -1 for a file PIL cannot decode.
+
+    Every image is converted to ``mode`` (``"L"``: C = 1, ``"RGB"``: C = 3) and, unless it
+    already is ``side`` pixels square, resized to that; :func:`_folder_plan` sets both.
+    """
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(str(root))
+        self.mode = "RGB"
+        self.side = DEFAULT_IMAGE_SIZE
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         path, label = self.samples[index]
         try:
-            image = self.loader(path)
+            with Image.open(path) as file:
+                image = _to_mode(file, self.mode)
+                image.load()
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
             # Marked rather than raised: raised in a DataLoader worker, the error would
             # reach the user as a multi-line traceback instead of one line naming the file.
-            return torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), -1
-        return self.transform(image), label
+            return torch.zeros(1 if self.mode == "L" else 3, self.side, self.side, dtype=torch.uint8), -1
+        if image.size != (self.side, self.side):
+            image = image.resize((self.side, self.side), Image.Resampling.BILINEAR)  # antialiased, as torchvision's Resize
+        return transforms.functional.pil_to_tensor(image), label
 
 
 def _read(files: _ImageFiles, indices: Tensor, batch_size: int, *, pin_memory: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
-    """Decode ``files`` at ``indices``, in that order, as (uint8 N×3×S×S, int64 N) CPU batches."""
+    """Decode ``files`` at ``indices``, in that order, as (uint8 N×C×S×S, int64 N) CPU batches."""
     loader = DataLoader(
         files,
         batch_size=batch_size,

@@ -19,7 +19,7 @@ from typing import Any, Literal, Protocol
 import torch
 import torch.nn.functional as F
 
-from sofim_tune.data import LoadedData, Split, load_data
+from sofim_tune.data import LoadedData, Split, check_augment, load_data
 from sofim_tune.errors import TrialPruned, UserInputError
 from sofim_tune.models import build_model
 from sofim_tune.optim import OPTIMIZER_HYPERPARAMETERS, build_optimizer
@@ -60,6 +60,12 @@ class TrialConfig:
         val_fraction: share of the training data held out for validation, in (0, 1).
         split_seed: seeds the train/validation split; fixed across a study.
         evaluate_test: also measure the test split after the last epoch.
+        augment: the training augmentation, one of ``none``, ``crop`` (random 4-pixel
+            shift), ``flip`` (horizontal mirror) and ``crop-flip``; None takes the
+            dataset's default (``DatasetInfo.augment``; the result records which).
+        image_size: resize an ImageFolder's images to this square side (>= 8); None keeps
+            a folder's native size where it can (see ``sofim_tune.data.dataset_info_for``).
+            A registry dataset accepts only its own size.
     """
 
     dataset: str = "digits"
@@ -75,6 +81,8 @@ class TrialConfig:
     val_fraction: float = 0.1
     split_seed: int = 0
     evaluate_test: bool = False
+    augment: str | None = None
+    image_size: int | None = None
 
     def validate(self) -> None:
         """Raise :class:`UserInputError` for a value no run can use."""
@@ -99,6 +107,10 @@ class TrialConfig:
             raise UserInputError(f"batch size must be >= 1, got {self.batch_size}")
         if not 0.0 < self.val_fraction < 1.0:
             raise UserInputError(f"val fraction must lie in (0, 1), got {self.val_fraction}")
+        if self.augment is not None:
+            check_augment(self.augment)
+        if self.image_size is not None and not (isinstance(self.image_size, int) and self.image_size >= 8):
+            raise UserInputError(f"image size must be an integer of at least 8 pixels, got {self.image_size}")
 
 
 @dataclass
@@ -117,6 +129,10 @@ class TrialResult:
         seconds: wall-clock time of the whole run, data loading included.
         device: where it ran (``cpu``, ``cuda:0``).
         arch: the architecture used.
+        config: the settings as given.
+        augment: the training augmentation used: ``config.augment``, or the dataset's
+            default when that is None.
+        preprocessing: what loading did to the images, in words (``DatasetInfo.preprocessing``).
     """
 
     status: TrialStatus
@@ -129,6 +145,8 @@ class TrialResult:
     config: TrialConfig
     diverged_epoch: int | None = None
     error: str | None = None
+    augment: str | None = None
+    preprocessing: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -150,10 +168,15 @@ def resolve_device(name: str) -> torch.device:
 
 
 @functools.lru_cache(maxsize=2)
-def _cached_data(dataset: str, device: torch.device, data_dir: str | None, download: bool, val_fraction: float, split_seed: int, with_test: bool) -> LoadedData:
+def _cached_data(
+    dataset: str, device: torch.device, data_dir: str | None, download: bool, val_fraction: float, split_seed: int, with_test: bool, image_size: int | None
+) -> LoadedData:
     # The trials of a study share one dataset; decoding it once per process is what makes
-    # a worker's second trial start at once.
-    return load_data(dataset, device=device, data_dir=data_dir, download=download, val_fraction=val_fraction, split_seed=split_seed, with_test=with_test)
+    # a worker's second trial start at once. The augmentation is no part of the key: it is
+    # applied per batch, so trials with different modes share the decoded images.
+    return load_data(
+        dataset, device=device, data_dir=data_dir, download=download, val_fraction=val_fraction, split_seed=split_seed, with_test=with_test, image_size=image_size
+    )
 
 
 def clear_data_cache() -> None:
@@ -175,7 +198,7 @@ def prepare_trial(config: TrialConfig) -> LoadedData:
 def _validated_data(config: TrialConfig) -> LoadedData:
     config.validate()
     device = resolve_device(config.device)
-    return _cached_data(config.dataset, device, config.data_dir, config.download, config.val_fraction, config.split_seed, config.evaluate_test)
+    return _cached_data(config.dataset, device, config.data_dir, config.download, config.val_fraction, config.split_seed, config.evaluate_test, config.image_size)
 
 
 def _evaluate(model: torch.nn.Module, split: Split, batch_size: int, autocast: contextlib.AbstractContextManager[Any]) -> tuple[float, float]:
@@ -183,7 +206,7 @@ def _evaluate(model: torch.nn.Module, split: Split, batch_size: int, autocast: c
     model.eval()
     loss_sum = correct = None
     with torch.no_grad(), autocast:
-        for x, y in split.batches(max(batch_size, 512), shuffle=False, augment=False):
+        for x, y in split.batches(max(batch_size, 512), shuffle=False, augment="none"):
             logits = model(x).float()
             batch_loss = F.cross_entropy(logits, y, reduction="sum")
             batch_correct = (logits.argmax(dim=1) == y).sum()
@@ -197,7 +220,8 @@ def train_trial(config: TrialConfig, reporter: Reporter | None = None, *, data: 
     """Train once with ``config``; call ``reporter.report(epoch, metrics)`` after each epoch.
 
     ``data`` trains on splits you already hold (see :func:`sofim_tune.data.data_from_tensors`)
-    instead of loading ``config.dataset``; it must live on ``config.device``.
+    instead of loading ``config.dataset``; it must live on ``config.device``, and
+    ``config.image_size``, when given, must be its size.
 
     Bad settings raise :class:`UserInputError` before any work. A non-finite loss ends the
     run with status ``diverged``; a :class:`TrialPruned` from the reporter ends it with
@@ -215,7 +239,11 @@ def train_trial(config: TrialConfig, reporter: Reporter | None = None, *, data: 
     data_device = getattr(data.train, "device", device)
     if data_device.type != device.type or (data_device.index or 0) != (device.index or 0):
         raise UserInputError(f"the data lives on {data_device} but the run is on {device}; load it with device={str(device)!r}")
+    if config.image_size is not None and config.image_size != data.info.image_size:
+        side = data.info.image_size
+        raise UserInputError(f"the data's images are {side}x{side}, not the image size {config.image_size} asked for")
     arch = config.arch or data.info.default_arch
+    augment = config.augment if config.augment is not None else data.info.augment
     history: list[dict[str, float]] = []
 
     def result(status: TrialStatus, **extra: Any) -> TrialResult:
@@ -228,6 +256,8 @@ def train_trial(config: TrialConfig, reporter: Reporter | None = None, *, data: 
             device=str(device),
             arch=arch,
             config=config,
+            augment=augment,
+            preprocessing=data.info.preprocessing,
             **extra,
         )
 
@@ -252,7 +282,7 @@ def train_trial(config: TrialConfig, reporter: Reporter | None = None, *, data: 
         for epoch in range(1, config.epochs + 1):
             model.train()
             loss_sum = torch.zeros((), device=device)
-            for batch, (x, y) in enumerate(data.train.batches(config.batch_size, shuffle=True, augment=True, generator=generator), 1):
+            for batch, (x, y) in enumerate(data.train.batches(config.batch_size, shuffle=True, augment=augment, generator=generator), 1):
                 if on_cuda:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with autocast:

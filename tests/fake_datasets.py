@@ -151,20 +151,81 @@ def write_fake_dataset(name: str, root: Path, monkeypatch: pytest.MonkeyPatch) -
 
 
 def write_image_folder(
-    root: Path, classes: list[str], per_class: int, *, size: tuple[int, int] = (16, 16), seed: int = 0
+    root: Path, classes: list[str], per_class: int, *, size: tuple[int, int] = (16, 16), seed: int = 0, mode: str = "RGB"
 ) -> dict[str, np.ndarray]:
-    """Random RGB PNGs ``root/<class>/<i>.png`` of ``size`` (width, height) pixels.
+    """Random PNGs ``root/<class>/<i>.png`` of ``size`` (width, height) pixels in PIL ``mode``.
+
+    ``mode`` is ``"RGB"`` or a single-band 8-bit mode, ``"L"`` (grayscale) or ``"P"`` (grayscale
+    pixels stored through a palette of the 256 greys).
 
     Returns:
-        Each file's path (as a string) mapped to its pixels, H×W×3 uint8.
+        Each file's path (as a string) mapped to its pixels, H×W×C uint8 (C = 3 for RGB, else 1).
     """
+    channels = 3 if mode == "RGB" else 1
     rng = np.random.default_rng(seed)
     written = {}
     for name in classes:
         (root / name).mkdir(parents=True)
         for i in range(per_class):
-            pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            pixels = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
             path = root / name / f"{i}.png"
-            Image.fromarray(pixels).save(path)
+            _save(pixels, path, mode)
             written[str(path)] = pixels
     return written
+
+
+def _save(pixels: np.ndarray, path: Path, mode: str) -> None:
+    """Save H×W×C uint8 ``pixels`` as a PNG in PIL ``mode`` (RGB, L, or P with a grey palette)."""
+    if mode == "P":  # palette index k is grey level k
+        image = Image.frombytes("P", (pixels.shape[1], pixels.shape[0]), np.ascontiguousarray(pixels[..., 0]).tobytes())
+        image.putpalette([level for level in range(256) for _ in range(3)])
+    else:
+        image = Image.fromarray(pixels if mode == "RGB" else pixels[..., 0])
+    image.save(path)
+
+
+@dataclass
+class PatternImages:
+    """A small learnable grayscale dataset: images N×1×S×S uint8, labels N int64, class names."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    classes: list[str]
+
+
+PATTERN_CLASSES = ["blob-left", "blob-right", "stripe-falling", "stripe-rising"]  # sorted, as ImageFolder numbers them
+"""Mirror pairs (blob left/right, stripe / and \\): a horizontal flip turns one class into the other."""
+
+
+def pattern_images(per_class: int, *, size: int = 28, noise: float = 60.0, seed: int = 0) -> PatternImages:
+    """Grayscale images of four classes whose pattern moves a few pixels and drowns in noise.
+
+    Ordered by class, then index, which is the order an ImageFolder lists the files that
+    :func:`write_pattern_folder` writes.
+    """
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    images, labels = [], []
+    for label in range(len(PATTERN_CLASSES)):
+        for _ in range(per_class):
+            cy, cx = size / 2 + rng.uniform(-4, 4, size=2)
+            strength = rng.uniform(90, 180)
+            if label < 2:  # a blob left or right of the centre
+                side = -1 if label == 0 else 1
+                pattern = np.exp(-((yy - cy) ** 2 + (xx - cx - side * size / 4) ** 2) / (2 * (size / 9) ** 2))
+            else:  # a stripe falling (\) or rising (/) through the centre; y grows downwards
+                slope = 1 if label == 2 else -1
+                distance = np.abs((yy - cy) - slope * (xx - cx)) / np.sqrt(2)
+                pattern = np.exp(-(distance**2) / (2 * (size / 14) ** 2))
+            pixels = 30 + strength * pattern + rng.normal(0, noise, (size, size))
+            images.append(np.clip(np.rint(pixels), 0, 255).astype(np.uint8)[None])
+            labels.append(label)
+    return PatternImages(np.stack(images), np.array(labels, dtype=np.int64), list(PATTERN_CLASSES))
+
+
+def write_pattern_folder(root: Path, data: PatternImages, *, mode: str = "L") -> None:
+    """``root/<class>/<index, zero-padded>.png``: ImageFolder lists them in ``data``'s order."""
+    for index, (image, label) in enumerate(zip(data.images, data.labels)):
+        folder = root / data.classes[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        _save(image.transpose(1, 2, 0), folder / f"{index:05d}.png", mode)

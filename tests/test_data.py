@@ -11,7 +11,18 @@ import torch.nn.functional as F
 from fake_datasets import write_fake_dataset, write_image_folder
 
 from sofim_tune import data
-from sofim_tune.data import DATASETS, StreamedSplit, TensorSplit, crop_flip, dataset_info_for, default_data_dir, load_data
+from sofim_tune.data import (
+    AUGMENT_MODES,
+    DATASETS,
+    DatasetInfo,
+    StreamedSplit,
+    TensorSplit,
+    crop_flip,
+    data_from_tensors,
+    dataset_info_for,
+    default_data_dir,
+    load_data,
+)
 from sofim_tune.errors import UserInputError
 
 TORCHVISION_DATASETS = ["mnist", "fashion-mnist", "cifar10", "cifar100", "svhn"]
@@ -22,7 +33,7 @@ def rows(images: torch.Tensor, labels: torch.Tensor) -> list[tuple[int, bytes]]:
     return sorted((int(y), x.cpu().numpy().tobytes()) for x, y in zip(images, labels))
 
 
-def epoch(split, batch_size: int = 7, *, shuffle: bool = False, augment: bool = False, seed: int | None = None):
+def epoch(split, batch_size: int = 7, *, shuffle: bool = False, augment: bool | str = False, seed: int | None = None):
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     batches = list(split.batches(batch_size, shuffle=shuffle, augment=augment, generator=generator))
     return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches]), [len(y) for _, y in batches]
@@ -123,7 +134,7 @@ def test_bad_batch_size(digits):
 
 
 def test_augmentation_ignored_when_dataset_disallows_it(digits):
-    assert not digits.train.augmentable
+    assert digits.train.augment == "none" and not digits.train.augmentable
     assert torch.equal(epoch(digits.val, augment=True, seed=1)[0], epoch(digits.val)[0])
 
 
@@ -145,7 +156,7 @@ def test_crop_flip_matches_padding_then_cropping():
 def test_augmented_batches_are_crops_and_flips_of_the_originals(tmp_path, monkeypatch):
     write_fake_dataset("cifar10", tmp_path, monkeypatch)
     train = load_data("cifar10", data_dir=tmp_path).train
-    assert train.augmentable
+    assert train.augment == "crop-flip"
     augmented, labels, sizes = epoch(train, 5, augment=True, seed=0)
     assert augmented.shape == (len(train), 3, 32, 32) and sizes == [5, 5, 5, 3]
     assert torch.equal(labels, train.labels)
@@ -160,6 +171,102 @@ def test_augmented_batches_are_crops_and_flips_of_the_originals(tmp_path, monkey
         flips += int(mirrored.any() and not plain.any())
     assert 0 < flips < len(train)  # flips happen, but not always
     assert not torch.equal(augmented, train.images)
+
+
+# ----------------------------------------------------------------------------- augmentation modes
+
+
+def hand_made_split(count: int = 64) -> TensorSplit:
+    """``count`` copies of one asymmetric 6×6 image whose 36 pixels all differ, normalised by
+    statistics of their own so that batches map back to pixels exactly."""
+    image = (torch.arange(36, dtype=torch.uint8) * 7).view(1, 1, 6, 6)
+    info = DatasetInfo("hand-made", 2, 1, 6, "mlp")
+    images = image.expand(count, 1, 6, 6).contiguous()
+    return data_from_tensors(info, images, torch.zeros(count, dtype=torch.int64), images, torch.zeros(count, dtype=torch.int64)).train
+
+
+def crops(image: torch.Tensor) -> list[torch.Tensor]:
+    """The 81 windows of the 4-pixel reflect-padded C×H×W image: every shift a crop can give."""
+    padded = F.pad(image[None].float(), (4, 4, 4, 4), mode="reflect")[0].to(image.dtype)
+    h, w = image.shape[-2:]
+    return [padded[:, dy : dy + h, dx : dx + w] for dy in range(9) for dx in range(9)]
+
+
+def augmented(split: TensorSplit, mode: str) -> torch.Tensor:
+    return to_pixels(epoch(split, 16, augment=mode, seed=0)[0], split)
+
+
+def is_one_of(image: torch.Tensor, candidates: list[torch.Tensor]) -> bool:
+    return any(torch.equal(image, candidate) for candidate in candidates)
+
+
+def test_augment_none_returns_the_images_unchanged():
+    split = hand_made_split()
+    assert torch.equal(augmented(split, "none"), split.images)
+
+
+def test_augment_flip_mirrors_some_images_and_never_shifts():
+    split = hand_made_split()
+    image = split.images[0]
+    out = augmented(split, "flip")
+    assert all(is_one_of(x, [image, image.flip(-1)]) for x in out)
+    mirrored = sum(torch.equal(x, image.flip(-1)) for x in out)
+    assert 0 < mirrored < len(out)
+
+
+def test_augment_crop_shifts_and_never_mirrors():
+    split = hand_made_split()
+    image = split.images[0]
+    out = augmented(split, "crop")
+    windows = crops(image)
+    assert all(is_one_of(x, windows) for x in out), "a crop output is not a shift of the padded image"
+    assert not any(torch.equal(x, image.flip(-1)) for x in out)
+    assert len({x.numpy().tobytes() for x in out}) > 10  # many different shifts
+
+
+def test_augment_crop_flip_does_both():
+    split = hand_made_split()
+    image = split.images[0]
+    out = augmented(split, "crop-flip")
+    windows = crops(image)
+    assert all(is_one_of(x, windows + [w.flip(-1) for w in windows]) for x in out)
+    assert any(not is_one_of(x, windows) for x in out), "no image was mirrored"
+
+
+def test_augment_true_means_the_dataset_default_and_a_mode_overrides_it(digits):
+    assert torch.equal(epoch(digits.val, augment=True, seed=1)[0], epoch(digits.val)[0])  # digits: "none"
+    assert not torch.equal(epoch(digits.val, augment="crop", seed=1)[0], epoch(digits.val)[0])
+
+
+@pytest.mark.parametrize("bad", ["mirror", "Crop", "", None, 1])
+def test_bad_augment_value_lists_the_choices(bad, digits):
+    with pytest.raises(UserInputError, match="none, crop, flip, crop-flip"):
+        next(digits.val.batches(8, shuffle=False, augment=bad))
+
+
+def test_dataset_info_takes_a_mode_or_the_old_switch():
+    assert DatasetInfo("x", 2, 3, 32, "cnn", augment=True).augment == "crop-flip"
+    assert DatasetInfo("x", 2, 3, 32, "cnn", augment=False).augment == "none"
+    assert DatasetInfo("x", 2, 3, 32, "cnn").preprocessing == "RGB, native 32x32, no resize"
+    with pytest.raises(UserInputError, match="unknown augmentation 'rotate'"):
+        DatasetInfo("x", 2, 3, 32, "cnn", augment="rotate")
+
+
+@pytest.mark.parametrize(
+    "name, mode", [("digits", "none"), ("mnist", "none"), ("fashion-mnist", "none"), ("svhn", "crop"), ("cifar10", "crop-flip"), ("cifar100", "crop-flip")]
+)
+def test_registry_default_augmentations(name, mode):
+    assert DATASETS[name].augment == mode and mode in AUGMENT_MODES
+
+
+@pytest.mark.parametrize("name", ["svhn", "mnist", "fashion-mnist"])
+def test_digits_and_letters_are_never_flipped(name, tmp_path, monkeypatch):
+    assert "flip" not in DATASETS[name].augment
+    write_fake_dataset(name, tmp_path, monkeypatch)
+    train = load_data(name, data_dir=tmp_path).train
+    out = to_pixels(epoch(train, 5, augment=True, seed=0)[0], train)
+    for image, original in zip(out, train.images):
+        assert is_one_of(image, crops(original)), "a training image was mirrored"
 
 
 # ----------------------------------------------------------------------------- torchvision datasets
@@ -241,7 +348,8 @@ def test_image_folder_with_train_val_test(tmp_path):
     loaded = load_data(str(tmp_path), with_test=True, image_size=16)
     assert loaded.info.name == str(tmp_path.resolve())
     assert (loaded.info.num_classes, loaded.info.channels, loaded.info.image_size) == (3, 3, 16)
-    assert loaded.info.default_arch == "cnn" and loaded.info.augment
+    assert loaded.info.default_arch == "cnn" and loaded.info.augment == "crop"
+    assert loaded.info.preprocessing == "RGB, native 16x16, no resize"
     for split, written in ((loaded.train, train), (loaded.val, val), (loaded.test, test)):
         assert isinstance(split, TensorSplit)
         assert rows(split.images, split.labels) == image_rows(written, classes)
@@ -249,7 +357,7 @@ def test_image_folder_with_train_val_test(tmp_path):
     assert x.shape == (5, 3, 16, 16) and y.dtype == torch.int64
 
 
-def test_image_folder_resizes_and_converts_to_rgb(tmp_path):
+def test_image_folder_of_mixed_sizes_and_modes_becomes_rgb_at_the_median_side(tmp_path):
     write_image_folder(tmp_path / "a", ["x"], 1, size=(20, 12))
     from PIL import Image
 
@@ -258,9 +366,11 @@ def test_image_folder_resizes_and_converts_to_rgb(tmp_path):
     Image.new("RGB", (40, 40), color=(10, 20, 30)).save(tmp_path / "b" / "flat.jpg", quality=100)
     loaded = load_data(str(tmp_path), val_fraction=0.3)
     images = torch.cat([loaded.train.images, loaded.val.images])
-    assert images.shape == (3, 3, 32, 32)
-    assert any(bool((image == 77).all()) for image in images)
-    assert loaded.info.image_size == 32 and loaded.info.num_classes == 2
+    # Sides 9, 12, 20, 30, 40, 40: the lower median is 20.
+    assert images.shape == (3, 3, 20, 20)
+    assert any(bool((image == 77).all()) for image in images)  # the grey image, in all three channels
+    assert loaded.info.image_size == 20 and loaded.info.num_classes == 2 and loaded.info.channels == 3
+    assert loaded.info.preprocessing == "RGB (mixed modes: L, RGB), resized to 20x20 (sizes differ: 3 sizes, 20x12 to 40x40; median side 20)"
 
 
 def test_single_image_folder_is_split_by_seed(tmp_path):
@@ -284,12 +394,14 @@ def test_train_folder_without_val_holds_out_validation(tmp_path):
         load_data(str(tmp_path), image_size=16, with_test=True)
 
 
-def test_dataset_info_for_folder_does_not_decode(tmp_path):
+def test_dataset_info_for_folder_reads_headers_only(tmp_path):
     write_image_folder(tmp_path / "train", ["a", "b", "c"], 1)
     (tmp_path / "train" / "a" / "broken.png").write_bytes(b"not a png")
     info = dataset_info_for(str(tmp_path), image_size=24)
-    assert (info.num_classes, info.channels, info.image_size, info.default_arch, info.augment) == (3, 3, 24, "cnn", True)
-    assert dataset_info_for(str(tmp_path)).image_size == 32
+    assert (info.num_classes, info.channels, info.image_size, info.default_arch, info.augment) == (3, 3, 24, "cnn", "crop")
+    assert info.preprocessing == "RGB, resized to 24x24 (image size asked for; images are 16x16)"
+    native = dataset_info_for(str(tmp_path))
+    assert native.image_size == 16 and native.preprocessing == "RGB, native 16x16, no resize"
 
 
 def one_line_error(match: str, *args, **kwargs) -> str:
@@ -319,20 +431,88 @@ def test_corrupt_image_is_named(tmp_path):
     assert str(broken) in one_line_error("cannot decode image", str(tmp_path))
 
 
+# ----------------------------------------------------------------------------- ImageFolder: channels and sizes
+
+
+@pytest.mark.parametrize("mode, modes_text", [("L", "grayscale"), ("P", "grayscale (modes P)")])
+def test_grayscale_folder_stays_one_channel_at_its_native_size(mode, modes_text, tmp_path):
+    classes = ["2", "3", "7"]
+    train = write_image_folder(tmp_path / "train", classes, 4, size=(28, 28), mode=mode)
+    val = write_image_folder(tmp_path / "val", classes, 2, size=(28, 28), seed=1, mode=mode)
+    loaded = load_data(str(tmp_path))
+    assert (loaded.info.channels, loaded.info.image_size) == (1, 28)
+    assert loaded.info.preprocessing == f"{modes_text}, native 28x28, no resize"
+    assert loaded.info.augment == "crop"
+    for split, written in ((loaded.train, train), (loaded.val, val)):
+        assert split.images.shape[1:] == (1, 28, 28)
+        assert rows(split.images, split.labels) == image_rows(written, classes)  # pixel for pixel
+    assert len(loaded.train.mean) == 1
+    x, _ = next(loaded.train.batches(4, shuffle=True, augment=True, generator=torch.Generator().manual_seed(0)))
+    assert x.shape == (4, 1, 28, 28)
+
+
+def test_mixed_folder_becomes_rgb_at_its_native_size(tmp_path):
+    grey = write_image_folder(tmp_path / "a", ["grey"], 3, size=(20, 20), mode="L")
+    colour = write_image_folder(tmp_path / "a", ["colour"], 3, size=(20, 20), mode="RGB")
+    loaded = load_data(str(tmp_path / "a"), val_fraction=0.5)
+    assert (loaded.info.channels, loaded.info.image_size) == (3, 20)
+    assert loaded.info.preprocessing == "RGB (mixed modes: L, RGB), native 20x20, no resize"
+    expected = {**{path: np.repeat(pixels, 3, axis=-1) for path, pixels in grey.items()}, **colour}
+    both = (torch.cat([loaded.train.images, loaded.val.images]), torch.cat([loaded.train.labels, loaded.val.labels]))
+    assert rows(*both) == image_rows(expected, ["grey", "colour"])
+
+
+def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "a").mkdir()
+    levels = np.arange(0, 256, 17, dtype=np.uint16).repeat(16)[: 16 * 16].reshape(16, 16)
+    for i in range(2):
+        Image.fromarray(levels * 257).save(tmp_path / "a" / f"{i}.png")  # 16-bit: level k stored as 257k
+    assert Image.open(tmp_path / "a" / "0.png").mode == "I;16"
+    loaded = load_data(str(tmp_path))
+    assert loaded.info.channels == 1 and loaded.info.preprocessing == "grayscale (modes I;16; 16-bit values scaled to 8 bits), native 16x16, no resize"
+    assert torch.equal(loaded.train.images[0, 0], torch.from_numpy(levels.astype(np.uint8)))
+
+
+@pytest.mark.parametrize(
+    "size, side, text",
+    [
+        ((20, 12), 12, "resized to 12x12 (images are 20x12, not square; median side 12)"),
+        ((300, 300), 256, "resized to 256x256 (images are 300x300; capped at 256 unless an image size is asked for)"),
+        ((6, 6), 8, "resized to 8x8 (images are 6x6; raised to the 8-pixel minimum)"),
+    ],
+)
+def test_folder_is_resized_only_when_it_must_be(size, side, text, tmp_path):
+    write_image_folder(tmp_path, ["a", "b"], 2, size=size, mode="L")
+    loaded = load_data(str(tmp_path), val_fraction=0.5)
+    assert loaded.train.images.shape[1:] == (1, side, side)
+    assert loaded.info.image_size == side and loaded.info.preprocessing == f"grayscale, {text}"
+    assert loaded.info.augment == ("crop" if side >= 16 else "none")  # no 4-pixel crop of an 8-pixel image
+
+
+def test_explicit_image_size_resizes_a_grayscale_folder(tmp_path):
+    write_image_folder(tmp_path, ["a", "b"], 2, size=(28, 28), mode="L")
+    loaded = load_data(str(tmp_path), image_size=32, val_fraction=0.5)
+    assert loaded.train.images.shape[1:] == (1, 32, 32)
+    assert loaded.info.preprocessing == "grayscale, resized to 32x32 (image size asked for; images are 28x28)"
+
+
 # ----------------------------------------------------------------------------- streaming fallback
 
 
-def test_streamed_fallback_gives_the_same_batches(tmp_path, monkeypatch):
-    write_image_folder(tmp_path / "train", ["a", "b", "c"], 6, size=(20, 14))
-    write_image_folder(tmp_path / "val", ["a", "b", "c"], 2, seed=1)
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_streamed_fallback_gives_the_same_batches(mode, tmp_path, monkeypatch):
+    write_image_folder(tmp_path / "train", ["a", "b", "c"], 6, size=(20, 14), mode=mode)
+    write_image_folder(tmp_path / "val", ["a", "b", "c"], 2, seed=1, mode=mode)
     resident = load_data(str(tmp_path), image_size=12)
     monkeypatch.setattr(data, "MEMORY_BUDGET_BYTES", 0)
     streamed = load_data(str(tmp_path), image_size=12)
     assert isinstance(streamed.train, StreamedSplit) and isinstance(streamed.val, StreamedSplit)
-    assert isinstance(resident.train, TensorSplit)
+    assert isinstance(resident.train, TensorSplit) and resident.train.images.shape[1] == (3 if mode == "RGB" else 1)
     assert len(streamed.train) == len(resident.train) == 18 and len(streamed.val) == 6
     assert torch.equal(streamed.train.mean, resident.train.mean) and torch.equal(streamed.train.std, resident.train.std)
-    for args in ({"shuffle": True, "augment": True, "seed": 7}, {"shuffle": False, "augment": False}):
+    for args in ({"shuffle": True, "augment": "crop-flip", "seed": 7}, {"shuffle": False, "augment": False}):
         for split in ("train", "val"):
             a = epoch(getattr(resident, split), 4, **args)
             b = epoch(getattr(streamed, split), 4, **args)

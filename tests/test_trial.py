@@ -7,9 +7,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from fake_datasets import pattern_images, write_image_folder, write_pattern_folder
 
 from sofim_tune import TrialPruned, UserInputError
-from sofim_tune.trial import TrialConfig, train_trial
+from sofim_tune.data import DatasetInfo, data_from_tensors
+from sofim_tune.trial import TrialConfig, prepare_trial, train_trial
 
 DIGITS = dict(dataset="digits", arch="mlp", device="cpu", batch_size=64)
 SOFIM_SETTINGS = {"lr": 0.1, "rho": 0.1, "beta1": 0.9}
@@ -85,12 +88,81 @@ def test_test_split_only_when_asked():
         (dict(dataset="imagenet"), "'imagenet' is neither a dataset name"),
         (dict(arch="transformer"), "transformer"),
         (dict(optimizer="lion"), "unknown optimizer 'lion'"),
+        (dict(augment="rotate"), "unknown augmentation 'rotate'; choose one of none, crop, flip, crop-flip"),
+        (dict(augment=True), "unknown augmentation True"),
+        (dict(image_size=4), "image size must be an integer of at least 8"),
+        (dict(image_size=16), "digits images are 8x8; an image size applies only to ImageFolder datasets"),
     ],
 )
 def test_bad_settings_raise_user_input_error(changes, message):
     config = TrialConfig(**{**DIGITS, "hyperparameters": SOFIM_SETTINGS, "epochs": 1, **changes})
     with pytest.raises(UserInputError, match=message):
         train_trial(config)
+
+
+# ----------------------------------------------------------------------------- augmentation and folders
+
+
+def test_result_records_the_augmentation_and_preprocessing():
+    default = train_trial(TrialConfig(**DIGITS, hyperparameters=SOFIM_SETTINGS, epochs=1))
+    assert default.augment == "none" and default.config.augment is None
+    assert default.preprocessing == "grayscale, native 8x8, no resize (pixel values 0..16 scaled to 0..255)"
+    out = default.to_dict()
+    assert out["augment"] == "none" and out["config"]["augment"] is None and out["config"]["image_size"] is None
+    assert json.loads(json.dumps(out))["preprocessing"] == default.preprocessing
+
+
+def test_augment_overrides_the_dataset_default():
+    cropped = train_trial(TrialConfig(**DIGITS, hyperparameters=SOFIM_SETTINGS, epochs=1, augment="crop"))
+    plain = train_trial(TrialConfig(**DIGITS, hyperparameters=SOFIM_SETTINGS, epochs=1, augment="none"))
+    default = train_trial(TrialConfig(**DIGITS, hyperparameters=SOFIM_SETTINGS, epochs=1))
+    assert cropped.augment == "crop" and cropped.to_dict()["config"]["augment"] == "crop"
+    assert plain.history == default.history  # digits' default is "none"
+    assert cropped.history != plain.history
+
+
+def test_image_size_reaches_the_folder_and_keys_the_data_cache(tmp_path):
+    write_image_folder(tmp_path, ["a", "b"], 3, size=(16, 16), mode="L")
+    settings = dict(dataset=str(tmp_path), device="cpu", val_fraction=0.5)
+    native = prepare_trial(TrialConfig(**settings))
+    resized = prepare_trial(TrialConfig(**settings, image_size=24))
+    assert (native.info.image_size, resized.info.image_size) == (16, 24)
+    assert native.train.images.shape[1:] == (1, 16, 16) and resized.train.images.shape[1:] == (1, 24, 24)
+
+
+def test_image_size_must_match_data_given_directly():
+    info = DatasetInfo("tensors", 2, 1, 8, "mlp")
+    images, labels = torch.zeros(4, 1, 8, 8, dtype=torch.uint8), torch.tensor([0, 1, 0, 1])
+    data = data_from_tensors(info, images, labels, images, labels)
+    with pytest.raises(UserInputError, match="images are 8x8, not the image size 16"):
+        train_trial(TrialConfig(dataset="tensors", device="cpu", epochs=1, image_size=16), data=data)
+
+
+def test_grayscale_folder_trains_like_the_same_images_as_tensors(tmp_path):
+    """The issue's case: a folder of grayscale 28×28 images against the same pixels as tensors.
+
+    The classes come in mirror pairs (blob left/right, stripe \\ and /), so a flip, a
+    colour conversion or a resize slipped into the folder path shows as lost accuracy.
+    """
+    train, val = pattern_images(60, seed=0), pattern_images(20, seed=1)
+    write_pattern_folder(tmp_path / "train", train)
+    write_pattern_folder(tmp_path / "val", val)
+    settings = dict(
+        arch="cnn", hyperparameters={"lr": 0.05, "rho": 1.0, "beta1": 0.9}, epochs=3, batch_size=32, seed=0, device="cpu", augment="none"
+    )
+    from_folder = train_trial(TrialConfig(dataset=str(tmp_path), **settings))
+
+    info = DatasetInfo("patterns", len(train.classes), 1, 28, "cnn")
+    tensors = data_from_tensors(
+        info, torch.from_numpy(train.images), torch.from_numpy(train.labels), torch.from_numpy(val.images), torch.from_numpy(val.labels)
+    )
+    from_tensors = train_trial(TrialConfig(dataset="patterns", **settings), data=tensors)
+
+    assert from_folder.status == from_tensors.status == "completed"
+    assert from_folder.preprocessing == "grayscale, native 28x28, no resize" and from_folder.augment == "none"
+    folder_accuracy, tensor_accuracy = from_folder.metrics["val_accuracy"], from_tensors.metrics["val_accuracy"]
+    assert tensor_accuracy >= 0.7, "the patterns should be learnable in three epochs"
+    assert abs(folder_accuracy - tensor_accuracy) <= 0.01
 
 
 def run_cli(*args, cwd=None):
