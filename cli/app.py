@@ -76,6 +76,12 @@ SeedOpt = Annotated[Optional[int], typer.Option(help="Seed for weights, batch or
 DeviceOpt = Annotated[str, typer.Option(help="`auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`.")]
 DataDirOpt = Annotated[Optional[str], typer.Option(help="Folder with torchvision datasets; default: $SOFIM_TUNE_DATA or ~/.cache/sofim-tune/data.")]
 DownloadOpt = Annotated[bool, typer.Option("--download", help="Download a missing torchvision dataset into --data-dir.")]
+AugmentOpt = Annotated[Optional[str], typer.Option(help="Training augmentation: `none`, `crop`, `flip` or `crop-flip`; default: the dataset's (CIFAR crop-flip, SVHN and your folders crop, MNIST-like none).")]
+ImageSizeOpt = Annotated[Optional[int], typer.Option(help="Resize an ImageFolder's images to this square side (>= 8); default: keep their size when they share one.")]
+ScheduleOpt = Annotated[Optional[str], typer.Option(help="Learning-rate schedule, stepped per batch: `constant`, `cosine` or `warmup-cosine`.")]
+WarmupOpt = Annotated[Optional[int], typer.Option(help="Warm-up epochs of `warmup-cosine` (>= 1, below --epochs).")]
+LabelSmoothingOpt = Annotated[Optional[float], typer.Option(help="Cross-entropy label smoothing in [0, 1).")]
+DecoupledOpt = Annotated[Optional[bool], typer.Option("--decoupled-weight-decay/--coupled-weight-decay", help="SOFIM's weight decay as AdamW's (θ ← (1 − ηλ)θ) or as SGD's (λθ added to the gradient).")]
 
 
 @app.command()
@@ -95,6 +101,12 @@ def train(
     data_dir: DataDirOpt = None,
     download: DownloadOpt = False,
     val_fraction: Annotated[float, typer.Option(help="Share of the training data held out for validation, in (0, 1).")] = 0.1,
+    augment: AugmentOpt = None,
+    image_size: ImageSizeOpt = None,
+    schedule: Annotated[str, typer.Option(help="Learning-rate schedule, stepped per batch: `constant`, `cosine` or `warmup-cosine`.")] = "constant",
+    warmup_epochs: Annotated[int, typer.Option(help="Warm-up epochs of `warmup-cosine` (>= 1, below --epochs).")] = 0,
+    label_smoothing: Annotated[float, typer.Option(help="Cross-entropy label smoothing in [0, 1).")] = 0.0,
+    decoupled_weight_decay: Annotated[bool, typer.Option("--decoupled-weight-decay/--coupled-weight-decay", help="SOFIM's weight decay as AdamW's (θ ← (1 − ηλ)θ) or as SGD's (λθ added to the gradient).")] = False,
     test: Annotated[bool, typer.Option("--test", help="Also measure accuracy on the test split at the end.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on the last line of stdout.")] = False,
 ) -> None:
@@ -105,7 +117,7 @@ def train(
     from sofim_tune.data import dataset_info_for
     from sofim_tune.trial import TrialConfig, prepare_trial, train_trial
 
-    info = dataset_info_for(dataset)
+    info = dataset_info_for(dataset, image_size)
     hyperparameters = {
         "sofim": {"lr": lr, "rho": rho, "beta1": beta1, "weight_decay": weight_decay},
         "sgd-momentum": {"lr": lr, "momentum": beta1, "weight_decay": weight_decay},
@@ -124,6 +136,12 @@ def train(
         download=download,
         val_fraction=val_fraction,
         evaluate_test=test,
+        augment=augment,
+        image_size=image_size,
+        schedule=schedule,
+        warmup_epochs=warmup_epochs,
+        label_smoothing=label_smoothing,
+        decoupled_weight_decay=decoupled_weight_decay,
     )
     prepare_trial(config)
     with Progress(TextColumn("epoch"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err, transient=as_json) as bar:
@@ -143,7 +161,13 @@ def train(
         "epochs": result.epochs,
         "seconds": round(result.seconds, 3),
         "device": result.device,
-        "settings": {"dataset": dataset, "arch": result.arch, "optimizer": optimizer, **hyperparameters, "epochs": config.epochs, "batch_size": config.batch_size, "seed": config.seed},
+        "preprocessing": result.preprocessing,
+        "fisher_ratio": result.metrics.get("fisher_ratio"),
+        "settings": {
+            "dataset": dataset, "arch": result.arch, "optimizer": optimizer, **hyperparameters, "epochs": config.epochs, "batch_size": config.batch_size, "seed": config.seed,
+            "augment": result.augment, "image_size": image_size, "schedule": schedule, "warmup_epochs": warmup_epochs, "label_smoothing": label_smoothing,
+            "decoupled_weight_decay": decoupled_weight_decay,
+        },
     }
     if result.status == "diverged":
         summary["diverged_epoch"] = result.diverged_epoch
@@ -153,7 +177,7 @@ def train(
         print(json.dumps(summary))
         return
     table = Table(title=f"{dataset} · {result.arch} · {optimizer}", show_header=False)
-    for key in ("status", "val_accuracy", "val_loss", "train_loss", "test_accuracy", "diverged_epoch", "epochs", "seconds", "device", "error"):
+    for key in ("status", "val_accuracy", "val_loss", "train_loss", "test_accuracy", "fisher_ratio", "diverged_epoch", "epochs", "seconds", "device", "preprocessing", "error"):
         if summary.get(key) is not None:
             value = summary[key]
             table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
@@ -276,6 +300,12 @@ def run(
     timeout: Annotated[Optional[float], typer.Option(help="Stop starting trials after this many seconds.")] = None,
     confirm_top: Annotated[Optional[int], typer.Option(help="Configurations retrained with fresh seeds before recommending.")] = None,
     confirm_seeds: Annotated[Optional[int], typer.Option(help="Fresh seeds (and splits) per confirmed candidate, >= 2; the interval in best.json is over them.")] = None,
+    augment: AugmentOpt = None,
+    image_size: ImageSizeOpt = None,
+    schedule: ScheduleOpt = None,
+    warmup_epochs: WarmupOpt = None,
+    label_smoothing: LabelSmoothingOpt = None,
+    decoupled_weight_decay: DecoupledOpt = None,
     widen: Annotated[Optional[bool], typer.Option("--widen/--no-widen", help="Let the study widen a log bound by a decade (twice at most) when its best trials sit on it; default: the spec's (on).")] = None,
     backend: Annotated[str, typer.Option(help="`optuna` (default) or `ray`.")] = "optuna",
     address: Annotated[Optional[str], typer.Option(help="Ray: cluster address (`auto`, `ray://HOST:10001`); default: a local Ray.")] = None,
@@ -296,7 +326,8 @@ def run(
     from sofim_tune.tuning import RunOptions, tune
 
     spec = load_spec(dataset, arch, study).replace(
-        search_space=space, trials=trials, epochs=epochs, sampler=sampler, pruner=pruner, seed=seed, confirm_top=confirm_top, confirm_seeds=confirm_seeds, widen=widen
+        search_space=space, trials=trials, epochs=epochs, sampler=sampler, pruner=pruner, seed=seed, confirm_top=confirm_top, confirm_seeds=confirm_seeds, widen=widen,
+        augment=augment, image_size=image_size, schedule=schedule, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, decoupled_weight_decay=decoupled_weight_decay,
     )
     options = RunOptions(
         out_dir=out_dir or Path("runs") / spec.name,

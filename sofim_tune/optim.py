@@ -526,12 +526,13 @@ def optimizer_names() -> list[str]:
     return list(OPTIMIZER_HYPERPARAMETERS)
 
 
-def build_optimizer(name: str, params: Iterable[Tensor], hyperparameters: dict[str, float]) -> Optimizer:
+def build_optimizer(name: str, params: Iterable[Tensor], hyperparameters: dict[str, float], *, decoupled_weight_decay: bool = False) -> Optimizer:
     """SOFIM or a torch.optim baseline, from the hyperparameter names of ``OPTIMIZER_HYPERPARAMETERS``.
 
     Baselines compare SOFIM at an equal budget: ``sgd-momentum`` is ``torch.optim.SGD`` with
     momentum (default 0.9), ``adamw`` is ``torch.optim.AdamW`` (beta2 default 0.999).
-    Raises ValueError for an unknown optimizer or hyperparameter.
+    ``decoupled_weight_decay`` is SOFIM's choice of coupling (AdamW always decouples, SGD
+    never does). Raises ValueError for an unknown optimizer or hyperparameter.
     """
     if name not in OPTIMIZER_HYPERPARAMETERS:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZER_HYPERPARAMETERS)}")
@@ -540,7 +541,9 @@ def build_optimizer(name: str, params: Iterable[Tensor], hyperparameters: dict[s
         raise ValueError(f"optimizer {name!r} takes no {', '.join(sorted(unknown))}")
     hp = dict(hyperparameters)
     if name == "sofim":
-        return SOFIM(params, **hp)
+        return SOFIM(params, **hp, decoupled_weight_decay=decoupled_weight_decay)
+    if decoupled_weight_decay and name == "sgd-momentum":
+        raise ValueError("torch.optim.SGD adds weight decay to the gradient; it has no decoupled form")
     if name == "sgd-momentum":
         return torch.optim.SGD(params, lr=hp["lr"], momentum=hp.get("momentum", 0.9), weight_decay=hp.get("weight_decay", 0.0))
     return torch.optim.AdamW(

@@ -21,11 +21,15 @@ from typing import Any, Literal
 
 import jsonschema
 import optuna
+import torch
+from torch.optim.lr_scheduler import LRScheduler
 
 from sofim_tune import __version__
 from sofim_tune.errors import UserInputError
 from sofim_tune.files import redact_storage_url, write_text_atomic
+from sofim_tune.optim import OPTIMIZER_HYPERPARAMETERS, build_optimizer
 from sofim_tune.records import Confirmation, StudyRecord, TrialRecord
+from sofim_tune.schedules import build_scheduler
 from sofim_tune.selection import CRITERION, current_confirmations, distinct_ranked, interval95, pick_recommended, regime, robust_score
 from sofim_tune.study import EDGE_SHARE
 
@@ -36,6 +40,7 @@ __all__ = [
     "ConfirmSummary",
     "MetricSummary",
     "Provenance",
+    "Recipe",
     "Recommendation",
     "Sensitivity",
     "StudySummary",
@@ -43,6 +48,7 @@ __all__ = [
     "good_region",
     "load_recommendation",
     "param_importances",
+    "recipe_from_recommendation",
     "write_recommendation",
 ]
 
@@ -468,6 +474,51 @@ def build_recommendation(
             versions=_versions(study.backend),
         ),
     )
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A recommendation's training recipe, ready for your own loop.
+
+    Attributes:
+        optimizer: the optimizer with the recommended hyperparameters (and weight decay).
+        scheduler: the per-batch learning-rate scheduler, or None for a constant lr; call
+            ``scheduler.step()`` after every ``optimizer.step()``.
+        label_smoothing: pass to ``F.cross_entropy(..., label_smoothing=...)``.
+        augment: the augmentation the settings were tuned with (``none``, ``crop``, ``flip``,
+            ``crop-flip``; see ``sofim_tune.data.random_augment``).
+        epochs, batch_size: the budget the schedule spans and the batch size it assumes.
+    """
+
+    optimizer: torch.optim.Optimizer
+    scheduler: LRScheduler | None
+    label_smoothing: float
+    augment: str
+    epochs: int
+    batch_size: int
+
+
+def recipe_from_recommendation(
+    recommendation: Recommendation | str | Path, params: Any, *, steps_per_epoch: int, epochs: int | None = None
+) -> Recipe:
+    """The optimizer and scheduler of a recommendation's recipe, for ``params``.
+
+    ``recommendation`` is a Recommendation or the path of a best.json. ``steps_per_epoch``
+    is your loop's batches per epoch; ``epochs`` defaults to the budget the settings were
+    tuned for (a schedule spans all of it). Files from before recipes were recorded give a
+    constant lr, no label smoothing and the dataset's default augmentation (``none`` here).
+    """
+    rec = recommendation if isinstance(recommendation, Recommendation) else load_recommendation(recommendation)
+    fixed = rec.fixed
+    takes = OPTIMIZER_HYPERPARAMETERS.get(rec.optimizer, ())
+    hyperparameters = {**{k: v for k, v in fixed.items() if k in takes}, **rec.hyperparameters}
+    try:
+        optimizer = build_optimizer(rec.optimizer, params, hyperparameters, decoupled_weight_decay=bool(fixed.get("decoupled_weight_decay", False)))
+    except ValueError as exc:
+        raise UserInputError(str(exc)) from None
+    epochs = int(fixed["epochs"]) if epochs is None else epochs
+    scheduler = build_scheduler(optimizer, fixed.get("schedule", "constant"), steps_per_epoch=steps_per_epoch, epochs=epochs, warmup_epochs=int(fixed.get("warmup_epochs", 0)))
+    return Recipe(optimizer, scheduler, float(fixed.get("label_smoothing", 0.0)), str(fixed.get("augment") or "none"), epochs, int(fixed["batch_size"]))
 
 
 def write_recommendation(rec: Recommendation, path: str | Path) -> Path:

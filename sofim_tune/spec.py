@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from sofim_tune.data import dataset_info, dataset_names
+from sofim_tune.data import AUGMENT_MODES, dataset_info, dataset_names
+from sofim_tune.schedules import SCHEDULES
 from sofim_tune.errors import UserInputError
 from sofim_tune.space import (
     OPTIMIZER_HYPERPARAMETERS,
@@ -106,6 +107,12 @@ class StudySpec:
         enqueue: settings tried first, by the optimizer's names
             (e.g. ``{"lr": 0.1, "rho": 1.0, "beta1": 0.9}``); at most 1000.
         confirm_top: how many of the best trials are retrained before recommending, >= 1.
+        augment: training augmentation (``none``, ``crop``, ``flip``, ``crop-flip``); None
+            takes the dataset's default.
+        image_size: resize an ImageFolder to this square side (>= 8); None keeps its size.
+        schedule, warmup_epochs, label_smoothing, decoupled_weight_decay: the training
+            recipe (see :class:`sofim_tune.trial.TrialConfig`); every trial and every
+            confirmation run trains with it, and best.json's ``fixed`` records it.
         widen: let the study widen a log-scaled bound of the space by a decade, at most
             twice per bound, when its best trials sit on it (Optuna backend; samplers
             ``tpe``, ``random`` and ``gp``).
@@ -132,6 +139,12 @@ class StudySpec:
     confirm_top: int = 3
     confirm_seeds: int = 5
     widen: bool = True
+    augment: str | None = None
+    image_size: int | None = None
+    schedule: str = "constant"
+    warmup_epochs: int = 0
+    label_smoothing: float = 0.0
+    decoupled_weight_decay: bool = False
     source: str = ""
 
     def __post_init__(self) -> None:
@@ -148,7 +161,23 @@ class StudySpec:
             require(seed >= 0, source, key, f"must be >= 0 (got {seed})")
         # A standard deviation and an interval need two runs at least.
         require(as_integer(self.confirm_seeds, source, "confirm_seeds") >= 2, source, "confirm_seeds", f"must be >= 2 (got {self.confirm_seeds})")
-        require(isinstance(self.widen, bool), source, "widen", f"expected true or false, got {excerpt(self.widen)}")
+        for key in ("widen", "decoupled_weight_decay"):
+            require(isinstance(getattr(self, key), bool), source, key, f"expected true or false, got {excerpt(getattr(self, key))}")
+        if self.augment is not None:
+            _check_choice(self.augment, AUGMENT_MODES, source, "augment")
+        if self.image_size is not None:
+            require(as_integer(self.image_size, source, "image_size") >= 8, source, "image_size", f"must be >= 8 pixels (got {self.image_size})")
+        _check_choice(self.schedule, SCHEDULES, source, "schedule")
+        warmup = as_integer(self.warmup_epochs, source, "warmup_epochs")
+        require(
+            (self.schedule == "warmup-cosine") == (warmup > 0) and 0 <= warmup < as_integer(self.epochs, source, "epochs"),
+            source,
+            "warmup_epochs",
+            f"must be >= 1 and below epochs with schedule = \"warmup-cosine\", and 0 otherwise (got {warmup} with {self.schedule})",
+        )
+        smoothing = as_number(self.label_smoothing, source, "label_smoothing")
+        require(0 <= smoothing < 1, source, "label_smoothing", f"must be in [0, 1) (got {smoothing:g})")
+        object.__setattr__(self, "label_smoothing", smoothing)
         _check_choice(self.sampler, SAMPLERS, source, "sampler")
         _check_choice(self.pruner, PRUNERS, source, "pruner")
         _check_choice(self.metric, tuple(METRICS), source, "metric")

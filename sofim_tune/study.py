@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 from sofim_tune.errors import UserInputError
 from sofim_tune.files import redact_storage_url, write_text_atomic
 from sofim_tune.records import Confirmation, StudyRecord, TrialRecord
-from sofim_tune.space import SearchSpace
+from sofim_tune.space import OPTIMIZER_HYPERPARAMETERS, SearchSpace
 from sofim_tune.spec import StudySpec
+from sofim_tune.data import dataset_info_for
 from sofim_tune.trial import TrialConfig, TrialResult
 
 if TYPE_CHECKING:
@@ -209,6 +210,18 @@ def effective_batch_size(spec: StudySpec, space: SearchSpace) -> int:
     return int(space.fixed.get("batch_size", spec.batch_size))
 
 
+def recipe(spec: StudySpec) -> dict[str, Any]:
+    """The training recipe every trial of the study shares, augmentation resolved to its mode."""
+    return {
+        "augment": spec.augment or dataset_info_for(spec.dataset, spec.image_size).augment,
+        "image_size": spec.image_size,
+        "schedule": spec.schedule,
+        "warmup_epochs": spec.warmup_epochs,
+        "label_smoothing": spec.label_smoothing,
+        "decoupled_weight_decay": spec.decoupled_weight_decay,
+    }
+
+
 def study_metadata(spec: StudySpec, space: SearchSpace, url: str) -> dict[str, Any]:
     """What a study records about itself when it begins (read back by :func:`record_from_metadata`)."""
     return {
@@ -229,6 +242,7 @@ def study_metadata(spec: StudySpec, space: SearchSpace, url: str) -> dict[str, A
         "split_seed": spec.split_seed,
         "val_fraction": spec.val_fraction,
         "fixed": dict(space.fixed),
+        "recipe": recipe(spec),
         "trials": spec.trials,
         "widen": spec.widen,
         "storage": redact_storage_url(url),
@@ -253,7 +267,7 @@ def record_from_metadata(meta: Mapping[str, Any], *, name: str, backend: str, tr
         pruner=meta["pruner"],
         epochs=meta["epochs"],
         batch_size=meta["batch_size"],
-        fixed=meta["fixed"],
+        fixed={**meta["fixed"], **meta.get("recipe", {})},
         trials=sorted(trials, key=lambda t: t.number),
         target_trials=meta["trials"],
         confirmations=confirmations,
@@ -287,6 +301,7 @@ def check_resumable(meta: Mapping[str, Any], spec: StudySpec, space: SearchSpace
         "seed": spec.seed,
         "split_seed": spec.split_seed,
         "val_fraction": spec.val_fraction,
+        "recipe": recipe(spec),
     }
     for key, value in wanted.items():
         if meta.get(key, value) != value:
@@ -321,7 +336,25 @@ def trial_config(
         val_fraction=spec.val_fraction,
         split_seed=spec.split_seed if split_seed is None else split_seed,
         evaluate_test=evaluate_test,
+        augment=spec.augment,
+        image_size=spec.image_size,
+        schedule=spec.schedule,
+        warmup_epochs=spec.warmup_epochs,
+        label_smoothing=spec.label_smoothing,
+        decoupled_weight_decay=spec.decoupled_weight_decay,
     )
+
+
+def settings_to_enqueue(spec: StudySpec, space: SearchSpace, options: RunOptions) -> list[dict[str, float]]:
+    """The sampler's values of the settings to try first: the spec's, then ``options.enqueue``.
+
+    A spec's settings name one optimizer's hyperparameters (SOFIM's, in the shipped specs);
+    with a space for another optimizer (``--space adamw``) they do not apply and are left out.
+    Settings the user passed (``--enqueue best.json``) must fit the space.
+    """
+    takes = set(OPTIMIZER_HYPERPARAMETERS[space.optimizer])
+    own = [settings for settings in spec.enqueue if set(settings) <= takes]
+    return [space.from_hyperparameters(settings) for settings in (*own, *options.enqueue)]
 
 
 def worst_value(direction: str) -> float:

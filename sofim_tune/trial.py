@@ -23,6 +23,7 @@ from sofim_tune.data import LoadedData, Split, check_augment, load_data
 from sofim_tune.errors import TrialPruned, UserInputError
 from sofim_tune.models import build_model
 from sofim_tune.optim import OPTIMIZER_HYPERPARAMETERS, build_optimizer
+from sofim_tune.schedules import SCHEDULES, build_scheduler
 
 TrialStatus = Literal["completed", "pruned", "diverged", "failed"]
 
@@ -66,6 +67,13 @@ class TrialConfig:
         image_size: resize an ImageFolder's images to this square side (>= 8); None keeps
             a folder's native size where it can (see ``sofim_tune.data.dataset_info_for``).
             A registry dataset accepts only its own size.
+        schedule: the learning-rate schedule, stepped per batch over the full ``epochs``
+            (``constant``, ``cosine`` or ``warmup-cosine``; see :mod:`sofim_tune.schedules`).
+        warmup_epochs: linear warm-up of ``warmup-cosine``, in epochs (>= 1, < ``epochs``).
+        label_smoothing: cross-entropy label smoothing, in [0, 1).
+        decoupled_weight_decay: SOFIM's ``weight_decay`` shrinks θ by (1 − ηλ) (as AdamW)
+            instead of adding λθ to the gradient (as SGD). AdamW is always decoupled and
+            SGD always coupled.
     """
 
     dataset: str = "digits"
@@ -83,6 +91,10 @@ class TrialConfig:
     evaluate_test: bool = False
     augment: str | None = None
     image_size: int | None = None
+    schedule: str = "constant"
+    warmup_epochs: int = 0
+    label_smoothing: float = 0.0
+    decoupled_weight_decay: bool = False
 
     def validate(self) -> None:
         """Raise :class:`UserInputError` for a value no run can use."""
@@ -111,6 +123,14 @@ class TrialConfig:
             check_augment(self.augment)
         if self.image_size is not None and not (isinstance(self.image_size, int) and self.image_size >= 8):
             raise UserInputError(f"image size must be an integer of at least 8 pixels, got {self.image_size}")
+        if self.schedule not in SCHEDULES:
+            raise UserInputError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if (self.schedule == "warmup-cosine") != (self.warmup_epochs > 0) or not 0 <= self.warmup_epochs < self.epochs:
+            raise UserInputError(f"warmup epochs must be >= 1 and below the {self.epochs} epochs with the warmup-cosine schedule, and 0 otherwise; got {self.warmup_epochs} with {self.schedule}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise UserInputError(f"label smoothing must lie in [0, 1), got {self.label_smoothing}")
+        if self.decoupled_weight_decay and self.optimizer != "sofim":
+            raise UserInputError(f"decoupled weight decay is SOFIM's choice; {self.optimizer} decays {'decoupled always' if self.optimizer == 'adamw' else 'coupled always'}")
 
 
 @dataclass
@@ -264,9 +284,11 @@ def train_trial(config: TrialConfig, reporter: Reporter | None = None, *, data: 
     torch.manual_seed(config.seed)
     model = build_model(arch, data.info).to(device)
     try:
-        optimizer = build_optimizer(config.optimizer, model.parameters(), dict(config.hyperparameters))
+        optimizer = build_optimizer(config.optimizer, model.parameters(), dict(config.hyperparameters), decoupled_weight_decay=config.decoupled_weight_decay)
     except ValueError as exc:
         raise UserInputError(str(exc)) from None
+    # The schedule spans the full budget, also for a trial the pruner stops early.
+    scheduler = build_scheduler(optimizer, config.schedule, steps_per_epoch=math.ceil(len(data.train) / config.batch_size), epochs=config.epochs, warmup_epochs=config.warmup_epochs)
     on_cuda = device.type == "cuda"
     if on_cuda:
         model = model.to(memory_format=torch.channels_last)
@@ -286,10 +308,12 @@ def train_trial(config: TrialConfig, reporter: Reporter | None = None, *, data: 
                 if on_cuda:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with autocast:
-                    loss = F.cross_entropy(model(x), y)
+                    loss = F.cross_entropy(model(x), y, label_smoothing=config.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
                 step += 1
                 if fisher_ratio is not None and (step - 1) % FISHER_SAMPLE_INTERVAL == 0:
                     pending_samples.append(fisher_ratio())

@@ -23,6 +23,7 @@ from sofim_tune.study import (
     Backend,
     RunOptions,
     check_run_folder,
+    settings_to_enqueue,
     default_storage_url,
     spread_devices,
     trial_config,
@@ -48,8 +49,7 @@ def check_inputs(spec: StudySpec, space: SearchSpace, options: RunOptions, backe
         raise UserInputError(f"--workers must be >= 1, got {options.workers}")
     if options.timeout is not None and not options.timeout > 0:
         raise UserInputError(f"--timeout must be > 0 seconds, got {options.timeout:g}")
-    for settings in (*spec.enqueue, *options.enqueue):
-        space.from_hyperparameters(settings)
+    settings_to_enqueue(spec, space, options)
     for device in {options.device, *spread_devices(options.workers, options.gpus, options.device)}:
         resolve_device(device)
     some_settings = space.to_hyperparameters({name: p.low for name, p in space.params.items()})

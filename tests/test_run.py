@@ -446,3 +446,24 @@ def test_storage_from_the_environment(tmp_path, monkeypatch):
     assert shown.exit_code == 0 and "2 of 2" in shown.stdout
     unset = CliRunner().invoke(app, ["show", "--storage-env", "NOT_SET_ANYWHERE"])
     assert unset.exit_code == 2 and "NOT_SET_ANYWHERE" in unset.stderr
+
+
+@pytest.mark.parametrize("space_name", ["adamw", "sgd-momentum"])
+def test_baseline_spaces_work_with_every_shipped_spec(space_name):
+    """A spec's enqueue names SOFIM's settings; with a baseline's space it does not apply."""
+    from sofim_tune.space import load_space
+    from sofim_tune.spec import spec_names
+    from sofim_tune.study import settings_to_enqueue
+
+    options = RunOptions(out_dir=Path("unused"))
+    for name in spec_names():
+        spec = load_spec(study=name)
+        assert settings_to_enqueue(spec, load_space(space_name), options) == []
+        assert settings_to_enqueue(spec, load_space(spec.search_space), options)  # its own space keeps them
+
+
+def test_a_baseline_study_on_digits(tmp_path):
+    done = cli("run", *SMALL, "--space", "adamw", "--trials", "2", "--epochs", "1", "--out", str(tmp_path / "run"))
+    assert done.returncode == 0, done.stderr
+    rec = load_recommendation(tmp_path / "run" / "best.json")
+    assert rec.optimizer == "adamw" and "rho" not in rec.hyperparameters

@@ -45,6 +45,7 @@ from sofim_tune.study import (
     read_run_file,
     record_from_metadata,
     sampler_seed,
+    settings_to_enqueue,
     spread_devices,
     storage_file,
     storage_from_run_file,
@@ -401,8 +402,8 @@ def run_optuna_study(spec: StudySpec, space: SearchSpace, options: RunOptions, *
     claim_run_folder(options.out_dir, backend="optuna", storage=url, study=spec.name)
     study = open_study(spec, space, url)
     recover_interrupted(study)
-    for settings in (*spec.enqueue, *options.enqueue):
-        study.enqueue_trial(space.from_hyperparameters(settings), skip_if_exists=True)
+    for values in settings_to_enqueue(spec, space, options):
+        study.enqueue_trial(values, skip_if_exists=True)
 
     def progress(s: optuna.Study) -> None:
         # Here, in the one main process, so that two workers never widen the same bound.

@@ -57,6 +57,7 @@ from sofim_tune.study import (
     effective_epochs,
     make_sampler,
     record_from_metadata,
+    settings_to_enqueue,
     study_metadata,
     trial_config,
     worst_value,
@@ -769,7 +770,7 @@ def run_ray_study(spec: StudySpec, space: SearchSpace, options: RunOptions, *, o
         KeyboardInterrupt: the run was interrupted (Ctrl-C); Ray saved its state first.
     """
     _check_resource_numbers(options)
-    enqueue = [space.from_hyperparameters(settings) for settings in (*spec.enqueue, *options.enqueue)]
+    enqueue = settings_to_enqueue(spec, space, options)
     root = _storage_root(options)
     experiment = f"{root.rstrip('/')}/{spec.name}"
     existing = _existing_experiment(spec, space, options, experiment)

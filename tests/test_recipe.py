@@ -1,0 +1,144 @@
+"""The training recipe travels with the recommendation: best.json -> recipe_from_recommendation -> your loop."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sofim_tune import SOFIM, recipe_from_recommendation
+from sofim_tune.data import load_data
+from sofim_tune.errors import UserInputError
+from sofim_tune.models import build_model
+from sofim_tune.recommend import load_recommendation
+from sofim_tune.spec import load_spec
+from sofim_tune.trial import TrialConfig, train_trial
+from sofim_tune.tuning import RunOptions, tune
+
+RECIPE = dict(schedule="warmup-cosine", warmup_epochs=1, label_smoothing=0.1, decoupled_weight_decay=True, augment="crop")
+
+
+@pytest.fixture(scope="module")
+def best_json(tmp_path_factory):
+    out = tmp_path_factory.mktemp("recipe")
+    spec = load_spec("digits").replace(trials=3, epochs=3, confirm_top=1, confirm_seeds=2, enqueue=[], **RECIPE)
+    return tune(spec, RunOptions(out_dir=out, device="cpu")).best_json
+
+
+def test_best_json_records_the_recipe(best_json):
+    fixed = load_recommendation(best_json).fixed
+    assert {key: fixed[key] for key in RECIPE} == RECIPE
+    assert fixed["epochs"] == 3 and fixed["batch_size"] == 64 and fixed["image_size"] is None
+
+
+def test_a_loop_driven_by_the_recipe_reproduces_train_trial(best_json):
+    """Ten lines of a user's own loop, with what recipe_from_recommendation returns."""
+    rec = load_recommendation(best_json)
+    seed = 7
+    data = load_data("digits", device="cpu", val_fraction=0.3, split_seed=0)
+    torch.manual_seed(seed)
+    model = build_model("mlp", data.info)
+    steps = math.ceil(len(data.train) / rec.fixed["batch_size"])
+    recipe = recipe_from_recommendation(best_json, model.parameters(), steps_per_epoch=steps)
+    assert isinstance(recipe.optimizer, SOFIM) and recipe.optimizer.defaults["decoupled_weight_decay"]
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(recipe.epochs):
+        model.train()
+        for x, y in data.train.batches(recipe.batch_size, shuffle=True, augment=recipe.augment, generator=generator):
+            loss = F.cross_entropy(model(x), y, label_smoothing=recipe.label_smoothing)
+            recipe.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            recipe.optimizer.step()
+            recipe.scheduler.step()
+    model.eval()
+    with torch.no_grad():
+        correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in data.val.batches(512, shuffle=False, augment="none"))
+
+    config = TrialConfig(dataset="digits", arch="mlp", hyperparameters={**rec.hyperparameters, "weight_decay": rec.hyperparameters.get("weight_decay", rec.fixed.get("weight_decay", 0.0))},
+                         epochs=3, batch_size=64, seed=seed, device="cpu", val_fraction=0.3, split_seed=0, **RECIPE)
+    result = train_trial(config)
+    assert result.status == "completed"
+    assert correct / len(data.val) == pytest.approx(result.metrics["val_accuracy"], abs=1e-9)
+    assert recipe.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # the cosine ended at 0
+
+
+def test_a_first_release_best_json_gives_a_constant_recipe(best_json, tmp_path):
+    import json
+
+    data = json.loads(best_json.read_text())
+    for key in RECIPE:
+        del data["fixed"][key]
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(data))
+    recipe = recipe_from_recommendation(old, torch.nn.Linear(2, 2).parameters(), steps_per_epoch=4)
+    assert recipe.scheduler is None and recipe.label_smoothing == 0.0 and recipe.augment == "none"
+    assert not recipe.optimizer.defaults["decoupled_weight_decay"]
+
+
+def test_the_schedule_spans_the_budget_of_a_pruned_trial_too():
+    """A trial stopped after 1 of 4 epochs was on the 4-epoch schedule, not a 1-epoch one."""
+    from sofim_tune.errors import TrialPruned
+
+    lrs = []
+
+    class StopAfterOne:
+        def report(self, epoch, metrics):
+            raise TrialPruned
+
+    original = SOFIM.step
+
+    def recording(self, *args, **kwargs):
+        lrs.append(self.param_groups[0]["lr"])
+        return original(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(SOFIM, "step", recording)
+        result = train_trial(TrialConfig(dataset="digits", hyperparameters={"lr": 0.4, "rho": 1.0, "beta1": 0.9}, epochs=4, device="cpu", schedule="cosine"), StopAfterOne())
+    assert result.status == "pruned"
+    steps_per_epoch = len(lrs)
+    assert lrs[-1] == pytest.approx(0.2 * (1 + math.cos(math.pi * (steps_per_epoch - 1) / (4 * steps_per_epoch))))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"schedule": "step"}, "unknown schedule"),
+        ({"schedule": "warmup-cosine"}, "warmup epochs"),
+        ({"warmup_epochs": 2}, "warmup epochs"),
+        ({"label_smoothing": 1.0}, "label smoothing"),
+        ({"optimizer": "sgd-momentum", "hyperparameters": {"lr": 0.1}, "decoupled_weight_decay": True}, "decoupled"),
+    ],
+)
+def test_bad_recipes_are_refused(overrides, message):
+    with pytest.raises(UserInputError, match=message):
+        train_trial(TrialConfig(**{"dataset": "digits", "epochs": 3, "device": "cpu", **overrides}))
+
+
+@pytest.mark.parametrize("command", ["train", "run"])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--augment", "sideways"], "augment"),
+        (["--image-size", "4"], "8"),
+        (["--schedule", "step"], "schedule"),
+        (["--warmup-epochs", "2"], "warmup"),
+        (["--schedule", "warmup-cosine", "--warmup-epochs", "30"], "warmup"),
+        (["--label-smoothing", "1.5"], "smoothing"),
+        (["--optimizer", "sgd-momentum", "--decoupled-weight-decay"], "decoupled"),
+    ],
+)
+def test_every_recipe_flag_rejects_bad_values_with_exit_2(command, flags, message, tmp_path):
+    from typer.testing import CliRunner
+
+    from sofim_tune.cli.app import app
+
+    if command == "run" and flags[0] == "--optimizer":
+        flags = ["--space", "sgd-momentum", "--decoupled-weight-decay"]
+    extra = ["--out", str(tmp_path / "run")] if command == "run" else []
+    done = CliRunner().invoke(app, [command, "--dataset", "digits", "--device", "cpu", "--epochs", "3", *flags, *extra])
+    lines = done.stderr.strip().splitlines()
+    assert done.exit_code == 2, done.output
+    assert len(lines) == 1 and message in lines[0], done.stderr
+    assert not (tmp_path / "run").exists()
