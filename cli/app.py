@@ -82,6 +82,16 @@ ScheduleOpt = Annotated[Optional[str], typer.Option(help="Learning-rate schedule
 WarmupOpt = Annotated[Optional[int], typer.Option(help="Warm-up epochs of `warmup-cosine` (>= 1, below --epochs).")]
 LabelSmoothingOpt = Annotated[Optional[float], typer.Option(help="Cross-entropy label smoothing in [0, 1).")]
 DecoupledOpt = Annotated[Optional[bool], typer.Option("--decoupled-weight-decay/--coupled-weight-decay", help="SOFIM's weight decay as AdamW's (θ ← (1 − ηλ)θ) or as SGD's (λθ added to the gradient).")]
+StudyOpt = Annotated[Optional[str], typer.Option(help="A shipped study spec (`cifar100-resnet18`) or a path to a .toml.")]
+TrialsOpt = Annotated[Optional[int], typer.Option(help="Finished (completed or pruned) trials to reach (>= 1).")]
+SamplerOpt = Annotated[Optional[str], typer.Option(help="`tpe` (default), `random`, `qmc`, `cmaes`, `gp` or `grid`.")]
+PrunerOpt = Annotated[Optional[str], typer.Option(help="`hyperband` (default), `median`, `sha` or `none`.")]
+WorkersOpt = Annotated[int, typer.Option(help="Worker processes sharing the storage.")]
+ConfirmTopOpt = Annotated[Optional[int], typer.Option(help="Configurations retrained with fresh seeds before recommending.")]
+ConfirmSeedsOpt = Annotated[Optional[int], typer.Option(help="Fresh seeds (and splits) per confirmed candidate, >= 2; the interval in best.json is over them.")]
+RunStorageEnvOpt = Annotated[Optional[str], typer.Option(help="Read the storage URL from this environment variable, so its password stays out of `ps`.")]
+BackendOpt = Annotated[str, typer.Option(help="`optuna` (default) or `ray`.")]
+StudyDatasetOpt = Annotated[Optional[str], typer.Option("--dataset", "-d", help="`digits`, `mnist`, `fashion-mnist`, `cifar10`, `cifar100`, `svhn`, or a path to an ImageFolder; may come from the --study file.")]
 
 
 @app.command()
@@ -282,24 +292,24 @@ class _LiveView:
 @app.command()
 @user_errors
 def run(
-    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="`digits`, `mnist`, `fashion-mnist`, `cifar10`, `cifar100`, `svhn`, or a path to an ImageFolder; may come from the --study file.")] = None,
+    dataset: StudyDatasetOpt = None,
     arch: ArchOpt = None,
-    study: Annotated[Optional[str], typer.Option(help="A shipped study spec (`cifar100-resnet18`) or a path to a .toml.")] = None,
+    study: StudyOpt = None,
     space: Annotated[Optional[str], typer.Option(help="Search space: `sofim`, `sofim-effective`, `sgd-momentum`, `adamw`, or a path to a .yaml.")] = None,
-    trials: Annotated[Optional[int], typer.Option(help="Finished (completed or pruned) trials to reach (>= 1).")] = None,
+    trials: TrialsOpt = None,
     epochs: EpochsOpt = None,
-    sampler: Annotated[Optional[str], typer.Option(help="`tpe` (default), `random`, `qmc`, `cmaes`, `gp` or `grid`.")] = None,
-    pruner: Annotated[Optional[str], typer.Option(help="`hyperband` (default), `median`, `sha` or `none`.")] = None,
+    sampler: SamplerOpt = None,
+    pruner: PrunerOpt = None,
     storage: Annotated[Optional[str], typer.Option(help="Optuna storage: an SQLAlchemy URL or `journal:PATH`; default: SQLite in --out.")] = None,
-    storage_env: Annotated[Optional[str], typer.Option(help="Read the storage URL from this environment variable, so its password stays out of `ps`.")] = None,
-    workers: Annotated[int, typer.Option(help="Worker processes sharing the storage.")] = 1,
+    storage_env: RunStorageEnvOpt = None,
+    workers: WorkersOpt = 1,
     gpus: Annotated[Optional[str], typer.Option(help="GPUs to spread workers over: `all` or `0,1`.")] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Run folder; default: runs/DATASET-ARCH (the study name).")] = None,
     seed: SeedOpt = None,
     enqueue: Annotated[Optional[Path], typer.Option(help="A best.json whose settings are tried first.")] = None,
     timeout: Annotated[Optional[float], typer.Option(help="Stop starting trials after this many seconds.")] = None,
-    confirm_top: Annotated[Optional[int], typer.Option(help="Configurations retrained with fresh seeds before recommending.")] = None,
-    confirm_seeds: Annotated[Optional[int], typer.Option(help="Fresh seeds (and splits) per confirmed candidate, >= 2; the interval in best.json is over them.")] = None,
+    confirm_top: ConfirmTopOpt = None,
+    confirm_seeds: ConfirmSeedsOpt = None,
     augment: AugmentOpt = None,
     image_size: ImageSizeOpt = None,
     schedule: ScheduleOpt = None,
@@ -307,7 +317,7 @@ def run(
     label_smoothing: LabelSmoothingOpt = None,
     decoupled_weight_decay: DecoupledOpt = None,
     widen: Annotated[Optional[bool], typer.Option("--widen/--no-widen", help="Let the study widen a log bound by a decade (twice at most) when its best trials sit on it; default: the spec's (on).")] = None,
-    backend: Annotated[str, typer.Option(help="`optuna` (default) or `ray`.")] = "optuna",
+    backend: BackendOpt = "optuna",
     address: Annotated[Optional[str], typer.Option(help="Ray: cluster address (`auto`, `ray://HOST:10001`); default: a local Ray.")] = None,
     gpus_per_trial: Annotated[float, typer.Option(help="Ray: GPUs per trial; 0.25 puts four trials on a GPU.")] = 0.0,
     cpus_per_trial: Annotated[float, typer.Option(help="Ray: CPUs per trial.")] = 1.0,
@@ -371,6 +381,81 @@ def _print_summary(record: Any, seconds: float) -> None:
         f"{seconds:.0f} s",
     )
     out.print(table)
+
+
+@app.command()
+@user_errors
+def compare(
+    dataset: StudyDatasetOpt = None,
+    arch: ArchOpt = None,
+    study: StudyOpt = None,
+    optimizers: Annotated[str, typer.Option(help="Comma-separated: `sofim`, `sofim-tensor` (a Fisher block per tensor), `sgd-momentum`, `adamw`.")] = "sofim,sgd-momentum,adamw",
+    trials: TrialsOpt = None,
+    epochs: EpochsOpt = None,
+    sampler: SamplerOpt = None,
+    pruner: PrunerOpt = None,
+    seed: SeedOpt = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Compare folder: one run folder per optimizer, compare.json, compare.html; default: runs/compare-DATASET-ARCH.")] = None,
+    backend: BackendOpt = "optuna",
+    workers: WorkersOpt = 1,
+    storage: Annotated[Optional[str], typer.Option(help="One Optuna storage for every study (named STUDY-OPTIMIZER); default: SQLite in each run folder.")] = None,
+    storage_env: RunStorageEnvOpt = None,
+    confirm_top: ConfirmTopOpt = None,
+    confirm_seeds: ConfirmSeedsOpt = None,
+    device: DeviceOpt = "auto",
+    data_dir: DataDirOpt = None,
+    download: DownloadOpt = False,
+) -> None:
+    """Is SOFIM worth it here? Tune SOFIM and baselines at an equal budget and compare them.
+
+    Example: `sofim-tune compare --dataset digits --optimizers sofim,sofim-tensor,sgd-momentum,adamw`
+    """
+    from sofim_tune.comparison import verdict_sentences
+    from sofim_tune.spec import load_spec
+    from sofim_tune.tuning import RunOptions
+    from sofim_tune.tuning import compare as run_compare
+
+    spec = load_spec(dataset, arch, study).replace(trials=trials, epochs=epochs, sampler=sampler, pruner=pruner, seed=seed, confirm_top=confirm_top, confirm_seeds=confirm_seeds)
+    options = RunOptions(
+        out_dir=out_dir or Path("runs") / f"compare-{spec.name}",
+        storage=_storage(storage, storage_env),
+        workers=workers,
+        device=device,
+        data_dir=data_dir,
+        download=download,
+    )
+    started = time.monotonic()
+    with _LiveView() as live_view:
+        outcome = run_compare(spec, options, tuple(name.strip() for name in optimizers.split(",") if name.strip()), backend=backend, on_progress=live_view)
+    for name, study_outcome in outcome.studies.items():
+        out.print(f"{name}: {study_outcome.best_json}", highlight=False, soft_wrap=True)
+    for sentence in verdict_sentences(json.loads(outcome.compare_json.read_text())):
+        out.print(sentence, highlight=False, soft_wrap=True)
+    out.print(f"comparison: {outcome.compare_json}  ({time.monotonic() - started:.0f} s)", highlight=False, soft_wrap=True)
+    out.print(f"report:     {outcome.compare_html}", highlight=False, soft_wrap=True)
+
+
+@app.command("compare-summary")
+@user_errors
+def compare_summary(
+    folders: Annotated[list[Path], typer.Argument(help="Compare folders written by `sofim-tune compare`.", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for compare-summary.html.")] = Path("."),
+) -> None:
+    """Performance profiles and verdicts across several compare folders (problems).
+
+    Example: `sofim-tune compare-summary runs/compare-digits-mlp runs/compare-digits-cnn -o summary/`
+    """
+    from sofim_tune.comparison import load_comparison, write_summary
+
+    docs = [load_comparison(folder / "compare.json") for folder in folders]
+    page, rows = write_summary(docs, output)
+    table = Table(title="verdicts")
+    for column in ("dataset", "arch", "optimizer", "against", "verdict", "p"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["dataset"], row["arch"], row["optimizer"], row["against"], row["verdict"], f"{row['p_value']:.3g}")
+    out.print(table)
+    out.print(f"wrote {page}", highlight=False, soft_wrap=True)
 
 
 RunDirArg = Annotated[Optional[Path], typer.Argument(help="A run folder written by `sofim-tune run`.", show_default=False)]
@@ -457,6 +542,9 @@ def recommend(
 ) -> None:
     """Print the recommended settings for a dataset (and architecture) from earlier runs.
 
+    With a compare folder under --results it also picks the optimizer, says how sure, and
+    --json prints that optimizer's recommendation.
+
     Example: `sofim-tune recommend --dataset cifar100 --arch resnet18 --json`
     """
     from sofim_tune import runs
@@ -464,12 +552,22 @@ def recommend(
     search = runs.find_recommendations(results, dataset, arch)
     for line in search.invalid:
         err.print(f"[yellow]skipped:[/yellow] {escape(line)}", highlight=False)
-    found = search.recommendations
-    if not found:
+    found, choice = search.recommendations, search.choice
+    if not found and choice is None:
         what = f"{dataset}" + (f" / {arch}" if arch else "")
         raise UserInputError(f"no recommendation for {what} under {results}/ yet; make one with: sofim-tune run --dataset {dataset}" + (f" --arch {arch}" if arch else ""))
     if as_json:
-        print(json.dumps(found[0][1].to_dict()))
+        print(json.dumps((choice.recommendation if choice else found[0][1]).to_dict()))
+        return
+    if choice is not None:
+        from sofim_tune.comparison import verdict_sentences
+
+        settings = ", ".join(f"{k}={v:.4g}" for k, v in choice.recommendation.hyperparameters.items())
+        confirmed = choice.comparison["optimizers"][choice.optimizer]["confirmed"]
+        out.print(f"use {choice.optimizer} ({settings}): confirmed {confirmed['mean']:.4f}, 95% interval [{confirmed['ci95'][0]:.4f}, {confirmed['ci95'][1]:.4f}]; from {choice.folder}", highlight=False, soft_wrap=True)
+        for sentence in verdict_sentences(choice.comparison):
+            out.print(f"  {sentence}", highlight=False, soft_wrap=True)
+    if not found:
         return
     table = Table(title=f"recommended settings for {dataset}")
     for column in ("arch", "optimizer", "settings", "metric", "confirmed (mean ± std)", "test acc", "from"):

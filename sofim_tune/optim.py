@@ -258,11 +258,13 @@ class SOFIM(Optimizer):
 
         if not isinstance(recommendation, Recommendation):
             recommendation = load_recommendation(recommendation)
-        if recommendation.optimizer != "sofim":
-            raise ValueError(f"the recommendation is for optimizer {recommendation.optimizer!r}, not 'sofim'")
+        if recommendation.optimizer not in ("sofim", "sofim-tensor"):
+            raise ValueError(f"the recommendation is for optimizer {recommendation.optimizer!r}, not SOFIM")
         kwargs: dict[str, Any] = {k: v for k, v in recommendation.hyperparameters.items() if k in ("lr", "rho", "beta1", "weight_decay")}
         if "weight_decay" in recommendation.fixed and "weight_decay" not in kwargs:
             kwargs["weight_decay"] = recommendation.fixed["weight_decay"]
+        if recommendation.optimizer == "sofim-tensor":
+            kwargs["norm_scope"] = "tensor"
         kwargs.update(overrides)
         return cls(params, **kwargs)
 
@@ -516,6 +518,7 @@ def _apply_update_foreach(buckets: _Buckets, coefficients: list[Tensor] | list[f
 
 OPTIMIZER_HYPERPARAMETERS: dict[str, tuple[str, ...]] = {
     "sofim": ("lr", "rho", "beta1", "weight_decay"),
+    "sofim-tensor": ("lr", "rho", "beta1", "weight_decay"),
     "sgd-momentum": ("lr", "momentum", "weight_decay"),
     "adamw": ("lr", "beta1", "beta2", "weight_decay"),
 }
@@ -529,6 +532,7 @@ def optimizer_names() -> list[str]:
 def build_optimizer(name: str, params: Iterable[Tensor], hyperparameters: dict[str, float], *, decoupled_weight_decay: bool = False) -> Optimizer:
     """SOFIM or a torch.optim baseline, from the hyperparameter names of ``OPTIMIZER_HYPERPARAMETERS``.
 
+    ``sofim-tensor`` is SOFIM with ``norm_scope="tensor"`` (a Fisher block per tensor).
     Baselines compare SOFIM at an equal budget: ``sgd-momentum`` is ``torch.optim.SGD`` with
     momentum (default 0.9), ``adamw`` is ``torch.optim.AdamW`` (beta2 default 0.999).
     ``decoupled_weight_decay`` is SOFIM's choice of coupling (AdamW always decouples, SGD
@@ -540,8 +544,9 @@ def build_optimizer(name: str, params: Iterable[Tensor], hyperparameters: dict[s
     if unknown:
         raise ValueError(f"optimizer {name!r} takes no {', '.join(sorted(unknown))}")
     hp = dict(hyperparameters)
-    if name == "sofim":
-        return SOFIM(params, **hp, decoupled_weight_decay=decoupled_weight_decay)
+    if name in ("sofim", "sofim-tensor"):
+        # sofim-tensor: every tensor its own Fisher block instead of the paper's whole vector.
+        return SOFIM(params, **hp, decoupled_weight_decay=decoupled_weight_decay, norm_scope="tensor" if name == "sofim-tensor" else "group")
     if decoupled_weight_decay and name == "sgd-momentum":
         raise ValueError("torch.optim.SGD adds weight decay to the gradient; it has no decoupled form")
     if name == "sgd-momentum":

@@ -59,6 +59,7 @@ class Confirmation:
         neighbours: for ``"lr×0.5"`` and ``"lr×2"`` (the candidate with only lr changed),
             the metric of runs with the first seeds, in seed order.
         fisher_ratio: median over the runs of each run's median ‖m̂‖²/ρ (SOFIM only).
+        curves: the metric after each epoch of each run, in seed order.
     """
 
     params: dict[str, float]
@@ -68,6 +69,7 @@ class Confirmation:
     split_seeds: list[int] = field(default_factory=list)
     neighbours: dict[str, list[float]] = field(default_factory=dict)
     fisher_ratio: float | None = None
+    curves: list[list[float]] = field(default_factory=list)
 
     @property
     def mean(self) -> float:

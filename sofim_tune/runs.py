@@ -86,10 +86,28 @@ def status(record: StudyRecord) -> StudyStatus:
 
 @dataclass(frozen=True)
 class Found:
-    """What :func:`find_recommendations` found under a results folder."""
+    """What :func:`find_recommendations` found under a results folder.
+
+    Attributes:
+        recommendations: (best.json, its recommendation) of each run folder, best first.
+        invalid: one line per best.json or compare.json that could not be read, saying why.
+        choice: from a compare folder for the dataset (the newest, when several): the
+            optimizer to use, its recommendation, the comparison, and its folder.
+    """
 
     recommendations: list[tuple[Path, Recommendation]]
-    invalid: list[str]  # one line per best.json that could not be read, saying why
+    invalid: list[str]
+    choice: OptimizerChoice | None = None
+
+
+@dataclass(frozen=True)
+class OptimizerChoice:
+    """Which optimizer a comparison recommends: the best confirmed mean, with the verdicts behind it."""
+
+    optimizer: str
+    recommendation: Recommendation
+    comparison: dict
+    folder: Path
 
 
 def find_recommendations(results: str | Path, dataset: str, arch: str | None = None) -> Found:
@@ -108,4 +126,25 @@ def find_recommendations(results: str | Path, dataset: str, arch: str | None = N
         if rec.dataset == dataset and (arch is None or rec.arch == arch):
             found.append((path, rec))
     found.sort(key=lambda item: item[1].metric.value if item[1].metric.direction == "maximize" else -item[1].metric.value, reverse=True)
-    return Found(found, invalid)
+    return Found(found, invalid, _choose_optimizer(root, dataset, arch, invalid))
+
+
+def _choose_optimizer(root: Path, dataset: str, arch: str | None, invalid: list[str]) -> OptimizerChoice | None:
+    from sofim_tune.comparison import load_comparison
+
+    comparisons = []
+    for path in sorted(root.glob("*/compare.json")) if root.is_dir() else []:
+        try:
+            doc = load_comparison(path)
+        except UserInputError as exc:
+            invalid.append(str(exc))
+            continue
+        if doc["dataset"] == dataset and (arch is None or doc["arch"] == arch):
+            comparisons.append((path.parent, doc))
+    if not comparisons:
+        return None
+    folder, doc = max(comparisons, key=lambda item: item[1]["created"])
+    sign = 1.0 if doc["direction"] == "maximize" else -1.0
+    optimizer = max(doc["optimizers"], key=lambda name: sign * doc["optimizers"][name]["confirmed"]["mean"])
+    rec = load_recommendation(folder / doc["optimizers"][optimizer]["run_dir"] / "best.json")
+    return OptimizerChoice(optimizer, rec, doc, folder)

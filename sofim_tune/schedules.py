@@ -12,11 +12,23 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, S
 
 from sofim_tune.errors import UserInputError
 
-__all__ = ["SCHEDULES", "build_scheduler"]
+__all__ = ["SCHEDULES", "build_scheduler", "schedule_problem"]
 
 #: ``constant``: the optimizer's lr throughout. ``cosine``: cosine decay to 0 over the budget.
 #: ``warmup-cosine``: linear warm-up over ``warmup_epochs``, then cosine decay to 0.
 SCHEDULES = ("constant", "cosine", "warmup-cosine")
+
+
+def schedule_problem(schedule: object, warmup_epochs: int, epochs: int) -> tuple[str, str] | None:
+    """What is wrong with a schedule and its warm-up, as ``(key, message)``; None when nothing is.
+
+    The one rule that study specs, trial configs and :func:`build_scheduler` apply.
+    """
+    if schedule not in SCHEDULES:
+        return "schedule", f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}"
+    if (schedule == "warmup-cosine") != (warmup_epochs > 0) or not 0 <= warmup_epochs < epochs:
+        return "warmup_epochs", f"warm-up must be >= 1 epoch and below the {epochs} epochs with the warmup-cosine schedule, and 0 otherwise (got {warmup_epochs} with {schedule})"
+    return None
 
 
 def build_scheduler(optimizer: Optimizer, schedule: str, *, steps_per_epoch: int, epochs: int, warmup_epochs: int = 0) -> LRScheduler | None:
@@ -28,22 +40,17 @@ def build_scheduler(optimizer: Optimizer, schedule: str, *, steps_per_epoch: int
     Raises:
         UserInputError: an unknown schedule, or a warm-up that is not shorter than the budget.
     """
-    if schedule not in SCHEDULES:
-        raise UserInputError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
     if steps_per_epoch < 1 or epochs < 1:
         raise UserInputError(f"a schedule needs >= 1 step per epoch and >= 1 epoch, got {steps_per_epoch} and {epochs}")
+    problem = schedule_problem(schedule, warmup_epochs, epochs)
+    if problem is not None:
+        raise UserInputError(problem[1])
     total = steps_per_epoch * epochs
     if schedule == "constant":
-        if warmup_epochs:
-            raise UserInputError("warmup_epochs needs the warmup-cosine schedule")
         return None
     if schedule == "cosine":
-        if warmup_epochs:
-            raise UserInputError("warmup_epochs needs the warmup-cosine schedule")
         return CosineAnnealingLR(optimizer, T_max=total)
     warmup = warmup_epochs * steps_per_epoch
-    if not 0 < warmup_epochs < epochs:
-        raise UserInputError(f"warmup_epochs must be >= 1 and below the {epochs} epochs, got {warmup_epochs}")
     return SequentialLR(
         optimizer,
         [LinearLR(optimizer, start_factor=1 / warmup, end_factor=1.0, total_iters=warmup), CosineAnnealingLR(optimizer, T_max=total - warmup)],

@@ -62,11 +62,13 @@ class Measurement:
         value: the study's metric, finite even for a diverged or failed run (its worst value).
         test_accuracy: accuracy on the test split, or None (not measured, or no test split).
         fisher_ratio: the run's median ‖m̂‖²/ρ (SOFIM only), or None.
+        curve: the metric after each epoch, as far as the run got.
     """
 
     value: float
     test_accuracy: float | None = None
     fisher_ratio: float | None = None
+    curve: tuple[float, ...] = ()
 
 
 def _completed(study: StudyRecord) -> list[TrialRecord]:
@@ -153,6 +155,7 @@ def confirm_top(
                 split_seeds=list(split_seeds),
                 neighbours={label: values for label, values in neighbours.items() if values},
                 fisher_ratio=statistics.median(ratios) if ratios else None,
+                curves=[list(m.curve) for m in own],
             )
         )
     return confirmations

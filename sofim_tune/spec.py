@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from sofim_tune.data import AUGMENT_MODES, dataset_info, dataset_names
-from sofim_tune.schedules import SCHEDULES
+from sofim_tune.schedules import SCHEDULES, schedule_problem
 from sofim_tune.errors import UserInputError
 from sofim_tune.space import (
     OPTIMIZER_HYPERPARAMETERS,
@@ -167,14 +167,10 @@ class StudySpec:
             _check_choice(self.augment, AUGMENT_MODES, source, "augment")
         if self.image_size is not None:
             require(as_integer(self.image_size, source, "image_size") >= 8, source, "image_size", f"must be >= 8 pixels (got {self.image_size})")
-        _check_choice(self.schedule, SCHEDULES, source, "schedule")
-        warmup = as_integer(self.warmup_epochs, source, "warmup_epochs")
-        require(
-            (self.schedule == "warmup-cosine") == (warmup > 0) and 0 <= warmup < as_integer(self.epochs, source, "epochs"),
-            source,
-            "warmup_epochs",
-            f"must be >= 1 and below epochs with schedule = \"warmup-cosine\", and 0 otherwise (got {warmup} with {self.schedule})",
-        )
+        _check_choice(self.schedule, SCHEDULES, source, "schedule")  # quotes a hostile value short
+        problem = schedule_problem(self.schedule, as_integer(self.warmup_epochs, source, "warmup_epochs"), as_integer(self.epochs, source, "epochs"))
+        if problem is not None:
+            raise input_error(source, *problem)
         smoothing = as_number(self.label_smoothing, source, "label_smoothing")
         require(0 <= smoothing < 1, source, "label_smoothing", f"must be in [0, 1) (got {smoothing:g})")
         object.__setattr__(self, "label_smoothing", smoothing)

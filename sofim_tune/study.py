@@ -210,7 +210,15 @@ def effective_batch_size(spec: StudySpec, space: SearchSpace) -> int:
     return int(space.fixed.get("batch_size", spec.batch_size))
 
 
-def recipe(spec: StudySpec) -> dict[str, Any]:
+def decoupled_weight_decay(spec: StudySpec, optimizer: str) -> bool:
+    """Whether ``optimizer`` decays weights decoupled: the spec's choice for SOFIM; AdamW
+    always does. SGD cannot, and a spec that asks for it with SGD is refused."""
+    if optimizer == "sgd-momentum" and spec.decoupled_weight_decay:
+        raise UserInputError(f"{spec.source or 'the study'} asks for decoupled weight decay, which SGD does not have; pass --coupled-weight-decay for SGD")
+    return True if optimizer == "adamw" else spec.decoupled_weight_decay
+
+
+def recipe(spec: StudySpec, space: SearchSpace) -> dict[str, Any]:
     """The training recipe every trial of the study shares, augmentation resolved to its mode."""
     return {
         "augment": spec.augment or dataset_info_for(spec.dataset, spec.image_size).augment,
@@ -218,7 +226,7 @@ def recipe(spec: StudySpec) -> dict[str, Any]:
         "schedule": spec.schedule,
         "warmup_epochs": spec.warmup_epochs,
         "label_smoothing": spec.label_smoothing,
-        "decoupled_weight_decay": spec.decoupled_weight_decay,
+        "decoupled_weight_decay": decoupled_weight_decay(spec, space.optimizer),
     }
 
 
@@ -242,7 +250,7 @@ def study_metadata(spec: StudySpec, space: SearchSpace, url: str) -> dict[str, A
         "split_seed": spec.split_seed,
         "val_fraction": spec.val_fraction,
         "fixed": dict(space.fixed),
-        "recipe": recipe(spec),
+        "recipe": recipe(spec, space),
         "trials": spec.trials,
         "widen": spec.widen,
         "storage": redact_storage_url(url),
@@ -301,7 +309,7 @@ def check_resumable(meta: Mapping[str, Any], spec: StudySpec, space: SearchSpace
         "seed": spec.seed,
         "split_seed": spec.split_seed,
         "val_fraction": spec.val_fraction,
-        "recipe": recipe(spec),
+        "recipe": recipe(spec, space),
     }
     for key, value in wanted.items():
         if meta.get(key, value) != value:
@@ -341,19 +349,35 @@ def trial_config(
         schedule=spec.schedule,
         warmup_epochs=spec.warmup_epochs,
         label_smoothing=spec.label_smoothing,
-        decoupled_weight_decay=spec.decoupled_weight_decay,
+        decoupled_weight_decay=decoupled_weight_decay(spec, space.optimizer),
     )
+
+
+# The settings each optimizer's users start from: tried first when a spec names none that fit.
+FIRST_SETTINGS: dict[str, dict[str, float]] = {
+    "sofim": {"lr": 0.1, "rho": 1.0, "beta1": 0.9},
+    "sofim-tensor": {"lr": 0.1, "rho": 1.0, "beta1": 0.9},
+    "sgd-momentum": {"lr": 0.1, "momentum": 0.9},
+    "adamw": {"lr": 1e-3, "beta1": 0.9, "weight_decay": 1e-2},
+}
 
 
 def settings_to_enqueue(spec: StudySpec, space: SearchSpace, options: RunOptions) -> list[dict[str, float]]:
     """The sampler's values of the settings to try first: the spec's, then ``options.enqueue``.
 
     A spec's settings name one optimizer's hyperparameters (SOFIM's, in the shipped specs);
-    with a space for another optimizer (``--space adamw``) they do not apply and are left out.
-    Settings the user passed (``--enqueue best.json``) must fit the space.
+    with a space for another optimizer (``--space adamw``) they do not apply and are left out,
+    and that optimizer's usual first settings (:data:`FIRST_SETTINGS`) are tried instead when
+    they fit the space. Settings the user passed (``--enqueue best.json``) must fit the space.
     """
     takes = set(OPTIMIZER_HYPERPARAMETERS[space.optimizer])
     own = [settings for settings in spec.enqueue if set(settings) <= takes]
+    if not own and space.optimizer in FIRST_SETTINGS:
+        searched = {name: value for name, value in FIRST_SETTINGS[space.optimizer].items() if name not in space.fixed}
+        try:
+            own = [searched] if space.from_hyperparameters(searched) else []
+        except UserInputError:
+            own = []  # a space of the user's that searches other names or other ranges
     return [space.from_hyperparameters(settings) for settings in (*own, *options.enqueue)]
 
 

@@ -23,7 +23,7 @@ from sofim_tune.data import LoadedData, Split, check_augment, load_data
 from sofim_tune.errors import TrialPruned, UserInputError
 from sofim_tune.models import build_model
 from sofim_tune.optim import OPTIMIZER_HYPERPARAMETERS, build_optimizer
-from sofim_tune.schedules import SCHEDULES, build_scheduler
+from sofim_tune.schedules import build_scheduler, schedule_problem
 
 TrialStatus = Literal["completed", "pruned", "diverged", "failed"]
 
@@ -72,8 +72,8 @@ class TrialConfig:
         warmup_epochs: linear warm-up of ``warmup-cosine``, in epochs (>= 1, < ``epochs``).
         label_smoothing: cross-entropy label smoothing, in [0, 1).
         decoupled_weight_decay: SOFIM's ``weight_decay`` shrinks θ by (1 − ηλ) (as AdamW)
-            instead of adding λθ to the gradient (as SGD). AdamW is always decoupled and
-            SGD always coupled.
+            instead of adding λθ to the gradient (as SGD). AdamW is always decoupled; SGD
+            cannot be.
     """
 
     dataset: str = "digits"
@@ -123,14 +123,13 @@ class TrialConfig:
             check_augment(self.augment)
         if self.image_size is not None and not (isinstance(self.image_size, int) and self.image_size >= 8):
             raise UserInputError(f"image size must be an integer of at least 8 pixels, got {self.image_size}")
-        if self.schedule not in SCHEDULES:
-            raise UserInputError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-        if (self.schedule == "warmup-cosine") != (self.warmup_epochs > 0) or not 0 <= self.warmup_epochs < self.epochs:
-            raise UserInputError(f"warmup epochs must be >= 1 and below the {self.epochs} epochs with the warmup-cosine schedule, and 0 otherwise; got {self.warmup_epochs} with {self.schedule}")
+        problem = schedule_problem(self.schedule, self.warmup_epochs, self.epochs)
+        if problem is not None:
+            raise UserInputError(problem[1])
         if not 0.0 <= self.label_smoothing < 1.0:
             raise UserInputError(f"label smoothing must lie in [0, 1), got {self.label_smoothing}")
-        if self.decoupled_weight_decay and self.optimizer != "sofim":
-            raise UserInputError(f"decoupled weight decay is SOFIM's choice; {self.optimizer} decays {'decoupled always' if self.optimizer == 'adamw' else 'coupled always'}")
+        if self.decoupled_weight_decay and self.optimizer == "sgd-momentum":
+            raise UserInputError("torch.optim.SGD adds weight decay to the gradient; it has no decoupled form")
 
 
 @dataclass

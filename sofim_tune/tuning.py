@@ -7,9 +7,10 @@ seeds, writing ``best.json`` and the report) is the same for every backend, and 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sofim_tune.backends import get_backend
 from sofim_tune.data import has_test_split
@@ -23,15 +24,18 @@ from sofim_tune.study import (
     Backend,
     RunOptions,
     check_run_folder,
-    settings_to_enqueue,
     default_storage_url,
+    settings_to_enqueue,
     spread_devices,
     trial_config,
     worst_value,
 )
 from sofim_tune.trial import clear_data_cache, prepare_trial, resolve_device
 
-__all__ = ["RunOptions", "TuneOutcome", "check_inputs", "confirm", "export_run", "tune"]
+if TYPE_CHECKING:
+    from sofim_tune.comparison import OptimizerResult
+
+__all__ = ["CompareOutcome", "RunOptions", "TuneOutcome", "check_inputs", "compare", "confirm", "export_run", "tune"]
 
 
 @dataclass(frozen=True)
@@ -70,7 +74,9 @@ def confirm(study: StudyRecord, spec: StudySpec, space: SearchSpace, options: Ru
     that rerunning a finished study costs nothing. The test split, when the dataset has
     one, is measured on every run of a candidate (not of its neighbours).
     """
-    seeds, split_seeds = confirmation_seeds(spec.seed, len(study.trials), spec.split_seed, spec.confirm_seeds)
+    # Trial n trained with seed spec.seed + n; numbers can skip records (surplus trials).
+    numbered = max((t.number for t in study.trials), default=-1) + 1
+    seeds, split_seeds = confirmation_seeds(spec.seed, numbered, spec.split_seed, spec.confirm_seeds)
     stored = study.confirmations
     candidates = [t.params for t in distinct_ranked(study)[: spec.confirm_top]]
     if stored and [c.params for c in stored] == candidates and all(c.seeds == seeds and c.split_seeds == split_seeds for c in stored):
@@ -90,6 +96,7 @@ def confirm(study: StudyRecord, spec: StudySpec, space: SearchSpace, options: Ru
                     value=value if result.status == "completed" and value is not None else worst_value(spec.direction),
                     test_accuracy=result.metrics.get("test_accuracy"),
                     fisher_ratio=result.metrics.get("fisher_ratio"),
+                    curve=tuple(epoch[spec.metric] for epoch in result.history),
                 )
             )
         return measured
@@ -129,3 +136,122 @@ def _device_name(device: str) -> str:
 
     resolved = resolve_device(device)
     return torch.cuda.get_device_name(resolved) if resolved.type == "cuda" else "cpu"
+
+
+# --------------------------------------------------------------------------------------- compare
+
+#: Optimizers `compare` knows; ``sofim-tensor`` is SOFIM with a Fisher block per tensor.
+COMPARE_OPTIMIZERS = ("sofim", "sofim-tensor", "sgd-momentum", "adamw")
+DEFAULT_COMPARE = ("sofim", "sgd-momentum", "adamw")
+_COMPARE_FILES = ("compare.json", "compare.html")
+
+
+@dataclass(frozen=True)
+class CompareOutcome:
+    """What :func:`compare` leaves behind: one run folder per optimizer, compare.json and compare.html."""
+
+    studies: dict[str, TuneOutcome]
+    compare_json: Path
+    compare_html: Path
+
+
+def compare_space(spec: StudySpec, optimizer: str) -> str:
+    """The shipped space of ``optimizer`` that matches the spec's: ``<optimizer>``, or
+    ``<optimizer>-wd`` when the spec's space searches weight decay (AdamW's always does)."""
+    if optimizer == "adamw":
+        return "adamw"
+    return f"{optimizer}-wd" if "weight_decay" in load_space(spec.search_space).params else optimizer
+
+
+def compare_plans(spec: StudySpec, options: RunOptions, optimizers: Sequence[str]) -> dict[str, tuple[StudySpec, RunOptions]]:
+    """One study per optimizer with an identical budget, recipe, split and confirmation protocol.
+
+    Each gets the optimizer's own space (:func:`compare_space`), the study name
+    ``<spec name>-<optimizer>`` and the run folder ``<out>/<optimizer>``. Only what cannot be
+    the same differs: SGD decays weights coupled, as it must.
+    """
+    if len(set(optimizers)) != len(optimizers) or len(optimizers) < 2:
+        raise UserInputError(f"--optimizers must name two or more different optimizers, got {', '.join(optimizers) or 'none'}")
+    unknown = [name for name in optimizers if name not in COMPARE_OPTIMIZERS]
+    if unknown:
+        raise UserInputError(f"unknown optimizer {unknown[0]!r} for compare; choose from {', '.join(COMPARE_OPTIMIZERS)}")
+    if not {"sofim", "sofim-tensor"} & set(optimizers):
+        raise UserInputError("compare needs sofim (or sofim-tensor) among --optimizers: its verdicts are about SOFIM")
+    return {
+        name: (
+            spec.replace(search_space=compare_space(spec, name), name=f"{spec.name}-{name}", decoupled_weight_decay=spec.decoupled_weight_decay and name != "sgd-momentum"),
+            replace(options, out_dir=options.out_dir / name),
+        )
+        for name in optimizers
+    }
+
+
+def _check_compare_folder(out_dir: Path, optimizers: Sequence[str]) -> None:
+    """A compare folder holds its optimizers' run folders and compare.json/html, and nothing else."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserInputError(f"--out {out_dir} is a file; give a folder for the comparison")
+    if out_dir.is_dir():
+        strangers = sorted(entry.name for entry in out_dir.iterdir() if entry.name not in (*COMPARE_OPTIMIZERS, *_COMPARE_FILES))
+        if strangers:
+            raise UserInputError(f"--out {out_dir} holds {', '.join(strangers[:3])}, which is not a comparison's; choose a new or empty folder")
+
+
+def compare(spec: StudySpec, options: RunOptions, optimizers: Sequence[str] = DEFAULT_COMPARE, *, backend: str = "optuna", on_progress: Callable[[StudyRecord], None] | None = None) -> CompareOutcome:
+    """Tune each optimizer at the same budget, then compare them: the Python twin of ``sofim-tune compare``.
+
+    Every input is checked before the first study starts. Running it again resumes every study.
+    """
+    from sofim_tune.comparison import build_comparison, write_compare_html, write_comparison
+
+    _check_compare_folder(options.out_dir, optimizers)
+    plans = compare_plans(spec, options, optimizers)
+    for name, (study_spec, study_options) in plans.items():
+        check_inputs(study_spec, load_space(study_spec.search_space), study_options, backend)
+    studies = {name: tune(study_spec, study_options, backend=backend, on_progress=on_progress) for name, (study_spec, study_options) in plans.items()}
+    results = [optimizer_result(name, outcome) for name, outcome in studies.items()]
+    budget = {
+        "trials": spec.trials,
+        "epochs": spec.epochs,
+        "batch_size": spec.batch_size,
+        "sampler": spec.sampler,
+        "pruner": spec.pruner,
+        "seed": spec.seed,
+        "split_seed": spec.split_seed,
+        "val_fraction": spec.val_fraction,
+        "confirm_top": spec.confirm_top,
+        "confirm_seeds": spec.confirm_seeds,
+        "backend": backend,
+        "spaces": {name: study_spec.search_space for name, (study_spec, _) in plans.items()},
+    }
+    doc = build_comparison(spec.dataset, spec.arch, spec.metric, spec.direction, results, budget=budget)
+    compare_json = write_comparison(doc, options.out_dir / "compare.json")
+    return CompareOutcome(studies, compare_json, write_compare_html(doc, results, options.out_dir))
+
+
+def optimizer_result(optimizer: str, outcome: TuneOutcome) -> OptimizerResult:
+    """What compare.json says of one optimizer's study: its recommendation and what it cost."""
+    from sofim_tune.comparison import OptimizerResult
+    from sofim_tune.recommend import load_recommendation
+
+    study = outcome.study
+    rec = load_recommendation(outcome.best_json)
+    chosen = next(c for c in study.confirmations if c.params == rec.hyperparameters)
+    spent, best, best_so_far = 0, None, []
+    sign = 1.0 if study.direction == "maximize" else -1.0
+    for trial in sorted(study.trials, key=lambda t: t.number):
+        spent += len(trial.intermediate)
+        if trial.state == "complete" and trial.value is not None and (best is None or sign * trial.value > sign * best):
+            best = trial.value
+        if best is not None:
+            best_so_far.append((spent, best))
+    return OptimizerResult(
+        optimizer=optimizer,
+        run_dir=optimizer,
+        hyperparameters=dict(rec.hyperparameters),
+        values=list(chosen.values),
+        curves=[list(curve) for curve in chosen.curves],
+        test_accuracy=rec.metric.test_accuracy,
+        tuning_epochs=spent,
+        tuning_seconds=sum(float(t.attrs.get("seconds", 0.0)) for t in study.trials),
+        best_so_far=best_so_far,
+    )

@@ -456,9 +456,12 @@ def test_baseline_spaces_work_with_every_shipped_spec(space_name):
     from sofim_tune.study import settings_to_enqueue
 
     options = RunOptions(out_dir=Path("unused"))
+    space = load_space(space_name)
+    first = {"adamw": {"lr": 1e-3, "beta1": 0.9, "weight_decay": 1e-2}, "sgd-momentum": {"lr": 0.1, "momentum": 0.9}}[space_name]
     for name in spec_names():
         spec = load_spec(study=name)
-        assert settings_to_enqueue(spec, load_space(space_name), options) == []
+        # Not SOFIM's settings: the baseline's own usual first ones.
+        assert settings_to_enqueue(spec, space, options) == [space.from_hyperparameters(first)]
         assert settings_to_enqueue(spec, load_space(spec.search_space), options)  # its own space keeps them
 
 
@@ -467,3 +470,7 @@ def test_a_baseline_study_on_digits(tmp_path):
     assert done.returncode == 0, done.stderr
     rec = load_recommendation(tmp_path / "run" / "best.json")
     assert rec.optimizer == "adamw" and "rho" not in rec.hyperparameters
+    import optuna
+
+    first = optuna.load_study(study_name="digits-mlp", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}").trials[0]
+    assert first.params == {"lr": 1e-3, "beta1": 0.9, "weight_decay": 1e-2}

@@ -47,7 +47,7 @@ def test_warmup_then_cosine():
 
 @pytest.mark.parametrize(
     "schedule, warmup, message",
-    [("step", 0, "unknown schedule"), ("warmup-cosine", 0, "warmup_epochs must be"), ("warmup-cosine", 4, "warmup_epochs must be"), ("cosine", 1, "needs the warmup-cosine")],
+    [("step", 0, "unknown schedule"), ("warmup-cosine", 0, "warm-up must be"), ("warmup-cosine", 4, "warm-up must be"), ("cosine", 1, "warm-up must be")],
 )
 def test_bad_schedules_are_refused(schedule, warmup, message):
     with pytest.raises(UserInputError, match=message):

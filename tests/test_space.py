@@ -31,7 +31,7 @@ def write(tmp_path: Path, text: str, name: str = "space.yaml") -> Path:
 
 
 def test_shipped_spaces() -> None:
-    assert set(space_names()) == {"sofim", "sofim-effective", "sgd-momentum", "adamw"}
+    assert set(space_names()) == {"sofim", "sofim-effective", "sofim-wd", "sofim-tensor", "sofim-tensor-wd", "sgd-momentum", "sgd-momentum-wd", "adamw"}
     for name in space_names():
         space = load_space(name)
         assert space.name == name
