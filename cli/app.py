@@ -238,7 +238,7 @@ class _LiveView:
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err)
         self.task: Any = None
         self.terminal = err.is_terminal
-        self.seen: set[int] | None = None
+        self.seen: dict[str, set[int]] = {}  # by study: `compare` shows several in turn
         self.started = self.last_line = time.monotonic()
 
     def __enter__(self) -> _LiveView:
@@ -267,14 +267,15 @@ class _LiveView:
 
     def _lines(self, record: Any, counts: dict[str, int], best_text: str) -> None:
         ended = [t for t in record.trials if t.state in ("complete", "pruned", "failed")]
-        if self.seen is None:  # trials of an earlier run are not news
-            self.seen = {t.number for t in ended}
+        if record.name not in self.seen:  # trials of an earlier run are not news
+            self.seen[record.name] = {t.number for t in ended}
+        seen = self.seen[record.name]
         now = time.monotonic()
         progress = f"{counts['complete'] + counts['pruned']}/{record.target_trials} finished · {best_text} · {now - self.started:.0f} s"
         for trial in ended:
-            if trial.number in self.seen:
+            if trial.number in seen:
                 continue
-            self.seen.add(trial.number)
+            seen.add(trial.number)
             if trial.state == "complete":
                 what = f"complete, {record.metric} {trial.value:.4f}"
             elif trial.state == "pruned":
@@ -282,7 +283,7 @@ class _LiveView:
             else:
                 what = f"failed: {trial.attrs.get('error') or trial.attrs.get('reason', 'error')}"
             settings = ", ".join(f"{k}={v:.4g}" for k, v in trial.params.items())
-            err.print(f"trial {trial.number} {what} ({settings}) · {progress}", highlight=False, markup=False, soft_wrap=True)
+            err.print(f"{record.name} trial {trial.number} {what} ({settings}) · {progress}", highlight=False, markup=False, soft_wrap=True)
             self.last_line = now
         if now - self.last_line >= self.QUIET_SECONDS:
             err.print(f"{counts['running']} running · {progress}", highlight=False, markup=False)

@@ -112,6 +112,18 @@ def test_bad_compare_input_is_one_line_exit_2_and_writes_nothing(args, message, 
     assert not (tmp_path / "cmp").exists()
 
 
+def test_a_log_without_a_terminal_follows_every_study(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "sofim_tune.cli.app", "compare", "--dataset", "digits", "--device", "cpu", "--trials", "2", "--epochs", "1",
+                           "--confirm-top", "1", "--confirm-seeds", "2", "--out", str(tmp_path / "cmp")], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    studies = [line.split()[0] for line in done.stderr.splitlines() if " trial " in line]
+    assert studies == ["digits-mlp-sofim"] * 2 + ["digits-mlp-sgd-momentum"] * 2 + ["digits-mlp-adamw"] * 2
+    assert "better than" in done.stdout or "worse than" in done.stdout or "indistinguishable from" in done.stdout
+
+
 def test_a_folder_of_other_files_is_refused(tmp_path):
     (tmp_path / "cmp").mkdir()
     (tmp_path / "cmp" / "notes.txt").write_text("mine")
