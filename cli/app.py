@@ -286,7 +286,7 @@ class _LiveView:
             err.print(f"{record.name} trial {trial.number} {what} ({settings}) · {progress}", highlight=False, markup=False, soft_wrap=True)
             self.last_line = now
         if now - self.last_line >= self.QUIET_SECONDS:
-            err.print(f"{counts['running']} running · {progress}", highlight=False, markup=False)
+            err.print(f"{record.name}: {counts['running']} running · {progress}", highlight=False, markup=False)
             self.last_line = now
 
 

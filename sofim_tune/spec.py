@@ -258,6 +258,7 @@ def load_spec(dataset: str | None = None, arch: str | None = None, study: str | 
         "search_space": DEFAULT_SPACE,
         "epochs": defaults.epochs,
         "batch_size": defaults.batch_size,
+        "val_fraction": defaults.val_fraction,
         "trials": DEFAULT_TRIALS,
         **table,
     }
@@ -269,6 +270,7 @@ class _DatasetDefaults(NamedTuple):
     arch: str
     epochs: int
     batch_size: int
+    val_fraction: float = 0.1
 
 
 def _dataset_defaults(dataset: str, source: str | None = None) -> _DatasetDefaults:
@@ -279,7 +281,7 @@ def _dataset_defaults(dataset: str, source: str | None = None) -> _DatasetDefaul
         message = _unknown_dataset(dataset)
         raise input_error(source, "dataset", message) if source else UserInputError(message)
     info = dataset_info(dataset)
-    return _DatasetDefaults(info.name, info.default_arch, info.default_epochs, info.default_batch_size)
+    return _DatasetDefaults(info.name, info.default_arch, info.default_epochs, info.default_batch_size, info.default_val_fraction)
 
 
 def _unknown_dataset(dataset: Any) -> str:

@@ -390,3 +390,12 @@ def test_long_dataset_argument_is_cut() -> None:
     with pytest.raises(UserInputError) as info:
         load_spec("d" * 100_000)
     assert str(info.value).startswith("unknown dataset 'ddd") and len(str(info.value)) < 300
+
+
+def test_digits_validates_on_at_least_400_images_with_any_arch() -> None:
+    """One example is at most 0.25 points: with the shipped spec and without one (cnn)."""
+    from sofim_tune.data import load_data
+
+    for spec in (load_spec("digits"), load_spec("digits", "cnn")):
+        data = load_data("digits", device="cpu", val_fraction=spec.val_fraction, split_seed=spec.split_seed)
+        assert len(data.val) >= 400 and 100 / len(data.val) <= 0.25
