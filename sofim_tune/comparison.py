@@ -35,7 +35,7 @@ import jsonschema
 import plotly.graph_objects as go
 
 from sofim_tune.errors import UserInputError
-from sofim_tune.files import write_text_atomic
+from sofim_tune.files import read_json, write_text_atomic
 from sofim_tune.selection import interval95
 
 SCHEMA_ID = "sofim-tune/comparison/v1"
@@ -371,10 +371,6 @@ def write_comparison(doc: Mapping[str, Any], path: str | Path) -> Path:
     return write_text_atomic(path, text)
 
 
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
 def load_comparison(path: str | Path) -> dict[str, Any]:
     """Read a ``compare.json`` (data only, nothing is executed) and validate it.
 
@@ -383,21 +379,7 @@ def load_comparison(path: str | Path) -> dict[str, Any]:
             or unreadable file, invalid JSON (NaN and Infinity included), a wrong schema id,
             or missing or malformed fields.
     """
-    prefix = f"{path}: not a sofim-tune comparison v1"
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserInputError(f"{prefix}: no such file") from None
-    except UnicodeDecodeError:
-        raise UserInputError(f"{prefix}: not UTF-8 text") from None
-    except OSError as e:
-        raise UserInputError(f"{prefix}: {e.strerror or e}") from None
-    try:
-        data = json.loads(text, parse_constant=_no_constant)
-    except json.JSONDecodeError as e:
-        raise UserInputError(f"{prefix}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-    except ValueError as e:  # NaN, Infinity, -Infinity
-        raise UserInputError(f"{prefix}: invalid JSON: {e}") from None
+    data = read_json(path, f"{path}: not a sofim-tune comparison v1")
     _validate(data, str(path))
     return data
 

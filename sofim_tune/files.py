@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from sofim_tune.errors import UserInputError
 
-__all__ = ["redact_storage_url", "write_text_atomic"]
+__all__ = ["read_json", "redact_storage_url", "write_text_atomic"]
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
@@ -73,3 +75,29 @@ def redact_storage_url(url: str) -> str:
     # above; any user:password@ left anywhere is hidden too.
     url = _LOOSE_USERINFO.sub(lambda m: m["user"] + ":***@", url)
     return _QUERY_SECRET.sub(lambda m: m["key"] + "***", url)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def read_json(path: str | Path, prefix: str) -> Any:
+    """The JSON document in ``path`` (data only: nothing is executed).
+
+    Every problem (a missing or unreadable file, text that is not UTF-8 or not JSON, and the
+    NaN and Infinity that Python's json would accept) raises one line: ``"<prefix>: <what>"``.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserInputError(f"{prefix}: no such file") from None
+    except UnicodeDecodeError:
+        raise UserInputError(f"{prefix}: not UTF-8 text") from None
+    except OSError as e:
+        raise UserInputError(f"{prefix}: {e.strerror or e}") from None
+    try:
+        return json.loads(text, parse_constant=_no_constant)
+    except json.JSONDecodeError as e:
+        raise UserInputError(f"{prefix}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except ValueError as e:  # NaN, Infinity, -Infinity
+        raise UserInputError(f"{prefix}: invalid JSON: {e}") from None

@@ -13,7 +13,7 @@ import importlib.metadata
 import importlib.resources
 import json
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,7 +26,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from sofim_tune import __version__
 from sofim_tune.errors import UserInputError
-from sofim_tune.files import redact_storage_url, write_text_atomic
+from sofim_tune.files import read_json, redact_storage_url, write_text_atomic
 from sofim_tune.optim import OPTIMIZER_HYPERPARAMETERS, build_optimizer
 from sofim_tune.records import Confirmation, StudyRecord, TrialRecord
 from sofim_tune.schedules import build_scheduler
@@ -541,19 +541,5 @@ def load_recommendation(path: str | Path) -> Recommendation:
             missing or unreadable file, invalid JSON, a wrong schema id, or missing or
             malformed fields.
     """
-    prefix = f"{path}: not a sofim-tune v1 recommendation"
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserInputError(f"{prefix}: no such file") from None
-    except UnicodeDecodeError:
-        raise UserInputError(f"{prefix}: not UTF-8 text") from None
-    except OSError as e:
-        raise UserInputError(f"{prefix}: {e.strerror or e}") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserInputError(
-            f"{prefix}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}"
-        ) from None
+    data = read_json(path, f"{path}: not a sofim-tune v1 recommendation")
     return Recommendation.from_dict(data, source=str(path))
