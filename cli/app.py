@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -99,7 +100,7 @@ StudyDatasetOpt = Annotated[Optional[str], typer.Option("--dataset", "-d", help=
 def train(
     dataset: DatasetOpt = "digits",
     arch: ArchOpt = None,
-    optimizer: Annotated[str, typer.Option(help="`sofim`, `sgd-momentum` or `adamw`.")] = "sofim",
+    optimizer: Annotated[str, typer.Option(help="`sofim`, `sofim-tensor` (a Fisher block per tensor), `sgd-momentum` or `adamw`.")] = "sofim",
     lr: Annotated[float, typer.Option(help="Learning rate η (> 0).")] = 0.1,
     rho: Annotated[float, typer.Option(help="SOFIM's regularization ρ (> 0); ignored by the baselines.")] = 1.0,
     beta1: Annotated[float, typer.Option(help="First-moment decay in [0, 1); SGD's momentum for `sgd-momentum`.")] = 0.9,
@@ -130,6 +131,7 @@ def train(
     info = dataset_info_for(dataset, image_size)
     hyperparameters = {
         "sofim": {"lr": lr, "rho": rho, "beta1": beta1, "weight_decay": weight_decay},
+        "sofim-tensor": {"lr": lr, "rho": rho, "beta1": beta1, "weight_decay": weight_decay},
         "sgd-momentum": {"lr": lr, "momentum": beta1, "weight_decay": weight_decay},
         "adamw": {"lr": lr, "beta1": beta1, "weight_decay": weight_decay},
     }.get(optimizer, {"lr": lr})
@@ -240,13 +242,26 @@ class _LiveView:
         self.terminal = err.is_terminal
         self.seen: dict[str, set[int]] = {}  # by study: `compare` shows several in turn
         self.started = self.last_line = time.monotonic()
+        self.latest = ""  # the progress of the last update, for the quiet line
+        self.stop = threading.Event()
+        # A trial can run for minutes without an update: the quiet line needs a clock of its own.
+        self.clock = threading.Thread(target=self._quiet_lines, daemon=True)
 
     def __enter__(self) -> _LiveView:
+        if not self.terminal:
+            self.clock.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.stop.set()
         if self.task is not None:
             self.progress.stop()
+
+    def _quiet_lines(self) -> None:
+        while not self.stop.wait(min(1.0, self.QUIET_SECONDS / 2)):
+            if self.latest and time.monotonic() - self.last_line >= self.QUIET_SECONDS:
+                self.last_line = time.monotonic()
+                err.print(f"{self.latest} · {self.last_line - self.started:.0f} s", highlight=False, markup=False, soft_wrap=True)
 
     def __call__(self, record: Any) -> None:
         counts = {state: len(record.by_state(state)) for state in ("complete", "pruned", "failed", "running")}
@@ -271,7 +286,9 @@ class _LiveView:
             self.seen[record.name] = {t.number for t in ended}
         seen = self.seen[record.name]
         now = time.monotonic()
-        progress = f"{counts['complete'] + counts['pruned']}/{record.target_trials} finished · {best_text} · {now - self.started:.0f} s"
+        summary = f"{counts['complete'] + counts['pruned']}/{record.target_trials} finished · {best_text}"
+        self.latest = f"{record.name}: {counts['running']} running · {summary}"
+        progress = f"{summary} · {now - self.started:.0f} s"
         for trial in ended:
             if trial.number in seen:
                 continue
@@ -284,9 +301,6 @@ class _LiveView:
                 what = f"failed: {trial.attrs.get('error') or trial.attrs.get('reason', 'error')}"
             settings = ", ".join(f"{k}={v:.4g}" for k, v in trial.params.items())
             err.print(f"{record.name} trial {trial.number} {what} ({settings}) · {progress}", highlight=False, markup=False, soft_wrap=True)
-            self.last_line = now
-        if now - self.last_line >= self.QUIET_SECONDS:
-            err.print(f"{record.name}: {counts['running']} running · {progress}", highlight=False, markup=False)
             self.last_line = now
 
 

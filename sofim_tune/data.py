@@ -680,6 +680,12 @@ def _folder_layout(root: Path) -> _FolderLayout:
     return _FolderLayout(root, None, None)
 
 
+def has_fixed_validation(dataset: str) -> bool:
+    """Whether ``dataset`` brings its own validation images (an ImageFolder with ``val/``), so
+    that no split seed changes which images validate."""
+    return dataset not in DATASETS and _folder_layout(Path(dataset)).val is not None
+
+
 def has_test_split(dataset: str) -> bool:
     """Whether ``dataset`` has a test split: every registry dataset does; an ImageFolder
     only with a ``test/`` folder beside ``train/``."""

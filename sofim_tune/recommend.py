@@ -351,6 +351,7 @@ def _versions(backend: str) -> dict[str, str]:
 
 # How a confirmation's runs relate to the data that selected the candidate (selection.py).
 PROTOCOL = "resplit: each run trains and validates on its own random split of the training data, not the split the search selected on"
+FIXED_PROTOCOL = "fixed validation: every run validates on the dataset's own val/ images, which the search selected on too; the spread is over seeds only"
 
 
 def edges(study: StudyRecord, params: Mapping[str, float]) -> list[dict[str, Any]]:
@@ -374,7 +375,7 @@ def _confirm_summary(chosen: Confirmation) -> ConfirmSummary:
         std=float(chosen.std),
         ci95=interval95(chosen.values) if len(chosen.values) >= 2 else None,
         split_seeds=list(chosen.split_seeds) or None,
-        protocol=PROTOCOL if chosen.split_seeds else None,
+        protocol=(PROTOCOL if len(set(chosen.split_seeds)) == len(chosen.split_seeds) else FIXED_PROTOCOL) if chosen.split_seeds else None,
     )
 
 
@@ -397,7 +398,7 @@ def _selection(study: StudyRecord, confirmations: Sequence[Confirmation], chosen
     if index == best_mean:
         why = "it has the best mean and the best robust score"
     else:
-        why = f"candidate {best_mean + 1} has a higher mean, but a neighbour of it scores {candidates[best_mean]['score']:.4f}; this one holds {candidates[index]['score']:.4f}"
+        why = f"candidate {best_mean + 1} has a better mean, but a neighbour of it scores {candidates[best_mean]['score']:.4f}; this one holds {candidates[index]['score']:.4f}"
     return {"criterion": CRITERION, "candidates": candidates, "chosen": index, "why": why}
 
 

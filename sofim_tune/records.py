@@ -93,7 +93,7 @@ class StudyRecord:
         backend: ``optuna`` or ``ray``.
         storage: where it lives, with any password replaced by ``***``.
         dataset, arch: what was tuned.
-        optimizer: ``sofim``, ``sgd-momentum`` or ``adamw``.
+        optimizer: ``sofim``, ``sofim-tensor``, ``sgd-momentum`` or ``adamw``.
         space: the search space's name.
         log_params: hyperparameters searched on a log scale (for plot axes).
         metric, direction: what was optimized (``val_accuracy``, ``maximize``).

@@ -125,8 +125,14 @@ def find_recommendations(results: str | Path, dataset: str, arch: str | None = N
             continue
         if rec.dataset == dataset and (arch is None or rec.arch == arch):
             found.append((path, rec))
-    found.sort(key=lambda item: item[1].metric.value if item[1].metric.direction == "maximize" else -item[1].metric.value, reverse=True)
+    # By the confirmed mean where there is one: the search value of a single trial is a lucky draw.
+    found.sort(key=lambda item: _confirmed_or_search(item[1]), reverse=True)
     return Found(found, invalid, _choose_optimizer(root, dataset, arch, invalid))
+
+
+def _confirmed_or_search(rec: Recommendation) -> float:
+    value = rec.metric.confirm.mean if rec.metric.confirm is not None else rec.metric.value
+    return value if rec.metric.direction == "maximize" else -value
 
 
 def _choose_optimizer(root: Path, dataset: str, arch: str | None, invalid: list[str]) -> OptimizerChoice | None:

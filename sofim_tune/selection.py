@@ -7,7 +7,8 @@ The protocol (the README's "How the recommendation is chosen" says the same):
 2. Each candidate is retrained once per confirmation seed. Run ``i`` uses weight seed
    ``seeds[i]`` and its own train/validation split ``split_seeds[i]``, never the search's
    split, so the confirmed numbers are not measured on the images that selected the
-   candidate, and the spread over runs includes the spread over splits.
+   candidate, and the spread over runs includes the spread over splits. (An ImageFolder
+   with its own ``val/`` validates every run on it; best.json then says so.)
 3. Each candidate's neighbours, lr × ½ and lr × 2 with everything else unchanged, are trained
    with the first :data:`NEIGHBOUR_SEEDS` of those seeds and splits.
 4. The recommendation is the candidate with the best *robust score*: the worse of its own

@@ -120,18 +120,20 @@ def run_file_storage(url: str, out_dir: Path) -> str:
     if file is None:
         return redact_storage_url(url)
     file = file.resolve()
+    scheme = "journal:" if url.startswith("journal:") else ""
     try:
-        return str(file.relative_to(out_dir.resolve()))
+        return scheme + str(file.relative_to(out_dir.resolve()))
     except ValueError:
-        return ("journal:" if url.startswith("journal:") else "sqlite:///") + str(file)
+        return (scheme or "sqlite:///") + str(file)
 
 
 def storage_from_run_file(value: str, run_dir: Path) -> str:
     """Inverse of :func:`run_file_storage`: a URL the backend can open."""
-    if "://" in value or value.startswith("journal:"):
+    if "://" in value:
         return value
-    path = run_dir.resolve() / value
-    return f"journal:{path}" if value.endswith((".log", ".journal")) else f"sqlite:///{path}"
+    if value.startswith("journal:"):
+        return f"journal:{run_dir.resolve() / value.removeprefix('journal:')}"  # an absolute path stays itself
+    return f"sqlite:///{run_dir.resolve() / value}"
 
 
 def read_run_file(run_dir: Path) -> dict[str, Any]:
@@ -353,11 +355,12 @@ def trial_config(
     )
 
 
-# The settings each optimizer's users start from: tried first when a spec names none that fit.
+# The settings each optimizer's users start from: a spec's settings are completed with them, and
+# they are tried first themselves when a spec names none for the optimizer.
 FIRST_SETTINGS: dict[str, dict[str, float]] = {
-    "sofim": {"lr": 0.1, "rho": 1.0, "beta1": 0.9},
-    "sofim-tensor": {"lr": 0.1, "rho": 1.0, "beta1": 0.9},
-    "sgd-momentum": {"lr": 0.1, "momentum": 0.9},
+    "sofim": {"lr": 0.1, "rho": 1.0, "beta1": 0.9, "weight_decay": 5e-4},
+    "sofim-tensor": {"lr": 0.1, "rho": 1.0, "beta1": 0.9, "weight_decay": 5e-4},
+    "sgd-momentum": {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4},
     "adamw": {"lr": 1e-3, "beta1": 0.9, "weight_decay": 1e-2},
 }
 
@@ -365,20 +368,28 @@ FIRST_SETTINGS: dict[str, dict[str, float]] = {
 def settings_to_enqueue(spec: StudySpec, space: SearchSpace, options: RunOptions) -> list[dict[str, float]]:
     """The sampler's values of the settings to try first: the spec's, then ``options.enqueue``.
 
-    A spec's settings name one optimizer's hyperparameters (SOFIM's, in the shipped specs);
-    with a space for another optimizer (``--space adamw``) they do not apply and are left out,
-    and that optimizer's usual first settings (:data:`FIRST_SETTINGS`) are tried instead when
-    they fit the space. Settings the user passed (``--enqueue best.json``) must fit the space.
+    A spec's settings are meant for the optimizer whose names they use (SOFIM's, in the
+    shipped specs). Each is completed with :data:`FIRST_SETTINGS` for the names the space
+    searches and it lacks (``weight_decay`` for a ``-wd`` space), and left out when it names
+    another optimizer's hyperparameters or does not fit the space (``--space adamw``, or a
+    space that fixes what the setting gives). When none is left, the optimizer's usual first
+    settings are tried, if they fit. Settings the user passed (``--enqueue best.json``)
+    must fit the space.
     """
     takes = set(OPTIMIZER_HYPERPARAMETERS[space.optimizer])
-    own = [settings for settings in spec.enqueue if set(settings) <= takes]
-    if not own and space.optimizer in FIRST_SETTINGS:
-        searched = {name: value for name, value in FIRST_SETTINGS[space.optimizer].items() if name not in space.fixed}
+    first = FIRST_SETTINGS.get(space.optimizer, {})
+    searched = set(space.to_hyperparameters({name: p.low for name, p in space.params.items()}))
+    candidates = [settings for settings in spec.enqueue if set(settings) <= takes] or [first]
+    fitting = []
+    for settings in candidates:
+        completed = {name: settings.get(name, first.get(name)) for name in searched}
+        if None in completed.values():
+            continue
         try:
-            own = [searched] if space.from_hyperparameters(searched) else []
+            fitting.append(space.from_hyperparameters(completed))
         except UserInputError:
-            own = []  # a space of the user's that searches other names or other ranges
-    return [space.from_hyperparameters(settings) for settings in (*own, *options.enqueue)]
+            continue
+    return [*fitting, *(space.from_hyperparameters(settings) for settings in options.enqueue)]
 
 
 def worst_value(direction: str) -> float:
@@ -452,10 +463,8 @@ def make_sampler(name: str, space: SearchSpace, seed: int, trials: int) -> optun
     raise UserInputError(f"unknown sampler {name!r}")
 
 
-def describe_exit(exitcode: int | None) -> str:
+def describe_exit(exitcode: int) -> str:
     """``was killed by SIGKILL`` or ``exited with code 3``: how a worker process ended."""
-    if exitcode is None:
-        return "is still running"
     if exitcode < 0:
         try:
             return f"was killed by {signal.Signals(-exitcode).name}"

@@ -49,7 +49,7 @@ class TrialConfig:
         dataset: a registry name (``digits``, ``mnist``, ``fashion-mnist``, ``cifar10``,
             ``cifar100``, ``svhn``) or the path to an ImageFolder.
         arch: a registry architecture; None takes the dataset's default.
-        optimizer: ``sofim``, ``sgd-momentum`` or ``adamw``.
+        optimizer: ``sofim``, ``sofim-tensor`` (a Fisher block per tensor), ``sgd-momentum`` or ``adamw``.
         hyperparameters: the optimizer's settings (``lr``, ``rho``, ``beta1``, ...);
             ``lr`` > 0, ``rho`` > 0, ``beta1`` and ``momentum`` in [0, 1).
         epochs: passes over the training split, >= 1.

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sofim_tune.backends import get_backend
-from sofim_tune.data import has_test_split
+from sofim_tune.data import has_fixed_validation, has_test_split
 from sofim_tune.errors import UserInputError
 from sofim_tune.recommend import build_recommendation, write_recommendation
 from sofim_tune.records import Confirmation, StudyRecord
@@ -77,6 +77,8 @@ def confirm(study: StudyRecord, spec: StudySpec, space: SearchSpace, options: Ru
     # Trial n trained with seed spec.seed + n; numbers can skip records (surplus trials).
     numbered = max((t.number for t in study.trials), default=-1) + 1
     seeds, split_seeds = confirmation_seeds(spec.seed, numbered, spec.split_seed, spec.confirm_seeds)
+    if has_fixed_validation(spec.dataset):
+        split_seeds = [spec.split_seed] * len(seeds)  # its val/ folder validates every run
     stored = study.confirmations
     candidates = [t.params for t in distinct_ranked(study)[: spec.confirm_top]]
     if stored and [c.params for c in stored] == candidates and all(c.seeds == seeds and c.split_seeds == split_seeds for c in stored):
@@ -91,10 +93,12 @@ def confirm(study: StudyRecord, spec: StudySpec, space: SearchSpace, options: Ru
         measured = []
         for result in backend.confirm(configs, options):
             value = result.metrics.get(spec.metric)
+            completed = result.status == "completed" and value is not None
             measured.append(
                 Measurement(
-                    value=value if result.status == "completed" and value is not None else worst_value(spec.direction),
-                    test_accuracy=result.metrics.get("test_accuracy"),
+                    value=value if completed else worst_value(spec.direction),
+                    # A run that diverged or failed counts as no accuracy at all, as its validation does.
+                    test_accuracy=result.metrics.get("test_accuracy") if completed else (0.0 if result.config.evaluate_test else None),
                     fisher_ratio=result.metrics.get("fisher_ratio"),
                     curve=tuple(epoch[spec.metric] for epoch in result.history),
                 )

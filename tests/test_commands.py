@@ -157,3 +157,20 @@ def test_sofim_from_recommendation(results):
     opt = SOFIM.from_recommendation(torch.nn.Linear(2, 2).parameters(), rec)
     assert opt.param_groups[0]["lr"] == rec.hyperparameters["lr"] and opt.param_groups[0]["rho"] == rec.hyperparameters["rho"]
     assert SOFIM.from_recommendation(torch.nn.Linear(2, 2).parameters(), results / "digits-mlp" / "best.json").defaults["beta1"] == rec.hyperparameters["beta1"]
+
+
+def test_a_log_without_a_terminal_hears_from_a_long_trial(monkeypatch, capsys):
+    """The quiet line runs on a clock: a trial of minutes reports no progress of its own."""
+    import time
+
+    from sofim_tune.cli import app as cli_app
+    from study_records import make_study
+
+    monkeypatch.setattr(cli_app._LiveView, "QUIET_SECONDS", 0.5)
+    view = cli_app._LiveView()
+    view.terminal = False
+    with view:
+        view(make_study(6, running=1))
+        time.sleep(1.8)
+    quiet = [line for line in capsys.readouterr().err.splitlines() if line.startswith("cifar100-resnet18: 1 running")]
+    assert len(quiet) >= 2 and all("finished" in line for line in quiet)

@@ -379,3 +379,13 @@ def test_unwritable_storage_is_refused(tmp_path: Path) -> None:
 def test_load_ray_record_needs_a_ray_run(tmp_path: Path) -> None:
     with pytest.raises(UserInputError, match="holds no Ray study"):
         load_ray_record(tmp_path)
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe not utf-8", b"[1, 2]", b'{"backend": "ray"}', b"{not json"])
+def test_a_damaged_ray_study_json_is_one_clear_line(tmp_path: Path, content: bytes) -> None:
+    from sofim_tune import runs
+
+    (tmp_path / "run.json").write_text(json.dumps({"backend": "ray", "storage": "x", "study": "s"}))
+    (tmp_path / "ray_study.json").write_bytes(content)
+    with pytest.raises(UserInputError, match="ray_study.json"):
+        runs.load_run(tmp_path)

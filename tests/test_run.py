@@ -474,3 +474,26 @@ def test_a_baseline_study_on_digits(tmp_path):
 
     first = optuna.load_study(study_name="digits-mlp", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}").trials[0]
     assert first.params == {"lr": 1e-3, "beta1": 0.9, "weight_decay": 1e-2}
+
+
+def test_every_shipped_spec_gives_every_shipped_space_a_first_setting():
+    """A spec's settings are completed (weight_decay for -wd spaces) or replaced by the optimizer's own."""
+    from sofim_tune.space import load_space, space_names
+    from sofim_tune.spec import spec_names
+    from sofim_tune.study import settings_to_enqueue
+
+    options = RunOptions(out_dir=Path("unused"))
+    for spec_name in spec_names():
+        for space_name in space_names():
+            assert len(settings_to_enqueue(load_spec(study=spec_name), load_space(space_name), options)) == 1, (spec_name, space_name)
+
+
+def test_a_folder_with_its_own_val_says_its_confirmation_is_not_resplit(tmp_path):
+    from fake_datasets import write_image_folder
+
+    folder = tmp_path / "shapes"
+    for split, seed in (("train", 0), ("val", 1)):
+        write_image_folder(folder / split, ["a", "b"], per_class=8, seed=seed)
+    outcome = tune(load_spec(str(folder)).replace(trials=2, epochs=1, confirm_top=1, confirm_seeds=2), RunOptions(out_dir=tmp_path / "run", device="cpu"))
+    confirm = load_recommendation(outcome.best_json).metric.confirm
+    assert confirm.protocol.startswith("fixed validation") and len(set(confirm.split_seeds)) == 1

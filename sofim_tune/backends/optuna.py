@@ -51,6 +51,7 @@ from sofim_tune.study import (
     storage_from_run_file,
     study_metadata,
     trial_config,
+    worst_value,
 )
 from sofim_tune.trial import TrialConfig, TrialResult, train_trial
 
@@ -158,7 +159,7 @@ def maybe_widen(study: optuna.Study, space: SearchSpace) -> list[dict[str, Any]]
 
     The best :data:`WIDEN_TOP_SHARE` of completed trials (at least three) are looked at once
     :data:`WIDEN_AFTER` have completed. When the median of their values of a log-scaled
-    parameter lies within ``recommend.EDGE_SHARE`` of a range's width of a bound, that bound
+    parameter lies within ``study.EDGE_SHARE`` of a range's width of a bound, that bound
     moves a decade outwards, at most :data:`WIDEN_LIMIT` times per bound. The new bounds
     are stored with the study, so that every worker and every resume samples from them.
     """
@@ -261,8 +262,10 @@ class _Objective:
             return result.metrics[self.spec.metric]
         trial.set_user_attr("reason", result.status)
         if result.status == "diverged":
-            # Pruned rather than failed: the sampler ranks it below every trial that trained.
+            # Pruned rather than failed, with the worst value at the epoch it diverged, so that
+            # the sampler ranks it below trials that trained that far, not by its last good epoch.
             trial.set_user_attr("diverged_epoch", result.diverged_epoch)
+            trial.report(worst_value(self.spec.direction), step=result.diverged_epoch)
             raise optuna.TrialPruned(f"diverged at epoch {result.diverged_epoch}")
         if result.status == "pruned":
             raise optuna.TrialPruned()
@@ -344,8 +347,10 @@ def open_study(spec: StudySpec, space: SearchSpace, url: str) -> optuna.Study:
         if meta is None:
             raise UserInputError(f"study {spec.name!r} in {redact_storage_url(url)} was not made by sofim-tune; choose another --study name")
         check_resumable(meta, spec, space, f"study {spec.name!r} in {redact_storage_url(url)}")
-        if (meta["trials"], meta.get("widen")) != (spec.trials, spec.widen):
-            study.set_user_attr(ATTR, {**meta, "trials": spec.trials, "widen": spec.widen})
+        # What may change on a rerun: the target, widening, and how the rest is searched.
+        current = {"trials": spec.trials, "widen": spec.widen, "sampler": spec.sampler, "pruner": spec.pruner}
+        if any(meta.get(key) != value for key, value in current.items()):
+            study.set_user_attr(ATTR, {**meta, **current})
         return study
     # load_if_exists: another process may create the same study between the check and here.
     study = optuna.create_study(storage=storage, study_name=spec.name, direction=spec.direction, load_if_exists=True)
@@ -398,9 +403,9 @@ def run_optuna_study(spec: StudySpec, space: SearchSpace, options: RunOptions, *
     """
     url = storage_url(options)
     check_run_folder(options.out_dir, backend="optuna", storage=url, study=spec.name)
-    open_storage(url)  # a bad URL is the user's next problem to hear about, before run.json is written
-    claim_run_folder(options.out_dir, backend="optuna", storage=url, study=spec.name)
+    # A bad URL, then a study there that cannot be resumed, are refused before run.json is written.
     study = open_study(spec, space, url)
+    claim_run_folder(options.out_dir, backend="optuna", storage=url, study=spec.name)
     recover_interrupted(study)
     for values in settings_to_enqueue(spec, space, options):
         study.enqueue_trial(values, skip_if_exists=True)

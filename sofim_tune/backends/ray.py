@@ -46,7 +46,7 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from sofim_tune.errors import UserInputError
-from sofim_tune.files import write_text_atomic
+from sofim_tune.files import read_json, write_text_atomic
 from sofim_tune.records import Confirmation, StudyRecord, TrialRecord
 from sofim_tune.space import SearchSpace
 from sofim_tune.spec import StudySpec
@@ -693,14 +693,20 @@ def _check_writable(root: str) -> None:
 # ---------------------------------------------------------------------------------------
 
 
+# What a study's metadata must hold to be read back (study_metadata writes them all).
+_METADATA_KEYS = ("name", "backend", "dataset", "arch", "optimizer", "space", "space_definition", "log_params", "metric", "direction", "sampler", "pruner", "epochs", "batch_size", "fixed", "trials", "storage", "created")
+
+
 def _read_metadata(run_dir: Path) -> dict[str, Any] | None:
+    """``ray_study.json`` of a run folder; None when there is none. A damaged one is one clear line."""
     path = run_dir / METADATA_FILE
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    if not path.exists():
         return None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserInputError(f"{path}: cannot read: {exc}") from None
+    meta = read_json(path, f"{path}: cannot read")
+    missing = [key for key in _METADATA_KEYS if key not in meta] if isinstance(meta, dict) else ["everything: not a JSON object"]
+    if missing:
+        raise UserInputError(f"{path}: corrupted (missing {', '.join(missing[:3])}); rerun the study into a new --out")
+    return meta
 
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:
