@@ -174,3 +174,33 @@ def test_a_log_without_a_terminal_hears_from_a_long_trial(monkeypatch, capsys):
         time.sleep(1.8)
     quiet = [line for line in capsys.readouterr().err.splitlines() if line.startswith("cifar100-resnet18: 1 running")]
     assert len(quiet) >= 2 and all("finished" in line for line in quiet)
+
+
+def test_storage_names_round_trip_through_run_json(tmp_path):
+    """A file storage inside the run folder is named relative to it, and keeps its kind."""
+    from sofim_tune.study import run_file_storage, storage_from_run_file
+
+    out = tmp_path / "run"
+    for url, relative in (
+        (f"journal:{out / 'study.jnl'}", "journal:study.jnl"),
+        (f"sqlite:///{out / 'my.log'}", "my.log"),
+        (f"journal:{tmp_path / 'elsewhere.log'}", None),
+        (f"sqlite:///{tmp_path / 'x.db'}", None),
+    ):
+        stored = run_file_storage(url, out)
+        assert stored == (relative or url)
+        assert storage_from_run_file(stored, out) == url
+    assert run_file_storage("postgresql://u:pw@h/db", out) == "postgresql://u:***@h/db"
+
+
+def test_recommend_ranks_by_the_confirmed_mean(results, tmp_path):
+    """A lucky search value must not outrank a better confirmed mean."""
+    root = tmp_path / "results"
+    for name, (search, confirmed) in {"lucky": (0.99, 0.90), "solid": (0.95, 0.94)}.items():
+        (root / name).mkdir(parents=True)
+        data = json.loads((results / "digits-mlp" / "best.json").read_text())
+        data["metric"]["value"], data["metric"]["confirm"]["mean"] = search, confirmed
+        data["hyperparameters"]["lr"] = {"lucky": 0.5, "solid": 0.05}[name]
+        (root / name / "best.json").write_text(json.dumps(data))
+    done = invoke("recommend", "--dataset", "digits", "--results", root, "--json")
+    assert json.loads(done.stdout)["hyperparameters"]["lr"] == 0.05
