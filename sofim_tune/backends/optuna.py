@@ -265,7 +265,8 @@ class _Objective:
             # Pruned rather than failed, with the worst value at the epoch it diverged, so that
             # the sampler ranks it below trials that trained that far, not by its last good epoch.
             trial.set_user_attr("diverged_epoch", result.diverged_epoch)
-            trial.report(worst_value(self.spec.direction), step=result.diverged_epoch)
+            if result.diverged_epoch > result.epochs:  # the epoch it diverged in reported nothing yet
+                trial.report(worst_value(self.spec.direction), step=result.diverged_epoch)
             raise optuna.TrialPruned(f"diverged at epoch {result.diverged_epoch}")
         if result.status == "pruned":
             raise optuna.TrialPruned()
