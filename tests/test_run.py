@@ -267,6 +267,20 @@ def test_diverged_trials_are_pruned_with_their_reason(tmp_path, monkeypatch):
     assert not study.trials[1].diverged
 
 
+def test_a_diverged_trial_tells_the_sampler_the_worst_value_where_it_diverged(tmp_path, monkeypatch):
+    """A trial that trained 2 good epochs, then diverged in its 3rd, reads 0 at epoch 3 to TPE."""
+    real = optuna_backend.train_trial
+
+    def diverges_in_third(config, reporter=None):
+        result = real(config.__class__(**{**config.__dict__, "epochs": 2}), reporter)
+        result.status, result.diverged_epoch = "diverged", 3
+        return result
+
+    monkeypatch.setattr(optuna_backend, "train_trial", diverges_in_third)
+    study = tune(load_spec("digits").replace(trials=1, epochs=4, pruner="none"), RunOptions(out_dir=tmp_path, device="cpu", export=False)).study
+    assert study.trials[0].intermediate[3] == 0.0 and study.trials[0].intermediate[2] > 0.5
+
+
 def test_relative_out_folder_is_readable_from_elsewhere(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     tune(load_spec("digits").replace(trials=1, epochs=1), RunOptions(out_dir=Path("runs/d"), device="cpu", export=False))
