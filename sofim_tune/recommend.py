@@ -28,9 +28,9 @@ from sofim_tune import __version__
 from sofim_tune.errors import UserInputError
 from sofim_tune.files import read_json, redact_storage_url, write_text_atomic
 from sofim_tune.optim import OPTIMIZER_HYPERPARAMETERS, build_optimizer
-from sofim_tune.records import Confirmation, StudyRecord, TrialRecord
+from sofim_tune.records import Confirmation, StudyRecord
 from sofim_tune.schedules import build_scheduler
-from sofim_tune.selection import CRITERION, current_confirmations, distinct_ranked, interval95, pick_recommended, regime, robust_score
+from sofim_tune.selection import CRITERION, current_confirmations, distinct_ranked, interval95, no_completed_trial, pick_recommended, regime, robust_score
 from sofim_tune.study import EDGE_SHARE
 
 SCHEMA_ID = "sofim-tune/recommendation/v1"
@@ -256,17 +256,6 @@ def _validate(data: Any, source: str) -> None:
     raise UserInputError(f"{source}: not a sofim-tune v1 recommendation: {what[:300]}")
 
 
-def _completed(study: StudyRecord) -> list[TrialRecord]:
-    return [t for t in study.trials if t.state == "complete" and t.value is not None]
-
-
-def _no_completed_trial(study: StudyRecord) -> UserInputError:
-    return UserInputError(
-        f"study {study.name!r} has no completed trial yet; "
-        "wait for one to finish or run more trials"
-    )
-
-
 def param_importances(study: StudyRecord) -> dict[str, float]:
     """Share of each hyperparameter in reaching the study's top trials.
 
@@ -282,7 +271,7 @@ def param_importances(study: StudyRecord) -> dict[str, float]:
         ``{name: share}`` with shares in [0, 1] summing to 1, most important first;
         empty with fewer than 2 completed trials.
     """
-    completed = _completed(study)
+    completed = study.completed()
     if len(completed) < 2:
         return {}
     names = list(dict.fromkeys(name for t in completed for name in t.params))
@@ -333,7 +322,7 @@ def good_region(study: StudyRecord, tolerance: float = 0.01) -> dict[str, tuple[
     if best is None:
         return {}
     sign = 1.0 if study.direction == "maximize" else -1.0
-    near = [t for t in _completed(study) if sign * (best.value - t.value) <= tolerance]
+    near = [t for t in study.completed() if sign * (best.value - t.value) <= tolerance]
     region: dict[str, tuple[float, float]] = {}
     for name in dict.fromkeys(name for t in near for name in t.params):
         values = [float(t.params[name]) for t in near if name in t.params]
@@ -425,7 +414,7 @@ def build_recommendation(
     """
     best = study.best_trial()
     if best is None:
-        raise _no_completed_trial(study)
+        raise no_completed_trial(study)
     if confirmations is None:
         confirmations = current_confirmations(study)
     params, chosen = pick_recommended(study, confirmations)

@@ -6,6 +6,7 @@ Export (``recommend.py``) and plots (``report.py``) read a study only through
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -73,15 +74,12 @@ class Confirmation:
 
     @property
     def mean(self) -> float:
-        return sum(self.values) / len(self.values)
+        return statistics.fmean(self.values)
 
     @property
     def std(self) -> float:
         """Sample standard deviation over the seeds (n − 1 in the denominator); 0 for one run."""
-        if len(self.values) < 2:
-            return 0.0
-        mean = self.mean
-        return (sum((v - mean) ** 2 for v in self.values) / (len(self.values) - 1)) ** 0.5
+        return statistics.stdev(self.values) if len(self.values) >= 2 else 0.0
 
 
 @dataclass(frozen=True)
@@ -139,9 +137,13 @@ class StudyRecord:
         done = len(self.by_state("complete")) + len(self.by_state("pruned"))
         return done >= self.target_trials and not self.by_state("running")
 
+    def completed(self) -> list[TrialRecord]:
+        """The trials that completed with a value, in number order."""
+        return [t for t in self.trials if t.state == "complete" and t.value is not None]
+
     def best_trial(self) -> TrialRecord | None:
         """The completed trial with the best value, or None."""
-        completed = [t for t in self.trials if t.state == "complete" and t.value is not None]
+        completed = self.completed()
         if not completed:
             return None
         pick = max if self.direction == "maximize" else min

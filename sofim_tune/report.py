@@ -116,10 +116,6 @@ def _fmt(value: float) -> str:
     return f"{value:.4g}"
 
 
-def _completed(study: StudyRecord) -> list[TrialRecord]:
-    return [t for t in study.by_state("complete") if t.value is not None]
-
-
 def _kind(trial: TrialRecord) -> str:
     if trial.state == "complete":
         return "completed"
@@ -222,7 +218,7 @@ def _history(study: StudyRecord) -> go.Figure:
             marker={"color": _STYLE[kind]["color"],
                     "symbol": "x" if kind == "diverged" else "circle-open"},
         )
-    completed = sorted(_completed(study), key=lambda t: t.number)
+    completed = sorted(study.completed(), key=lambda t: t.number)
     values = np.array([t.value for t in completed])
     accumulate = np.maximum if study.direction == "maximize" else np.minimum
     fig.add_scatter(x=[t.number for t in completed], y=values, mode="markers",
@@ -264,7 +260,7 @@ def _stopped(study: StudyRecord, kind: str) -> list[tuple[TrialRecord, float]]:
 
 def _slices(study: StudyRecord) -> go.Figure:
     names = _hyperparameters(study)
-    completed = _completed(study)
+    completed = study.completed()
     stopped = {kind: _stopped(study, kind) for kind in ("pruned", "diverged")}
     fig = make_subplots(rows=1, cols=max(1, len(names)), shared_yaxes=True,
                         subplot_titles=names, horizontal_spacing=0.04)
@@ -349,7 +345,7 @@ def _best_and_recommended(fig: go.Figure, best: TrialRecord | None,
 
 
 def _contour(study: StudyRecord, best: TrialRecord | None, rec: Recommendation | None) -> go.Figure:
-    trials = [t for t in _completed(study) if "lr" in t.params and "rho" in t.params]
+    trials = [t for t in study.completed() if "lr" in t.params and "rho" in t.params]
     lr = np.array([t.params["lr"] for t in trials])
     rho = np.array([t.params["rho"] for t in trials])
     values = np.array([t.value for t in trials])
@@ -457,7 +453,7 @@ def _regime(study: StudyRecord, best: TrialRecord | None, rec: Recommendation | 
 
 
 def _parallel(study: StudyRecord) -> go.Figure:
-    completed = _completed(study)
+    completed = study.completed()
     values = np.array([t.value for t in completed])
     dimensions = []
     for name in _hyperparameters(study):

@@ -38,6 +38,7 @@ __all__ = [
     "current_confirmations",
     "distinct_ranked",
     "interval95",
+    "no_completed_trial",
     "neighbour_settings",
     "pick_recommended",
     "regime",
@@ -72,14 +73,15 @@ class Measurement:
     curve: tuple[float, ...] = ()
 
 
-def _completed(study: StudyRecord) -> list[TrialRecord]:
-    return [t for t in study.trials if t.state == "complete" and t.value is not None]
+def no_completed_trial(study: StudyRecord) -> UserInputError:
+    """The error for a study that has nothing to recommend yet."""
+    return UserInputError(f"study {study.name!r} has no completed trial yet; wait for one to finish or run more trials")
 
 
 def distinct_ranked(study: StudyRecord) -> list[TrialRecord]:
     """Completed trials best first, keeping the best of trials with identical params."""
     sign = -1.0 if study.direction == "maximize" else 1.0
-    ranked = sorted(_completed(study), key=lambda t: (sign * t.value, t.number))
+    ranked = sorted(study.completed(), key=lambda t: (sign * t.value, t.number))
     seen: set[tuple[tuple[str, float], ...]] = set()
     distinct = []
     for trial in ranked:
@@ -195,7 +197,7 @@ def pick_recommended(study: StudyRecord, confirmations: Sequence[Confirmation]) 
         return dict(chosen.params), chosen
     best = study.best_trial()
     if best is None:
-        raise UserInputError(f"study {study.name!r} has no completed trial yet; wait for one to finish or run more trials")
+        raise no_completed_trial(study)
     return dict(best.params), None
 
 
