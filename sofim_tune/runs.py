@@ -7,8 +7,9 @@ names its backend and storage in ``run.json``; a storage given explicitly (``--s
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 from datetime import datetime
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from sofim_tune.study import read_run_file
 
 if TYPE_CHECKING:
     from sofim_tune.report import Report
+
+T = TypeVar("T")
 
 
 def load_run(run_dir: str | Path | None = None, *, storage: str | None = None, study: str | None = None) -> StudyRecord:
@@ -116,18 +119,20 @@ def find_recommendations(results: str | Path, dataset: str, arch: str | None = N
     Files that are not v1 recommendations are left out and named in ``invalid``.
     """
     root = Path(results)
-    found, invalid = [], []
-    for path in sorted(root.glob("*/best.json")) if root.is_dir() else []:
-        try:
-            rec = load_recommendation(path)
-        except UserInputError as exc:
-            invalid.append(str(exc))
-            continue
-        if rec.dataset == dataset and (arch is None or rec.arch == arch):
-            found.append((path, rec))
+    invalid: list[str] = []
+    found = [(path, rec) for path, rec in _readable(root, "best.json", load_recommendation, invalid) if rec.dataset == dataset and (arch is None or rec.arch == arch)]
     # By the confirmed mean where there is one: the search value of a single trial is a lucky draw.
     found.sort(key=lambda item: _confirmed_or_search(item[1]), reverse=True)
     return Found(found, invalid, _choose_optimizer(root, dataset, arch, invalid))
+
+
+def _readable(root: Path, name: str, load: Callable[[Path], T], invalid: list[str]) -> Iterator[tuple[Path, T]]:
+    """Every ``root/*/name`` that ``load`` accepts; each one it refuses is named in ``invalid``."""
+    for path in sorted(root.glob(f"*/{name}")) if root.is_dir() else []:
+        try:
+            yield path, load(path)
+        except UserInputError as exc:
+            invalid.append(str(exc))
 
 
 def _confirmed_or_search(rec: Recommendation) -> float:
@@ -138,15 +143,7 @@ def _confirmed_or_search(rec: Recommendation) -> float:
 def _choose_optimizer(root: Path, dataset: str, arch: str | None, invalid: list[str]) -> OptimizerChoice | None:
     from sofim_tune.comparison import load_comparison
 
-    comparisons = []
-    for path in sorted(root.glob("*/compare.json")) if root.is_dir() else []:
-        try:
-            doc = load_comparison(path)
-        except UserInputError as exc:
-            invalid.append(str(exc))
-            continue
-        if doc["dataset"] == dataset and (arch is None or doc["arch"] == arch):
-            comparisons.append((path.parent, doc))
+    comparisons = [(path.parent, doc) for path, doc in _readable(root, "compare.json", load_comparison, invalid) if doc["dataset"] == dataset and (arch is None or doc["arch"] == arch)]
     if not comparisons:
         return None
     folder, doc = max(comparisons, key=lambda item: item[1]["created"])
