@@ -114,9 +114,13 @@ def tune(spec: StudySpec, options: RunOptions, *, backend: str = "optuna", on_pr
     Running it again with the same spec and run folder resumes the study: only the trials
     missing to reach ``spec.trials`` finished trials run.
     """
-    search = get_backend(backend)
     space = load_space(spec.search_space)
     check_inputs(spec, space, options, backend)
+    return _search_and_export(spec, space, options, get_backend(backend), on_progress)
+
+
+def _search_and_export(spec: StudySpec, space: SearchSpace, options: RunOptions, search: Backend, on_progress: Callable[[StudyRecord], None] | None) -> TuneOutcome:
+    """:func:`tune` after its inputs were checked."""
     study = search.run(spec, space, options, on_progress=on_progress)
     if not options.export:
         return TuneOutcome(study, None, None)
@@ -209,9 +213,11 @@ def compare(spec: StudySpec, options: RunOptions, optimizers: Sequence[str] = DE
 
     _check_compare_folder(options.out_dir, optimizers)
     plans = compare_plans(spec, options, optimizers)
+    spaces = {name: load_space(study_spec.search_space) for name, (study_spec, _) in plans.items()}
     for name, (study_spec, study_options) in plans.items():
-        check_inputs(study_spec, load_space(study_spec.search_space), study_options, backend)
-    studies = {name: tune(study_spec, study_options, backend=backend, on_progress=on_progress) for name, (study_spec, study_options) in plans.items()}
+        check_inputs(study_spec, spaces[name], study_options, backend)
+    search = get_backend(backend)
+    studies = {name: _search_and_export(study_spec, spaces[name], study_options, search, on_progress) for name, (study_spec, study_options) in plans.items()}
     results = [optimizer_result(name, outcome) for name, outcome in studies.items()]
     budget = {
         "trials": spec.trials,
