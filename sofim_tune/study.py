@@ -79,6 +79,9 @@ class Backend(Protocol):
 
     name: str
 
+    def check_options(self, options: RunOptions) -> None:
+        """Raise UserInputError for run options this backend cannot use, before any other work."""
+
     def run(self, spec: StudySpec, space: SearchSpace, options: RunOptions, *, on_progress: Callable[[StudyRecord], None] | None = None) -> StudyRecord:
         """Run (or resume) the study of ``spec`` to ``spec.trials`` finished trials."""
 

@@ -53,6 +53,8 @@ def check_inputs(spec: StudySpec, space: SearchSpace, options: RunOptions, backe
         raise UserInputError(f"--workers must be >= 1, got {options.workers}")
     if options.timeout is not None and not options.timeout > 0:
         raise UserInputError(f"--timeout must be > 0 seconds, got {options.timeout:g}")
+    # First, as it is the quickest to fail: a Ray cluster that cannot be used.
+    get_backend(backend).check_options(options)
     settings_to_enqueue(spec, space, options)
     for device in {options.device, *spread_devices(options.workers, options.gpus, options.device)}:
         resolve_device(device)

@@ -535,6 +535,9 @@ class OptunaBackend:
 
     name = "optuna"
 
+    def check_options(self, options: RunOptions) -> None:
+        """Nothing beyond the shared checks: the storage is opened, and checked, by ``run``."""
+
     def run(self, spec: StudySpec, space: SearchSpace, options: RunOptions, *, on_progress: Callable[[StudyRecord], None] | None = None) -> StudyRecord:
         return run_optuna_study(spec, space, options, on_progress=on_progress)
 

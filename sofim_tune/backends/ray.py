@@ -26,7 +26,6 @@ import math
 import os
 import re
 import signal
-import socket
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -45,6 +44,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from sofim_tune.backends.ray_cluster import check_cluster_fits, cluster_address, connect
 from sofim_tune.errors import UserInputError
 from sofim_tune.files import read_json, write_text_atomic
 from sofim_tune.records import Confirmation, StudyRecord, TrialRecord
@@ -77,11 +77,6 @@ MAX_FAILURES = 2
 # As in the Optuna backend: a search whose trials all fail (a broken GPU, say) stops after
 # this many failures in a row instead of replacing them for ever.
 MAX_CONSECUTIVE_FAILURES = 10
-# How long to wait for a TCP connection to a cluster's address, in seconds. ray.init
-# itself retries an unreachable GCS for minutes and then calls sys.exit.
-CONNECT_TIMEOUT_S = 10.0
-_DEFAULT_CLIENT_PORT = 10001
-_DEFAULT_GCS_PORT = 6379
 # Trial states Ray has left behind when it was stopped before the end.
 _UNFINISHED = (Trial.PENDING, Trial.RUNNING, Trial.PAUSED)
 _ANALYSIS_LOGGER = "ray.tune.analysis.experiment_analysis"
@@ -592,70 +587,6 @@ def _check_resource_numbers(options: RunOptions) -> None:
         raise UserInputError(f"--max-concurrent must be >= 1, got {options.max_concurrent}")
 
 
-def _probe_target(address: str) -> tuple[str, int]:
-    """The host and port that ``ray.init(address)`` would connect to first."""
-    if address.startswith("ray://"):
-        host, _, port = address.removeprefix("ray://").partition(":")
-        return host, int(port or _DEFAULT_CLIENT_PORT)
-    if address == "auto":
-        from ray._private.services import canonicalize_bootstrap_address_or_die
-
-        # Ray's own lookup: RAY_ADDRESS, then the cluster a `ray start` on this machine
-        # recorded. It fails at once when there is none; a stale one is probed below.
-        address = canonicalize_bootstrap_address_or_die("auto")
-    host, _, port = address.rpartition(":")
-    if not host:
-        return address, _DEFAULT_GCS_PORT
-    return host.strip("[]"), int(port)  # [::1]:6379 is an IPv6 host
-
-
-def _check_reachable(address: str) -> None:
-    """Raise UserInputError within about CONNECT_TIMEOUT_S when ``address`` cannot be reached."""
-    try:
-        host, port = _probe_target(address)
-    except ValueError:
-        raise UserInputError(f"cannot reach Ray at {address}: not an address (use auto, HOST:6379 or ray://HOST:10001)") from None
-    except ConnectionError as exc:
-        raise UserInputError(f"cannot reach Ray at {address}: {str(exc).splitlines()[0]}") from None
-    try:
-        with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S):
-            pass
-    except OSError as exc:
-        # "auto" names no host; say which one it found.
-        label = f"{address} ({host}:{port})" if address == "auto" else address
-        raise UserInputError(f"cannot reach Ray at {label}: {exc.strerror or exc or type(exc).__name__}") from None
-
-
-def _connect(options: RunOptions) -> None:
-    """Connect to the cluster of ``options.address`` (or RAY_ADDRESS), or start a local Ray.
-
-    A Ray already initialized in this process (by the caller, or by an earlier study) is
-    used as it is.
-    """
-    address = options.address or os.environ.get("RAY_ADDRESS") or None
-    if address is not None:
-        _check_reachable(address)
-    if ray.is_initialized():
-        return
-    try:
-        # Without an address this starts Ray on this machine with all its CPUs and GPUs.
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    except (ConnectionError, ValueError, RuntimeError) as exc:
-        raise UserInputError(f"cannot reach Ray at {address or 'a new local instance'}: {str(exc).splitlines()[0]}") from None
-
-
-def _check_cluster_fits(options: RunOptions) -> None:
-    """Raise UserInputError when no node of the cluster can hold one trial."""
-    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-    cpus = max((n.get("CPU", 0.0) for n in nodes), default=0.0)
-    gpus = max((n.get("GPU", 0.0) for n in nodes), default=0.0)
-    if options.cpus_per_trial > cpus:
-        raise UserInputError(f"--cpus-per-trial {options.cpus_per_trial:g}: no node of the Ray cluster has that many CPUs (the largest has {cpus:g})")
-    if options.gpus_per_trial > gpus:
-        having = f"the largest has {gpus:g}" if gpus else "the cluster has no GPUs"
-        raise UserInputError(f"--gpus-per-trial {options.gpus_per_trial:g}: no node of the Ray cluster has that many GPUs ({having})")
-
-
 def _is_uri(path: str) -> bool:
     return "://" in path
 
@@ -780,8 +711,8 @@ def run_ray_study(spec: StudySpec, space: SearchSpace, options: RunOptions, *, o
     root = _storage_root(options)
     experiment = f"{root.rstrip('/')}/{spec.name}"
     existing = _existing_experiment(spec, space, options, experiment)
-    _connect(options)
-    _check_cluster_fits(options)
+    connect(options)
+    check_cluster_fits(options)
     _check_writable(root)
 
     claim_run_folder(options.out_dir, backend="ray", storage=experiment, study=spec.name)
@@ -929,6 +860,11 @@ class RayBackend:
 
     name = "ray"
 
+    def check_options(self, options: RunOptions) -> None:
+        """Resources that make sense, and a cluster that answers and accepts this machine's token."""
+        _check_resource_numbers(options)
+        cluster_address(options)
+
     def run(self, spec: StudySpec, space: SearchSpace, options: RunOptions, *, on_progress: Callable[[StudyRecord], None] | None = None) -> StudyRecord:
         return run_ray_study(spec, space, options, on_progress=on_progress)
 
@@ -946,7 +882,7 @@ class RayBackend:
         if not configs:
             return []
         _check_resource_numbers(options)
-        _connect(options)
+        connect(options)
         task = ray.remote(confirmation_run).options(num_cpus=options.cpus_per_trial, num_gpus=options.gpus_per_trial)
         refs = [task.remote(config, options) for config in configs]
         results = []
