@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks of the issues, in one call on a lent machine (torch preinstalled there):
 # optimizer step vs SGD/AdamW with the sync-free and CUDA-graph checks, SOFIM on CUDA against
-# a float64 CPU run, and one ResNet-18 epoch of train_trial with bf16 and channels_last.
+# a float64 CPU run, one ResNet-18 epoch of train_trial with bf16 and channels_last, and
+# the study throughput of batched trials.
 # Usage: OUT=/some/dir bash benchmarks/gpu_checks.sh
 set -uo pipefail
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
@@ -26,6 +27,8 @@ print(f"SOFIM float32 on CUDA vs float64 on CPU after 50 steps: max relative err
 PY
 python3 benchmarks/optimizer_step.py --device cuda --repeats 30 2>&1 | tee "$OUT/optimizer_step_cuda.txt"
 python3 benchmarks/trial_throughput.py --gpu-epoch --batch-size 512 2>&1 | tee "$OUT/gpu_epoch.txt"
+# Trials per minute of whole studies on one GPU: batched against one at a time (target >= 8x).
+python3 benchmarks/study_throughput.py --device cuda --cnn-trials 48 2>&1 | tee "$OUT/study_throughput_cuda.txt"
 python3 - <<'PY' 2>&1 | tee "$OUT/digits_cuda.txt"
 from sofim_tune.trial import TrialConfig, train_trial
 r = train_trial(TrialConfig(dataset="digits", device="cuda", hyperparameters={"lr": 0.1, "rho": 0.1, "beta1": 0.9}, epochs=10))

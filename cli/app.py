@@ -87,7 +87,9 @@ StudyOpt = Annotated[Optional[str], typer.Option(help="A shipped study spec (`ci
 TrialsOpt = Annotated[Optional[int], typer.Option(help="Finished (completed or pruned) trials to reach (>= 1).")]
 SamplerOpt = Annotated[Optional[str], typer.Option(help="`tpe` (default), `random`, `qmc`, `cmaes`, `gp` or `grid`.")]
 PrunerOpt = Annotated[Optional[str], typer.Option(help="`hyperband` (default), `median`, `sha` or `none`.")]
-WorkersOpt = Annotated[int, typer.Option(help="Worker processes sharing the storage.")]
+WorkersOpt = Annotated[Optional[int], typer.Option(help="Trials at once, each in its own worker process; default: one per physical core on the CPU (memory and --trials permitting), 4 small-model trials per GPU.")]
+BatchTrialsOpt = Annotated[Optional[int], typer.Option(help="Trials each worker trains at once as one stacked model (MLP and CNN); default 1: one at a time (batching did not pay on a 2-core CPU; see the README).")]
+ThreadsOpt = Annotated[Optional[int], typer.Option(help="torch threads per trial; default: the cores left over per worker (1 when every core has a worker).")]
 ConfirmTopOpt = Annotated[Optional[int], typer.Option(help="Configurations retrained with fresh seeds before recommending.")]
 ConfirmSeedsOpt = Annotated[Optional[int], typer.Option(help="Fresh seeds (and splits) per confirmed candidate, >= 2; the interval in best.json is over them.")]
 RunStorageEnvOpt = Annotated[Optional[str], typer.Option(help="Read the storage URL from this environment variable, so its password stays out of `ps`.")]
@@ -317,7 +319,9 @@ def run(
     pruner: PrunerOpt = None,
     storage: Annotated[Optional[str], typer.Option(help="Optuna storage: an SQLAlchemy URL or `journal:PATH`; default: SQLite in --out.")] = None,
     storage_env: RunStorageEnvOpt = None,
-    workers: WorkersOpt = 1,
+    workers: WorkersOpt = None,
+    threads_per_trial: ThreadsOpt = None,
+    batch_trials: BatchTrialsOpt = None,
     gpus: Annotated[Optional[str], typer.Option(help="GPUs to spread workers over: `all` or `0,1`.")] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Run folder; default: runs/DATASET-ARCH (the study name).")] = None,
     seed: SeedOpt = None,
@@ -358,6 +362,8 @@ def run(
         out_dir=out_dir or Path("runs") / spec.name,
         storage=_storage(storage, storage_env),
         workers=workers,
+        threads_per_trial=threads_per_trial,
+        batch_trials=batch_trials,
         gpus=_parse_gpus(gpus),
         timeout=timeout,
         enqueue=(load_recommendation(enqueue).hyperparameters,) if enqueue else (),
@@ -374,6 +380,8 @@ def run(
     with _LiveView() as live_view:
         outcome = tune(spec, options, backend=backend, on_progress=live_view)
     _print_summary(outcome.study, time.monotonic() - started)
+    if outcome.parallelism:
+        out.print(f"parallelism:    {outcome.parallelism}", highlight=False, soft_wrap=True)
     if outcome.best_json:
         out.print(f"recommendation: {outcome.best_json}")
     if outcome.report:
@@ -412,7 +420,9 @@ def compare(
     seed: SeedOpt = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Compare folder: one run folder per optimizer, compare.json, compare.html; default: runs/compare-DATASET-ARCH.")] = None,
     backend: BackendOpt = "optuna",
-    workers: WorkersOpt = 1,
+    workers: WorkersOpt = None,
+    threads_per_trial: ThreadsOpt = None,
+    batch_trials: BatchTrialsOpt = None,
     storage: Annotated[Optional[str], typer.Option(help="One Optuna storage for every study (named STUDY-OPTIMIZER); default: SQLite in each run folder.")] = None,
     storage_env: RunStorageEnvOpt = None,
     confirm_top: ConfirmTopOpt = None,
@@ -435,6 +445,8 @@ def compare(
         out_dir=out_dir or Path("runs") / f"compare-{spec.name}",
         storage=_storage(storage, storage_env),
         workers=workers,
+        threads_per_trial=threads_per_trial,
+        batch_trials=batch_trials,
         device=device,
         data_dir=data_dir,
         download=download,

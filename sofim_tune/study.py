@@ -8,22 +8,35 @@ it imports no backend.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
+import ctypes
+import dataclasses
 import json
 import math
+import multiprocessing
+import multiprocessing.context
+import os
 import signal
-from collections.abc import Callable, Mapping, Sequence
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+import torch
+
 from sofim_tune.errors import UserInputError
 from sofim_tune.files import redact_storage_url, write_text_atomic
+from sofim_tune.models import build_model
+from sofim_tune.parallelism import Parallelism, plan
 from sofim_tune.records import Confirmation, StudyRecord, TrialRecord
 from sofim_tune.space import OPTIMIZER_HYPERPARAMETERS, SearchSpace
 from sofim_tune.spec import StudySpec
+from sofim_tune.batched import TrialBatch, batch_problem
 from sofim_tune.data import dataset_info_for
-from sofim_tune.trial import TrialConfig, TrialResult
+from sofim_tune.trial import TrialConfig, TrialResult, prepare_trial, resolve_device, train_trial
 
 if TYPE_CHECKING:
     import optuna
@@ -35,6 +48,7 @@ EDGE_SHARE = 0.05
 # A storage that run.json names without a scheme is a file inside the run folder, so the
 # folder can be moved or copied with its study.
 DEFAULT_STORAGE_FILE = "study.db"
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 @dataclass(frozen=True)
@@ -45,7 +59,13 @@ class RunOptions:
         out_dir: the run folder (storage, best.json, report.html, plots/).
         storage: Optuna storage URL (``sqlite:///...``, ``postgresql://...``, ``journal:PATH``);
             None means SQLite at ``out_dir/study.db``. For Ray: ignored.
-        workers: Optuna worker processes sharing the storage, >= 1.
+        workers: Optuna worker processes sharing the storage, >= 1; None picks them
+            (:func:`parallelism_for`: one per physical core on the CPU, one thread each).
+        threads_per_trial: torch intra-op threads of each worker, >= 1; None picks them.
+        batch_trials: trials each worker trains at once as one stacked model
+            (``sofim_tune.batched``), >= 1; None or 1 trains one at a time.
+        parallelism: what was chosen for the two and why, in words (set by
+            ``tuning.check_inputs`` for the summary).
         gpus: GPU indices to spread workers over, round-robin; empty means ``device``.
         timeout: stop starting new trials after this many seconds (> 0); None runs to the
             target. Ray: Ray's time budget: running trials are stopped (they count as
@@ -59,7 +79,10 @@ class RunOptions:
 
     out_dir: Path
     storage: str | None = None
-    workers: int = 1
+    workers: int | None = None
+    threads_per_trial: int | None = None
+    batch_trials: int | None = None
+    parallelism: str | None = None
     gpus: tuple[int, ...] = ()
     timeout: float | None = None
     enqueue: tuple[Mapping[str, float], ...] = ()
@@ -405,11 +428,147 @@ def worst_value(direction: str) -> float:
     return 0.0 if direction == "maximize" else 1e6
 
 
+def parallelism_for(spec: StudySpec, space: SearchSpace, options: RunOptions) -> Parallelism:
+    """How many trials of this study run at once, with how many threads (see :mod:`sofim_tune.parallelism`).
+
+    Loads the study's data on the CPU (cached for this process and the workers it forks),
+    which also checks that its trials can start: UserInputError otherwise.
+    """
+    if options.workers is not None and options.workers < 1:
+        raise UserInputError(f"--workers must be >= 1, got {options.workers}")
+    if options.threads_per_trial is not None and options.threads_per_trial < 1:
+        raise UserInputError(f"--threads-per-trial must be >= 1, got {options.threads_per_trial}")
+    if options.batch_trials is not None and options.batch_trials < 1:
+        raise UserInputError(f"--batch-trials must be >= 1, got {options.batch_trials}")
+    some_settings = space.to_hyperparameters({name: p.low for name, p in space.params.items()})
+    config = trial_config(spec, space, some_settings, seed=spec.seed, device="cpu", options=options)
+    data = prepare_trial(config)
+    with torch.device("meta"):
+        parameters = sum(p.numel() for p in build_model(spec.arch or data.info.default_arch, data.info).parameters())
+    info = data.info
+    return plan(
+        on_gpu=bool(options.gpus) or resolve_device(options.device).type == "cuda",
+        gpus=len(options.gpus) or 1,
+        model_parameters=parameters,
+        data_bytes=(len(data.train) + len(data.val)) * info.channels * info.image_size**2,
+        trials=spec.trials,
+        workers=options.workers,
+        threads=options.threads_per_trial,
+        batch_trials=options.batch_trials,
+        batch_problem=batch_problem(config, data),
+    )
+
+
 def spread_devices(workers: int, gpus: Sequence[int], device: str) -> list[str]:
     """One device per worker: GPUs round-robin (several workers may share one), else ``device``."""
     if not gpus:
         return [device] * workers
     return [f"cuda:{gpus[i % len(gpus)]}" for i in range(workers)]
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to ``threads`` (None: unchanged) for a block, then restored."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def worker_context(devices: Sequence[str]) -> multiprocessing.context.BaseContext:
+    """How to start worker processes for trials on ``devices``.
+
+    Fork on the CPU: a forked worker starts in milliseconds with torch, the study's code
+    and its decoded data already in memory, where a spawned one pays seconds of imports
+    and the data load again. Spawn when a trial may touch CUDA, which cannot be forked.
+    """
+    on_cpu = all(resolve_device(device).type == "cpu" for device in devices)
+    return multiprocessing.get_context("fork" if on_cpu and "fork" in multiprocessing.get_all_start_methods() else "spawn")
+
+
+def start_worker(threads: int) -> None:
+    """First thing in a worker process: its torch threads, and death with its parent.
+
+    A forked worker would otherwise keep its parent's thread count. And a worker whose
+    sofim-tune was killed (``kill -9``) must not go on training unseen: on Linux it gets
+    SIGKILL too, and the rerun retries what it left.
+    """
+    torch.set_num_threads(threads)
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        parent = multiprocessing.parent_process()
+        if parent is not None and os.getppid() != parent.pid:  # it died before prctl took effect
+            os._exit(1)
+
+
+def failed_result(config: TrialConfig, error: BaseException | str, device: str) -> TrialResult:
+    """A run that never returned (its worker died, its task raised) as the failed run it is."""
+    if isinstance(error, BaseException):
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        error = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    return TrialResult(status="failed", metrics={}, history=[], epochs=0, seconds=0.0, device=device, arch=config.arch or "", config=config, error=error)
+
+
+def train_in_parallel(configs: Sequence[TrialConfig], *, workers: int, threads: int | None, batch_trials: int = 1) -> list[TrialResult]:
+    """Train every config, ``workers`` at a time with ``threads`` each; results in order.
+
+    With ``batch_trials`` > 1, configs that share their data (dataset and split) and that
+    the batched path can train go through one :class:`~sofim_tune.batched.TrialBatch` of that
+    many slots; the rest run one by one (``train_trial``). One worker trains in this
+    process. A worker that dies (the OOM killer) fails the runs it had not returned; the
+    others are kept.
+    """
+    jobs = _jobs(configs, batch_trials)
+    workers = min(workers, len(jobs))
+    results: dict[int, TrialResult] = {}
+    if workers <= 1:
+        with torch_threads(threads):
+            for indices, slots in jobs:
+                results.update(zip(indices, _train_job([configs[i] for i in indices], slots), strict=True))
+        return [results[i] for i in range(len(configs))]
+    context = worker_context([config.device for config in configs])
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=start_worker, initargs=(threads or 1,)) as pool:
+        futures = {pool.submit(_train_job, [configs[i] for i in indices], slots): indices for indices, slots in jobs}
+        for future, indices in futures.items():
+            try:
+                results.update(zip(indices, future.result(), strict=True))
+            except concurrent.futures.process.BrokenProcessPool as exc:
+                results.update((i, failed_result(configs[i], exc, configs[i].device)) for i in indices)
+    return [results[i] for i in range(len(configs))]
+
+
+def _jobs(configs: Sequence[TrialConfig], batch_trials: int) -> list[tuple[list[int], int]]:
+    """Which configs train together (their indices) and with how many slots (1: one by one)."""
+    if batch_trials <= 1:
+        return [([i], 1) for i in range(len(configs))]
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for index, config in enumerate(configs):
+        shared = (config.dataset, config.arch, config.optimizer, config.batch_size, config.device, config.val_fraction, config.split_seed, config.image_size, config.data_dir)
+        groups.setdefault(shared, []).append(index)
+    return [(indices, min(batch_trials, len(indices))) for indices in groups.values()]
+
+
+def _train_job(configs: list[TrialConfig], slots: int) -> list[TrialResult]:
+    """Configs that share their data: one by one, or ``slots`` at a time as one batched model."""
+    data = prepare_trial(dataclasses.replace(configs[0], evaluate_test=any(c.evaluate_test for c in configs))) if slots > 1 else None
+    if data is None or any(batch_problem(config, data) for config in configs):
+        return [train_trial(config) for config in configs]
+    batch = TrialBatch(data, arch=configs[0].arch, optimizer=configs[0].optimizer, batch_size=configs[0].batch_size, slots=slots)
+    waiting = list(range(len(configs)))
+    slot_of: dict[int, int] = {}
+    results: dict[int, TrialResult] = {}
+    while waiting or slot_of:
+        while waiting and batch.free_slots:
+            index = waiting.pop(0)
+            slot_of[batch.add(configs[index])] = index
+        for slot, outcome in batch.train_epoch().items():
+            if outcome.done:
+                results[slot_of.pop(slot)] = batch.finish(slot)
+    return [results[i] for i in range(len(configs))]
 
 
 # ---------------------------------------------------------------------------------------

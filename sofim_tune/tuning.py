@@ -7,6 +7,7 @@ seeds, writing ``best.json`` and the report) is the same for every backend, and 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,14 +27,17 @@ from sofim_tune.study import (
     check_run_folder,
     default_storage_url,
     settings_to_enqueue,
+    parallelism_for,
     spread_devices,
     trial_config,
     worst_value,
 )
-from sofim_tune.trial import clear_data_cache, prepare_trial, resolve_device
+from sofim_tune.trial import clear_data_cache, resolve_device
 
 if TYPE_CHECKING:
     from sofim_tune.comparison import OptimizerResult
+
+log = logging.getLogger("sofim_tune")
 
 __all__ = ["CompareOutcome", "RunOptions", "TuneOutcome", "check_inputs", "compare", "confirm", "export_run", "tune"]
 
@@ -45,27 +49,35 @@ class TuneOutcome:
     study: StudyRecord
     best_json: Path | None
     report: Path | None
+    parallelism: str | None = None
 
 
-def check_inputs(spec: StudySpec, space: SearchSpace, options: RunOptions, backend: str) -> None:
-    """Fail with one clear line before anything is written: options, run folder, names, data, devices."""
-    if options.workers < 1:
-        raise UserInputError(f"--workers must be >= 1, got {options.workers}")
+def check_inputs(spec: StudySpec, space: SearchSpace, options: RunOptions, backend: str) -> RunOptions:
+    """Fail with one clear line before anything is written: options, run folder, names, data, devices.
+
+    Returns ``options`` with the workers and threads per trial chosen
+    (:func:`sofim_tune.study.parallelism_for`; the Ray backend places trials itself).
+    """
     if options.timeout is not None and not options.timeout > 0:
         raise UserInputError(f"--timeout must be > 0 seconds, got {options.timeout:g}")
     # First, as it is the quickest to fail: a Ray cluster that cannot be used.
     get_backend(backend).check_options(options)
     settings_to_enqueue(spec, space, options)
-    for device in {options.device, *spread_devices(options.workers, options.gpus, options.device)}:
+    parallelism = parallelism_for(spec, space, options)
+    if (options.batch_trials or 1) > 1 and parallelism.batch_trials == 1:
+        log.warning("--batch-trials %d: %s", options.batch_trials, parallelism.reason.rpartition("; ")[2])
+    devices = spread_devices(parallelism.workers, options.gpus, options.device)
+    for device in {options.device, *devices}:
         resolve_device(device)
-    some_settings = space.to_hyperparameters({name: p.low for name, p in space.params.items()})
-    # On the CPU, so that a parent process of GPU workers holds no CUDA memory; the copy is
-    # dropped at once, since trials load their own on their device.
-    prepare_trial(trial_config(spec, space, some_settings, seed=spec.seed, device="cpu", options=options))
-    clear_data_cache()
+    if any(resolve_device(device).type != "cpu" for device in devices):
+        # The data parallelism_for decoded is a CPU copy; GPU workers load their own.
+        clear_data_cache()
     # The Ray backend names its storage once it knows where the experiment lives.
     storage = (options.storage or default_storage_url(options.out_dir)) if backend == "optuna" else None
     check_run_folder(options.out_dir, backend=backend, storage=storage, study=spec.name)
+    if backend != "optuna":
+        return options
+    return replace(options, workers=parallelism.workers, threads_per_trial=parallelism.threads, batch_trials=parallelism.batch_trials, parallelism=parallelism.reason)
 
 
 def confirm(study: StudyRecord, spec: StudySpec, space: SearchSpace, options: RunOptions, backend: Backend) -> list[Confirmation]:
@@ -117,7 +129,7 @@ def tune(spec: StudySpec, options: RunOptions, *, backend: str = "optuna", on_pr
     missing to reach ``spec.trials`` finished trials run.
     """
     space = load_space(spec.search_space)
-    check_inputs(spec, space, options, backend)
+    options = check_inputs(spec, space, options, backend)
     return _search_and_export(spec, space, options, get_backend(backend), on_progress)
 
 
@@ -125,7 +137,7 @@ def _search_and_export(spec: StudySpec, space: SearchSpace, options: RunOptions,
     """:func:`tune` after its inputs were checked."""
     study = search.run(spec, space, options, on_progress=on_progress)
     if not options.export:
-        return TuneOutcome(study, None, None)
+        return TuneOutcome(study, None, None, options.parallelism)
     return export_run(study, spec, space, options, search)
 
 
@@ -138,7 +150,7 @@ def export_run(study: StudyRecord, spec: StudySpec, space: SearchSpace, options:
     rec = build_recommendation(study, confirmations=confirmations, device=_device_name(options.device))
     best = write_recommendation(rec, options.out_dir / "best.json")
     report = write_report(study, options.out_dir, rec).html
-    return TuneOutcome(study, best, report)
+    return TuneOutcome(study, best, report, options.parallelism)
 
 
 def _device_name(device: str) -> str:
@@ -216,8 +228,7 @@ def compare(spec: StudySpec, options: RunOptions, optimizers: Sequence[str] = DE
     _check_compare_folder(options.out_dir, optimizers)
     plans = compare_plans(spec, options, optimizers)
     spaces = {name: load_space(study_spec.search_space) for name, (study_spec, _) in plans.items()}
-    for name, (study_spec, study_options) in plans.items():
-        check_inputs(study_spec, spaces[name], study_options, backend)
+    plans = {name: (study_spec, check_inputs(study_spec, spaces[name], study_options, backend)) for name, (study_spec, study_options) in plans.items()}
     search = get_backend(backend)
     studies = {name: _search_and_export(study_spec, spaces[name], study_options, search, on_progress) for name, (study_spec, study_options) in plans.items()}
     results = [optimizer_result(name, outcome) for name, outcome in studies.items()]

@@ -44,6 +44,17 @@ def test_recommendation_quality_prints_gaps_and_coverage():
     assert "worst gap" in out and "intervals covering: " in out
 
 
+def test_study_throughput_prints_its_ratios():
+    out = bench("study_throughput.py", "--digits-trials", "4", "--digits-epochs", "2", "--cnn-trials", "2", "--cnn-epochs", "1", "--samples", "200")
+    for study in ("digits", "cnn"):
+        rates = [line for line in out.splitlines() if line.split()[:1] == [study] and "trials/min" in line]
+        assert [line.split()[1].rstrip(":") for line in rates] == ["today", "one-thread", "default", "batched"]
+        ratio = next(line for line in out.splitlines() if line.startswith(f"{study:>6} default/today"))
+        assert float(ratio.split("= ")[1].split("x")[0]) > 0 and "batched/one-thread = " in ratio
+    out = bench("study_throughput.py", "--threads-only", "--seconds", "0.3")
+    assert out.count("samples/s") == 4
+
+
 @pytest.mark.parametrize("script", sorted(p.name for p in BENCHMARKS.glob("*.py")))
 def test_every_benchmark_has_a_smoke_test(script):
     assert f'"{script}"' in Path(__file__).read_text()

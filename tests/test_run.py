@@ -106,7 +106,7 @@ def test_rerun_resumes_only_what_is_missing(tmp_path):
 
 def test_resume_after_sigkill_reaches_exactly_the_target(tmp_path):
     out, trials = tmp_path / "run", 8
-    args = ["run", *SMALL, "--trials", str(trials), "--epochs", "12", "--pruner", "none", "--out", str(out)]
+    args = ["run", *SMALL, "--trials", str(trials), "--epochs", "12", "--pruner", "none", "--workers", "1", "--batch-trials", "1", "--out", str(out)]
     process = subprocess.Popen([*CLI, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     storage = f"sqlite:///{out / 'study.db'}"
     deadline = time.monotonic() + 180
@@ -195,16 +195,18 @@ def test_run_folder_remembers_its_storage(earlier_run):
     assert json.loads((earlier_run / "run.json").read_text())["backend"] == "optuna"
 
 
-def test_ctrl_c_stops_cleanly_and_marks_the_trial_interrupted(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ctrl_c_stops_cleanly_and_marks_the_trial_interrupted(tmp_path, workers):
+    """SIGINT to sofim-tune alone (``kill -INT``, not a terminal's whole process group) reaches its workers."""
     out = tmp_path / "run"
-    args = ["run", *SMALL, "--trials", "3", "--epochs", "40", "--pruner", "none", "--out", str(out)]
+    args = ["run", *SMALL, "--trials", "4", "--epochs", "300", "--pruner", "none", "--workers", str(workers), "--batch-trials", "1", "--out", str(out)]
     process = subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     storage = f"sqlite:///{out / 'study.db'}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         time.sleep(0.5)
         try:
-            if TrialState.RUNNING in states(storage):
+            if states(storage).count(TrialState.RUNNING) == workers:
                 break
         except Exception:  # the study may not exist yet
             continue
@@ -213,7 +215,7 @@ def test_ctrl_c_stops_cleanly_and_marks_the_trial_interrupted(tmp_path):
     assert process.returncode == 130
     assert "run the same command again to resume" in stderr and "Traceback" not in stderr
     study = optuna.load_study(study_name="digits-mlp", storage=storage)
-    assert [t.user_attrs.get("reason") for t in study.trials if t.state == TrialState.FAIL] == ["interrupted"]
+    assert [t.user_attrs.get("reason") for t in study.trials if t.state == TrialState.FAIL] == ["interrupted"] * workers
     assert TrialState.RUNNING not in states(storage)
 
 

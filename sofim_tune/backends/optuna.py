@@ -8,10 +8,12 @@ search space is refused instead of mixing two searches in one study.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import logging
 import math
-import multiprocessing
+import multiprocessing.process
 import os
+import signal
 import socket
 import statistics
 import sys
@@ -22,8 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import torch
 from optuna.exceptions import ExperimentalWarning
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
+from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
@@ -31,6 +35,7 @@ from sofim_tune.errors import TrialPruned, UserInputError
 from sofim_tune.files import redact_storage_url
 from sofim_tune.records import Confirmation, StudyRecord, TrialRecord
 from sofim_tune.space import ParamRange, SearchSpace
+from sofim_tune.parallelism import Parallelism
 from sofim_tune.spec import StudySpec
 from sofim_tune.study import (
     EDGE_SHARE,
@@ -42,18 +47,24 @@ from sofim_tune.study import (
     describe_exit,
     effective_epochs,
     make_sampler,
+    parallelism_for,
     read_run_file,
     record_from_metadata,
     sampler_seed,
     settings_to_enqueue,
     spread_devices,
+    start_worker,
     storage_file,
     storage_from_run_file,
     study_metadata,
+    torch_threads,
+    train_in_parallel,
     trial_config,
+    worker_context,
     worst_value,
 )
-from sofim_tune.trial import TrialConfig, TrialResult, train_trial
+from sofim_tune.batched import TrialBatch
+from sofim_tune.trial import TrialConfig, TrialResult, prepare_trial, train_trial
 
 ATTR = "sofim_tune"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -229,7 +240,46 @@ def _is_surplus(study: optuna.Study, number: int, target: int) -> bool:
     return sum(1 for t in ahead if t.number < number) >= target
 
 
+def _start(trial: optuna.Trial, spec: StudySpec, space: SearchSpace, options: RunOptions, device: str) -> TrialConfig:
+    """Mark a new trial as this worker's, draw its settings and build its run."""
+    trial.set_user_attr("worker", {"host": _HOST, "pid": os.getpid(), "threads": torch.get_num_threads()})
+    ranges = active_ranges(space, trial.study.user_attrs[ATTR])
+    searched = {name: _suggest(trial, p) for name, p in ranges.items()}
+    hyperparameters = space.to_hyperparameters(searched)
+    trial.set_user_attr("hyperparameters", hyperparameters)
+    return trial_config(spec, space, hyperparameters, seed=spec.seed + trial.number, device=device, options=options)
+
+
+def _settle(trial: optuna.Trial, result: TrialResult, spec: StudySpec) -> tuple[TrialState, float | None]:
+    """Record a finished run on its trial; the state and value the study is told."""
+    trial.set_user_attr("seconds", round(result.seconds, 3))
+    if "fisher_ratio" in result.metrics:
+        trial.set_user_attr("fisher_ratio", result.metrics["fisher_ratio"])
+    if result.status == "completed":
+        return TrialState.COMPLETE, result.metrics[spec.metric]
+    trial.set_user_attr("reason", result.status)
+    if result.status == "diverged":
+        # Pruned rather than failed, with the worst value at the epoch it diverged, so that
+        # the sampler ranks it below trials that trained that far, not by its last good epoch.
+        trial.set_user_attr("diverged_epoch", result.diverged_epoch)
+        if result.diverged_epoch > result.epochs:  # the epoch it diverged in reported nothing yet
+            trial.report(worst_value(spec.direction), step=result.diverged_epoch)
+        return TrialState.PRUNED, None
+    if result.status == "pruned":
+        return TrialState.PRUNED, None
+    trial.set_user_attr("error", result.error)
+    return TrialState.FAIL, None
+
+
+def _mark_failed(trial: optuna.Trial, reason: str, exc: BaseException | None = None) -> None:
+    trial.set_user_attr("reason", reason)
+    if exc is not None:
+        trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
+
+
 class _Objective:
+    """One trial at a time, through ``study.optimize``."""
+
     def __init__(self, spec: StudySpec, space: SearchSpace, options: RunOptions, device: str) -> None:
         self.spec, self.space, self.options, self.device = spec, space, options, device
 
@@ -238,39 +288,22 @@ class _Objective:
             trial.set_user_attr("reason", SURPLUS)
             trial.study.stop()
             raise _Surplus
-        trial.set_user_attr("worker", {"host": _HOST, "pid": os.getpid()})
-        ranges = active_ranges(self.space, trial.study.user_attrs[ATTR])
-        searched = {name: _suggest(trial, p) for name, p in ranges.items()}
-        hyperparameters = self.space.to_hyperparameters(searched)
-        trial.set_user_attr("hyperparameters", hyperparameters)
-        config = trial_config(self.spec, self.space, hyperparameters, seed=self.spec.seed + trial.number, device=self.device, options=self.options)
+        config = _start(trial, self.spec, self.space, self.options, self.device)
         try:
             result = train_trial(config, _OptunaReporter(trial, self.spec.metric))
         except KeyboardInterrupt:
-            trial.set_user_attr("reason", "interrupted")
+            _mark_failed(trial, "interrupted")
             raise
         except UserInputError:
             raise
         except Exception as exc:  # noqa: BLE001 - recorded on the trial; the study goes on
-            trial.set_user_attr("reason", "failed")
-            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
+            _mark_failed(trial, "failed", exc)
             raise TrialFailed(str(exc)) from exc
-        trial.set_user_attr("seconds", round(result.seconds, 3))
-        if "fisher_ratio" in result.metrics:
-            trial.set_user_attr("fisher_ratio", result.metrics["fisher_ratio"])
-        if result.status == "completed":
-            return result.metrics[self.spec.metric]
-        trial.set_user_attr("reason", result.status)
-        if result.status == "diverged":
-            # Pruned rather than failed, with the worst value at the epoch it diverged, so that
-            # the sampler ranks it below trials that trained that far, not by its last good epoch.
-            trial.set_user_attr("diverged_epoch", result.diverged_epoch)
-            if result.diverged_epoch > result.epochs:  # the epoch it diverged in reported nothing yet
-                trial.report(worst_value(self.spec.direction), step=result.diverged_epoch)
-            raise optuna.TrialPruned(f"diverged at epoch {result.diverged_epoch}")
-        if result.status == "pruned":
-            raise optuna.TrialPruned()
-        trial.set_user_attr("error", result.error)
+        state, value = _settle(trial, result, self.spec)
+        if state == TrialState.COMPLETE:
+            return value  # type: ignore[return-value]
+        if state == TrialState.PRUNED:
+            raise optuna.TrialPruned(result.status)
         raise TrialFailed(result.error or "failed")
 
 
@@ -282,7 +315,7 @@ def _stop_at_target(target: int) -> Callable[[optuna.Study, FrozenTrial], None]:
     """
 
     def callback(study: optuna.Study, trial: FrozenTrial) -> None:
-        if len(study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))) >= target:
+        if _at_target(study, target):
             study.stop()
 
     return callback
@@ -292,11 +325,14 @@ class _StopAfterFailures:
     def __init__(self, limit: int) -> None:
         self.limit, self.failures = limit, 0
 
+    def count(self, trial: FrozenTrial) -> bool:
+        """Count a finished trial; whether ``limit`` trials in a row have now failed."""
+        if trial.user_attrs.get("reason") != SURPLUS:
+            self.failures = self.failures + 1 if trial.state == TrialState.FAIL else 0
+        return self.failures >= self.limit
+
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        if trial.user_attrs.get("reason") == SURPLUS:
-            return
-        self.failures = self.failures + 1 if trial.state == TrialState.FAIL else 0
-        if self.failures >= self.limit:
+        if self.count(trial):
             study.stop()
 
 
@@ -360,8 +396,8 @@ def open_study(spec: StudySpec, space: SearchSpace, url: str) -> optuna.Study:
     return study
 
 
-def _optimize(spec: StudySpec, space: SearchSpace, options: RunOptions, url: str, device: str, worker: int, on_trial: Callable[[optuna.Study], None] | None) -> None:
-    """One worker: run trials until the study has ``spec.trials`` finished ones."""
+def _worker_study(spec: StudySpec, space: SearchSpace, url: str, worker: int) -> optuna.Study:
+    """The study as one worker sees it: with its own sampler and the spec's pruner."""
     storage = open_storage(url)
     # Seeded from the study's state, so that a resumed or extended study does not replay
     # the settings of its first trials.
@@ -372,6 +408,39 @@ def _optimize(spec: StudySpec, space: SearchSpace, options: RunOptions, url: str
         sampler=make_sampler(spec.sampler, space, sampler_seed(spec.seed, in_storage, worker), spec.trials),
         pruner=make_pruner(spec.pruner, effective_epochs(spec, space)),
     )
+    file = storage_file(url)
+    if url.startswith("sqlite:") and file is not None:
+        # SQLite reads a queued trial's state before it takes its write lock, so two workers
+        # that ask at the same instant can both take the same queued trial. A lock file
+        # next to the database makes asking one worker at a time (study.optimize asks
+        # through this attribute too).
+        study.ask = _one_at_a_time(study.ask, file.with_name(file.name + ".ask-lock"))  # type: ignore[method-assign]
+    return study
+
+
+def _one_at_a_time(ask: Callable[..., optuna.Trial], lock: Path) -> Callable[..., optuna.Trial]:
+    def locked_ask(*args: Any, **kwargs: Any) -> optuna.Trial:
+        with lock.open("a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            return ask(*args, **kwargs)
+
+    return locked_ask
+
+
+def _at_target(study: optuna.Study, target: int) -> bool:
+    return len(study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))) >= target
+
+
+def _optimize(spec: StudySpec, space: SearchSpace, options: RunOptions, url: str, device: str, worker: int, on_trial: Callable[[optuna.Study], None] | None, slots: int = 1) -> None:
+    """One worker: run trials until the study has ``spec.trials`` finished ones.
+
+    With ``slots`` > 1 the worker trains that many trials at once as one stacked model
+    (:func:`_optimize_batched`).
+    """
+    if slots > 1:
+        _optimize_batched(spec, space, options, url, device, worker, on_trial, slots)
+        return
+    study = _worker_study(spec, space, url, worker)
     callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] = [
         _stop_at_target(spec.trials),
         _StopAfterFailures(MAX_CONSECUTIVE_FAILURES),
@@ -381,9 +450,82 @@ def _optimize(spec: StudySpec, space: SearchSpace, options: RunOptions, url: str
     study.optimize(_Objective(spec, space, options, device), timeout=options.timeout, catch=(TrialFailed, _Surplus), callbacks=callbacks)
 
 
-def _worker_main(spec: StudySpec, space_definition: dict[str, Any], options: RunOptions, url: str, device: str, worker: int) -> None:
+def _optimize_batched(spec: StudySpec, space: SearchSpace, options: RunOptions, url: str, device: str, worker: int, on_trial: Callable[[optuna.Study], None] | None, slots: int) -> None:
+    """One worker training up to ``slots`` trials at once as one stacked model, by ask and tell.
+
+    Each member is a trial of its own in the storage, recorded as a sequential trial is:
+    the pruner sees its value every epoch, and a member that is pruned, diverges or
+    finishes leaves its slot to a new trial from the sampler.
+    """
+    study = _worker_study(spec, space, url, worker)
+    deadline = None if options.timeout is None else time.monotonic() + options.timeout
+    failures = _StopAfterFailures(MAX_CONSECUTIVE_FAILURES)
+    heartbeat = is_heartbeat_enabled(study._storage)
+    batch: TrialBatch | None = None
+    running: dict[int, optuna.Trial] = {}
+    stopping = False
+
+    def tell(trial: optuna.Trial, state: TrialState, value: float | None = None) -> None:
+        nonlocal stopping
+        frozen = study.tell(trial, value, state=state)
+        stopping = failures.count(frozen) or stopping
+        if on_trial is not None:
+            on_trial(study)
+
+    def settle(slot: int, result: TrialResult) -> None:
+        trial = running.pop(slot)
+        state, value = _settle(trial, result, spec)
+        tell(trial, state, value)
+
     try:
-        _optimize(spec, SearchSpace.from_dict(space_definition), options, url, device, worker, None)
+        while True:
+            while not stopping and len(running) < slots and (deadline is None or time.monotonic() < deadline) and not _at_target(study, spec.trials):
+                with warnings.catch_warnings():
+                    # This loop records its trials' heartbeats itself (below).
+                    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+                    trial = study.ask()
+                if _is_surplus(study, trial.number, spec.trials):
+                    trial.set_user_attr("reason", SURPLUS)
+                    study.tell(trial, state=TrialState.FAIL)
+                    break
+                config = _start(trial, spec, space, options, device)
+                if batch is None:
+                    batch = TrialBatch(prepare_trial(config), arch=config.arch, optimizer=config.optimizer, batch_size=config.batch_size, slots=slots)
+                running[batch.add(config)] = trial
+            if not running:
+                return
+            try:
+                outcomes = batch.train_epoch()  # type: ignore[union-attr]
+            except Exception as exc:  # noqa: BLE001 - every member fails, the study goes on with a new batch
+                for slot in list(running):
+                    _mark_failed(running[slot], "failed", exc)
+                    tell(running.pop(slot), TrialState.FAIL)
+                batch = None
+                continue
+            for slot, outcome in outcomes.items():
+                trial = running[slot]
+                if outcome.diverged:
+                    settle(slot, batch.finish(slot))  # type: ignore[union-attr]
+                    continue
+                trial.report(outcome.metrics[spec.metric], step=outcome.epoch)  # type: ignore[index]
+                if trial.should_prune():
+                    settle(slot, batch.finish(slot, pruned=True))  # type: ignore[union-attr]
+                elif outcome.done:
+                    settle(slot, batch.finish(slot))  # type: ignore[union-attr]
+            if heartbeat:
+                for trial in running.values():
+                    study._storage.record_heartbeat(trial._trial_id)
+    except KeyboardInterrupt:
+        for trial in running.values():
+            _mark_failed(trial, "interrupted")
+            study.tell(trial, state=TrialState.FAIL)
+        raise
+
+
+def _worker_main(spec: StudySpec, space_definition: dict[str, Any], options: RunOptions, url: str, device: str, worker: int, threads: int, slots: int) -> None:
+    start_worker(threads)
+    try:
+        _optimize(spec, SearchSpace.from_dict(space_definition), options, url, device, worker, None, slots)
     except KeyboardInterrupt:
         pass  # the trial is already marked failed and queued for retry on the next run
     except UserInputError as exc:
@@ -398,9 +540,11 @@ def finished_count(study: optuna.Study) -> int:
 def run_optuna_study(spec: StudySpec, space: SearchSpace, options: RunOptions, *, on_progress: Callable[[StudyRecord], None] | None = None) -> StudyRecord:
     """Run (or resume) the study of ``spec`` until it has ``spec.trials`` finished trials.
 
-    ``options.workers`` processes share the storage; each is pinned to a device from
-    ``options.gpus`` round-robin. Trials that a killed run or worker left behind are failed
-    and their settings tried again. Returns the study as a :class:`StudyRecord`.
+    Several workers (``options.workers``, or as :func:`parallelism_for` picks them) are
+    processes sharing the storage, each pinned to a device from ``options.gpus``
+    round-robin and running ``options.threads_per_trial`` torch threads; one worker runs
+    in this process. Trials that a killed run or worker left behind are failed and their
+    settings tried again. Returns the study as a :class:`StudyRecord`.
     """
     url = storage_url(options)
     check_run_folder(options.out_dir, backend="optuna", storage=url, study=spec.name)
@@ -419,18 +563,20 @@ def run_optuna_study(spec: StudySpec, space: SearchSpace, options: RunOptions, *
 
     progress(study)
     started = time.monotonic()
-    devices = spread_devices(options.workers, options.gpus, options.device)
-    if options.workers > 1 and finished_count(study) < spec.trials:
-        _run_workers(spec, space, options, url, devices, lambda: progress(study))
+    plan = parallelism_for(spec, space, options)
+    devices = spread_devices(plan.workers, options.gpus, options.device)
+    if plan.workers > 1 and finished_count(study) < spec.trials:
+        _run_workers(spec, space, options, url, devices, plan, lambda: progress(study))
         recover_interrupted(study)
     # One worker, or what a dead worker left undone: this process runs it.
     left = None if options.timeout is None else options.timeout - (time.monotonic() - started)
     if finished_count(study) < spec.trials and (left is None or left > 0):
-        _optimize(spec, space, dataclasses.replace(options, timeout=left), url, devices[0], 0, progress)
+        with torch_threads(plan.threads):
+            _optimize(spec, space, dataclasses.replace(options, timeout=left), url, devices[0], 0, progress, plan.batch_trials)
     return record_from_study(study)
 
 
-def _run_workers(spec: StudySpec, space: SearchSpace, options: RunOptions, url: str, devices: list[str], poll: Callable[[], None]) -> None:
+def _run_workers(spec: StudySpec, space: SearchSpace, options: RunOptions, url: str, devices: list[str], plan: Parallelism, poll: Callable[[], None]) -> None:
     """Run one worker process per device until they all stop.
 
     A worker that stops with an input error (exit code 2, its message already on stderr)
@@ -439,9 +585,9 @@ def _run_workers(spec: StudySpec, space: SearchSpace, options: RunOptions, url: 
     workers go on; whatever they leave undone, the caller finishes.
     """
     # Processes, not threads: each trial owns its interpreter, its CUDA context and its GIL.
-    context = multiprocessing.get_context("spawn")
+    context = worker_context(devices)
     processes = [
-        context.Process(target=_worker_main, args=(spec, space.to_dict(), options, url, device, index), name=f"sofim-tune-worker-{index}")
+        context.Process(target=_worker_main, args=(spec, space.to_dict(), options, url, device, index, plan.threads, plan.batch_trials), name=f"sofim-tune-worker-{index}")
         for index, device in enumerate(devices)
     ]
     for process in processes:
@@ -463,6 +609,12 @@ def _run_workers(spec: StudySpec, space: SearchSpace, options: RunOptions, url: 
         if stopped:
             raise UserInputError(f"{', '.join(stopped)} stopped on an input error (printed above); fix it, then run the same command again to resume")
     except KeyboardInterrupt:
+        # A terminal's Ctrl-C reaches every worker; `kill -INT` reaches only this process,
+        # so pass it on to the workers that are still training.
+        for process in processes:
+            process.join(timeout=2)
+            if process.is_alive():
+                os.kill(process.pid, signal.SIGINT)
         for process in processes:
             process.join(timeout=30)
         raise
@@ -553,8 +705,8 @@ class OptunaBackend:
         return load_optuna_record(storage_from_run_file(meta["storage"], run_dir), study or meta["study"])
 
     def confirm(self, configs: Sequence[TrialConfig], options: RunOptions) -> list[TrialResult]:
-        """One run after another, in this process."""
-        return [train_trial(config) for config in configs]
+        """The runs on the study's workers (``options.workers`` at once, batched as the search was), results in order."""
+        return train_in_parallel(configs, workers=options.workers or 1, threads=options.threads_per_trial, batch_trials=options.batch_trials or 1)
 
     def save_confirmations(self, record: StudyRecord, confirmations: list[Confirmation], options: RunOptions) -> StudyRecord:
         """Store the seed confirmations on the study, so that a later export or plot shows them."""

@@ -55,6 +55,7 @@ from sofim_tune.study import (
     check_resumable,
     claim_run_folder,
     effective_epochs,
+    failed_result,
     make_sampler,
     record_from_metadata,
     settings_to_enqueue,
@@ -837,24 +838,6 @@ def load_ray_record(run_dir: Path) -> StudyRecord:
     return _study_record(meta, trials)
 
 
-def _failed_result(config: TrialConfig, options: RunOptions, exc: Exception) -> TrialResult:
-    """A confirmation run whose task raised, as the failed run it is."""
-    cause = getattr(exc, "cause", None) or exc  # RayTaskError carries the task's exception
-    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
-    error = f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
-    return TrialResult(
-        status="failed",
-        metrics={},
-        history=[],
-        epochs=0,
-        seconds=0.0,
-        device=_worker_device(options),
-        arch=config.arch or "",
-        config=config,
-        error=error,
-    )
-
-
 class RayBackend:
     """Ray Tune: trials as Ray actors on one machine or a cluster (see the module's docstring)."""
 
@@ -862,6 +845,8 @@ class RayBackend:
 
     def check_options(self, options: RunOptions) -> None:
         """Resources that make sense, and a cluster that answers and accepts this machine's token."""
+        if (options.batch_trials or 1) > 1:
+            raise UserInputError(f"--batch-trials {options.batch_trials}: the Ray backend runs one trial per Ray trial; batched trials are an Optuna-backend feature")
         _check_resource_numbers(options)
         cluster_address(options)
 
@@ -891,7 +876,8 @@ class RayBackend:
                 try:
                     results.append(ray.get(ref))
                 except (ray.exceptions.RayError, UserInputError) as exc:
-                    results.append(_failed_result(config, options, exc))
+                    # A RayTaskError carries the task's own exception.
+                    results.append(failed_result(config, getattr(exc, "cause", None) or exc, _worker_device(options)))
         except KeyboardInterrupt:
             # Ctrl-C: the runs still queued or running on the cluster are not wanted any more.
             for ref in refs:

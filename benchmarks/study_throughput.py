@@ -1,0 +1,164 @@
+"""Trials per minute of whole studies, side by side in one process, as ratios.
+
+Two studies: the default digits study (``sofim-tune run --dataset digits``: the MLP, its
+spec's trials, epochs and pruner) and a CNN study on an MNIST-sized ImageFolder (1×28×28,
+10 classes) that this script writes with synthetic, learnable images. Each runs in every
+setup, search only (no confirmation or report), from a cold data cache:
+
+- ``today``: one worker at torch's default thread count (the first release's behaviour);
+- ``default``: what sofim-tune picks now (``workers``/``threads_per_trial`` unset);
+- ``one-thread``: one worker at one thread, trials one at a time;
+- ``batched``: one worker at one thread training 16 trials at once as one stacked model
+  (``--batch-trials 16``).
+
+Targets on 2 CPU cores: default >= 1.8x today; batched >= 3x one-thread. On one GPU
+(``--device cuda``): batched >= 8x one-thread. ``--threads-only`` instead measures the rule in
+``sofim_tune/parallelism.py``: samples per second of one process at all cores' threads
+against one single-thread process per core, for models from the digits MLP to ResNet-18.
+
+    OMP_NUM_THREADS unset, on a quiet machine:
+    python benchmarks/study_throughput.py [--digits-trials 40] [--cnn-trials 12] [--samples 4096]
+    python benchmarks/study_throughput.py --threads-only [--seconds 5]
+    python benchmarks/study_throughput.py --device cuda --cnn-trials 48   # the GPU variant
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import multiprocessing
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from sofim_tune.data import dataset_info
+from sofim_tune.models import build_model
+from sofim_tune.optim import build_optimizer
+from sofim_tune.parallelism import physical_cores
+from sofim_tune.spec import StudySpec, load_spec
+from sofim_tune.trial import clear_data_cache
+from sofim_tune.tuning import RunOptions, tune
+
+DEFAULT_THREADS = torch.get_num_threads()
+
+
+def write_synthetic_folder(root: Path, samples: int, seed: int = 0) -> Path:
+    """An MNIST-sized ImageFolder: per class a fixed random template plus noise, so a CNN can learn it."""
+    rng = np.random.default_rng(seed)
+    templates = rng.random((10, 28, 28))
+    for split, count in (("train", samples), ("test", samples // 8)):
+        for index in range(count):
+            label = index % 10
+            pixels = np.clip(templates[label] * 180 + rng.normal(0, 60, (28, 28)), 0, 255).astype(np.uint8)
+            folder = root / split / str(label)
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels, mode="L").save(folder / f"{index}.png")
+    return root
+
+
+def trials_per_minute(spec: StudySpec, out: Path, device: str, **setup: object) -> tuple[float, int, str]:
+    """Run the study's search from a cold data cache; trials per minute, trials, parallelism."""
+    clear_data_cache()
+    torch.set_num_threads(DEFAULT_THREADS)
+    options = RunOptions(out_dir=out, device=device, export=False, **setup)  # type: ignore[arg-type]
+    started = time.perf_counter()
+    outcome = tune(spec, options)
+    seconds = time.perf_counter() - started
+    finished = len([t for t in outcome.study.trials if t.state in ("complete", "pruned")])
+    return 60.0 * finished / seconds, finished, outcome.parallelism or ""
+
+
+BATCH = 16
+SETUPS = {
+    "today": {"workers": 1, "threads_per_trial": DEFAULT_THREADS, "batch_trials": 1},
+    "one-thread": {"workers": 1, "threads_per_trial": 1, "batch_trials": 1},
+    "default": {},
+    "batched": {"workers": 1, "threads_per_trial": 1, "batch_trials": BATCH},
+}
+
+
+def compare_setups(studies: dict[str, StudySpec], work: Path, device: str) -> None:
+    for name, spec in studies.items():
+        rates = {}
+        for setup, values in SETUPS.items():
+            rate, finished, parallelism = trials_per_minute(spec, work / f"{name}-{setup}", device, **values)
+            rates[setup] = rate
+            print(f"{name:>6} {setup:>10}: {rate:7.1f} trials/min ({finished} trials; {parallelism})", flush=True)
+        target = "8x on a GPU" if device.startswith("cuda") else "3x"
+        print(f"{name:>6} default/today = {rates['default'] / rates['today']:.2f}x (target >= 1.8x); batched/one-thread = {rates['batched'] / rates['one-thread']:.2f}x (target >= {target})", flush=True)
+
+
+# ---------------------------------------------------------------------------------------
+# --threads-only: the measurement behind sofim_tune/parallelism.py's rule
+# ---------------------------------------------------------------------------------------
+
+MODELS = {"mlp on digits": ("mlp", 1, 8, 64), "cnn on digits": ("cnn", 1, 8, 64), "cnn on 28x28": ("cnn", 1, 28, 64), "resnet18 on 32x32": ("resnet18", 3, 32, 128)}
+
+
+def _samples_per_second(model: str, threads: int, seconds: float, results: multiprocessing.Queue) -> None:
+    torch.set_num_threads(threads)
+    arch, channels, side, batch = MODELS[model]
+    info = dataclasses.replace(dataset_info("digits"), channels=channels, image_size=side)
+    torch.manual_seed(0)
+    net = build_model(arch, info)
+    optimizer = build_optimizer("sofim", net.parameters(), {"lr": 0.05, "rho": 1.0, "beta1": 0.9})
+    x, y = torch.randn(batch, channels, side, side), torch.randint(0, 10, (batch,))
+    steps, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        loss = F.cross_entropy(net(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        steps += 1
+    results.put(steps * batch / (time.perf_counter() - started))
+
+
+def threads_against_processes(seconds: float) -> None:
+    cores = physical_cores()
+    context = multiprocessing.get_context("fork")
+    for model in MODELS:
+        rates = {}
+        for label, processes, threads in (("1 process x all threads", 1, cores), (f"{cores} processes x 1 thread", cores, 1)):
+            queue = context.Queue()
+            workers = [context.Process(target=_samples_per_second, args=(model, threads, seconds, queue)) for _ in range(processes)]
+            for worker in workers:
+                worker.start()
+            for worker in workers:
+                worker.join()
+            rates[label] = sum(queue.get() for _ in workers)
+        one, many = rates.values()
+        print(f"{model:>18}: {one:9.0f} samples/s with 1 process x {cores} threads, {many:9.0f} with {cores} x 1 thread: {many / one:.2f}x", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--digits-trials", type=int, default=None, help="trials of the digits study (default: its spec's)")
+    parser.add_argument("--digits-epochs", type=int, default=None, help="epochs of the digits study (default: its spec's)")
+    parser.add_argument("--cnn-trials", type=int, default=12)
+    parser.add_argument("--cnn-epochs", type=int, default=4)
+    parser.add_argument("--samples", type=int, default=4096, help="training images of the synthetic MNIST-sized folder")
+    parser.add_argument("--device", default="cpu", help="where the trials run: cpu, or cuda for the GPU variant (batched target >= 8x)")
+    parser.add_argument("--threads-only", action="store_true", help="only the threads-against-processes measurement")
+    parser.add_argument("--seconds", type=float, default=5.0, help="--threads-only: seconds per measurement")
+    args = parser.parse_args()
+    print(f"{physical_cores()} physical cores; torch's default {DEFAULT_THREADS} threads", flush=True)
+    if args.threads_only:
+        threads_against_processes(args.seconds)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        folder = write_synthetic_folder(work / "mnist-like", args.samples)
+        studies = {
+            "digits": load_spec("digits").replace(trials=args.digits_trials, epochs=args.digits_epochs),
+            "cnn": load_spec(str(folder), "cnn").replace(trials=args.cnn_trials, epochs=args.cnn_epochs),
+        }
+        compare_setups(studies, work, args.device)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""Studies whose workers train several trials at once as one batched model (``--batch-trials``).
+
+Each member is a trial of its own in Optuna's storage, recorded as a sequential trial is;
+``--batch-trials 1`` is the sequential path, unchanged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from sofim_tune.backends.optuna import storage_url
+from sofim_tune.spec import load_spec
+from sofim_tune.study import torch_threads, trial_config
+from sofim_tune.space import load_space
+from sofim_tune.trial import train_trial
+from sofim_tune.tuning import RunOptions, tune
+
+pytestmark = pytest.mark.slow
+
+# The first five trials of `tune(load_spec("digits").replace(trials=5, epochs=3))` as the
+# release before batched trials (commit ad5a145) recorded them, at two torch threads:
+# number, state, params, value.
+BEFORE_BATCHING = [
+    (0, "COMPLETE", {"lr": 0.1, "rho": 1.0, "beta1": 0.9}, 0.8561484918793504),
+    (1, "COMPLETE", {"lr": 0.1874221459653142, "rho": 0.0010744640524311489, "beta1": 0.9256129729331656}, 0.8631090487238979),
+    (2, "PRUNED", {"lr": 0.0012059809975824936, "rho": 0.34056522540339274, "beta1": 0.5602666754503495}, 0.11136890951276102),
+    (3, "PRUNED", {"lr": 0.21290825612116254, "rho": 0.00031056825954095546, "beta1": 0.9953598821988325}, 0.8097447795823666),
+    (4, "PRUNED", {"lr": 0.0032833378138697918, "rho": 0.15767399842951804, "beta1": 0.9451774096473406}, 0.13225058004640372),
+]
+
+
+def stored(out: Path, name: str = "digits-mlp") -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=name, storage=storage_url(RunOptions(out_dir=out))).get_trials(deepcopy=False)
+
+
+def test_batch_trials_1_reproduces_the_release_before_it_exactly(tmp_path: Path) -> None:
+    tune(load_spec("digits").replace(trials=5, epochs=3), RunOptions(out_dir=tmp_path / "run", device="cpu", workers=1, threads_per_trial=2, batch_trials=1, export=False))
+    assert [(t.number, t.state.name, t.params, t.value) for t in stored(tmp_path / "run")] == BEFORE_BATCHING
+
+
+def test_a_batched_study_records_what_a_sequential_one_does(tmp_path: Path) -> None:
+    # SGD with momentum, whose lr reaches far enough to diverge.
+    space_file = tmp_path / "sgd.yaml"
+    space_file.write_text("optimizer: sgd-momentum\nparams:\n  lr: {type: float, low: 1.0e-3, high: 1.0e+4, log: true}\n  momentum: {type: float, low: 0.5, high: 0.99}\n")
+    spec = load_spec("digits").replace(trials=8, epochs=4, pruner="median", search_space=str(space_file))
+    tune(spec, RunOptions(out_dir=tmp_path / "run", device="cpu", workers=1, threads_per_trial=1, batch_trials=3, enqueue=({"lr": 1e4, "momentum": 0.9},), export=False))
+    trials = stored(tmp_path / "run")
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == 8 and not [t for t in trials if t.state == TrialState.RUNNING]
+    # Slots were refilled: only 3 ran at first, so every later trial started after one ended.
+    first_end = min(t.datetime_complete for t in trials[:3])
+    assert all(t.datetime_start >= first_end for t in trials[3:])
+    diverged = [t for t in trials if t.user_attrs.get("reason") == "diverged"]
+    assert len(diverged) == 1 and diverged[0].params["lr"] == pytest.approx(1e4) and diverged[0].state == TrialState.PRUNED
+    assert diverged[0].value == 0.0  # the worst value, as the sequential path reports it
+    assert {"worker", "hyperparameters", "seconds"} <= set(trials[1].user_attrs)
+    # Each member is its sequential twin: the same seed, the same numbers.
+    space = load_space(spec.search_space)
+    with torch_threads(1):
+        for trial in [t for t in trials if t.state == TrialState.COMPLETE][:2]:
+            config = trial_config(spec, space, trial.user_attrs["hyperparameters"], seed=spec.seed + trial.number, device="cpu", options=RunOptions(out_dir=tmp_path))
+            alone = train_trial(config)
+            assert [trial.intermediate_values[e] for e in sorted(trial.intermediate_values)] == pytest.approx([h["val_accuracy"] for h in alone.history], abs=1e-6)
+
+
+def test_an_unbatchable_model_falls_back_and_says_so_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    spec = load_spec("digits", "resnet18").replace(trials=1, epochs=1, pruner="none", confirm_top=1)
+    outcome = tune(spec, RunOptions(out_dir=tmp_path / "run", device="cpu", workers=1, batch_trials=4, export=False))
+    warnings = [r.getMessage() for r in caplog.records if "--batch-trials" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith("--batch-trials 4: a batch trains only")
+    assert "one at a time" in (outcome.parallelism or "")
+    assert len([t for t in stored(tmp_path / "run", spec.name) if t.state == TrialState.COMPLETE]) == 1
+
+
+def test_the_ray_backend_refuses_batched_trials(tmp_path: Path) -> None:
+    from sofim_tune.backends import get_backend
+    from sofim_tune.errors import UserInputError
+
+    with pytest.raises(UserInputError, match="Optuna-backend feature"):
+        get_backend("ray").check_options(RunOptions(out_dir=tmp_path, batch_trials=4))
+    get_backend("ray").check_options(RunOptions(out_dir=tmp_path, batch_trials=1))
