@@ -4,8 +4,8 @@ Small models gain nothing from torch's intra-op threads, and lose badly when the
 shared: two threads spinning on a busy core made a digits MLP step 200× slower here. They
 gain from several trials at once, one thread each. Measured on this project's 2-core machine
 (``python benchmarks/study_throughput.py --threads-only``): two single-thread processes beat
-one two-thread process for every model tried, from the digits MLP to ResNet-18 on 32×32
-images (1.13×), so on the CPU the rule is one trial per physical core, one thread each,
+one two-thread process for every model tried, from the digits MLP (2.05×) to ResNet-18 on
+32×32 images (1.04-1.13×), so on the CPU the rule is one trial per physical core, one thread each,
 whatever the model. What stops it is memory, estimated per worker from the data and the
 model, and the number of trials left. Fewer trials than cores get the spare cores as threads.
 
