@@ -36,13 +36,15 @@ class Parallelism:
     """A study's plan: ``workers`` worker processes with ``threads`` intra-op threads each,
     every worker training ``batch_trials`` trials at once as one stacked model (1: one at a time).
 
-    ``reason`` says in words what was chosen and why (the CLI prints it).
+    ``reason`` says in words what was chosen and why (the CLI prints it); ``refused_batch``
+    why the batch the user asked for cannot be trained, if so.
     """
 
     workers: int
     threads: int
     batch_trials: int
     reason: str
+    refused_batch: str | None = None
 
 
 def physical_cores() -> int:
@@ -140,11 +142,12 @@ def plan(
         why += ", --threads-per-trial"
     text = f"{workers} worker{'s' if workers > 1 else ''} × {threads} thread{'s' if threads > 1 else ''} ({why})"
     slots = _batch_slots(batch_trials, batch_problem)
+    refused = batch_problem if slots == 1 and (batch_trials or 1) > 1 else None
     if slots > 1:
         text += f", each training {slots} trials at once as one batched model"
-    elif batch_problem is not None and batch_trials is not None and batch_trials > 1:
-        text += f"; trials one at a time: {batch_problem}"
-    return Parallelism(workers, threads, slots, text)
+    elif refused is not None:
+        text += f"; trials one at a time: {refused}"
+    return Parallelism(workers, threads, slots, text, refused)
 
 
 def _batch_slots(asked: int | None, problem: str | None) -> int:

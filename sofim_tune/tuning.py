@@ -64,8 +64,8 @@ def check_inputs(spec: StudySpec, space: SearchSpace, options: RunOptions, backe
     get_backend(backend).check_options(options)
     settings_to_enqueue(spec, space, options)
     parallelism = parallelism_for(spec, space, options)
-    if (options.batch_trials or 1) > 1 and parallelism.batch_trials == 1:
-        log.warning("--batch-trials %d: %s", options.batch_trials, parallelism.reason.rpartition("; ")[2])
+    if parallelism.refused_batch is not None:
+        log.warning("--batch-trials %d: %s; trials run one at a time", options.batch_trials, parallelism.refused_batch)
     devices = spread_devices(parallelism.workers, options.gpus, options.device)
     for device in {options.device, *devices}:
         resolve_device(device)
