@@ -25,8 +25,8 @@ from sofim_tune.study import RunOptions
 
 # The promise: a cluster that cannot be used is reported within this many seconds of
 # starting to connect (the TCP connection, then one authenticated gRPC call).
-CONNECT_LIMIT_S = 8.0
-TCP_TIMEOUT_S = 5.0
+CONNECT_LIMIT_S = 5.0
+TCP_TIMEOUT_S = 3.0
 _DEFAULT_CLIENT_PORT = 10001
 _DEFAULT_GCS_PORT = 6379
 AUTH_MODE_VARIABLE = "RAY_AUTH_MODE"
