@@ -215,7 +215,11 @@ def test_ctrl_c_stops_cleanly_and_marks_the_trial_interrupted(tmp_path, workers)
     assert process.returncode == 130
     assert "run the same command again to resume" in stderr and "Traceback" not in stderr
     study = optuna.load_study(study_name="digits-mlp", storage=storage)
-    assert [t.user_attrs.get("reason") for t in study.trials if t.state == TrialState.FAIL] == ["interrupted"] * workers
+    # Every trial running at the signal ends interrupted, none stays RUNNING (a worker the
+    # signal missed would leave one). A worker may finish its trial during the two seconds
+    # sofim-tune gives a terminal's Ctrl-C to arrive first, so with two, one or two.
+    failed = [t.user_attrs.get("reason") for t in study.trials if t.state == TrialState.FAIL]
+    assert failed in (["interrupted"] * n for n in range(1, workers + 1))
     assert TrialState.RUNNING not in states(storage)
 
 
