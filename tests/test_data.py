@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +72,19 @@ def test_digits_splits_are_disjoint_and_cover_the_dataset(digits):
     all_images = torch.cat([part.images for part in parts])
     all_labels = torch.cat([part.labels for part in parts])
     assert rows(all_images, all_labels) == rows(expected, torch.from_numpy(load_digits().target))
+
+
+def test_digits_loads_without_importing_scikit_learn():
+    # Importing scikit-learn costs more than a second of every study's start; the data file is enough.
+    code = "import sys; from sofim_tune.data import load_data; d = load_data('digits'); print(len(d.train), 'sklearn' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["1294", "False"]
+
+
+def test_digits_without_scikit_learn_is_one_clear_error(monkeypatch):
+    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(UserInputError, match="scikit-learn, which is not installed; pip install scikit-learn"):
+        data._digits_pools()
 
 
 def test_digits_val_follows_split_seed_but_test_is_fixed(digits):
