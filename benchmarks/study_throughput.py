@@ -15,10 +15,15 @@ Targets on 2 CPU cores: default >= 1.8x today; batched >= 3x one-thread. On one 
 (``--device cuda``): batched >= 8x one-thread. ``--threads-only`` instead measures the rule in
 ``sofim_tune/parallelism.py``: samples per second of one process at all cores' threads
 against one single-thread process per core, for models from the digits MLP to ResNet-18.
+``--bare`` measures batching without a study, at one thread: 16 digits trials trained by
+``train_trial`` one after another against the same 16 as one ``TrialBatch``, and the ceiling
+that any batching has on this CPU: the sequential time over the time the trials' floating-point
+operations would take at the core's measured matrix-multiply peak.
 
     OMP_NUM_THREADS unset, on a quiet machine:
     python benchmarks/study_throughput.py [--digits-trials 40] [--cnn-trials 12] [--samples 4096]
     python benchmarks/study_throughput.py --threads-only [--seconds 5]
+    python benchmarks/study_throughput.py --bare [--bare-epochs 3]
     python benchmarks/study_throughput.py --device cuda --cnn-trials 48   # the GPU variant
 """
 
@@ -34,14 +39,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 from PIL import Image
 
-from sofim_tune.data import dataset_info
+from sofim_tune.batched import TrialBatch
+from sofim_tune.data import dataset_info, load_data
 from sofim_tune.models import build_model
 from sofim_tune.optim import build_optimizer
 from sofim_tune.parallelism import physical_cores
 from sofim_tune.spec import StudySpec, load_spec
-from sofim_tune.trial import clear_data_cache
+from sofim_tune.trial import TrialConfig, clear_data_cache, train_trial
 from sofim_tune.tuning import RunOptions, tune
 
 DEFAULT_THREADS = torch.get_num_threads()
@@ -135,6 +142,69 @@ def threads_against_processes(seconds: float) -> None:
         print(f"{model:>18}: {one:9.0f} samples/s with 1 process x {cores} threads, {many:9.0f} with {cores} x 1 thread: {many / one:.2f}x", flush=True)
 
 
+# ---------------------------------------------------------------------------------------
+# --bare: batching without a study, and the most any batching could gain on this CPU
+# ---------------------------------------------------------------------------------------
+
+
+def _bare_configs(arch: str, epochs: int) -> list[TrialConfig]:
+    """BATCH digits trials with settings spread over the shipped space's stable region (none diverges)."""
+    grid = [(lr, rho, beta1) for lr in (0.03, 0.1, 0.3, 1.0) for rho, beta1 in ((0.3, 0.9), (1.0, 0.8), (3.0, 0.95), (10.0, 0.9))]
+    return [
+        TrialConfig(dataset="digits", arch=arch, hyperparameters={"lr": lr * rho, "rho": rho, "beta1": beta1}, epochs=epochs, seed=seed, val_fraction=0.3, device="cpu")
+        for seed, (lr, rho, beta1) in enumerate(grid[:BATCH])
+    ]
+
+
+def _flops_per_sample(arch: str) -> float:
+    """Floating-point operations of one training step (forward and backward) per sample, as torch counts them."""
+    net = build_model(arch, dataset_info("digits"))
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(net(torch.randn(64, 1, 8, 8)), torch.randint(0, 10, (64,))).backward()
+    return counter.get_total_flops() / 64
+
+
+def _matmul_peak() -> float:
+    """FLOP/s of one thread multiplying 512×512 float32 matrices: the fastest this core computes."""
+    a, b = torch.randn(512, 512), torch.randn(512, 512)
+    a @ b
+    started, repeats = time.perf_counter(), 40
+    for _ in range(repeats):
+        a @ b
+    return 2 * 512**3 * repeats / (time.perf_counter() - started)
+
+
+def bare_batching(epochs: int) -> None:
+    torch.set_num_threads(1)
+    data = load_data("digits", val_fraction=0.3)
+    peak = _matmul_peak()
+    print(f"one thread multiplies matrices at {peak / 1e9:.1f} GFLOP/s", flush=True)
+    for arch in ("mlp", "cnn"):
+        configs = _bare_configs(arch, epochs)
+        train_trial(configs[0], data=data)  # warm-up: the first call builds kernels once per process
+        started = time.perf_counter()
+        sequential = [train_trial(config, data=data) for config in configs]
+        sequential_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        batch = TrialBatch(data, arch=arch, batch_size=configs[0].batch_size, slots=BATCH)
+        for config in configs:
+            batch.add(config)
+        while any(not outcome.done for outcome in batch.train_epoch().values()):
+            pass
+        batched = [batch.finish(slot) for slot in list(batch.members)]
+        batched_seconds = time.perf_counter() - started
+        gap = max(abs(x[key] - y[key]) / abs(x[key]) for a, b in zip(sequential, batched) for x, y in zip(a.history, b.history, strict=True) for key in x if x[key])
+        # Training steps plus evaluation passes (forward only: a third of a step's operations).
+        samples = epochs * BATCH * (len(data.train) + len(data.val) / 3)
+        floor = samples * _flops_per_sample(arch) / peak
+        print(
+            f"{arch:>4}: {BATCH} trials x {epochs} epochs: {sequential_seconds:.2f} s one at a time, {batched_seconds:.2f} s batched:"
+            f" {sequential_seconds / batched_seconds:.2f}x (largest relative gap of a member's metrics from its sequential twin's: {gap:.1e});"
+            f" at the matmul peak the operations take {floor:.2f} s, so no batching can exceed {sequential_seconds / floor:.1f}x",
+            flush=True,
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--digits-trials", type=int, default=None, help="trials of the digits study (default: its spec's)")
@@ -145,10 +215,15 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="where the trials run: cpu, or cuda for the GPU variant (batched target >= 8x)")
     parser.add_argument("--threads-only", action="store_true", help="only the threads-against-processes measurement")
     parser.add_argument("--seconds", type=float, default=5.0, help="--threads-only: seconds per measurement")
+    parser.add_argument("--bare", action="store_true", help="only batching without a study, and its ceiling on this CPU")
+    parser.add_argument("--bare-epochs", type=int, default=3, help="--bare: epochs of each trial")
     args = parser.parse_args()
     print(f"{physical_cores()} physical cores; torch's default {DEFAULT_THREADS} threads", flush=True)
     if args.threads_only:
         threads_against_processes(args.seconds)
+        return
+    if args.bare:
+        bare_batching(args.bare_epochs)
         return
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -53,6 +53,12 @@ def test_study_throughput_prints_its_ratios():
         assert float(ratio.split("= ")[1].split("x")[0]) > 0 and "batched/one-thread = " in ratio
     out = bench("study_throughput.py", "--threads-only", "--seconds", "0.3")
     assert out.count("samples/s") == 4
+    out = bench("study_throughput.py", "--bare", "--bare-epochs", "1")
+    for arch in ("mlp", "cnn"):
+        line = next(line for line in out.splitlines() if line.startswith(f"{arch:>4}: 16 trials x 1 epochs"))
+        # Members are the sequential trials to float tolerance (bit for bit in tests/test_batched.py's settings).
+        assert float(line.split("sequential twin's: ")[1].split(")")[0]) < 1e-5
+        assert float(line.split("can exceed ")[1].rstrip("x")) > 1
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in BENCHMARKS.glob("*.py")))
