@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import optuna
@@ -237,6 +238,22 @@ def test_a_retry_that_is_interrupted_again_is_retried_once(tmp_path):
     tried = [t for t in study.trials if t.state == TrialState.FAIL]
     assert len({t.params["lr"] for t in tried}) == 1
     assert [t.user_attrs.get("retry_of") for t in tried] == [None, 0, 1]
+
+
+def test_a_trial_whose_process_died_before_naming_itself_is_retried_after_the_grace(tmp_path):
+    from sofim_tune.space import load_space
+
+    study = optuna_backend.open_study(load_spec("digits").replace(trials=2), load_space("sofim"), f"sqlite:///{tmp_path / 'study.db'}")
+    lr = optuna.distributions.FloatDistribution(1e-4, 10.0, log=True)
+    for age in (optuna_backend.GRACE_SECONDS + 5, 1):  # killed between study.ask and _start; the second may still be starting
+        left = optuna.trial.create_trial(state=TrialState.RUNNING, params={"lr": 0.5}, distributions={"lr": lr})
+        left.datetime_start = datetime.now() - timedelta(seconds=age)
+        study.add_trial(left)
+    assert optuna_backend.recover_interrupted(study) == 1
+    old, young, retry = study.trials
+    assert (old.state, old.user_attrs["reason"]) == (TrialState.FAIL, "interrupted")
+    assert young.state == TrialState.RUNNING
+    assert (retry.state, retry.system_attrs["fixed_params"], retry.user_attrs["retry_of"]) == (TrialState.WAITING, {"lr": 0.5}, old.number)
 
 
 def test_resume_with_other_epochs_is_refused(tmp_path):

@@ -20,6 +20,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -352,15 +353,29 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def recover_interrupted(study: optuna.Study) -> int:
-    """Fail trials left RUNNING by dead processes of this host, and queue every interrupted trial once.
+def _orphaned(trial: FrozenTrial) -> bool:
+    """Whether a RUNNING trial was left by a process that is gone.
 
-    Trials of other hosts are left to the RDB heartbeat. Returns how many trials were queued.
+    A process of this host is asked directly. A trial that names no worker was asked for by a
+    process that died before its first write (``_start`` names the worker milliseconds after
+    ``ask``, though a GP sampler may think for seconds in between); after ``GRACE_SECONDS``
+    no live process is still on its way. Trials of other hosts are left to the RDB heartbeat.
+    """
+    worker = trial.user_attrs.get("worker")
+    if worker is None:
+        started = trial.datetime_start
+        return started is not None and (datetime.now() - started).total_seconds() > GRACE_SECONDS
+    return worker.get("host") == _HOST and not _pid_alive(int(worker.get("pid", -1)))
+
+
+def recover_interrupted(study: optuna.Study) -> int:
+    """Fail trials left RUNNING by dead processes (see ``_orphaned``), and queue every interrupted trial once.
+
+    Returns how many trials were queued.
     """
     storage = study._storage
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        worker = trial.user_attrs.get("worker", {})
-        if worker.get("host") == _HOST and not _pid_alive(int(worker.get("pid", -1))):
+        if _orphaned(trial):
             storage.set_trial_user_attr(trial._trial_id, "reason", "interrupted")
             storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
     trials = study.get_trials(deepcopy=False)
