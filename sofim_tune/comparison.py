@@ -36,6 +36,7 @@ import plotly.graph_objects as go
 
 from sofim_tune.errors import UserInputError
 from sofim_tune.files import read_json, write_text_atomic
+from sofim_tune.pages import FIGURE_HEIGHT, figure_sections, html_page
 from sofim_tune.selection import interval95
 
 SCHEMA_ID = "sofim-tune/comparison/v1"
@@ -102,7 +103,6 @@ _NAMES = {"sofim": "SOFIM", "sofim-tensor": "SOFIM (per-tensor)", "sgd-momentum"
           "sgd": "SGD", "adamw": "AdamW", "adam": "Adam"}
 _COLORS = {"sofim": "#e6007e", "sofim-tensor": "#9467bd", "sgd-momentum": "#1f77b4", "adamw": "#2ca02c"}
 _PALETTE = ("#ff7f0e", "#8c564b", "#17becf", "#7f7f7f", "#bcbd22", "#d62728")
-_HEIGHT = 460  # px, every figure
 
 
 def display_name(optimizer: str) -> str:
@@ -423,37 +423,13 @@ def verdict_sentences(doc: Mapping[str, Any]) -> list[str]:
 
 # --- compare.html
 
-_PAGE = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>{title}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; max-width: 1200px; margin: 1.5em auto; padding: 0 1em; color: #222; }}
-.verdicts li {{ margin: 0.3em 0; }}
-.better {{ color: #1a7f37; }} .worse {{ color: #b3261e; }}
-table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: 0.2em 0.8em; text-align: left; }}
-td.n {{ text-align: right; font-variant-numeric: tabular-nums; }}
-.small {{ font-size: 0.85em; color: #555; }}
-section {{ margin-top: 2em; }}
-</style>
-</head>
-<body>
-{body}
-</body>
-</html>
-"""
+_PAGE_STYLE = """.verdicts li { margin: 0.3em 0; }
+.better { color: #1a7f37; } .worse { color: #b3261e; }
+td, th { text-align: left; } td.n { text-align: right; font-variant-numeric: tabular-nums; }"""
 
 
-def _sections(figures: Mapping[str, tuple[go.Figure, str]]) -> str:
-    parts = []
-    for i, (name, (fig, explain)) in enumerate(figures.items()):
-        fig.update_layout(height=_HEIGHT)
-        # plotly.js goes in once, with the first figure; the rest reuse it.
-        div = fig.to_html(full_html=False, include_plotlyjs=i == 0, div_id=f"fig-{name}",
-                          default_height=f"{_HEIGHT}px")
-        parts.append(f'<section id="{name}"><p class="small">{html.escape(explain)}</p>{div}</section>')
-    return "\n".join(parts)
+def _page(title: str, head: str, figures: Mapping[str, tuple[go.Figure, str]]) -> str:
+    return html_page(title, head + "\n" + figure_sections((name, fig, explain) for name, (fig, explain) in figures.items()), style=_PAGE_STYLE)
 
 
 def _accuracy_axis(metric: str) -> dict[str, Any]:
@@ -601,8 +577,7 @@ def write_compare_html(doc: Mapping[str, Any], results: Sequence[OptimizerResult
                    "How fast each search found its best: the best completed trial so far, against the training "
                    "epochs the search had spent by then (pruned trials count the epochs they ran)."),
     }
-    page = _PAGE.format(title=html.escape(f"sofim-tune compare: {doc['dataset']} × {doc['arch']}"),
-                        body=head + "\n" + _sections(figures))
+    page = _page(f"sofim-tune compare: {doc['dataset']} × {doc['arch']}", head, figures)
     return write_text_atomic(Path(out_dir) / "compare.html", page)
 
 
@@ -675,7 +650,7 @@ def performance_profile(docs: Sequence[Mapping[str, Any]]) -> go.Figure:
         xaxis={"type": "log", "title": {"text": "τ (epochs to target ÷ the fastest optimizer's), log2 scale"},
                "tickvals": tickvals, "ticktext": ticktext, "range": [0, math.log10(tau_max)]},
         yaxis={"title": {"text": "share of problems within τ"}, "range": [-0.02, 1.02], "tickformat": ".0%"},
-        height=_HEIGHT)
+        height=FIGURE_HEIGHT)
     return fig
 
 
@@ -733,5 +708,5 @@ def write_summary(docs: Sequence[Mapping[str, Any]], out_dir: str | Path) -> tup
         "Dolan–Moré performance profile: for each optimizer, the share of problems on which it reached "
         "the target within τ times the epochs the fastest optimizer needed there. At τ = 1: how often it "
         "was the fastest; at the right end: how often it reached the target at all. Higher is better.")}
-    page = _PAGE.format(title="sofim-tune compare: summary", body=head + "\n" + _sections(figures))
+    page = _page("sofim-tune compare: summary", head, figures)
     return write_text_atomic(Path(out_dir) / "compare-summary.html", page), rows

@@ -22,6 +22,7 @@ from scipy.interpolate import griddata
 from scipy.spatial import QhullError
 
 from sofim_tune.errors import UserInputError
+from sofim_tune.pages import FIGURE_HEIGHT, figure_sections, html_page
 from sofim_tune.records import StudyRecord, TrialRecord
 from sofim_tune.recommend import (
     ConfirmSummary,
@@ -42,7 +43,6 @@ PNG_NEEDS_CHROME = (
     "or omit --png"
 )
 
-_HEIGHT = 460  # px, every figure
 _WIDTH = 1100  # px, PNG export
 _PLOT_PX = (850, 300)  # px, about the plot area inside a figure (width, height), for tick density
 _GRID = 80  # contour interpolation grid points per axis
@@ -584,7 +584,7 @@ def build_figures(study: StudyRecord, rec: Recommendation | None = None) -> dict
         "confirmation": _confirmation(study, rec),
     }
     for fig in figures.values():
-        fig.update_layout(height=_HEIGHT)
+        fig.update_layout(height=FIGURE_HEIGHT)
     return figures
 
 
@@ -726,38 +726,14 @@ def _headline(study: StudyRecord, rec: Recommendation | None) -> str:
     return "\n".join(parts)
 
 
-_PAGE = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>{title}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; max-width: 1200px; margin: 1.5em auto; padding: 0 1em; color: #222; }}
-.warning {{ background: #fff3cd; border: 1px solid #e0b000; padding: 0.6em 1em; margin: 1em 0; }}
-.warning p {{ margin: 0.3em 0; }}
-table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: 0.2em 0.8em; text-align: right; }}
-.small {{ font-size: 0.85em; color: #555; }}
-section {{ margin-top: 2em; }}
-</style>
-</head>
-<body>
-{headline}
-{sections}
-</body>
-</html>
-"""
+_PAGE_STYLE = """.warning { background: #fff3cd; border: 1px solid #e0b000; padding: 0.6em 1em; margin: 1em 0; }
+.warning p { margin: 0.3em 0; }
+td, th { text-align: right; }"""
 
 
 def _page(study: StudyRecord, rec: Recommendation | None, figures: dict[str, go.Figure]) -> str:
-    sections = []
-    for i, (name, fig) in enumerate(figures.items()):
-        # plotly.js goes in once, with the first figure; the rest reuse it.
-        div = fig.to_html(full_html=False, include_plotlyjs=i == 0, div_id=f"fig-{name}",
-                          default_height=f"{_HEIGHT}px")
-        sections.append(f'<section id="{name}"><p class="small">{html.escape(_EXPLAIN[name])}</p>'
-                        f"{div}</section>")
-    return _PAGE.format(title=html.escape(f"sofim-tune report: {study.name}"),
-                        headline=_headline(study, rec), sections="\n".join(sections))
+    sections = figure_sections((name, fig, _EXPLAIN[name]) for name, fig in figures.items())
+    return html_page(f"sofim-tune report: {study.name}", _headline(study, rec) + "\n" + sections, style=_PAGE_STYLE)
 
 
 @dataclass(frozen=True)
@@ -785,7 +761,7 @@ def _write_pngs(figures: dict[str, go.Figure], folder: Path) -> tuple[Path, ...]
         ) from None
     specs = [
         {"fig": fig.to_dict(), "path": folder / f"{name}.png",
-         "opts": {"format": "png", "width": _WIDTH, "height": _HEIGHT}}
+         "opts": {"format": "png", "width": _WIDTH, "height": FIGURE_HEIGHT}}
         for name, fig in figures.items()
     ]
     try:
