@@ -6,13 +6,16 @@ Each member is a trial of its own in Optuna's storage, recorded as a sequential 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import optuna
 import pytest
+from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
 from sofim_tune.backends.optuna import storage_url
+from sofim_tune.batched import TrialBatch
 from sofim_tune.spec import load_spec
 from sofim_tune.study import torch_threads, trial_config
 from sofim_tune.space import load_space
@@ -65,6 +68,26 @@ def test_a_batched_study_records_what_a_sequential_one_does(tmp_path: Path) -> N
             config = trial_config(spec, space, trial.user_attrs["hyperparameters"], seed=spec.seed + trial.number, device="cpu", options=RunOptions(out_dir=tmp_path))
             alone = train_trial(config)
             assert [trial.intermediate_values[e] for e in sorted(trial.intermediate_values)] == pytest.approx([h["val_accuracy"] for h in alone.history], abs=1e-6)
+
+
+def test_members_beat_from_the_moment_they_join(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A worker on another host killed during its members' first epoch: the RDB heartbeat must
+    # find them stale, which it does only for trials that beat at least once.
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    stale_in_first_epoch = []
+    train_epoch = TrialBatch.train_epoch
+
+    def first_epoch_checked(batch: TrialBatch) -> dict:
+        if not stale_in_first_epoch:
+            time.sleep(2.2)  # past the shortest grace Optuna allows, on SQLite's clock of whole seconds
+            watcher = RDBStorage(url, heartbeat_interval=1, grace_period=1)
+            study_id = watcher.get_study_id_from_name("digits-mlp")
+            stale_in_first_epoch.append(len(watcher._get_stale_trial_ids(study_id)))
+        return train_epoch(batch)
+
+    monkeypatch.setattr(TrialBatch, "train_epoch", first_epoch_checked)
+    tune(load_spec("digits").replace(trials=3, epochs=1), RunOptions(out_dir=tmp_path / "run", storage=url, device="cpu", workers=1, threads_per_trial=1, batch_trials=3, export=False))
+    assert stale_in_first_epoch == [3]
 
 
 def test_an_unbatchable_model_falls_back_and_says_so_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

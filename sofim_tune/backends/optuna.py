@@ -504,6 +504,8 @@ def _optimize_batched(spec: StudySpec, space: SearchSpace, options: RunOptions, 
                     study.tell(trial, state=TrialState.FAIL)
                     break
                 config = _start(trial, spec, space, options, device)
+                if heartbeat:  # at once: the heartbeat check skips a trial that never beat, so a worker killed in its first epoch would leave it RUNNING
+                    study._storage.record_heartbeat(trial._trial_id)
                 if batch is None:
                     batch = TrialBatch(prepare_trial(config), arch=config.arch, optimizer=config.optimizer, batch_size=config.batch_size, slots=slots)
                 running[batch.add(config)] = trial
