@@ -14,6 +14,7 @@ import pytest
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
+from sofim_tune.backends import optuna as optuna_backend
 from sofim_tune.backends.optuna import storage_url
 from sofim_tune.batched import TrialBatch
 from sofim_tune.spec import load_spec
@@ -88,6 +89,23 @@ def test_members_beat_from_the_moment_they_join(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setattr(TrialBatch, "train_epoch", first_epoch_checked)
     tune(load_spec("digits").replace(trials=3, epochs=1), RunOptions(out_dir=tmp_path / "run", storage=url, device="cpu", workers=1, threads_per_trial=1, batch_trials=3, export=False))
     assert stale_in_first_epoch == [3]
+
+
+def test_a_batched_worker_retries_the_members_of_a_worker_that_died_on_another_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(optuna_backend, "GRACE_SECONDS", 1)  # Optuna's shortest grace, instead of two minutes
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    spec = load_spec("digits").replace(trials=3, epochs=1)
+    study = optuna_backend.open_study(spec, load_space(spec.search_space), url)
+    dead = study.ask({"lr": optuna.distributions.FloatDistribution(1e-4, 10.0, log=True)})
+    dead.set_user_attr("worker", {"host": "another-host", "pid": 1, "threads": 1})
+    study._storage.record_heartbeat(dead._trial_id)
+    time.sleep(2.2)  # past the grace, on SQLite's clock of whole seconds
+    tune(spec, RunOptions(out_dir=tmp_path / "run", storage=url, device="cpu", workers=1, threads_per_trial=1, batch_trials=2, export=False))
+    trials = optuna.load_study(study_name=spec.name, storage=url).get_trials(deepcopy=False)
+    assert trials[dead.number].state == TrialState.FAIL
+    retry = next(t for t in trials if t.user_attrs.get("retry_of") == dead.number)
+    assert retry.state in (TrialState.COMPLETE, TrialState.PRUNED) and retry.params["lr"] == dead.params["lr"]
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
 
 
 def test_an_unbatchable_model_falls_back_and_says_so_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

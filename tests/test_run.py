@@ -244,16 +244,32 @@ def test_a_trial_whose_process_died_before_naming_itself_is_retried_after_the_gr
     from sofim_tune.space import load_space
 
     study = optuna_backend.open_study(load_spec("digits").replace(trials=2), load_space("sofim"), f"sqlite:///{tmp_path / 'study.db'}")
-    lr = optuna.distributions.FloatDistribution(1e-4, 10.0, log=True)
+    queued = {"lr": 0.5, "rho": 2.0, "beta1": 0.9}
     for age in (optuna_backend.GRACE_SECONDS + 5, 1):  # killed between study.ask and _start; the second may still be starting
-        left = optuna.trial.create_trial(state=TrialState.RUNNING, params={"lr": 0.5}, distributions={"lr": lr})
+        # It took queued settings (the spec's first, say) and drew none of its own yet.
+        left = optuna.trial.create_trial(state=TrialState.RUNNING, system_attrs={"fixed_params": queued})
         left.datetime_start = datetime.now() - timedelta(seconds=age)
         study.add_trial(left)
     assert optuna_backend.recover_interrupted(study) == 1
     old, young, retry = study.trials
     assert (old.state, old.user_attrs["reason"]) == (TrialState.FAIL, "interrupted")
     assert young.state == TrialState.RUNNING
-    assert (retry.state, retry.system_attrs["fixed_params"], retry.user_attrs["retry_of"]) == (TrialState.WAITING, {"lr": 0.5}, old.number)
+    assert (retry.state, retry.system_attrs["fixed_params"], retry.user_attrs["retry_of"]) == (TrialState.WAITING, queued, old.number)
+
+
+
+def test_two_processes_recovering_one_orphan_at_once_both_go_on(tmp_path, monkeypatch):
+    from sofim_tune.space import load_space
+
+    study = optuna_backend.open_study(load_spec("digits").replace(trials=2), load_space("sofim"), f"sqlite:///{tmp_path / 'study.db'}")
+    left = optuna.trial.create_trial(state=TrialState.RUNNING)
+    left.datetime_start = datetime.now() - timedelta(seconds=optuna_backend.GRACE_SECONDS + 5)
+    study.add_trial(left)
+    seen_running = study.get_trials(deepcopy=True, states=(TrialState.RUNNING,))
+    study._storage.set_trial_state_values(seen_running[0]._trial_id, TrialState.FAIL)  # the other process was first
+    get_trials = study.get_trials
+    monkeypatch.setattr(study, "get_trials", lambda deepcopy=True, states=None: seen_running if states == (TrialState.RUNNING,) else get_trials(deepcopy=deepcopy, states=states))
+    optuna_backend.recover_interrupted(study)  # does not raise UpdateFinishedTrialError
 
 
 def test_resume_with_other_epochs_is_refused(tmp_path):

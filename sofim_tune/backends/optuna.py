@@ -17,6 +17,7 @@ import signal
 import socket
 import statistics
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -26,7 +27,7 @@ from typing import Any
 
 import optuna
 import torch
-from optuna.exceptions import ExperimentalWarning
+from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.storages.journal import JournalFileBackend
@@ -338,9 +339,15 @@ class _StopAfterFailures:
 
 
 def retry_interrupted(study: optuna.Study, trial: FrozenTrial) -> None:
-    """Queue the settings of a trial that a dead or interrupted process left behind."""
+    """Queue the settings of a trial that a dead or interrupted process left behind.
+
+    A trial killed before it drew its settings has none yet, only the queued ones it took
+    (the spec's first settings, ``--enqueue``, an earlier retry): those go back in the queue,
+    or a resume, which skips settings queued before, would never try them.
+    """
+    settings = {**trial.system_attrs.get("fixed_params", {}), **trial.params}
     # The immediate predecessor, so that a retry that is itself interrupted is retried once too.
-    study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+    study.enqueue_trial(settings, user_attrs={"retry_of": trial.number})
 
 
 def _pid_alive(pid: int) -> bool:
@@ -376,8 +383,11 @@ def recover_interrupted(study: optuna.Study) -> int:
     storage = study._storage
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if _orphaned(trial):
-            storage.set_trial_user_attr(trial._trial_id, "reason", "interrupted")
-            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            try:
+                storage.set_trial_user_attr(trial._trial_id, "reason", "interrupted")
+                storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            except UpdateFinishedTrialError:
+                pass  # another process starting on this storage failed it first
     trials = study.get_trials(deepcopy=False)
     retried = {t.user_attrs.get("retry_of") for t in trials}
     queued = 0
@@ -479,6 +489,7 @@ def _optimize_batched(spec: StudySpec, space: SearchSpace, options: RunOptions, 
     batch: TrialBatch | None = None
     running: dict[int, optuna.Trial] = {}
     stopping = False
+    beats = _Heartbeats(study._storage) if heartbeat else None
 
     def tell(trial: optuna.Trial, state: TrialState, value: float | None = None) -> None:
         nonlocal stopping
@@ -489,14 +500,19 @@ def _optimize_batched(spec: StudySpec, space: SearchSpace, options: RunOptions, 
 
     def settle(slot: int, result: TrialResult) -> None:
         trial = running.pop(slot)
+        if beats is not None:
+            beats.stop(trial)
         state, value = _settle(trial, result, spec)
         tell(trial, state, value)
 
     try:
         while True:
+            if heartbeat:
+                # What study.optimize does before each trial: fail and requeue the trials of dead workers of any host.
+                optuna.storages.fail_stale_trials(study)
             while not stopping and len(running) < slots and (deadline is None or time.monotonic() < deadline) and not _at_target(study, spec.trials):
                 with warnings.catch_warnings():
-                    # This loop records its trials' heartbeats itself (below).
+                    # This loop records its trials' heartbeats itself (_Heartbeats).
                     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
                     trial = study.ask()
                 if _is_surplus(study, trial.number, spec.trials):
@@ -504,8 +520,8 @@ def _optimize_batched(spec: StudySpec, space: SearchSpace, options: RunOptions, 
                     study.tell(trial, state=TrialState.FAIL)
                     break
                 config = _start(trial, spec, space, options, device)
-                if heartbeat:  # at once: the heartbeat check skips a trial that never beat, so a worker killed in its first epoch would leave it RUNNING
-                    study._storage.record_heartbeat(trial._trial_id)
+                if beats is not None:
+                    beats.start(trial)
                 if batch is None:
                     batch = TrialBatch(prepare_trial(config), arch=config.arch, optimizer=config.optimizer, batch_size=config.batch_size, slots=slots)
                 running[batch.add(config)] = trial
@@ -516,7 +532,10 @@ def _optimize_batched(spec: StudySpec, space: SearchSpace, options: RunOptions, 
             except Exception as exc:  # noqa: BLE001 - every member fails, the study goes on with a new batch
                 for slot in list(running):
                     _mark_failed(running[slot], "failed", exc)
-                    tell(running.pop(slot), TrialState.FAIL)
+                    trial = running.pop(slot)
+                    if beats is not None:
+                        beats.stop(trial)
+                    tell(trial, TrialState.FAIL)
                 batch = None
                 continue
             for slot, outcome in outcomes.items():
@@ -529,14 +548,51 @@ def _optimize_batched(spec: StudySpec, space: SearchSpace, options: RunOptions, 
                     settle(slot, batch.finish(slot, pruned=True))  # type: ignore[union-attr]
                 elif outcome.done:
                     settle(slot, batch.finish(slot))  # type: ignore[union-attr]
-            if heartbeat:
-                for trial in running.values():
-                    study._storage.record_heartbeat(trial._trial_id)
     except KeyboardInterrupt:
         for trial in running.values():
             _mark_failed(trial, "interrupted")
             study.tell(trial, state=TrialState.FAIL)
         raise
+    finally:
+        if beats is not None:
+            beats.close()
+
+
+class _Heartbeats:
+    """An RDB heartbeat every ``HEARTBEAT_SECONDS`` for each running member of a batch, from a thread.
+
+    As ``study.optimize`` keeps one for its trial: an epoch of a large batch can outlast
+    ``GRACE_SECONDS``, and a member beats from the moment it joins, because the stale check
+    skips a trial that never beat (a worker killed in its first epoch would leave it RUNNING).
+    """
+
+    def __init__(self, storage: BaseStorage) -> None:
+        self.storage = storage
+        self.trial_ids: set[int] = set()
+        self.lock = threading.Lock()
+        self.closed = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name="sofim-tune-heartbeats", daemon=True)
+        self.thread.start()
+
+    def start(self, trial: optuna.Trial) -> None:
+        self.storage.record_heartbeat(trial._trial_id)
+        with self.lock:
+            self.trial_ids.add(trial._trial_id)
+
+    def stop(self, trial: optuna.Trial) -> None:
+        with self.lock:
+            self.trial_ids.discard(trial._trial_id)
+
+    def close(self) -> None:
+        self.closed.set()
+        self.thread.join()
+
+    def _beat(self) -> None:
+        while not self.closed.wait(HEARTBEAT_SECONDS):
+            with self.lock:
+                trial_ids = sorted(self.trial_ids)
+            for trial_id in trial_ids:
+                self.storage.record_heartbeat(trial_id)
 
 
 def _worker_main(spec: StudySpec, space_definition: dict[str, Any], options: RunOptions, url: str, device: str, worker: int, threads: int, slots: int) -> None:
