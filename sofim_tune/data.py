@@ -607,27 +607,38 @@ def dataset_info_for(dataset: str, image_size: int | None = None) -> DatasetInfo
     return _folder_plan(Path(dataset), image_size).info
 
 
-def _digits_file() -> Path:
-    """The CSV file inside the installed scikit-learn that its ``load_digits`` reads.
+def _digits_file() -> Path | None:
+    """The CSV file inside the installed scikit-learn that its ``load_digits`` reads; None when its folder holds none.
 
-    Read directly because importing scikit-learn takes 1.6 s, a tenth of the quick start and
-    paid again by every spawned worker; ``find_spec`` locates the package without importing it.
+    Read directly because importing scikit-learn takes about a second, paid by every spawned
+    or Ray worker; ``find_spec`` locates the package without importing it.
     """
     package = importlib.util.find_spec("sklearn")
     if package is None or not package.submodule_search_locations:
         raise UserInputError("the digits dataset ships with scikit-learn, which is not installed; pip install scikit-learn")
     path = Path(package.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
-    if not path.is_file():
-        raise UserInputError(f"this scikit-learn keeps no digits file at {path}; pip install 'scikit-learn>=1.3'")
-    return path
+    return path if path.is_file() else None
+
+
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits: 1797×8×8 pixels in 0..16 (float64) and their labels (int64)."""
+    path = _digits_file()
+    if path is None:
+        # An editable scikit-learn keeps its data files elsewhere; its own loader finds them.
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        return bunch.images, bunch.target.astype(np.int64)
+    # Each row: 64 pixels in row-major order, then the label, as load_digits parses it.
+    table = np.loadtxt(path, delimiter=",")
+    return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
 
 
 def _digits_pools() -> tuple[_TensorPool, _TensorPool]:
     """scikit-learn's 1797 8×8 digits as (train, fixed test) pools, pixels 0..16 rescaled to 0..255."""
-    # Each row: 64 pixels in row-major order, then the label, as sklearn.datasets.load_digits parses it.
-    table = np.loadtxt(_digits_file(), delimiter=",")
-    images = torch.from_numpy(np.rint(table[:, :-1].reshape(-1, 8, 8) * (255 / 16))).to(torch.uint8).unsqueeze(1)
-    full = _TensorPool(images, torch.from_numpy(table[:, -1].astype(np.int64)))
+    pixels, labels = _digits_arrays()
+    images = torch.from_numpy(np.rint(pixels * (255 / 16))).to(torch.uint8).unsqueeze(1)
+    full = _TensorPool(images, torch.from_numpy(labels))
     train, test = _holdout(len(full), _DIGITS_TEST_FRACTION, _DIGITS_TEST_SEED)
     return full.subset(train), full.subset(test)
 

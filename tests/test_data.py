@@ -81,6 +81,15 @@ def test_digits_loads_without_importing_scikit_learn():
     assert done.stdout.split() == ["1294", "False"]
 
 
+def test_digits_from_scikit_learns_own_loader_when_its_folder_has_no_data_file(monkeypatch):
+    # An editable scikit-learn keeps its data files out of its package folder.
+    from_file = data._digits_pools()
+    monkeypatch.setattr(data, "_digits_file", lambda: None)
+    from_loader = data._digits_pools()
+    for a, b in zip(from_file, from_loader):
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+
+
 def test_digits_without_scikit_learn_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(UserInputError, match="scikit-learn, which is not installed; pip install scikit-learn"):
