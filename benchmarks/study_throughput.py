@@ -43,12 +43,12 @@ from torch.utils.flop_counter import FlopCounterMode
 from PIL import Image
 
 from sofim_tune.batched import TrialBatch
-from sofim_tune.data import dataset_info, load_data
+from sofim_tune.data import LoadedData, dataset_info, load_data
 from sofim_tune.models import build_model
 from sofim_tune.optim import build_optimizer
 from sofim_tune.parallelism import physical_cores
 from sofim_tune.spec import StudySpec, load_spec
-from sofim_tune.trial import TrialConfig, clear_data_cache, train_trial
+from sofim_tune.trial import TrialConfig, TrialResult, clear_data_cache, train_trial
 from sofim_tune.tuning import RunOptions, tune
 
 DEFAULT_THREADS = torch.get_num_threads()
@@ -156,22 +156,37 @@ def _bare_configs(arch: str, epochs: int) -> list[TrialConfig]:
     ]
 
 
-def _flops_per_sample(arch: str) -> float:
-    """Floating-point operations of one training step (forward and backward) per sample, as torch counts them."""
+def _flops_per_sample(arch: str) -> tuple[float, float]:
+    """Floating-point operations per sample of a training step (forward and backward) and of an evaluation (forward), as torch counts them."""
     net = build_model(arch, dataset_info("digits"))
-    with FlopCounterMode(display=False) as counter:
-        F.cross_entropy(net(torch.randn(64, 1, 8, 8)), torch.randint(0, 10, (64,))).backward()
-    return counter.get_total_flops() / 64
+    x, y = torch.randn(64, 1, 8, 8), torch.randint(0, 10, (64,))
+    with FlopCounterMode(display=False) as step:
+        F.cross_entropy(net(x), y).backward()
+    with torch.no_grad(), FlopCounterMode(display=False) as evaluation:
+        net.eval()(x)
+    return step.get_total_flops() / 64, evaluation.get_total_flops() / 64
 
 
 def _matmul_peak() -> float:
-    """FLOP/s of one thread multiplying 512×512 float32 matrices: the fastest this core computes."""
+    """FLOP/s of one thread multiplying 512×512 float32 matrices, the best of 10 rounds: the fastest this core computes."""
     a, b = torch.randn(512, 512), torch.randn(512, 512)
     a @ b
-    started, repeats = time.perf_counter(), 40
-    for _ in range(repeats):
-        a @ b
-    return 2 * 512**3 * repeats / (time.perf_counter() - started)
+    rounds = []
+    for _ in range(10):
+        started = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        rounds.append(time.perf_counter() - started)
+    return 2 * 512**3 * 10 / min(rounds)
+
+
+def _train_batch(data: LoadedData, arch: str, configs: list[TrialConfig]) -> list[TrialResult]:
+    batch = TrialBatch(data, arch=arch, batch_size=configs[0].batch_size, slots=len(configs))
+    for config in configs:
+        batch.add(config)
+    while any(not outcome.done for outcome in batch.train_epoch().values()):
+        pass
+    return [batch.finish(slot) for slot in list(batch.members)]
 
 
 def bare_batching(epochs: int) -> None:
@@ -181,22 +196,18 @@ def bare_batching(epochs: int) -> None:
     print(f"one thread multiplies matrices at {peak / 1e9:.1f} GFLOP/s", flush=True)
     for arch in ("mlp", "cnn"):
         configs = _bare_configs(arch, epochs)
-        train_trial(configs[0], data=data)  # warm-up: the first call builds kernels once per process
+        # Warm-ups: the first call of each path builds its kernels once per process.
+        train_trial(configs[0], data=data)
+        _train_batch(data, arch, configs[:2])
         started = time.perf_counter()
         sequential = [train_trial(config, data=data) for config in configs]
         sequential_seconds = time.perf_counter() - started
         started = time.perf_counter()
-        batch = TrialBatch(data, arch=arch, batch_size=configs[0].batch_size, slots=BATCH)
-        for config in configs:
-            batch.add(config)
-        while any(not outcome.done for outcome in batch.train_epoch().values()):
-            pass
-        batched = [batch.finish(slot) for slot in list(batch.members)]
+        batched = _train_batch(data, arch, configs)
         batched_seconds = time.perf_counter() - started
         gap = max(abs(x[key] - y[key]) / abs(x[key]) for a, b in zip(sequential, batched) for x, y in zip(a.history, b.history, strict=True) for key in x if x[key])
-        # Training steps plus evaluation passes (forward only: a third of a step's operations).
-        samples = epochs * BATCH * (len(data.train) + len(data.val) / 3)
-        floor = samples * _flops_per_sample(arch) / peak
+        step, evaluation = _flops_per_sample(arch)
+        floor = epochs * BATCH * (len(data.train) * step + len(data.val) * evaluation) / peak
         print(
             f"{arch:>4}: {BATCH} trials x {epochs} epochs: {sequential_seconds:.2f} s one at a time, {batched_seconds:.2f} s batched:"
             f" {sequential_seconds / batched_seconds:.2f}x (largest relative gap of a member's metrics from its sequential twin's: {gap:.1e});"

@@ -58,7 +58,8 @@ def test_study_throughput_prints_its_ratios():
         line = next(line for line in out.splitlines() if line.startswith(f"{arch:>4}: 16 trials x 1 epochs"))
         # Members are the sequential trials to float tolerance (bit for bit in tests/test_batched.py's settings).
         assert float(line.split("sequential twin's: ")[1].split(")")[0]) < 1e-5
-        assert float(line.split("can exceed ")[1].rstrip("x")) > 1
+        # Nothing beats the core's peak: the batch's measured gain stays below the ceiling.
+        assert float(line.split(" s batched: ")[1].split("x")[0]) < float(line.split("can exceed ")[1].rstrip("x"))
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in BENCHMARKS.glob("*.py")))
