@@ -425,3 +425,12 @@ def test_log_ticks_render_as_full_numbers(tmp_path: Path, confirmed: tuple[Study
             assert values == sorted(values) and len(set(values)) == len(values), (name, labels)
             checked += 1
     assert checked >= 8, checked  # slices lr, rho, beta1, metric; contour x, y; regime x, y
+
+
+def test_a_page_title_is_escaped_once_and_its_body_kept():
+    from sofim_tune.pages import html_page
+
+    # compare.html's title names the dataset, which may be a folder called anything.
+    page = html_page("sofim-tune compare: runs/<odd> & folder × cnn", "<p>body</p>", style=".x { color: red; }")
+    assert "<title>sofim-tune compare: runs/&lt;odd&gt; &amp; folder × cnn</title>" in page
+    assert "<body>\n<p>body</p>\n</body>" in page and ".x { color: red; }" in page
