@@ -15,10 +15,10 @@ bit for bit for the digits MLP and CNN with every optimizer (measured): where a 
 sums in another order than the single one, the batch runs it per member (the loss, the weight
 gradients, SOFIM's norms), since some settings amplify a last-bit difference to 1e-2 within a
 few epochs; the one known exception left is the output of a grouped convolution with fewer
-than 16 input channels per member, such as a first layer on RGB images. Outside the tested
-settings exactness is to float tolerance: in ``benchmarks/study_throughput.py --bare``'s sweep of
-16 CNN settings one member, in slot 1, drifted by one ulp in its logits after 41 steps (the same
-member in slot 0 stays exact; the kernel behind it is not isolated). Per-member scalars are
+than 16 input channels per member, such as a first layer on RGB images. Two more things
+would make a member's bits depend on its slot or its settings, and are done as the sequential
+run does them: a dot product of a row that starts mid cache line (see :func:`_squared_norms`),
+and powers such as β₁ᵗ, taken on the host (see :meth:`_Update.host_table`). Per-member scalars are
 K-element tensors, computed in float64 as the host computes them for ``sofim_tune.optim`` and
 ``torch.optim`` and rounded to float32 where a tensor op takes them; a step never waits for
 the host.
@@ -40,7 +40,7 @@ import contextlib
 import math
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -501,11 +501,21 @@ def _per_member(values: Tensor, like: Tensor) -> Tensor:
 
 def _squared_norms(moments: Tensor) -> Tensor:
     """Each member's ‖m‖² (K), summed as ``sofim_tune.optim`` sums it: a BLAS dot per tensor on
-    the CPU (the same order of additions, so the same step), one norm kernel on an accelerator."""
+    the CPU (the same order of additions, so the same step), one norm kernel on an accelerator.
+
+    BLAS orders a dot's additions by where the vector starts within a cache line. A tensor of its
+    own starts on one (torch's CPU allocator aligns to 64 bytes); a member's row of the stack does
+    only when the rows before it fill whole lines, so another row (a 10-class head's bias in slot
+    1, say) is summed from an aligned copy.
+    """
     rows = moments.flatten(1)
     if rows.is_cpu:
-        return torch.stack([torch.dot(row, row) for row in rows])
+        aligned = [row if row.data_ptr() % _CACHE_LINE_BYTES == 0 else row.clone() for row in rows]
+        return torch.stack([torch.dot(row, row) for row in aligned])
     return torch.linalg.vector_norm(rows, dim=1).square()
+
+
+_CACHE_LINE_BYTES = 64
 
 
 class _Update:
@@ -513,7 +523,9 @@ class _Update:
 
     Built at the start of each epoch from the members' settings: every per-member scalar the
     epoch needs (learning rates, bias corrections, decay factors) is a steps×K table on the
-    device, computed once in float64 as the host computes them in the sequential run.
+    device, computed once in float64 as the host computes them in the sequential run. Powers
+    such as β₁ᵗ are taken on the host too (:meth:`host_table`): torch's vectorised ``pow``
+    differs from the C library's in the last bit now and then (0.95²¹, for one).
     """
 
     state: tuple[str, ...] = ()  # per-parameter buffers, each zero at the start
@@ -522,8 +534,12 @@ class _Update:
     def __init__(self, members: list[_Member], steps_per_epoch: int, device: torch.device) -> None:
         self.tensor = partial(torch.tensor, dtype=torch.float64, device=device)
         self.lrs = self.tensor([m.learning_rates[m.step : m.step + steps_per_epoch] for m in members]).T
-        self.steps = self.tensor([[m.step + b + 1 for m in members] for b in range(steps_per_epoch)])
+        self.step_numbers = [[m.step + b + 1 for m in members] for b in range(steps_per_epoch)]
         self.groups = [m.group for m in members]
+
+    def host_table(self, value: Callable[[dict[str, Any], int], float]) -> Tensor:
+        """steps×K: ``value(group, step)`` of each member at each step of the epoch (from 1), in Python floats."""
+        return self.tensor([[value(group, step) for group, step in zip(self.groups, row)] for row in self.step_numbers])
 
     def setting(self, key: str) -> Tensor:
         return self.tensor([group[key] for group in self.groups])
@@ -544,9 +560,7 @@ class _SofimUpdate(_Update):
         self.blocks_per_tensor = members[0].group["norm_scope"] == "tensor"
         beta1, self.rho = self.setting("beta1"), self.setting("rho")
         self.moment_weight = (1 - beta1).float()
-        self.correction = 1 - beta1**self.steps
-        # SOFIM.fisher_ratio() computes in float32.
-        self.fisher_correction = (1 - beta1.float() ** self.steps.float()).square()
+        self.correction = self.host_table(lambda group, step: 1.0 - group["beta1"] ** step)
         # Each member's weight decay goes either into the gradient or into a shrink of θ.
         coupled = [0.0 if g["decoupled_weight_decay"] else g["weight_decay"] for g in self.groups]
         decoupled = [g["weight_decay"] if g["decoupled_weight_decay"] else 0.0 for g in self.groups]
@@ -570,9 +584,15 @@ class _SofimUpdate(_Update):
             param.addcmul_(moment, _per_member(coefficients[i] if self.blocks_per_tensor else coefficients, param))
         return self._fisher_ratio(b, squared) if sample else None
 
+    def _fisher_correction(self, b: int) -> Tensor:
+        """(1 - β₁ᵗ)² of each member at batch ``b`` (K), as ``SOFIM.fisher_ratio()`` computes it:
+        in float32, from a 0-dim step tensor (the vectorised float32 ``pow`` rounds otherwise)."""
+        corrections = [(1 - group["beta1"] ** torch.tensor(float(step), device=self.lrs.device)).square() for group, step in zip(self.groups, self.step_numbers[b])]
+        return torch.stack(corrections)
+
     def _fisher_ratio(self, b: int, squared: list[Tensor]) -> Tensor:
         """``SOFIM.fisher_ratio()`` of each member (K), in its float32 arithmetic and order of additions."""
-        ratios = [s / self.fisher_correction[b] for s in squared]
+        ratios = [s / self._fisher_correction(b) for s in squared]
         if self.blocks_per_tensor:
             # Members by rows, each a contiguous run of its tensors' ratios: mean() then adds them as for one trial.
             return (torch.stack(ratios) / self.rho.float()).T.contiguous().mean(1)
@@ -613,8 +633,8 @@ class _AdamWUpdate(_Update):
         beta1, beta2 = self.tensor([g["betas"][0] for g in self.groups]), self.tensor([g["betas"][1] for g in self.groups])
         self.shrink = (1 - self.lrs * self.setting("weight_decay")).float()
         self.weight1, self.beta2, self.weight2 = (1 - beta1).float(), beta2.float(), (1 - beta2).float()
-        self.negative_step_sizes = (-self.lrs / (1 - beta1**self.steps)).float()
-        self.correction2_sqrt = ((1 - beta2**self.steps) ** 0.5).float()
+        self.negative_step_sizes = (-self.lrs / self.host_table(lambda group, step: 1 - group["betas"][0] ** step)).float()
+        self.correction2_sqrt = self.host_table(lambda group, step: (1 - group["betas"][1] ** step) ** 0.5).float()
         self.eps = self.setting("eps").float()
 
     def step(self, b: int, params: list[Tensor], grads: Sequence[Tensor], state: dict[str, list[Tensor]], *, sample: bool) -> Tensor | None:

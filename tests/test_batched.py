@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sofim_tune import UserInputError
-from sofim_tune.batched import TrialBatch, batch_problem
+from sofim_tune.batched import _UPDATES, TrialBatch, _squared_norms, batch_problem
 from sofim_tune.trial import TrialConfig, prepare_trial, train_trial
 
 # digits as its study spec trains it: 1,006 training images, 16 batches of 64 per epoch.
@@ -155,3 +155,49 @@ def test_batch_problem_names_what_cannot_be_batched():
     with pytest.raises(UserInputError, match="this batch trains mlp with sofim at batch size 64"):
         batch.add(TrialConfig(**DIGITS, arch="mlp", epochs=1, optimizer="adamw", hyperparameters={"lr": 1e-3}))
     assert batch.free_slots == 2
+
+
+# Settings whose sequential run computes a power the vectorised pow rounds otherwise (0.95²¹),
+# in every slot of a batch of four: a member after the first starts its rows mid cache line
+# when its tensors' sizes are not multiples of 16 floats (the 10-class head's bias).
+EXACT = {
+    "sofim": [{"lr": 0.03 * rho, "rho": rho, "beta1": beta1} for rho, beta1 in ((1.0, 0.95), (1.0, 0.8), (3.0, 0.9), (0.3, 0.99))],
+    "adamw": [{"lr": lr, "beta1": beta1, "beta2": beta2} for lr, beta1, beta2 in ((1e-3, 0.95, 0.999), (2e-3, 0.9, 0.99), (5e-4, 0.8, 0.95), (1e-3, 0.99, 0.9999))],
+}
+
+
+@pytest.mark.parametrize("arch,optimizer", [("mlp", "sofim"), ("cnn", "sofim"), ("mlp", "adamw")])
+def test_every_slot_reproduces_its_twin_bit_for_bit(arch, optimizer):
+    # Exact on this project's machines (x86-64, torch's MKL and oneDNN); the tolerant tests above
+    # are the contract for other BLAS builds.
+    trials = [TrialConfig(**DIGITS, arch=arch, optimizer=optimizer, epochs=2, hyperparameters=settings, seed=40 + i) for i, settings in enumerate(EXACT[optimizer])]
+    batch = TrialBatch(prepare_trial(trials[0]), arch=arch, optimizer=optimizer, batch_size=64, slots=len(trials))
+    slots = {batch.add(config): config for config in trials}
+    for slot, result in run(batch).items():
+        assert result.history == train_trial(slots[slot]).history, f"slot {slot}"
+
+
+def test_a_row_of_the_stack_is_summed_as_a_tensor_of_its_own():
+    # BLAS orders a dot's additions by where the vector starts in its cache line; a 10-element
+    # row of a stack starts mid line in three slots of four, and then 17% of random rows differed.
+    torch.manual_seed(0)
+    for _ in range(200):
+        moments = torch.randn(4, 10) * 1e-2
+        assert _squared_norms(moments).tolist() == [torch.dot(row.clone(), row.clone()).item() for row in moments]
+
+
+def test_bias_corrections_are_the_powers_the_sequential_optimizers_take():
+    # Over a long table (a member alone with 63 steps an epoch, batches of 16) torch's vectorised
+    # pow rounds some powers (0.99**25, 0.999**32: AdamW's default beta2) one ulp away from the C
+    # library's, which SOFIM's CPU path and torch.optim.AdamW take (Python floats).
+    steps = range(1, 64)
+    for optimizer, settings in (("sofim", {"lr": 0.03, "rho": 1.0, "beta1": 0.99}), ("adamw", {"lr": 1e-3, "beta1": 0.99, "beta2": 0.999})):
+        config = TrialConfig(**{**DIGITS, "batch_size": 16}, arch="mlp", optimizer=optimizer, epochs=1, hyperparameters=settings)
+        batch = TrialBatch(prepare_trial(config), arch="mlp", optimizer=optimizer, batch_size=16, slots=1)
+        batch.add(config)
+        update = _UPDATES[optimizer](list(batch._members.values()), batch.steps_per_epoch, torch.device("cpu"))
+        if optimizer == "sofim":
+            assert update.correction[:, 0].tolist() == [1.0 - 0.99**step for step in steps]
+        else:
+            assert update.correction2_sqrt[:, 0].tolist() == torch.tensor([(1 - 0.999**step) ** 0.5 for step in steps]).tolist()
+            assert update.negative_step_sizes[:, 0].tolist() == torch.tensor([-1e-3 / (1 - 0.99**step) for step in steps]).tolist()
