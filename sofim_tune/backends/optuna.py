@@ -7,6 +7,7 @@ search space is refused instead of mixing two searches in one study.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import logging
@@ -20,7 +21,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -243,8 +244,7 @@ def _is_surplus(study: optuna.Study, number: int, target: int) -> bool:
 
 
 def _start(trial: optuna.Trial, spec: StudySpec, space: SearchSpace, options: RunOptions, device: str) -> TrialConfig:
-    """Mark a new trial as this worker's, draw its settings and build its run."""
-    trial.set_user_attr("worker", {"host": _HOST, "pid": os.getpid(), "threads": torch.get_num_threads()})
+    """Draw a new trial's settings and build its run (``study.ask`` named its worker, see ``_asking``)."""
     ranges = active_ranges(space, trial.study.user_attrs[ATTR])
     searched = {name: _suggest(trial, p) for name, p in ranges.items()}
     hyperparameters = space.to_hyperparameters(searched)
@@ -290,8 +290,8 @@ class _Objective:
             trial.set_user_attr("reason", SURPLUS)
             trial.study.stop()
             raise _Surplus
-        config = _start(trial, self.spec, self.space, self.options, self.device)
         try:
+            config = _start(trial, self.spec, self.space, self.options, self.device)
             result = train_trial(config, _OptunaReporter(trial, self.spec.metric))
         except KeyboardInterrupt:
             _mark_failed(trial, "interrupted")
@@ -360,29 +360,33 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _orphaned(trial: FrozenTrial) -> bool:
+def _orphaned(trial: FrozenTrial, *, asking_done: bool) -> bool:
     """Whether a RUNNING trial was left by a process that is gone.
 
     A process of this host is asked directly. A trial that names no worker was asked for by a
-    process that died before its first write (``_start`` names the worker milliseconds after
-    ``ask``, though a GP sampler may think for seconds in between); after ``GRACE_SECONDS``
-    no live process is still on its way. Trials of other hosts are left to the RDB heartbeat.
+    process that died inside ``study.ask`` (see ``_asking``): certainly so when no ask is under
+    way (``asking_done``: the caller holds the ask lock); otherwise once ``GRACE_SECONDS`` have
+    passed, since no live process takes that long between creating a trial and naming itself.
+    Trials of other hosts are left to the RDB heartbeat.
     """
     worker = trial.user_attrs.get("worker")
     if worker is None:
         started = trial.datetime_start
-        return started is not None and (datetime.now() - started).total_seconds() > GRACE_SECONDS
+        return asking_done or (started is not None and (datetime.now() - started).total_seconds() > GRACE_SECONDS)
     return worker.get("host") == _HOST and not _pid_alive(int(worker.get("pid", -1)))
 
 
-def recover_interrupted(study: optuna.Study) -> int:
+def recover_interrupted(study: optuna.Study, url: str) -> int:
     """Fail trials left RUNNING by dead processes (see ``_orphaned``), and queue every interrupted trial once.
 
     Returns how many trials were queued.
     """
     storage = study._storage
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if _orphaned(trial):
+    lock = _ask_lock(url)
+    with _holding(lock):
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for trial in running:
+        if _orphaned(trial, asking_done=lock is not None):
             try:
                 storage.set_trial_user_attr(trial._trial_id, "reason", "interrupted")
                 storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
@@ -433,23 +437,44 @@ def _worker_study(spec: StudySpec, space: SearchSpace, url: str, worker: int) ->
         sampler=make_sampler(spec.sampler, space, sampler_seed(spec.seed, in_storage, worker), spec.trials),
         pruner=make_pruner(spec.pruner, effective_epochs(spec, space)),
     )
-    file = storage_file(url)
-    if url.startswith("sqlite:") and file is not None:
-        # SQLite reads a queued trial's state before it takes its write lock, so two workers
-        # that ask at the same instant can both take the same queued trial. A lock file
-        # next to the database makes asking one worker at a time (study.optimize asks
-        # through this attribute too).
-        study.ask = _one_at_a_time(study.ask, file.with_name(file.name + ".ask-lock"))  # type: ignore[method-assign]
+    study.ask = _asking(study.ask, _ask_lock(url))  # type: ignore[method-assign]  # study.optimize asks through it too
     return study
 
 
-def _one_at_a_time(ask: Callable[..., optuna.Trial], lock: Path) -> Callable[..., optuna.Trial]:
-    def locked_ask(*args: Any, **kwargs: Any) -> optuna.Trial:
-        with lock.open("a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            return ask(*args, **kwargs)
+def _ask_lock(url: str) -> Path | None:
+    """The lock file that makes asking one process at a time on an SQLite storage; None for others.
 
-    return locked_ask
+    SQLite reads a queued trial's state before it takes its write lock, so two workers that
+    ask at the same instant could both take the same queued trial.
+    """
+    file = storage_file(url)
+    return file.with_name(file.name + ".ask-lock") if url.startswith("sqlite:") and file is not None else None
+
+
+@contextlib.contextmanager
+def _holding(lock: Path | None) -> Iterator[None]:
+    if lock is None:
+        yield
+        return
+    with lock.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _asking(ask: Callable[..., optuna.Trial], lock: Path | None) -> Callable[..., optuna.Trial]:
+    """``study.ask`` that names the asking worker on the new trial before it lets go of the ask lock.
+
+    So a process that holds the lock knows that an unnamed RUNNING trial's process died inside
+    ``ask`` (see ``_orphaned``).
+    """
+
+    def ask_and_name(*args: Any, **kwargs: Any) -> optuna.Trial:
+        with _holding(lock):
+            trial = ask(*args, **kwargs)
+            trial.set_user_attr("worker", {"host": _HOST, "pid": os.getpid(), "threads": torch.get_num_threads()})
+            return trial
+
+    return ask_and_name
 
 
 def _at_target(study: optuna.Study, target: int) -> bool:
@@ -624,7 +649,7 @@ def run_optuna_study(spec: StudySpec, space: SearchSpace, options: RunOptions, *
     # A bad URL, then a study there that cannot be resumed, are refused before run.json is written.
     study = open_study(spec, space, url)
     claim_run_folder(options.out_dir, backend="optuna", storage=url, study=spec.name)
-    recover_interrupted(study)
+    recover_interrupted(study, url)
     for values in settings_to_enqueue(spec, space, options):
         study.enqueue_trial(values, skip_if_exists=True)
 
@@ -640,7 +665,7 @@ def run_optuna_study(spec: StudySpec, space: SearchSpace, options: RunOptions, *
     devices = spread_devices(plan.workers, options.gpus, options.device)
     if plan.workers > 1 and finished_count(study) < spec.trials:
         _run_workers(spec, space, options, url, devices, plan, lambda: progress(study))
-        recover_interrupted(study)
+        recover_interrupted(study, url)
     # One worker, or what a dead worker left undone: this process runs it.
     left = None if options.timeout is None else options.timeout - (time.monotonic() - started)
     if finished_count(study) < spec.trials and (left is None or left > 0):
@@ -674,7 +699,7 @@ def _run_workers(spec: StudySpec, space: SearchSpace, options: RunOptions, url: 
             for process in processes:
                 if process.exitcode not in (None, 0, 2) and process.pid not in reported:
                     reported.add(process.pid)
-                    _report_dead_worker(study, process)
+                    _report_dead_worker(study, url, process)
             if not running:
                 break
             time.sleep(POLL_SECONDS)
@@ -698,14 +723,14 @@ def _run_workers(spec: StudySpec, space: SearchSpace, options: RunOptions, url: 
                 process.join()
 
 
-def _report_dead_worker(study: optuna.Study, process: multiprocessing.process.BaseProcess) -> None:
+def _report_dead_worker(study: optuna.Study, url: str, process: multiprocessing.process.BaseProcess) -> None:
     """Say which worker died, how, and which trial it left; fail and requeue that trial."""
     left = [
         t.number
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         if t.user_attrs.get("worker", {}).get("pid") == process.pid and t.user_attrs.get("worker", {}).get("host") == _HOST
     ]
-    recover_interrupted(study)
+    recover_interrupted(study, url)
     trials = f"trial {', '.join(map(str, left))}, which was marked failed and queued to run again" if left else "no trial"
     log.warning("%s (pid %s) %s; it left %s; the other workers go on", process.name, process.pid, describe_exit(process.exitcode), trials)
 
