@@ -510,11 +510,10 @@ def _optimize_batched(spec: StudySpec, space: SearchSpace, options: RunOptions, 
     study = _worker_study(spec, space, url, worker)
     deadline = None if options.timeout is None else time.monotonic() + options.timeout
     failures = _StopAfterFailures(MAX_CONSECUTIVE_FAILURES)
-    heartbeat = is_heartbeat_enabled(study._storage)
     batch: TrialBatch | None = None
     running: dict[int, optuna.Trial] = {}
     stopping = False
-    beats = _Heartbeats(study._storage) if heartbeat else None
+    beats = _Heartbeats(study._storage) if is_heartbeat_enabled(study._storage) else None
 
     def tell(trial: optuna.Trial, state: TrialState, value: float | None = None) -> None:
         nonlocal stopping
@@ -523,16 +522,20 @@ def _optimize_batched(spec: StudySpec, space: SearchSpace, options: RunOptions, 
         if on_trial is not None:
             on_trial(study)
 
-    def settle(slot: int, result: TrialResult) -> None:
+    def release(slot: int) -> optuna.Trial:
         trial = running.pop(slot)
         if beats is not None:
             beats.stop(trial)
+        return trial
+
+    def settle(slot: int, result: TrialResult) -> None:
+        trial = release(slot)
         state, value = _settle(trial, result, spec)
         tell(trial, state, value)
 
     try:
         while True:
-            if heartbeat:
+            if beats is not None:
                 # What study.optimize does before each trial: fail and requeue the trials of dead workers of any host.
                 optuna.storages.fail_stale_trials(study)
             while not stopping and len(running) < slots and (deadline is None or time.monotonic() < deadline) and not _at_target(study, spec.trials):
@@ -556,10 +559,8 @@ def _optimize_batched(spec: StudySpec, space: SearchSpace, options: RunOptions, 
                 outcomes = batch.train_epoch()  # type: ignore[union-attr]
             except Exception as exc:  # noqa: BLE001 - every member fails, the study goes on with a new batch
                 for slot in list(running):
-                    _mark_failed(running[slot], "failed", exc)
-                    trial = running.pop(slot)
-                    if beats is not None:
-                        beats.stop(trial)
+                    trial = release(slot)
+                    _mark_failed(trial, "failed", exc)
                     tell(trial, TrialState.FAIL)
                 batch = None
                 continue
