@@ -154,10 +154,8 @@ def _batch_slots(asked: int | None, problem: str | None) -> int:
     """Trials per batched model: ``asked`` when the model can be batched, else 1.
 
     Automatic is 1: on this project's CPU machine no model gained enough to batch by
-    default. A batch of 16 digits MLPs trains 1.25-1.45x faster than one at a time, but a
-    whole study gained 1.06x and the digits CNN lost (0.84x): a sequential trial already
-    spends half its time in matrix multiplies, which stacking does not make cheaper, and a
-    study's storage round trips stay per trial (benchmarks/study_throughput.py).
+    default; the README's Performance section gives the numbers of
+    ``benchmarks/study_throughput.py`` (a batched digits study gained 1.09x, the CNN study lost).
     """
     if problem is not None or asked is None:
         return 1

@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import dataclasses
 import json
+import logging
 import math
 import multiprocessing
 import multiprocessing.context
@@ -48,6 +49,7 @@ EDGE_SHARE = 0.05
 # A storage that run.json names without a scheme is a file inside the run folder, so the
 # folder can be moved or copied with its study.
 DEFAULT_STORAGE_FILE = "study.db"
+log = logging.getLogger("sofim_tune")
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
@@ -64,8 +66,8 @@ class RunOptions:
         threads_per_trial: torch intra-op threads of each worker, >= 1; None picks them.
         batch_trials: trials each worker trains at once as one stacked model
             (``sofim_tune.batched``), >= 1; None or 1 trains one at a time.
-        parallelism: what was chosen for the two and why, in words (set by
-            ``tuning.check_inputs`` for the summary).
+        parallelism: what was chosen for the three and why, in words (set by :func:`planned`,
+            which leaves options that have it alone).
         gpus: GPU indices to spread workers over, round-robin; empty means ``device``.
         timeout: stop starting new trials after this many seconds (> 0); None runs to the
             target. Ray: Ray's time budget: running trials are stopped (they count as
@@ -457,6 +459,20 @@ def parallelism_for(spec: StudySpec, space: SearchSpace, options: RunOptions) ->
         batch_trials=options.batch_trials,
         batch_problem=batch_problem(config, data),
     )
+
+
+def planned(spec: StudySpec, space: SearchSpace, options: RunOptions) -> RunOptions:
+    """``options`` with the workers, threads per trial and batch size of :func:`parallelism_for`
+    filled in and its reason in ``parallelism``; options this returned before come back as they are.
+
+    A ``--batch-trials`` the model cannot use is warned about once, here.
+    """
+    if options.parallelism is not None:
+        return options
+    chosen = parallelism_for(spec, space, options)
+    if chosen.refused_batch is not None:
+        log.warning("--batch-trials %d: %s; trials run one at a time", options.batch_trials, chosen.refused_batch)
+    return dataclasses.replace(options, workers=chosen.workers, threads_per_trial=chosen.threads, batch_trials=chosen.batch_trials, parallelism=chosen.reason)
 
 
 def spread_devices(workers: int, gpus: Sequence[int], device: str) -> list[str]:

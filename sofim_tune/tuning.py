@@ -7,7 +7,6 @@ seeds, writing ``best.json`` and the report) is the same for every backend, and 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,7 +26,7 @@ from sofim_tune.study import (
     check_run_folder,
     default_storage_url,
     settings_to_enqueue,
-    parallelism_for,
+    planned,
     spread_devices,
     trial_config,
     worst_value,
@@ -37,7 +36,6 @@ from sofim_tune.trial import clear_data_cache, resolve_device
 if TYPE_CHECKING:
     from sofim_tune.comparison import OptimizerResult
 
-log = logging.getLogger("sofim_tune")
 
 __all__ = ["CompareOutcome", "RunOptions", "TuneOutcome", "check_inputs", "compare", "confirm", "export_run", "tune"]
 
@@ -55,18 +53,16 @@ class TuneOutcome:
 def check_inputs(spec: StudySpec, space: SearchSpace, options: RunOptions, backend: str) -> RunOptions:
     """Fail with one clear line before anything is written: options, run folder, names, data, devices.
 
-    Returns ``options`` with the workers and threads per trial chosen
-    (:func:`sofim_tune.study.parallelism_for`; the Ray backend places trials itself).
+    Returns ``options`` with the workers, threads per trial and batch size chosen
+    (:func:`sofim_tune.study.planned`; the Ray backend places trials itself).
     """
     if options.timeout is not None and not options.timeout > 0:
         raise UserInputError(f"--timeout must be > 0 seconds, got {options.timeout:g}")
     # First, as it is the quickest to fail: a Ray cluster that cannot be used.
     get_backend(backend).check_options(options)
     settings_to_enqueue(spec, space, options)
-    parallelism = parallelism_for(spec, space, options)
-    if parallelism.refused_batch is not None:
-        log.warning("--batch-trials %d: %s; trials run one at a time", options.batch_trials, parallelism.refused_batch)
-    devices = spread_devices(parallelism.workers, options.gpus, options.device)
+    with_plan = planned(spec, space, options)
+    devices = spread_devices(with_plan.workers or 1, options.gpus, options.device)
     for device in {options.device, *devices}:
         resolve_device(device)
     if any(resolve_device(device).type != "cpu" for device in devices):
@@ -75,9 +71,7 @@ def check_inputs(spec: StudySpec, space: SearchSpace, options: RunOptions, backe
     # The Ray backend names its storage once it knows where the experiment lives.
     storage = (options.storage or default_storage_url(options.out_dir)) if backend == "optuna" else None
     check_run_folder(options.out_dir, backend=backend, storage=storage, study=spec.name)
-    if backend != "optuna":
-        return options
-    return replace(options, workers=parallelism.workers, threads_per_trial=parallelism.threads, batch_trials=parallelism.batch_trials, parallelism=parallelism.reason)
+    return with_plan if backend == "optuna" else options
 
 
 def confirm(study: StudyRecord, spec: StudySpec, space: SearchSpace, options: RunOptions, backend: Backend) -> list[Confirmation]:

@@ -38,7 +38,6 @@ from sofim_tune.errors import TrialPruned, UserInputError
 from sofim_tune.files import redact_storage_url
 from sofim_tune.records import Confirmation, StudyRecord, TrialRecord
 from sofim_tune.space import ParamRange, SearchSpace
-from sofim_tune.parallelism import Parallelism
 from sofim_tune.spec import StudySpec
 from sofim_tune.study import (
     EDGE_SHARE,
@@ -50,7 +49,7 @@ from sofim_tune.study import (
     describe_exit,
     effective_epochs,
     make_sampler,
-    parallelism_for,
+    planned,
     read_run_file,
     record_from_metadata,
     sampler_seed,
@@ -639,7 +638,7 @@ def finished_count(study: optuna.Study) -> int:
 def run_optuna_study(spec: StudySpec, space: SearchSpace, options: RunOptions, *, on_progress: Callable[[StudyRecord], None] | None = None) -> StudyRecord:
     """Run (or resume) the study of ``spec`` until it has ``spec.trials`` finished trials.
 
-    Several workers (``options.workers``, or as :func:`parallelism_for` picks them) are
+    Several workers (``options.workers``, or as :func:`planned` picks them) are
     processes sharing the storage, each pinned to a device from ``options.gpus``
     round-robin and running ``options.threads_per_trial`` torch threads; one worker runs
     in this process. Trials that a killed run or worker left behind are failed and their
@@ -662,20 +661,21 @@ def run_optuna_study(spec: StudySpec, space: SearchSpace, options: RunOptions, *
 
     progress(study)
     started = time.monotonic()
-    plan = parallelism_for(spec, space, options)
-    devices = spread_devices(plan.workers, options.gpus, options.device)
-    if plan.workers > 1 and finished_count(study) < spec.trials:
-        _run_workers(spec, space, options, url, devices, plan, lambda: progress(study))
+    options = planned(spec, space, options)  # tune() planned them already; a direct call has not
+    workers = options.workers or 1
+    devices = spread_devices(workers, options.gpus, options.device)
+    if workers > 1 and finished_count(study) < spec.trials:
+        _run_workers(spec, space, options, url, devices, lambda: progress(study))
         recover_interrupted(study, url)
     # One worker, or what a dead worker left undone: this process runs it.
     left = None if options.timeout is None else options.timeout - (time.monotonic() - started)
     if finished_count(study) < spec.trials and (left is None or left > 0):
-        with torch_threads(plan.threads):
-            _optimize(spec, space, dataclasses.replace(options, timeout=left), url, devices[0], 0, progress, plan.batch_trials)
+        with torch_threads(options.threads_per_trial):
+            _optimize(spec, space, dataclasses.replace(options, timeout=left), url, devices[0], 0, progress, options.batch_trials or 1)
     return record_from_study(study)
 
 
-def _run_workers(spec: StudySpec, space: SearchSpace, options: RunOptions, url: str, devices: list[str], plan: Parallelism, poll: Callable[[], None]) -> None:
+def _run_workers(spec: StudySpec, space: SearchSpace, options: RunOptions, url: str, devices: list[str], poll: Callable[[], None]) -> None:
     """Run one worker process per device until they all stop.
 
     A worker that stops with an input error (exit code 2, its message already on stderr)
@@ -686,7 +686,7 @@ def _run_workers(spec: StudySpec, space: SearchSpace, options: RunOptions, url: 
     # Processes, not threads: each trial owns its interpreter, its CUDA context and its GIL.
     context = worker_context(devices)
     processes = [
-        context.Process(target=_worker_main, args=(spec, space.to_dict(), options, url, device, index, plan.threads, plan.batch_trials), name=f"sofim-tune-worker-{index}")
+        context.Process(target=_worker_main, args=(spec, space.to_dict(), options, url, device, index, options.threads_per_trial or 1, options.batch_trials or 1), name=f"sofim-tune-worker-{index}")
         for index, device in enumerate(devices)
     ]
     for process in processes:
