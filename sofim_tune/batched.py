@@ -40,7 +40,7 @@ import contextlib
 import math
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -349,13 +349,16 @@ class TrialBatch:
         )
         return slot
 
-    def train_epoch(self) -> dict[int, EpochOutcome]:
+    def train_epoch(self, slots: Collection[int] | None = None) -> dict[int, EpochOutcome]:
         """Train every member that is not done for one epoch; the outcome of each, by slot.
 
-        The host reads the device's numbers once per divergence check (every
-        ``DIVERGENCE_CHECK_INTERVAL`` batches) and once at the end, for all members together.
+        ``slots`` limits the epoch to the members in those slots (None: all); the others
+        keep their state and epoch count, so members may advance at their own pace (a
+        member's numbers never depend on who trains beside it). The host reads the device's
+        numbers once per divergence check (every ``DIVERGENCE_CHECK_INTERVAL`` batches) and
+        once at the end, for all members together.
         """
-        members = [member for _, member in sorted(self._members.items()) if not member.done]
+        members = [member for slot, member in sorted(self._members.items()) if not member.done and (slots is None or slot in slots)]
         if not members:
             return {}
         epochs = [len(member.history) + 1 for member in members]

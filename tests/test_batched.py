@@ -120,6 +120,19 @@ def test_a_member_added_into_a_freed_slot_equals_its_twin():
     assert_twins(results[slot_first], late)
 
 
+def test_members_that_train_at_their_own_pace_equal_their_twins():
+    # How a Ray batch server trains: only the members whose trials asked for an epoch.
+    first, second = (TrialConfig(**DIGITS, arch="cnn", epochs=3, hyperparameters={"lr": lr, "rho": 1.0, "beta1": 0.9}, seed=seed) for lr, seed in ((0.05, 1), (0.1, 2)))
+    batch = TrialBatch(prepare_trial(first), arch="cnn", optimizer="sofim", batch_size=64, slots=2)
+    slot_first, slot_second = batch.add(first), batch.add(second)
+    assert {slot: o.epoch for slot, o in batch.train_epoch([slot_second]).items()} == {slot_second: 1}
+    assert {slot: o.epoch for slot, o in batch.train_epoch([slot_first]).items()} == {slot_first: 1}
+    assert {slot: o.epoch for slot, o in batch.train_epoch([slot_first]).items()} == {slot_first: 2}
+    assert {slot: o.epoch for slot, o in batch.train_epoch().items()} == {slot_first: 3, slot_second: 2}
+    assert_twins(batch.finish(slot_first), first)
+    assert_twins(run(batch)[slot_second], second)
+
+
 @pytest.mark.parametrize("arch", ["mlp", "cnn"])
 def test_a_diverged_member_is_reported_at_the_twins_epoch_and_leaves_the_others_alone(arch):
     # 63 batches of 16: the divergence check inside the epoch (every 32 batches) runs too.
