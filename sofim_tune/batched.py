@@ -319,6 +319,7 @@ class TrialBatch:
         does not share this batch's architecture, optimizer and batch size, and
         ``RuntimeError`` when no slot is free.
         """
+        config.validate()  # an invalid config fails with train_trial's message
         problem = batch_problem(config, self.data)
         if problem is None and (config.arch or self.data.info.default_arch, config.optimizer, config.batch_size) != (self.arch, self.optimizer, self.batch_size):
             problem = f"this batch trains {self.arch} with {self.optimizer} at batch size {self.batch_size}"

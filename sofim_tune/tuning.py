@@ -54,7 +54,8 @@ def check_inputs(spec: StudySpec, space: SearchSpace, options: RunOptions, backe
     """Fail with one clear line before anything is written: options, run folder, names, data, devices.
 
     Returns ``options`` with the workers, threads per trial and batch size chosen
-    (:func:`sofim_tune.study.planned`; the Ray backend places trials itself).
+    (:func:`sofim_tune.study.planned`; the Ray backend places trials itself, and takes only
+    the batch size).
     """
     if options.timeout is not None and not options.timeout > 0:
         raise UserInputError(f"--timeout must be > 0 seconds, got {options.timeout:g}")
@@ -71,7 +72,10 @@ def check_inputs(spec: StudySpec, space: SearchSpace, options: RunOptions, backe
     # The Ray backend names its storage once it knows where the experiment lives.
     storage = (options.storage or default_storage_url(options.out_dir)) if backend == "optuna" else None
     check_run_folder(options.out_dir, backend=backend, storage=storage, study=spec.name)
-    return with_plan if backend == "optuna" else options
+    if backend == "optuna":
+        return with_plan
+    # Ray places trials itself; of the plan it takes only whether the model can be batched.
+    return options if options.batch_trials is None else replace(options, batch_trials=with_plan.batch_trials)
 
 
 def confirm(study: StudyRecord, spec: StudySpec, space: SearchSpace, options: RunOptions, backend: Backend) -> list[Confirmation]:

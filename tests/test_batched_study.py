@@ -117,10 +117,15 @@ def test_an_unbatchable_model_falls_back_and_says_so_once(tmp_path: Path, caplog
     assert len([t for t in stored(tmp_path / "run", spec.name) if t.state == TrialState.COMPLETE]) == 1
 
 
-def test_the_ray_backend_refuses_batched_trials(tmp_path: Path) -> None:
-    from sofim_tune.backends import get_backend
-    from sofim_tune.errors import UserInputError
+def test_the_ray_backend_takes_the_batch_size_the_model_allows(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from sofim_tune.tuning import check_inputs
 
-    with pytest.raises(UserInputError, match="Optuna-backend feature"):
-        get_backend("ray").check_options(RunOptions(out_dir=tmp_path, batch_trials=4))
-    get_backend("ray").check_options(RunOptions(out_dir=tmp_path, batch_trials=1))
+    spec = load_spec("digits")
+    space = load_space(spec.search_space)
+    assert check_inputs(spec, space, RunOptions(out_dir=tmp_path / "a", batch_trials=4), "ray").batch_trials == 4
+    assert check_inputs(spec, space, RunOptions(out_dir=tmp_path / "b"), "ray").batch_trials is None  # a resume keeps its experiment's
+    resnet = load_spec("digits", "resnet18")
+    assert check_inputs(resnet, load_space(resnet.search_space), RunOptions(out_dir=tmp_path / "c", batch_trials=4), "ray").batch_trials == 1
+    assert [r.getMessage() for r in caplog.records if "--batch-trials" in r.getMessage()] == [
+        "--batch-trials 4: resnet18: a _ResNet, not an nn.Sequential; a batch trains only plain stacks of Flatten, Linear, Conv2d, BatchNorm2d, ReLU, MaxPool2d and AdaptiveAvgPool2d layers; trials run one at a time"
+    ]

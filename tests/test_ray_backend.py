@@ -197,7 +197,8 @@ def test_interrupted_run_resumes(tmp_path: Path) -> None:
     assert run_ray_study(spec, space, options(out)) == after
 
 
-def test_diverged_and_failed_trials(tmp_path: Path) -> None:
+@pytest.mark.parametrize("batch_trials", [None, 2], ids=["one-per-trial", "batched"])
+def test_diverged_and_failed_trials(tmp_path: Path, batch_trials: int | None) -> None:
     space_file = tmp_path / "steep.yaml"
     space_file.write_text(
         "optimizer: sgd-momentum\n"
@@ -208,7 +209,7 @@ def test_diverged_and_failed_trials(tmp_path: Path) -> None:
     # lr = 0 passes the space but not the optimizer: the trial fails (and Ray retries it).
     # lr = 80 with momentum blows the loss up in the first epoch.
     spec = small_spec(trials=2, epochs=3, search_space=str(space_file), enqueue=[{"lr": 0.0, "momentum": 0.9}, {"lr": 80.0, "momentum": 0.9}])
-    study = run_ray_study(spec, load_space(space_file), options(tmp_path / "run"))
+    study = run_ray_study(spec, load_space(space_file), options(tmp_path / "run", batch_trials=batch_trials))
 
     # The diverged trial's result holds the same finite worst value as in the Optuna
     # backend (not ±1e300, which flattens a GP sampler's standardisation).
@@ -228,6 +229,58 @@ def test_diverged_and_failed_trials(tmp_path: Path) -> None:
     searched = searcher_study(experiment).trials
     assert [t.state for t in searched[:2]] == [TrialState.FAIL, TrialState.PRUNED]
     assert searched[1].intermediate_values == {}
+
+
+def _comparable(record: StudyRecord) -> list[tuple[Any, ...]]:
+    """What a trial trained and how it ended; not when, nor for how long."""
+    return [(t.number, t.state, t.params, t.value, t.intermediate, {k: v for k, v in t.attrs.items() if k != "seconds"}) for t in record.trials]
+
+
+def result_rows(experiment: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for path in sorted(experiment.glob("trial_*/result.json")) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def batched_and_sequential(tmp_path_factory: pytest.TempPathFactory) -> tuple[StudySpec, Path, StudyRecord, StudyRecord]:
+    """One study run twice, without early stopping and with a sampler whose draws do not
+    depend on the order in which trials end: once one trial per Ray trial, once batched."""
+    spec = small_spec(trials=6, epochs=3, sampler="random", pruner="none")
+    space = load_space(spec.search_space)
+    work = tmp_path_factory.mktemp("batched")
+    sequential = run_ray_study(spec, space, options(work / "sequential"))
+    batched = run_ray_study(spec, space, options(work / "batched", batch_trials=3))
+    return spec, work / "batched", sequential, batched
+
+
+def test_batched_trials_equal_their_sequential_twins(batched_and_sequential: tuple[StudySpec, Path, StudyRecord, StudyRecord]) -> None:
+    spec, out, sequential, batched = batched_and_sequential
+    assert len(batched.trials) == spec.trials and batched.finished
+    assert _comparable(batched) == _comparable(sequential)
+    # Trained as batches, which every result says (2 servers of 3 slots on 2 CPUs).
+    rows = result_rows(out / "ray" / spec.name)
+    assert len(rows) == spec.trials * spec.epochs and 2 <= max(row["trained_together"] for row in rows) <= 3
+    assert json.loads((out / "ray_study.json").read_text())["batch_trials"] == 3
+
+
+def test_a_batched_experiment_resumes_batched(batched_and_sequential: tuple[StudySpec, Path, StudyRecord, StudyRecord]) -> None:
+    spec, out, _, batched = batched_and_sequential
+    space = load_space(spec.search_space)
+    state = sorted(p.name for p in (out / "ray" / spec.name).iterdir())
+    with pytest.raises(UserInputError, match="trains 3 trials per batch, and Ray cannot change that on resume; use --batch-trials 3"):
+        run_ray_study(spec, space, options(out, batch_trials=1))
+    assert sorted(p.name for p in (out / "ray" / spec.name).iterdir()) == state
+    # Without --batch-trials, a rerun takes the experiment's own.
+    assert run_ray_study(spec, space, options(out)) == batched
+
+
+def test_batched_slots_are_refilled_after_early_stopping(tmp_path: Path) -> None:
+    # One server of 2 slots (--max-concurrent 2) serves all 9 trials, ASHA stopping most after an epoch.
+    spec = small_spec(trials=9, epochs=4)
+    study = run_ray_study(spec, load_space(spec.search_space), options(tmp_path / "run", batch_trials=2, max_concurrent=2))
+    assert len(study.by_state("complete")) + len(study.by_state("pruned")) == spec.trials and study.finished
+    assert study.by_state("pruned") and study.by_state("complete")
+    rows = result_rows(tmp_path / "run" / "ray" / spec.name)
+    assert max(row["trained_together"] for row in rows) == 2
 
 
 def _raises_in_trial_1(config: dict[str, Any], **kwargs: Any) -> None:

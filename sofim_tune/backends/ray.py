@@ -45,6 +45,8 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from sofim_tune.backends.ray_cluster import check_cluster_fits, cluster_address, connect
+from sofim_tune.backends.ray_member import BatchMember, BatchServerActor
+from sofim_tune.batched import TrialBatch
 from sofim_tune.errors import UserInputError
 from sofim_tune.files import read_json, write_text_atomic
 from sofim_tune.records import Confirmation, StudyRecord, TrialRecord
@@ -63,7 +65,7 @@ from sofim_tune.study import (
     trial_config,
     worst_value,
 )
-from sofim_tune.trial import TrialConfig, TrialResult, train_trial
+from sofim_tune.trial import TrialConfig, TrialResult, prepare_trial, train_trial
 
 METADATA_FILE = "ray_study.json"
 # The searcher's account of every trial it handed out, as plain JSON next to Ray's state
@@ -129,29 +131,170 @@ def sofim_trial(config: dict[str, Any], *, spec: StudySpec, space: SearchSpace, 
 
     ``Tuner.restore`` needs this trainable again, wrapped as :func:`run_ray_study` wraps it.
     """
-    number = int(config[NUMBER_KEY])
-    hyperparameters = space.to_hyperparameters({name: config[name] for name in space.params})
     _set_threads(options)
-    run = trial_config(spec, space, hyperparameters, seed=spec.seed + number, device=_worker_device(options), options=options)
-    result = train_trial(run, _RayReporter())
+    result = train_trial(_trial_run(config, spec, space, options), _RayReporter())
     if result.status == "diverged":
-        # Ray requires the metric in every result: the same finite worst value as the
-        # Optuna backend's, so that ASHA ranks the trial last without a huge number
-        # flattening anything. The searcher leaves this row out of the sampler's study.
-        tune.report({
-            spec.metric: worst_value(spec.direction),
-            "epoch": result.diverged_epoch,
-            "reason": "diverged",
-            "diverged_epoch": result.diverged_epoch,
-        })
+        tune.report(_diverged_row(spec, result))
     elif result.status == "failed":
         raise TrialFailed(result.error or "failed")
+
+
+def _trial_run(config: Mapping[str, Any], spec: StudySpec, space: SearchSpace, options: RunOptions) -> TrialConfig:
+    """The training run of the Ray trial with ``config`` (the searcher's values and the trial number)."""
+    hyperparameters = space.to_hyperparameters({name: config[name] for name in space.params})
+    return trial_config(spec, space, hyperparameters, seed=spec.seed + int(config[NUMBER_KEY]), device=_worker_device(options), options=options)
+
+
+def _diverged_row(spec: StudySpec, result: TrialResult) -> dict[str, Any]:
+    """The last result of a diverged trial.
+
+    Ray requires the metric in every result: the same finite worst value as the Optuna
+    backend's, so that ASHA ranks the trial last without a huge number flattening
+    anything. The searcher leaves this row out of the sampler's study.
+    """
+    return {spec.metric: worst_value(spec.direction), "epoch": result.diverged_epoch, "reason": "diverged", "diverged_epoch": result.diverged_epoch}
 
 
 def confirmation_run(config: TrialConfig, options: RunOptions) -> TrialResult:
     """One confirmation retrain, as a Ray task (see :meth:`RayBackend.confirm`)."""
     _set_threads(options)
     return train_trial(dataclasses.replace(config, device=_worker_device(options)))
+
+
+# ---------------------------------------------------------------------------------------
+# Batched trials (--batch-trials K): a server trains K trials as one stacked model
+# ---------------------------------------------------------------------------------------
+
+# A round of training waits this long at most for a member that has not asked for its next
+# epoch yet; then the others train without it. Its trial may have ended (the driver then
+# tells the server in a moment) or lost its process (Ray then errors the trial).
+STRAGGLER_SECONDS = 10.0
+# What a member's process reserves (Ray's worker, without torch: see ray_member.py): a
+# member's compute is its server's, which holds the trial's CPUs and GPUs.
+MEMBER_MEMORY_BYTES = 256 * 2**20
+
+
+class BatchServer:
+    """Up to ``slots`` trials of a Ray study trained as one :class:`~sofim_tune.batched.TrialBatch`.
+
+    A threaded Ray actor with one trial's resources (``--cpus-per-trial``,
+    ``--gpus-per-trial``). Each trial is a :class:`~sofim_tune.backends.ray_member.BatchMember`
+    that joins with its config and asks for one epoch per Tune step. A round trains the
+    members that asked, once every member has asked (or ``STRAGGLER_SECONDS`` after the
+    first), so a member's epochs are its own: it reproduces the sequential trial whoever
+    trains beside it. A member that finished or diverged leaves at once; one that Ray's
+    scheduler stopped leaves when the driver says so (:class:`_ReleaseSlots`).
+    """
+
+    def __init__(self, spec: StudySpec, space: SearchSpace, options: RunOptions, slots: int) -> None:
+        _set_threads(options)
+        self.spec, self.space, self.options, self.slots = spec, space, options, slots
+        self.batch: TrialBatch | None = None
+        self.slot_of: dict[str, int] = {}  # Tune trial id -> slot
+        self.asking: set[str] = set()
+        self.answers: dict[str, dict[str, Any] | BaseException] = {}
+        self.rounds = 0
+        self.changed = threading.Condition()
+
+    def free_slots(self) -> int:
+        with self.changed:
+            return self.slots - len(self.slot_of)
+
+    def join(self, trial_id: str, config: dict[str, Any]) -> bool:
+        """Add the trial of ``config`` to the batch; False when no slot is free."""
+        run = _trial_run(config, self.spec, self.space, self.options)
+        with self.changed:
+            self._drop(trial_id)  # Ray retries a failed trial from scratch under its id
+            if len(self.slot_of) >= self.slots:
+                return False
+            if self.batch is None:
+                self.batch = TrialBatch(prepare_trial(run), arch=run.arch, optimizer=run.optimizer, batch_size=run.batch_size, slots=self.slots)
+            self.slot_of[trial_id] = self.batch.add(run)
+            self.changed.notify_all()
+            return True
+
+    def leave(self, trial_id: str) -> None:
+        """Free the trial's slot (Ray ended it); nothing when it is not here."""
+        with self.changed:
+            self._drop(trial_id)
+            self.changed.notify_all()
+
+    def epoch(self, trial_id: str) -> dict[str, Any]:
+        """Train the trial one more epoch (with the others that ask) and return its Tune result."""
+        with self.changed:
+            if trial_id not in self.slot_of:
+                raise TrialFailed(f"trial {trial_id} holds no slot of this batch server (it restarted)")
+            self.asking.add(trial_id)
+            this_round = self.rounds
+            self.changed.notify_all()
+            self.changed.wait_for(lambda: self.rounds != this_round or self.asking >= set(self.slot_of), timeout=STRAGGLER_SECONDS)
+            if self.rounds == this_round:
+                self._train_round()
+            answer = self.answers.pop(trial_id, None)
+        if answer is None:
+            raise TrialFailed(f"trial {trial_id} left the batch during its epoch")
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+    def _train_round(self) -> None:
+        """One epoch of every member that asked; their answers by trial id. Holds the lock throughout."""
+        assert self.batch is not None
+        asking = {self.slot_of[trial_id]: trial_id for trial_id in self.asking if trial_id in self.slot_of}
+        self.asking.clear()
+        self.rounds += 1
+        try:
+            outcomes = self.batch.train_epoch(asking)
+        except Exception as exc:  # noqa: BLE001 - every member of the round fails; Ray retries each
+            for trial_id in asking.values():
+                self._drop(trial_id)
+                self.answers[trial_id] = TrialFailed(f"{type(exc).__name__}: {exc}")
+            return
+        # In every result, so that a user sees how many trials shared each epoch.
+        together = {"trained_together": len(outcomes)}
+        for slot, outcome in outcomes.items():
+            trial_id = asking[slot]
+            if outcome.done:
+                del self.slot_of[trial_id]
+                result = self.batch.finish(slot)
+            if outcome.diverged:
+                self.answers[trial_id] = {**_diverged_row(self.spec, result), **together, "done": True}
+            else:
+                self.answers[trial_id] = {**outcome.metrics, "epoch": outcome.epoch, **together, "done": outcome.done}  # type: ignore[dict-item]
+
+    def _drop(self, trial_id: str) -> None:
+        slot = self.slot_of.pop(trial_id, None)
+        self.asking.discard(trial_id)
+        if slot is not None and self.batch is not None:
+            self.batch.finish(slot, pruned=True)
+
+
+def _servers_to_start(options: RunOptions, slots: int, trials: int) -> int:
+    """Batch servers for a study: as many as the cluster's nodes hold (each needs one trial's
+    resources), no more than its trials fill, nor than ``--max-concurrent`` trials fill."""
+    fitting = 0
+    for node in ray.nodes():
+        if node.get("Alive"):
+            resources = node.get("Resources", {})
+            fits = [math.floor(resources.get(name, 0.0) / need + 1e-9) for name, need in (("CPU", options.cpus_per_trial), ("GPU", options.gpus_per_trial)) if need > 0]
+            fitting += min(fits)
+    wanted = math.ceil(trials / slots)
+    if options.max_concurrent is not None:
+        wanted = min(wanted, math.ceil(options.max_concurrent / slots))
+    return max(1, min(fitting, wanted))
+
+
+def _start_servers(spec: StudySpec, space: SearchSpace, options: RunOptions, slots: int) -> list[Any]:
+    server = ray.remote(BatchServerActor).options(
+        num_cpus=options.cpus_per_trial,
+        num_gpus=options.gpus_per_trial,
+        # Every member waits inside epoch() at once, and joins and leaves come meanwhile.
+        max_concurrency=2 * slots + 4,
+        # A server whose node died starts again elsewhere, empty: Ray retries its members' trials.
+        max_restarts=-1,
+        scheduling_strategy="SPREAD",
+    )
+    return [server.remote(spec, space, options, slots) for _ in range(_servers_to_start(options, slots, spec.trials))]
 
 
 def _trial_dirname(trial: Trial) -> str:
@@ -571,6 +714,27 @@ class _LiveRecord(tune.Callback):
         self._publish(trials)
 
 
+class _ReleaseSlots(tune.Callback):
+    """Tells the batch servers that a trial ended, so that its slot takes the next one.
+
+    Like :class:`_LiveRecord`, it holds only a key into :data:`_SERVERS`: Ray pickles it
+    into the experiment, and a resumed run starts servers of its own.
+    """
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        for server in _SERVERS.get(self.key, []):
+            server.leave.remote(trial.trial_id)
+
+    on_trial_error = on_trial_complete
+
+
+# The batch servers of each running experiment, by the key of its callbacks.
+_SERVERS: dict[str, list[Any]] = {}
+
+
 # ---------------------------------------------------------------------------------------
 # Checks before anything runs
 # ---------------------------------------------------------------------------------------
@@ -681,8 +845,17 @@ def _existing_experiment(spec: StudySpec, space: SearchSpace, options: RunOption
             f"{where} runs {meta['trials']} trials of {meta['epochs']} epochs, and Ray cannot "
             f"change that on resume; use --trials {meta['trials']} --epochs {meta['epochs']}, or another --out"
         )
+    recorded = int(meta.get("batch_trials") or 1)
+    if options.batch_trials is not None and options.batch_trials != recorded:
+        # Ray restores the experiment's own trainable: a batch member, or a trial of its own.
+        raise UserInputError(f"{where} trains {recorded} trial{'s' if recorded > 1 else ''} per batch, and Ray cannot change that on resume; use --batch-trials {recorded}, or another --out")
     check_resumable(meta, spec, space, where)
     return meta
+
+
+def _batch_slots(options: RunOptions, existing: Mapping[str, Any] | None) -> int:
+    """Trials per batch server (1: no batching): ``--batch-trials``, or on resume the experiment's own."""
+    return int(existing.get("batch_trials") or 1) if existing is not None else options.batch_trials or 1
 
 
 # ---------------------------------------------------------------------------------------
@@ -716,6 +889,7 @@ def run_ray_study(spec: StudySpec, space: SearchSpace, options: RunOptions, *, o
     check_cluster_fits(options)
     _check_writable(root)
 
+    slots = _batch_slots(options, existing)
     claim_run_folder(options.out_dir, backend="ray", storage=experiment, study=spec.name)
     epochs = effective_epochs(spec, space)
     if existing is None:
@@ -725,6 +899,7 @@ def run_ray_study(spec: StudySpec, space: SearchSpace, options: RunOptions, *, o
             "backend": "ray",
             "name": spec.name,
             "pruner": pruner,
+            "batch_trials": slots,
             # None: the experiment lives in the run folder, and moves with it.
             "storage_path": root if options.storage_path is not None else None,
         }
@@ -735,11 +910,18 @@ def run_ray_study(spec: StudySpec, space: SearchSpace, options: RunOptions, *, o
     meta = {**meta, "ended": False}
     _write_json(options.out_dir / METADATA_FILE, meta)
 
-    trainable = tune.with_resources(
-        tune.with_parameters(sofim_trial, spec=spec, space=space, options=options),
-        {"cpu": options.cpus_per_trial, "gpu": options.gpus_per_trial},
-    )
     key = experiment
+    max_concurrent = options.max_concurrent
+    if slots > 1:
+        _SERVERS[key] = _start_servers(spec, space, options, slots)
+        # As many trials as the servers have slots: a member reserves no CPU, so Ray would start them all.
+        max_concurrent = len(_SERVERS[key]) * slots
+        trainable = tune.with_resources(tune.with_parameters(BatchMember, servers=_SERVERS[key]), {"cpu": 0, "memory": MEMBER_MEMORY_BYTES})
+    else:
+        trainable = tune.with_resources(
+            tune.with_parameters(sofim_trial, spec=spec, space=space, options=options),
+            {"cpu": options.cpus_per_trial, "gpu": options.gpus_per_trial},
+        )
     if on_progress is not None:
         _LISTENERS[key] = _Listener(on_progress, meta, space)
     # Ray's newer console output prints a table to stdout even at verbose=0; the older
@@ -756,10 +938,12 @@ def run_ray_study(spec: StudySpec, space: SearchSpace, options: RunOptions, *, o
                 # Errored trials stay failed: the searcher ran others in their place.
                 tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=False)
             else:
-                tuner = tune.Tuner(trainable, tune_config=_tune_config(spec, space, options, scheduler, enqueue), run_config=_run_config(spec, root, key))
+                tuner = tune.Tuner(trainable, tune_config=_tune_config(spec, space, options, scheduler, enqueue, max_concurrent), run_config=_run_config(spec, root, key, slots))
             grid = tuner.fit()
     finally:
         _LISTENERS.pop(key, None)
+        for server in _SERVERS.pop(key, []):
+            ray.kill(server)
         # Tune leaves its Ctrl-C handler installed after a run; without this, the first
         # Ctrl-C during the confirmation step afterwards would be swallowed.
         if main_thread:
@@ -787,7 +971,7 @@ def run_ray_study(spec: StudySpec, space: SearchSpace, options: RunOptions, *, o
     return record
 
 
-def _tune_config(spec: StudySpec, space: SearchSpace, options: RunOptions, scheduler: TrialScheduler, enqueue: list[dict[str, float]]) -> tune.TuneConfig:
+def _tune_config(spec: StudySpec, space: SearchSpace, options: RunOptions, scheduler: TrialScheduler, enqueue: list[dict[str, float]], max_concurrent: int | None) -> tune.TuneConfig:
     mode = "max" if spec.direction == "maximize" else "min"
     search = _SofimSearch(
         space,
@@ -804,7 +988,7 @@ def _tune_config(spec: StudySpec, space: SearchSpace, options: RunOptions, sched
         # No limit: the searcher ends the search once spec.trials trials finished, so
         # that failed trials are replaced (see _SofimSearch).
         num_samples=-1,
-        max_concurrent_trials=options.max_concurrent,
+        max_concurrent_trials=max_concurrent,
         time_budget_s=options.timeout,
         trial_dirname_creator=_trial_dirname,
         # A worker keeps its process between trials, so the dataset it decoded (and moved
@@ -813,12 +997,14 @@ def _tune_config(spec: StudySpec, space: SearchSpace, options: RunOptions, sched
     )
 
 
-def _run_config(spec: StudySpec, root: str, key: str) -> tune.RunConfig:
+def _run_config(spec: StudySpec, root: str, key: str, slots: int) -> tune.RunConfig:
     return tune.RunConfig(
         name=spec.name,
         storage_path=root,
         failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
-        callbacks=[_LiveRecord(key)],
+        callbacks=[_LiveRecord(key), *([_ReleaseSlots(key)] if slots > 1 else [])],
+        # A batched member has no state of its own to save: a trial that must run again starts over, as a sequential one does.
+        checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False),
         verbose=0,
     )
 
@@ -845,8 +1031,6 @@ class RayBackend:
 
     def check_options(self, options: RunOptions) -> None:
         """Resources that make sense, and a cluster that answers and accepts this machine's token."""
-        if (options.batch_trials or 1) > 1:
-            raise UserInputError(f"--batch-trials {options.batch_trials}: the Ray backend runs one trial per Ray trial; batched trials are an Optuna-backend feature")
         _check_resource_numbers(options)
         cluster_address(options)
 
