@@ -15,6 +15,9 @@ Targets on 2 CPU cores: default >= 1.8x today; batched >= 3x one-thread. On one 
 (``--device cuda``): batched >= 8x one-thread. ``--threads-only`` instead measures the rule in
 ``sofim_tune/parallelism.py``: samples per second of one process at all cores' threads
 against one single-thread process per core, for models from the digits MLP to ResNet-18.
+``--ray`` runs the digits study's search through the Ray backend on a private Ray with
+the machine's CPUs, one trial per Ray trial against ``--batch-trials K`` (each batched trial
+still a Ray actor of its own, the training done by batch servers).
 ``--bare`` measures batching without a study, at one thread: 16 digits trials trained by
 ``train_trial`` one after another against the same 16 as one ``TrialBatch``, and the ceiling
 that any batching has on this CPU: the sequential time over the time the trials' floating-point
@@ -24,6 +27,7 @@ operations would take at the core's measured matrix-multiply peak.
     python benchmarks/study_throughput.py [--digits-trials 40] [--cnn-trials 12] [--samples 4096]
     python benchmarks/study_throughput.py --threads-only [--seconds 5]
     python benchmarks/study_throughput.py --bare [--bare-epochs 3]
+    python benchmarks/study_throughput.py --ray [--ray-batch 4 8] [--digits-trials 40]
     python benchmarks/study_throughput.py --device cuda --cnn-trials 48   # the GPU variant
 """
 
@@ -216,6 +220,38 @@ def bare_batching(epochs: int) -> None:
         )
 
 
+# ---------------------------------------------------------------------------------------
+# --ray: batched trials through the Ray backend
+# ---------------------------------------------------------------------------------------
+
+
+def ray_batching(spec: StudySpec, batches: list[int], work: Path) -> None:
+    """Seconds and trials per minute of the study's search (no confirmation) at each batch size, on one private Ray."""
+    import ray
+
+    from sofim_tune.backends.ray import run_ray_study
+    from sofim_tune.space import load_space
+
+    ray.init(num_cpus=physical_cores(), include_dashboard=False, log_to_driver=False)
+    space = load_space(spec.search_space)
+    rates = {}
+    try:
+        for batch in [1, *batches]:
+            clear_data_cache()
+            options = RunOptions(out_dir=work / f"ray-{batch}", device="cpu", batch_trials=batch if batch > 1 else None)
+            started = time.perf_counter()
+            record = run_ray_study(spec, space, options)
+            seconds = time.perf_counter() - started
+            finished = len(record.by_state("complete")) + len(record.by_state("pruned"))
+            rates[batch] = 60.0 * finished / seconds
+            label = "one per trial" if batch == 1 else f"batched {batch}"
+            print(f"ray, {label}: {seconds:6.1f} s, {rates[batch]:7.1f} trials/min ({finished} trials)", flush=True)
+    finally:
+        ray.shutdown()
+    for batch in batches:
+        print(f"ray batched {batch} / one per trial = {rates[batch] / rates[1]:.2f}x", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--digits-trials", type=int, default=None, help="trials of the digits study (default: its spec's)")
@@ -228,6 +264,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="--threads-only: seconds per measurement")
     parser.add_argument("--bare", action="store_true", help="only batching without a study, and its ceiling on this CPU")
     parser.add_argument("--bare-epochs", type=int, default=3, help="--bare: epochs of each trial")
+    parser.add_argument("--ray", action="store_true", help="only the digits study through the Ray backend, one trial per Ray trial against batched")
+    parser.add_argument("--ray-batch", type=int, nargs="+", default=[4, 8], help="--ray: trials per batch server to measure")
     args = parser.parse_args()
     print(f"{physical_cores()} physical cores; torch's default {DEFAULT_THREADS} threads", flush=True)
     if args.threads_only:
@@ -238,6 +276,9 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        if args.ray:
+            ray_batching(load_spec("digits").replace(trials=args.digits_trials, epochs=args.digits_epochs), args.ray_batch, work)
+            return
         folder = write_synthetic_folder(work / "mnist-like", args.samples)
         studies = {
             "digits": load_spec("digits").replace(trials=args.digits_trials, epochs=args.digits_epochs),

@@ -88,7 +88,7 @@ TrialsOpt = Annotated[Optional[int], typer.Option(help="Finished (completed or p
 SamplerOpt = Annotated[Optional[str], typer.Option(help="`tpe` (default), `random`, `qmc`, `cmaes`, `gp` or `grid`.")]
 PrunerOpt = Annotated[Optional[str], typer.Option(help="`hyperband` (default), `median`, `sha` or `none`.")]
 WorkersOpt = Annotated[Optional[int], typer.Option(help="Trials at once, each in its own worker process; default: one per physical core on the CPU (memory and --trials permitting), 4 small-model trials per GPU.")]
-BatchTrialsOpt = Annotated[Optional[int], typer.Option(help="Trials each worker trains at once as one stacked model (MLP and CNN); default 1: one at a time (batching did not pay on a 2-core CPU; see the README).")]
+BatchTrialsOpt = Annotated[Optional[int], typer.Option(help="Trials each worker (Ray: each batch server) trains at once as one stacked model (MLP and CNN), e.g. --batch-trials 8; default 1: one at a time (batching did not pay on a 2-core CPU; see the README). A Ray resume keeps its experiment's.")]
 ThreadsOpt = Annotated[Optional[int], typer.Option(help="torch threads per trial; default: the cores left over per worker (1 when every core has a worker).")]
 ConfirmTopOpt = Annotated[Optional[int], typer.Option(help="Configurations retrained with fresh seeds before recommending.")]
 ConfirmSeedsOpt = Annotated[Optional[int], typer.Option(help="Fresh seeds (and splits) per confirmed candidate, >= 2; the interval in best.json is over them.")]

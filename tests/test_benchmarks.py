@@ -60,6 +60,9 @@ def test_study_throughput_prints_its_ratios():
         assert float(line.split("sequential twin's: ")[1].split(")")[0]) == 0
         # Nothing beats the core's peak: the batch's measured gain stays below the ceiling.
         assert float(line.split(" s batched: ")[1].split("x")[0]) < float(line.split("can exceed ")[1].rstrip("x"))
+    out = bench("study_throughput.py", "--ray", "--ray-batch", "2", "--digits-trials", "4", "--digits-epochs", "2")
+    assert [line.split(":")[0] for line in out.splitlines() if "trials/min (4 trials)" in line] == ["ray, one per trial", "ray, batched 2"]
+    assert float(out.split("ray batched 2 / one per trial = ")[1].split("x")[0]) > 0
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in BENCHMARKS.glob("*.py")))

@@ -158,7 +158,8 @@ def test_run_folder_is_read_from_plain_files(finished_run: FinishedRun, tmp_path
         hidden.rename(finished_run.out)
 
 
-def test_interrupted_run_resumes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("batch_trials", [None, 3], ids=["one-per-trial", "batched"])
+def test_interrupted_run_resumes(tmp_path: Path, batch_trials: int | None) -> None:
     spec = small_spec(trials=10)
     space = load_space(spec.search_space)
     out = tmp_path / "run"
@@ -172,7 +173,7 @@ def test_interrupted_run_resumes(tmp_path: Path) -> None:
 
     press_ctrl_c.sent = False  # type: ignore[attr-defined]
     with pytest.raises(KeyboardInterrupt):
-        run_ray_study(spec, space, options(out), on_progress=press_ctrl_c)
+        run_ray_study(spec, space, options(out, batch_trials=batch_trials), on_progress=press_ctrl_c)
     assert signal.getsignal(signal.SIGINT) is handler, "Tune's Ctrl-C handler was left installed"
     before = load_ray_record(out)
     kept = [t for t in before.trials if t.state != "running"]
@@ -281,6 +282,44 @@ def test_batched_slots_are_refilled_after_early_stopping(tmp_path: Path) -> None
     assert study.by_state("pruned") and study.by_state("complete")
     rows = result_rows(tmp_path / "run" / "ray" / spec.name)
     assert max(row["trained_together"] for row in rows) == 2
+
+
+@ray.remote(num_cpus=0)
+class _Process:
+    """Stands in for a member's process, which the server pings when the member is late."""
+
+
+def test_a_batch_server_trains_on_without_late_members_and_frees_dead_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ray_backend, "STRAGGLER_SECONDS", 0.5)
+    spec = small_spec(epochs=3)
+    space = load_space(spec.search_space)
+    threads = torch.get_num_threads()
+    server = ray_backend.BatchServer(spec, space, options(tmp_path), 2)
+    torch.set_num_threads(threads)
+    alive, dead = _Process.remote(), _Process.remote()
+    ray.kill(dead)
+
+    def config(number: int) -> dict[str, Any]:
+        return {"lr": 0.1, "rho": 1.0, "beta1": 0.9, NUMBER_KEY: number}
+
+    assert server.join("a@1", "a", config(0), alive) and server.join("b@2", "b", config(1), dead)
+    assert not server.join("c@1", "c", config(2), alive) and server.free_slots() == 0
+    # b never asks: a's first round waits for it, then trains alone, and b's dead process loses its slot.
+    first = server.epoch("a@1")
+    assert (first["epoch"], first["trained_together"]) == (1, 1) and server.free_slots() == 1
+    # c joins in b's slot and does not ask either, but its process lives: it keeps its slot, and
+    # once late, a's rounds no longer wait for it.
+    assert server.join("c@1", "c", config(2), alive)
+    assert server.epoch("a@1")["epoch"] == 2 and server.free_slots() == 0
+    started = time.monotonic()
+    last = server.epoch("a@1")
+    assert time.monotonic() - started < 0.5 and last["epoch"] == 3 and last["done"]
+    # c asks at last and trains; then Ray ends its trial, and the slot is free.
+    assert server.epoch("c@1")["epoch"] == 1
+    server.trial_ended("c")
+    assert server.free_slots() == 2
+    with pytest.raises(ray_backend.TrialFailed, match="holds no slot"):
+        server.epoch("c@1")
 
 
 def _raises_in_trial_1(config: dict[str, Any], **kwargs: Any) -> None:

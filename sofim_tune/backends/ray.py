@@ -166,12 +166,25 @@ def confirmation_run(config: TrialConfig, options: RunOptions) -> TrialResult:
 # ---------------------------------------------------------------------------------------
 
 # A round of training waits this long at most for a member that has not asked for its next
-# epoch yet; then the others train without it. Its trial may have ended (the driver then
-# tells the server in a moment) or lost its process (Ray then errors the trial).
+# epoch; then the others train without it, and later rounds do not wait for it until it asks
+# again. A member is late when Tune's driver is busy, or when its process is gone: a trial
+# that ended (the driver tells the server in a moment), a process that died, or one that
+# Tune dropped while it was starting (it joined for a trial that another process then took).
 STRAGGLER_SECONDS = 10.0
 # What a member's process reserves (Ray's worker, without torch: see ray_member.py): a
 # member's compute is its server's, which holds the trial's CPUs and GPUs.
 MEMBER_MEMORY_BYTES = 256 * 2**20
+# How long the server waits for a late member's process to answer before taking it for dead.
+_LIVENESS_SECONDS = 2.0
+
+
+@dataclass
+class _Seat:
+    """A member in a batch server: its slot, its Tune trial, and its process (to check it is alive)."""
+
+    slot: int
+    trial_id: str
+    process: Any  # the member's Ray actor handle
 
 
 class BatchServer:
@@ -179,94 +192,122 @@ class BatchServer:
 
     A threaded Ray actor with one trial's resources (``--cpus-per-trial``,
     ``--gpus-per-trial``). Each trial is a :class:`~sofim_tune.backends.ray_member.BatchMember`
-    that joins with its config and asks for one epoch per Tune step. A round trains the
-    members that asked, once every member has asked (or ``STRAGGLER_SECONDS`` after the
-    first), so a member's epochs are its own: it reproduces the sequential trial whoever
-    trains beside it. A member that finished or diverged leaves at once; one that Ray's
-    scheduler stopped leaves when the driver says so (:class:`_ReleaseSlots`).
+    that joins with its config and asks for one epoch per Tune step, under a key of its own
+    (its trial and process). A round trains the members that asked, once every member that is
+    not late has asked (see ``STRAGGLER_SECONDS``), so a member's epochs are its own: it
+    reproduces the sequential trial whoever trains beside it. A member that finished or
+    diverged leaves at once; a trial that Ray's scheduler stopped, or that errored, leaves
+    when the driver says so (:class:`_ReleaseSlots`); a member process that Tune stops leaves
+    itself; a late member whose process is dead is dropped.
     """
 
     def __init__(self, spec: StudySpec, space: SearchSpace, options: RunOptions, slots: int) -> None:
         _set_threads(options)
         self.spec, self.space, self.options, self.slots = spec, space, options, slots
         self.batch: TrialBatch | None = None
-        self.slot_of: dict[str, int] = {}  # Tune trial id -> slot
+        self.seats: dict[str, _Seat] = {}  # by member key
         self.asking: set[str] = set()
+        self.late: set[str] = set()
         self.answers: dict[str, dict[str, Any] | BaseException] = {}
         self.rounds = 0
         self.changed = threading.Condition()
 
     def free_slots(self) -> int:
         with self.changed:
-            return self.slots - len(self.slot_of)
+            return self.slots - len(self.seats)
 
-    def join(self, trial_id: str, config: dict[str, Any]) -> bool:
-        """Add the trial of ``config`` to the batch; False when no slot is free."""
+    def join(self, member: str, trial_id: str, config: dict[str, Any], process: Any) -> bool:
+        """Seat the member with ``config`` (its trial's); False when no slot is free."""
         run = _trial_run(config, self.spec, self.space, self.options)
         with self.changed:
-            self._drop(trial_id)  # Ray retries a failed trial from scratch under its id
-            if len(self.slot_of) >= self.slots:
-                return False
+            if len(self.seats) >= self.slots:
+                self._drop_dead(self.late)
+                if len(self.seats) >= self.slots:
+                    return False
             if self.batch is None:
                 self.batch = TrialBatch(prepare_trial(run), arch=run.arch, optimizer=run.optimizer, batch_size=run.batch_size, slots=self.slots)
-            self.slot_of[trial_id] = self.batch.add(run)
+            self.seats[member] = _Seat(self.batch.add(run), trial_id, process)
             self.changed.notify_all()
             return True
 
-    def leave(self, trial_id: str) -> None:
-        """Free the trial's slot (Ray ended it); nothing when it is not here."""
+    def leave(self, member: str) -> None:
+        """Free the member's slot (its process stops); nothing when it holds none."""
         with self.changed:
-            self._drop(trial_id)
-            self.changed.notify_all()
+            self._drop(member)
 
-    def epoch(self, trial_id: str) -> dict[str, Any]:
-        """Train the trial one more epoch (with the others that ask) and return its Tune result."""
+    def trial_ended(self, trial_id: str) -> None:
+        """Free the slots of the trial's members (Ray ended the trial); nothing when it has none here."""
         with self.changed:
-            if trial_id not in self.slot_of:
-                raise TrialFailed(f"trial {trial_id} holds no slot of this batch server (it restarted)")
-            self.asking.add(trial_id)
+            for member in [m for m, seat in self.seats.items() if seat.trial_id == trial_id]:
+                self._drop(member)
+
+    def epoch(self, member: str) -> dict[str, Any]:
+        """Train the member one more epoch (with the others that ask) and return its Tune result."""
+        with self.changed:
+            if member not in self.seats:
+                raise TrialFailed("the trial holds no slot of its batch server (the server restarted, or the trial ended)")
+            self.asking.add(member)
+            self.late.discard(member)
             this_round = self.rounds
             self.changed.notify_all()
-            self.changed.wait_for(lambda: self.rounds != this_round or self.asking >= set(self.slot_of), timeout=STRAGGLER_SECONDS)
+            if not self.changed.wait_for(lambda: self.rounds != this_round or self.asking >= self.seats.keys() - self.late, timeout=STRAGGLER_SECONDS):
+                self.late |= self.seats.keys() - self.asking
+                self._drop_dead(self.late)
             if self.rounds == this_round:
                 self._train_round()
-            answer = self.answers.pop(trial_id, None)
+            answer = self.answers.pop(member, None)
         if answer is None:
-            raise TrialFailed(f"trial {trial_id} left the batch during its epoch")
+            raise TrialFailed("the trial left its batch during the epoch")
         if isinstance(answer, BaseException):
             raise answer
         return answer
 
     def _train_round(self) -> None:
-        """One epoch of every member that asked; their answers by trial id. Holds the lock throughout."""
+        """One epoch of every member that asked; their answers by member. Holds the lock throughout."""
         assert self.batch is not None
-        asking = {self.slot_of[trial_id]: trial_id for trial_id in self.asking if trial_id in self.slot_of}
+        asking = {self.seats[member].slot: member for member in self.asking if member in self.seats}
         self.asking.clear()
         self.rounds += 1
         try:
             outcomes = self.batch.train_epoch(asking)
         except Exception as exc:  # noqa: BLE001 - every member of the round fails; Ray retries each
-            for trial_id in asking.values():
-                self._drop(trial_id)
-                self.answers[trial_id] = TrialFailed(f"{type(exc).__name__}: {exc}")
+            for member in asking.values():
+                self._drop(member)
+                self.answers[member] = TrialFailed(f"{type(exc).__name__}: {exc}")
             return
         # In every result, so that a user sees how many trials shared each epoch.
         together = {"trained_together": len(outcomes)}
         for slot, outcome in outcomes.items():
-            trial_id = asking[slot]
+            member = asking[slot]
             if outcome.done:
-                del self.slot_of[trial_id]
+                del self.seats[member]
                 result = self.batch.finish(slot)
             if outcome.diverged:
-                self.answers[trial_id] = {**_diverged_row(self.spec, result), **together, "done": True}
+                self.answers[member] = {**_diverged_row(self.spec, result), **together, "done": True}
             else:
-                self.answers[trial_id] = {**outcome.metrics, "epoch": outcome.epoch, **together, "done": outcome.done}  # type: ignore[dict-item]
+                self.answers[member] = {**outcome.metrics, "epoch": outcome.epoch, **together, "done": outcome.done}  # type: ignore[dict-item]
 
-    def _drop(self, trial_id: str) -> None:
-        slot = self.slot_of.pop(trial_id, None)
-        self.asking.discard(trial_id)
-        if slot is not None and self.batch is not None:
-            self.batch.finish(slot, pruned=True)
+    def _drop(self, member: str) -> None:
+        seat = self.seats.pop(member, None)
+        self.asking.discard(member)
+        self.late.discard(member)
+        if seat is not None and self.batch is not None:
+            self.batch.finish(seat.slot, pruned=True)
+        self.changed.notify_all()
+
+    def _drop_dead(self, members: set[str]) -> None:
+        """Drop those of ``members`` whose process does not answer (dead, or busy elsewhere for good)."""
+        pings = {member: self.seats[member].process.__ray_ready__.remote() for member in members if member in self.seats}
+        if not pings:
+            return
+        ready, _ = ray.wait(list(pings.values()), num_returns=len(pings), timeout=_LIVENESS_SECONDS)
+        for member, ping in pings.items():
+            try:
+                alive = ping in ready and ray.get(ping)
+            except ray.exceptions.RayError:
+                alive = False
+            if not alive:
+                self._drop(member)
 
 
 def _servers_to_start(options: RunOptions, slots: int, trials: int) -> int:
@@ -726,7 +767,7 @@ class _ReleaseSlots(tune.Callback):
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         for server in _SERVERS.get(self.key, []):
-            server.leave.remote(trial.trial_id)
+            server.trial_ended.remote(trial.trial_id)
 
     on_trial_error = on_trial_complete
 
@@ -915,7 +956,7 @@ def run_ray_study(spec: StudySpec, space: SearchSpace, options: RunOptions, *, o
     if slots > 1:
         _SERVERS[key] = _start_servers(spec, space, options, slots)
         # As many trials as the servers have slots: a member reserves no CPU, so Ray would start them all.
-        max_concurrent = len(_SERVERS[key]) * slots
+        max_concurrent = len(_SERVERS[key]) * slots if options.max_concurrent is None else min(len(_SERVERS[key]) * slots, options.max_concurrent)
         trainable = tune.with_resources(tune.with_parameters(BatchMember, servers=_SERVERS[key]), {"cpu": 0, "memory": MEMBER_MEMORY_BYTES})
     else:
         trainable = tune.with_resources(

@@ -31,6 +31,7 @@ class BatchMember(tune.Trainable):
 
     def setup(self, config: dict[str, Any], servers: list[Any]) -> None:
         self._servers = servers
+        self._server: Any = None
         self._join(config)
 
     def reset_config(self, new_config: dict[str, Any]) -> bool:
@@ -38,15 +39,23 @@ class BatchMember(tune.Trainable):
         return True
 
     def step(self) -> dict[str, Any]:
-        return ray.get(self._server.epoch.remote(self.trial_id))
+        return ray.get(self._server.epoch.remote(self._key))
+
+    def cleanup(self) -> None:
+        # Tune stops this process: its slot is free (a process dropped while it started may hold one).
+        if self._server is not None:
+            self._server.leave.remote(self._key)
 
     def _join(self, config: dict[str, Any]) -> None:
         """A slot on the server with the most free ones (spreading the trials over the servers)."""
+        context = ray.get_runtime_context()
+        # This trial in this process: Tune may start a trial in two processes and drop one.
+        self._key = f"{self.trial_id}@{context.get_actor_id()}"
         deadline = time.monotonic() + JOIN_SECONDS
         while True:
             free = ray.get([server.free_slots.remote() for server in self._servers])
             for index in sorted(range(len(free)), key=lambda i: -free[i]):
-                if free[index] > 0 and ray.get(self._servers[index].join.remote(self.trial_id, config)):
+                if free[index] > 0 and ray.get(self._servers[index].join.remote(self._key, self.trial_id, config, context.current_actor)):
                     self._server = self._servers[index]
                     return
             if time.monotonic() > deadline:
@@ -70,14 +79,17 @@ class BatchServerActor:
     def free_slots(self) -> int:
         return self._server.free_slots()
 
-    def join(self, trial_id: str, config: dict[str, Any]) -> bool:
-        return self._server.join(trial_id, config)
+    def join(self, member: str, trial_id: str, config: dict[str, Any], process: Any) -> bool:
+        return self._server.join(member, trial_id, config, process)
 
-    def leave(self, trial_id: str) -> None:
-        self._server.leave(trial_id)
+    def leave(self, member: str) -> None:
+        self._server.leave(member)
 
-    def epoch(self, trial_id: str) -> dict[str, Any]:
-        return self._server.epoch(trial_id)
+    def trial_ended(self, trial_id: str) -> None:
+        self._server.trial_ended(trial_id)
+
+    def epoch(self, member: str) -> dict[str, Any]:
+        return self._server.epoch(member)
 
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
