@@ -291,6 +291,7 @@ class _Process:
 
 def test_a_batch_server_trains_on_without_late_members_and_frees_dead_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ray_backend, "STRAGGLER_SECONDS", 0.5)
+    monkeypatch.setattr(ray_backend, "REAP_SECONDS", 0.2)
     spec = small_spec(epochs=3)
     space = load_space(spec.search_space)
     threads = torch.get_num_threads()
@@ -302,24 +303,35 @@ def test_a_batch_server_trains_on_without_late_members_and_frees_dead_ones(tmp_p
     def config(number: int) -> dict[str, Any]:
         return {"lr": 0.1, "rho": 1.0, "beta1": 0.9, NUMBER_KEY: number}
 
-    assert server.join("a@1", "a", config(0), alive) and server.join("b@2", "b", config(1), dead)
-    assert not server.join("c@1", "c", config(2), alive) and server.free_slots() == 0
-    # b never asks: a's first round waits for it, then trains alone, and b's dead process loses its slot.
-    first = server.epoch("a@1")
-    assert (first["epoch"], first["trained_together"]) == (1, 1) and server.free_slots() == 1
-    # c joins in b's slot and does not ask either, but its process lives: it keeps its slot, and
-    # once late, a's rounds no longer wait for it.
-    assert server.join("c@1", "c", config(2), alive)
-    assert server.epoch("a@1")["epoch"] == 2 and server.free_slots() == 0
-    started = time.monotonic()
-    last = server.epoch("a@1")
-    assert time.monotonic() - started < 0.5 and last["epoch"] == 3 and last["done"]
-    # c asks at last and trains; then Ray ends its trial, and the slot is free.
-    assert server.epoch("c@1")["epoch"] == 1
-    server.trial_ended("c")
-    assert server.free_slots() == 2
-    with pytest.raises(ray_backend.TrialFailed, match="holds no slot"):
-        server.epoch("c@1")
+    try:
+        assert server.join("a@1", "a", config(0), "1", alive) and server.join("b@2", "b", config(1), "2", dead)
+        assert not server.join("c@3", "c", config(2), "3", alive) and server.free_slots() == 0
+        # b never asks: a's first round waits for it, then trains alone; b's dead process loses its slot.
+        first = server.epoch("a@1")
+        assert (first["epoch"], first["trained_together"]) == (1, 1)
+        deadline = time.monotonic() + 10
+        while server.free_slots() == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.free_slots() == 1
+        # c joins in b's slot and does not ask either, but its process lives: it keeps its slot, and
+        # once late, a's rounds no longer wait for it.
+        assert server.join("c@3", "c", config(2), "3", alive)
+        assert server.epoch("a@1")["epoch"] == 2
+        started = time.monotonic()
+        last = server.epoch("a@1")
+        assert time.monotonic() - started < 0.5 and last["epoch"] == 3 and last["done"]
+        assert server.free_slots() == 1  # a finished and left
+        # c asks at last and trains; then Ray ends its trial, and the slot is free.
+        assert server.epoch("c@3")["epoch"] == 1
+        server.trial_ended("c")
+        assert server.free_slots() == 2
+        with pytest.raises(ray_backend.TrialFailed, match="holds no slot"):
+            server.epoch("c@3")
+        # A process that joins again (Tune reuses it for its next trial) leaves its old seat.
+        assert server.join("d@3", "d", config(3), "3", alive) and server.join("e@3", "e", config(4), "3", alive)
+        assert server.free_slots() == 1
+    finally:
+        server.close()
 
 
 def _raises_in_trial_1(config: dict[str, Any], **kwargs: Any) -> None:

@@ -169,36 +169,43 @@ def confirmation_run(config: TrialConfig, options: RunOptions) -> TrialResult:
 # epoch; then the others train without it, and later rounds do not wait for it until it asks
 # again. A member is late when Tune's driver is busy, or when its process is gone: a trial
 # that ended (the driver tells the server in a moment), a process that died, or one that
-# Tune dropped while it was starting (it joined for a trial that another process then took).
+# Tune dropped while it was starting.
 STRAGGLER_SECONDS = 10.0
-# What a member's process reserves (Ray's worker, without torch: see ray_member.py): a
-# member's compute is its server's, which holds the trial's CPUs and GPUs.
+# How often a server looks for members whose process died (a node lost, a process Tune
+# dropped), to free their slots.
+REAP_SECONDS = 5.0
+# How long a study waits for its batch servers to start (torch's import, under load) before
+# it says that the cluster has no room for them.
+SERVER_START_SECONDS = 120.0
+# The memory a member's process reserves: Ray's worker without torch (see ray_member.py).
 MEMBER_MEMORY_BYTES = 256 * 2**20
-# How long the server waits for a late member's process to answer before taking it for dead.
-_LIVENESS_SECONDS = 2.0
 
 
 @dataclass
 class _Seat:
-    """A member in a batch server: its slot, its Tune trial, and its process (to check it is alive)."""
+    """A member in a batch server: its slot, its Tune trial, and its process."""
 
     slot: int
     trial_id: str
-    process: Any  # the member's Ray actor handle
+    process_id: str  # the member's Ray actor id: one process trains one trial at a time
+    process: Any  # the member's Ray actor handle, pinged to see whether it died
 
 
 class BatchServer:
     """Up to ``slots`` trials of a Ray study trained as one :class:`~sofim_tune.batched.TrialBatch`.
 
-    A threaded Ray actor with one trial's resources (``--cpus-per-trial``,
-    ``--gpus-per-trial``). Each trial is a :class:`~sofim_tune.backends.ray_member.BatchMember`
+    A threaded Ray actor that trains with one trial's resources: it holds ``--gpus-per-trial``
+    itself, and its members hold ``--cpus-per-trial`` between them. Each trial is a :class:`~sofim_tune.backends.ray_member.BatchMember`
     that joins with its config and asks for one epoch per Tune step, under a key of its own
     (its trial and process). A round trains the members that asked, once every member that is
     not late has asked (see ``STRAGGLER_SECONDS``), so a member's epochs are its own: it
     reproduces the sequential trial whoever trains beside it. A member that finished or
     diverged leaves at once; a trial that Ray's scheduler stopped, or that errored, leaves
-    when the driver says so (:class:`_ReleaseSlots`); a member process that Tune stops leaves
-    itself; a late member whose process is dead is dropped.
+    when the driver says so (:class:`_ReleaseSlots`); a process that joins again (Tune
+    reuses it for the next trial, or retries its trial) leaves its old seat; a member process
+    that Tune stops leaves itself; and one whose process died is dropped within
+    ``REAP_SECONDS``. The lock is held through a round's training: a join or leave waits for
+    the epoch to end, as the batch cannot change in the middle of one.
     """
 
     def __init__(self, spec: StudySpec, space: SearchSpace, options: RunOptions, slots: int) -> None:
@@ -211,22 +218,28 @@ class BatchServer:
         self.answers: dict[str, dict[str, Any] | BaseException] = {}
         self.rounds = 0
         self.changed = threading.Condition()
+        self.closed = threading.Event()
+        threading.Thread(target=self._reap, name="sofim-tune-reaper", daemon=True).start()
+
+    def close(self) -> None:
+        """Stop looking for dead members (a server in a Ray actor ends with its process)."""
+        self.closed.set()
 
     def free_slots(self) -> int:
-        with self.changed:
-            return self.slots - len(self.seats)
+        # Without the lock (a length is read atomically): a member looking for a slot need not wait for an epoch.
+        return self.slots - len(self.seats)
 
-    def join(self, member: str, trial_id: str, config: dict[str, Any], process: Any) -> bool:
+    def join(self, member: str, trial_id: str, config: dict[str, Any], process_id: str, process: Any) -> bool:
         """Seat the member with ``config`` (its trial's); False when no slot is free."""
         run = _trial_run(config, self.spec, self.space, self.options)
         with self.changed:
+            for earlier in [key for key, seat in self.seats.items() if seat.process_id == process_id]:
+                self._drop(earlier)
             if len(self.seats) >= self.slots:
-                self._drop_dead(self.late)
-                if len(self.seats) >= self.slots:
-                    return False
+                return False
             if self.batch is None:
                 self.batch = TrialBatch(prepare_trial(run), arch=run.arch, optimizer=run.optimizer, batch_size=run.batch_size, slots=self.slots)
-            self.seats[member] = _Seat(self.batch.add(run), trial_id, process)
+            self.seats[member] = _Seat(self.batch.add(run), trial_id, process_id, process)
             self.changed.notify_all()
             return True
 
@@ -238,7 +251,7 @@ class BatchServer:
     def trial_ended(self, trial_id: str) -> None:
         """Free the slots of the trial's members (Ray ended the trial); nothing when it has none here."""
         with self.changed:
-            for member in [m for m, seat in self.seats.items() if seat.trial_id == trial_id]:
+            for member in [key for key, seat in self.seats.items() if seat.trial_id == trial_id]:
                 self._drop(member)
 
     def epoch(self, member: str) -> dict[str, Any]:
@@ -249,11 +262,14 @@ class BatchServer:
             self.asking.add(member)
             self.late.discard(member)
             this_round = self.rounds
+
+            def ready() -> bool:
+                return self.rounds != this_round or member not in self.seats or self.asking >= self.seats.keys() - self.late
+
             self.changed.notify_all()
-            if not self.changed.wait_for(lambda: self.rounds != this_round or self.asking >= self.seats.keys() - self.late, timeout=STRAGGLER_SECONDS):
+            if not self.changed.wait_for(ready, timeout=STRAGGLER_SECONDS):
                 self.late |= self.seats.keys() - self.asking
-                self._drop_dead(self.late)
-            if self.rounds == this_round:
+            if self.rounds == this_round and member in self.seats:
                 self._train_round()
             answer = self.answers.pop(member, None)
         if answer is None:
@@ -270,10 +286,11 @@ class BatchServer:
         self.rounds += 1
         try:
             outcomes = self.batch.train_epoch(asking)
-        except Exception as exc:  # noqa: BLE001 - every member of the round fails; Ray retries each
+        except Exception as exc:  # noqa: BLE001 - as the Optuna backend: every member fails, the study goes on with a new batch
             for member in asking.values():
-                self._drop(member)
                 self.answers[member] = TrialFailed(f"{type(exc).__name__}: {exc}")
+            self.seats.clear()  # the others find no slot at their next epoch, and Ray retries them too
+            self.batch = None
             return
         # In every result, so that a user sees how many trials shared each epoch.
         together = {"trained_together": len(outcomes)}
@@ -295,39 +312,72 @@ class BatchServer:
             self.batch.finish(seat.slot, pruned=True)
         self.changed.notify_all()
 
-    def _drop_dead(self, members: set[str]) -> None:
-        """Drop those of ``members`` whose process does not answer (dead, or busy elsewhere for good)."""
-        pings = {member: self.seats[member].process.__ray_ready__.remote() for member in members if member in self.seats}
-        if not pings:
-            return
-        ready, _ = ray.wait(list(pings.values()), num_returns=len(pings), timeout=_LIVENESS_SECONDS)
-        for member, ping in pings.items():
-            try:
-                alive = ping in ready and ray.get(ping)
-            except ray.exceptions.RayError:
-                alive = False
-            if not alive:
-                self._drop(member)
+    def _reap(self) -> None:
+        """Forever, every ``REAP_SECONDS``: drop the members whose process died.
+
+        Pinged without the lock, and only a process that Ray says is dead counts: a live one
+        may be busy (inside ``epoch``, or Tune's setup) and answer late.
+        """
+        while not self.closed.wait(REAP_SECONDS):
+            with self.changed:
+                pings = {member: seat.process.__ray_ready__.remote() for member, seat in self.seats.items() if member not in self.asking}
+            if not pings:
+                continue
+            ray.wait(list(pings.values()), num_returns=len(pings), timeout=REAP_SECONDS)
+            dead = []
+            for member, ping in pings.items():
+                try:
+                    ray.get(ping, timeout=0)
+                except ray.exceptions.ActorDiedError:
+                    dead.append(member)
+                except ray.exceptions.RayError:
+                    pass  # not answered yet, or its node is unreachable for now
+            with self.changed:
+                for member in dead:
+                    self._drop(member)
 
 
 def _servers_to_start(options: RunOptions, slots: int, trials: int) -> int:
-    """Batch servers for a study: as many as the cluster's nodes hold (each needs one trial's
-    resources), no more than its trials fill, nor than ``--max-concurrent`` trials fill."""
+    """Batch servers for a new study: as many as the cluster's nodes hold (each needs one
+    trial's resources), no more than its trials fill, nor than ``--max-concurrent`` trials fill.
+
+    Raises:
+        UserInputError: no node holds one trial's CPUs and GPUs together.
+    """
     fitting = 0
     for node in ray.nodes():
         if node.get("Alive"):
             resources = node.get("Resources", {})
             fits = [math.floor(resources.get(name, 0.0) / need + 1e-9) for name, need in (("CPU", options.cpus_per_trial), ("GPU", options.gpus_per_trial)) if need > 0]
             fitting += min(fits)
+    if fitting == 0:
+        raise UserInputError(f"no node of the Ray cluster holds --cpus-per-trial {options.cpus_per_trial:g} and --gpus-per-trial {options.gpus_per_trial:g} together, which a batch server needs")
     wanted = math.ceil(trials / slots)
     if options.max_concurrent is not None:
         wanted = min(wanted, math.ceil(options.max_concurrent / slots))
-    return max(1, min(fitting, wanted))
+    return min(fitting, wanted)
 
 
-def _start_servers(spec: StudySpec, space: SearchSpace, options: RunOptions, slots: int) -> list[Any]:
+def _member_resources(options: RunOptions, slots: int) -> dict[str, float]:
+    """What each batched trial reserves: its share of its server's CPUs, and its process's memory.
+
+    The members of a server reserve its CPUs between them, so that Ray runs a new trial only
+    where an old one freed its share, as for sequential trials; Tune then hands the ended
+    trial's process to the next one. Were the members free, Tune would start a process for
+    every new trial (a second of CPU each) and drop most of them.
+    """
+    return {"cpu": options.cpus_per_trial / slots, "memory": MEMBER_MEMORY_BYTES}
+
+
+def _start_servers(spec: StudySpec, space: SearchSpace, options: RunOptions, slots: int, count: int) -> list[Any]:
+    """``count`` batch servers of ``slots`` slots each, started and answering.
+
+    Raises:
+        UserInputError: they did not all start within ``SERVER_START_SECONDS`` (no room on the cluster).
+    """
     server = ray.remote(BatchServerActor).options(
-        num_cpus=options.cpus_per_trial,
+        # Its CPUs are reserved by its members (see _member_resources); its GPUs by itself, as CUDA needs them visible.
+        num_cpus=0,
         num_gpus=options.gpus_per_trial,
         # Every member waits inside epoch() at once, and joins and leaves come meanwhile.
         max_concurrency=2 * slots + 4,
@@ -335,7 +385,16 @@ def _start_servers(spec: StudySpec, space: SearchSpace, options: RunOptions, slo
         max_restarts=-1,
         scheduling_strategy="SPREAD",
     )
-    return [server.remote(spec, space, options, slots) for _ in range(_servers_to_start(options, slots, spec.trials))]
+    servers = [server.remote(spec, space, options, slots) for _ in range(count)]
+    ready, _ = ray.wait([s.__ray_ready__.remote() for s in servers], num_returns=count, timeout=SERVER_START_SECONDS)
+    if len(ready) < count:
+        for s in servers:
+            ray.kill(s)
+        raise UserInputError(
+            f"only {len(ready)} of {count} batch servers (each --cpus-per-trial {options.cpus_per_trial:g}, --gpus-per-trial {options.gpus_per_trial:g}) "
+            f"started on the Ray cluster within {SERVER_START_SECONDS:g} s; free its resources, or lower --batch-trials or --max-concurrent"
+        )
+    return servers
 
 
 def _trial_dirname(trial: Trial) -> str:
@@ -758,21 +817,20 @@ class _LiveRecord(tune.Callback):
 class _ReleaseSlots(tune.Callback):
     """Tells the batch servers that a trial ended, so that its slot takes the next one.
 
-    Like :class:`_LiveRecord`, it holds only a key into :data:`_SERVERS`: Ray pickles it
-    into the experiment, and a resumed run starts servers of its own.
+    Ray pickles it into the experiment and a resumed run (whose folder may have moved)
+    starts servers of its own, so it holds nothing: it tells the servers of every study that
+    this process runs (Tune's trial ids are unique).
     """
 
-    def __init__(self, key: str) -> None:
-        self.key = key
-
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-        for server in _SERVERS.get(self.key, []):
-            server.trial_ended.remote(trial.trial_id)
+        for servers in _SERVERS.values():
+            for server in servers:
+                server.trial_ended.remote(trial.trial_id)
 
     on_trial_error = on_trial_complete
 
 
-# The batch servers of each running experiment, by the key of its callbacks.
+# The batch servers of each running experiment, by its path.
 _SERVERS: dict[str, list[Any]] = {}
 
 
@@ -886,7 +944,7 @@ def _existing_experiment(spec: StudySpec, space: SearchSpace, options: RunOption
             f"{where} runs {meta['trials']} trials of {meta['epochs']} epochs, and Ray cannot "
             f"change that on resume; use --trials {meta['trials']} --epochs {meta['epochs']}, or another --out"
         )
-    recorded = int(meta.get("batch_trials") or 1)
+    recorded = _recorded_batch(meta)
     if options.batch_trials is not None and options.batch_trials != recorded:
         # Ray restores the experiment's own trainable: a batch member, or a trial of its own.
         raise UserInputError(f"{where} trains {recorded} trial{'s' if recorded > 1 else ''} per batch, and Ray cannot change that on resume; use --batch-trials {recorded}, or another --out")
@@ -894,9 +952,9 @@ def _existing_experiment(spec: StudySpec, space: SearchSpace, options: RunOption
     return meta
 
 
-def _batch_slots(options: RunOptions, existing: Mapping[str, Any] | None) -> int:
-    """Trials per batch server (1: no batching): ``--batch-trials``, or on resume the experiment's own."""
-    return int(existing.get("batch_trials") or 1) if existing is not None else options.batch_trials or 1
+def _recorded_batch(meta: Mapping[str, Any]) -> int:
+    """Trials per batch server of an experiment (1: no batching; so are experiments made before batching)."""
+    return int(meta.get("batch_trials") or 1)
 
 
 # ---------------------------------------------------------------------------------------
@@ -930,7 +988,13 @@ def run_ray_study(spec: StudySpec, space: SearchSpace, options: RunOptions, *, o
     check_cluster_fits(options)
     _check_writable(root)
 
-    slots = _batch_slots(options, existing)
+    # Trials per batch server (1: none) and servers: on resume the experiment's own, as Ray
+    # restores its trainable and its limit of trials at once.
+    if existing is None:
+        slots = options.batch_trials or 1
+        server_count = _servers_to_start(options, slots, spec.trials) if slots > 1 else 0
+    else:
+        slots, server_count = _recorded_batch(existing), int(existing.get("batch_servers") or 0)
     claim_run_folder(options.out_dir, backend="ray", storage=experiment, study=spec.name)
     epochs = effective_epochs(spec, space)
     if existing is None:
@@ -941,6 +1005,7 @@ def run_ray_study(spec: StudySpec, space: SearchSpace, options: RunOptions, *, o
             "name": spec.name,
             "pruner": pruner,
             "batch_trials": slots,
+            "batch_servers": server_count,
             # None: the experiment lives in the run folder, and moves with it.
             "storage_path": root if options.storage_path is not None else None,
         }
@@ -954,10 +1019,11 @@ def run_ray_study(spec: StudySpec, space: SearchSpace, options: RunOptions, *, o
     key = experiment
     max_concurrent = options.max_concurrent
     if slots > 1:
-        _SERVERS[key] = _start_servers(spec, space, options, slots)
+        _SERVERS[key] = _start_servers(spec, space, options, slots, server_count)
         # As many trials as the servers have slots: a member reserves no CPU, so Ray would start them all.
-        max_concurrent = len(_SERVERS[key]) * slots if options.max_concurrent is None else min(len(_SERVERS[key]) * slots, options.max_concurrent)
-        trainable = tune.with_resources(tune.with_parameters(BatchMember, servers=_SERVERS[key]), {"cpu": 0, "memory": MEMBER_MEMORY_BYTES})
+        capacity = server_count * slots
+        max_concurrent = capacity if options.max_concurrent is None else min(capacity, options.max_concurrent)
+        trainable = tune.with_resources(tune.with_parameters(BatchMember, servers=_SERVERS[key]), _member_resources(options, slots))
     else:
         trainable = tune.with_resources(
             tune.with_parameters(sofim_trial, spec=spec, space=space, options=options),
@@ -1043,7 +1109,7 @@ def _run_config(spec: StudySpec, root: str, key: str, slots: int) -> tune.RunCon
         name=spec.name,
         storage_path=root,
         failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
-        callbacks=[_LiveRecord(key), *([_ReleaseSlots(key)] if slots > 1 else [])],
+        callbacks=[_LiveRecord(key), *([_ReleaseSlots()] if slots > 1 else [])],
         # A batched member has no state of its own to save: a trial that must run again starts over, as a sequential one does.
         checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False),
         verbose=0,

@@ -21,8 +21,9 @@ from ray import cloudpickle, tune
 
 # How long a member waits for a free slot: a trial that ended frees its slot a moment after
 # Ray started the next one (the driver tells the server), or a server restarts after its node died.
-JOIN_SECONDS = 120.0
+JOIN_SECONDS = 600.0
 _RETRY_SECONDS = 0.05
+_ANSWER_SECONDS = 10.0
 
 
 class BatchMember(tune.Trainable):
@@ -49,14 +50,18 @@ class BatchMember(tune.Trainable):
     def _join(self, config: dict[str, Any]) -> None:
         """A slot on the server with the most free ones (spreading the trials over the servers)."""
         context = ray.get_runtime_context()
+        process_id = context.get_actor_id()
         # This trial in this process: Tune may start a trial in two processes and drop one.
-        self._key = f"{self.trial_id}@{context.get_actor_id()}"
+        self._key = f"{self.trial_id}@{process_id}"
         deadline = time.monotonic() + JOIN_SECONDS
         while True:
-            free = ray.get([server.free_slots.remote() for server in self._servers])
-            for index in sorted(range(len(free)), key=lambda i: -free[i]):
-                if free[index] > 0 and ray.get(self._servers[index].join.remote(self._key, self.trial_id, config, context.current_actor)):
-                    self._server = self._servers[index]
+            # A server that does not answer (restarting after its node died) is skipped this time.
+            asked = {server.free_slots.remote(): server for server in self._servers}
+            answered, _ = ray.wait(list(asked), num_returns=len(asked), timeout=_ANSWER_SECONDS)
+            free = sorted(((ray.get(ref), asked[ref]) for ref in answered), key=lambda pair: -pair[0])
+            for slots, server in free:
+                if slots > 0 and ray.get(server.join.remote(self._key, self.trial_id, config, process_id, context.current_actor)):
+                    self._server = server
                     return
             if time.monotonic() > deadline:
                 raise RuntimeError(f"no batch server had a free slot for {JOIN_SECONDS:g} s")
@@ -79,8 +84,8 @@ class BatchServerActor:
     def free_slots(self) -> int:
         return self._server.free_slots()
 
-    def join(self, member: str, trial_id: str, config: dict[str, Any], process: Any) -> bool:
-        return self._server.join(member, trial_id, config, process)
+    def join(self, member: str, trial_id: str, config: dict[str, Any], process_id: str, process: Any) -> bool:
+        return self._server.join(member, trial_id, config, process_id, process)
 
     def leave(self, member: str) -> None:
         self._server.leave(member)
