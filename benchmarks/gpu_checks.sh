@@ -29,6 +29,8 @@ python3 benchmarks/optimizer_step.py --device cuda --repeats 30 2>&1 | tee "$OUT
 python3 benchmarks/trial_throughput.py --gpu-epoch --batch-size 512 2>&1 | tee "$OUT/gpu_epoch.txt"
 # Trials per minute of whole studies on one GPU: batched against one at a time (target >= 8x).
 python3 benchmarks/study_throughput.py --device cuda --cnn-trials 48 2>&1 | tee "$OUT/study_throughput_cuda.txt"
+# The same through the Ray backend: a quarter GPU per trial against a quarter GPU per batch server.
+python3 benchmarks/study_throughput.py --ray --device cuda --ray-batch 8 16 --digits-trials 96 2>&1 | tee "$OUT/study_throughput_ray_cuda.txt"
 python3 - <<'PY' 2>&1 | tee "$OUT/digits_cuda.txt"
 from sofim_tune.trial import TrialConfig, train_trial
 r = train_trial(TrialConfig(dataset="digits", device="cuda", hyperparameters={"lr": 0.1, "rho": 0.1, "beta1": 0.9}, epochs=10))

@@ -27,7 +27,7 @@ operations would take at the core's measured matrix-multiply peak.
     python benchmarks/study_throughput.py [--digits-trials 40] [--cnn-trials 12] [--samples 4096]
     python benchmarks/study_throughput.py --threads-only [--seconds 5]
     python benchmarks/study_throughput.py --bare [--bare-epochs 3]
-    python benchmarks/study_throughput.py --ray [--ray-batch 4 8] [--digits-trials 40]
+    python benchmarks/study_throughput.py --ray [--ray-batch 4 8] [--digits-trials 40] [--device cuda]
     python benchmarks/study_throughput.py --device cuda --cnn-trials 48   # the GPU variant
 """
 
@@ -225,20 +225,24 @@ def bare_batching(epochs: int) -> None:
 # ---------------------------------------------------------------------------------------
 
 
-def ray_batching(spec: StudySpec, batches: list[int], work: Path) -> None:
-    """Seconds and trials per minute of the study's search (no confirmation) at each batch size, on one private Ray."""
+def ray_batching(spec: StudySpec, batches: list[int], work: Path, device: str) -> None:
+    """Seconds and trials per minute of the study's search (no confirmation) at each batch size, on one private Ray.
+
+    On a GPU (``device`` cuda) every trial, or every batch server, takes a quarter of one.
+    """
     import ray
 
     from sofim_tune.backends.ray import run_ray_study
     from sofim_tune.space import load_space
 
-    ray.init(num_cpus=physical_cores(), include_dashboard=False, log_to_driver=False)
+    gpus = torch.cuda.device_count() if device.startswith("cuda") else 0
+    ray.init(num_cpus=physical_cores(), num_gpus=gpus, include_dashboard=False, log_to_driver=False)
     space = load_space(spec.search_space)
     rates = {}
     try:
         for batch in [1, *batches]:
             clear_data_cache()
-            options = RunOptions(out_dir=work / f"ray-{batch}", device="cpu", batch_trials=batch if batch > 1 else None)
+            options = RunOptions(out_dir=work / f"ray-{batch}", device=device, batch_trials=batch if batch > 1 else None, gpus_per_trial=0.25 if gpus else 0.0)
             started = time.perf_counter()
             record = run_ray_study(spec, space, options)
             seconds = time.perf_counter() - started
@@ -277,7 +281,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if args.ray:
-            ray_batching(load_spec("digits").replace(trials=args.digits_trials, epochs=args.digits_epochs), args.ray_batch, work)
+            ray_batching(load_spec("digits").replace(trials=args.digits_trials, epochs=args.digits_epochs), args.ray_batch, work, args.device)
             return
         folder = write_synthetic_folder(work / "mnist-like", args.samples)
         studies = {
