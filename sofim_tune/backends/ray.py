@@ -290,6 +290,7 @@ class BatchServer:
             for member in asking.values():
                 self.answers[member] = TrialFailed(f"{type(exc).__name__}: {exc}")
             self.seats.clear()  # the others find no slot at their next epoch, and Ray retries them too
+            self.late.clear()
             self.batch = None
             return
         # In every result, so that a user sees how many trials shared each epoch.
@@ -1020,7 +1021,7 @@ def run_ray_study(spec: StudySpec, space: SearchSpace, options: RunOptions, *, o
     max_concurrent = options.max_concurrent
     if slots > 1:
         _SERVERS[key] = _start_servers(spec, space, options, slots, server_count)
-        # As many trials as the servers have slots: a member reserves no CPU, so Ray would start them all.
+        # As many trials as the servers have slots: members of GPU-only trials reserve no CPU, and Ray would start them all.
         capacity = server_count * slots
         max_concurrent = capacity if options.max_concurrent is None else min(capacity, options.max_concurrent)
         trainable = tune.with_resources(tune.with_parameters(BatchMember, servers=_SERVERS[key]), _member_resources(options, slots))
