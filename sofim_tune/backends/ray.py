@@ -14,6 +14,10 @@ and ``show`` read the study from plain files alone (``ray_study.json``, the sear
 ``error.txt``), never from Ray's pickled state, so that opening a run folder from
 elsewhere runs no code from it. A rerun with another search space is refused instead of
 mixing two searches in one experiment.
+
+With ``--batch-trials K`` each trial is a light :class:`~sofim_tune.backends.ray_member.BatchMember`
+that a :class:`BatchServer` trains with up to K - 1 others as one stacked model, an epoch per
+Tune step (see the section "Batched trials" below).
 """
 
 from __future__ import annotations
