@@ -7,6 +7,7 @@ every test that only reads it.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -257,9 +258,10 @@ def test_batched_trials_equal_their_sequential_twins(batched_and_sequential: tup
     spec, out, sequential, batched = batched_and_sequential
     assert len(batched.trials) == spec.trials and batched.finished
     assert _comparable(batched) == _comparable(sequential)
-    # Trained as batches, which every result says (2 servers of 3 slots on 2 CPUs).
+    # Trained by batch servers of 3 slots, which every result says (how many trials shared an
+    # epoch depends on when Ray started their processes; test_a_batch_server_... checks sharing).
     rows = result_rows(out / "ray" / spec.name)
-    assert len(rows) == spec.trials * spec.epochs and 2 <= max(row["trained_together"] for row in rows) <= 3
+    assert len(rows) == spec.trials * spec.epochs and {row["trained_together"] for row in rows} <= {1, 2, 3}
     assert json.loads((out / "ray_study.json").read_text())["batch_trials"] == 3
 
 
@@ -281,7 +283,7 @@ def test_batched_slots_are_refilled_after_early_stopping(tmp_path: Path) -> None
     assert len(study.by_state("complete")) + len(study.by_state("pruned")) == spec.trials and study.finished
     assert study.by_state("pruned") and study.by_state("complete")
     rows = result_rows(tmp_path / "run" / "ray" / spec.name)
-    assert max(row["trained_together"] for row in rows) == 2
+    assert len(rows) >= spec.trials and {row["trained_together"] for row in rows} <= {1, 2}
 
 
 @ray.remote(num_cpus=0)
@@ -330,6 +332,12 @@ def test_a_batch_server_trains_on_without_late_members_and_frees_dead_ones(tmp_p
         # A process that joins again (Tune reuses it for its next trial) leaves its old seat.
         assert server.join("d@3", "d", config(3), "3", alive) and server.join("e@3", "e", config(4), "3", alive)
         assert server.free_slots() == 1
+        # Two members that ask at once train as one batch (however slowly the second thread starts).
+        monkeypatch.setattr(ray_backend, "STRAGGLER_SECONDS", 60.0)
+        assert server.join("f@4", "f", config(5), "4", alive)
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            together = [future.result()["trained_together"] for future in [pool.submit(server.epoch, "e@3"), pool.submit(server.epoch, "f@4")]]
+        assert together == [2, 2]
     finally:
         server.close()
 
