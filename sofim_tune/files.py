@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from sofim_tune.errors import UserInputError
 
-__all__ = ["read_json", "redact_storage_url", "write_text_atomic"]
+__all__ = ["MAX_JSON_BYTES", "read_json", "redact_storage_url", "write_text_atomic"]
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
@@ -81,23 +82,42 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+MAX_JSON_BYTES = 1024 * 1024
+"""The largest JSON file any command reads (best.json, run.json, compare.json, --enqueue), as for
+YAML and TOML: every file sofim-tune writes is far smaller, so a larger one is not ours."""
+
+
 def read_json(path: str | Path, prefix: str) -> Any:
     """The JSON document in ``path`` (data only: nothing is executed).
 
-    Every problem (a missing or unreadable file, text that is not UTF-8 or not JSON, and the
-    NaN and Infinity that Python's json would accept) raises one line: ``"<prefix>: <what>"``.
+    Every problem raises one line, ``"<prefix>: <what>"``: a missing or unreadable file, a folder
+    or device instead of a file, a file over :data:`MAX_JSON_BYTES` (read no further, so
+    ``/dev/zero`` costs nothing), text that is not UTF-8 or not JSON, nesting too deep for the
+    parser, and the NaN and Infinity that Python's json would accept.
     """
+    path = Path(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with path.open("rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise UserInputError(f"{prefix}: not a regular file")
+            data = f.read(MAX_JSON_BYTES + 1)
     except FileNotFoundError:
         raise UserInputError(f"{prefix}: no such file") from None
-    except UnicodeDecodeError:
-        raise UserInputError(f"{prefix}: not UTF-8 text") from None
+    except IsADirectoryError:
+        raise UserInputError(f"{prefix}: a folder, not a file") from None
     except OSError as e:
         raise UserInputError(f"{prefix}: {e.strerror or e}") from None
+    if len(data) > MAX_JSON_BYTES:
+        raise UserInputError(f"{prefix}: larger than {MAX_JSON_BYTES // 1024 // 1024} MiB, which no sofim-tune file is")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserInputError(f"{prefix}: not UTF-8 text") from None
     try:
         return json.loads(text, parse_constant=_no_constant)
     except json.JSONDecodeError as e:
         raise UserInputError(f"{prefix}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except RecursionError:
+        raise UserInputError(f"{prefix}: JSON nested too deeply") from None
     except ValueError as e:  # NaN, Infinity, -Infinity
         raise UserInputError(f"{prefix}: invalid JSON: {e}") from None

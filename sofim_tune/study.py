@@ -76,7 +76,10 @@ class RunOptions:
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` for trials not pinned to a GPU.
         data_dir, download: where torchvision datasets live, and whether to fetch them.
         export: retrain the top settings, write best.json and the report at the end.
-        address, gpus_per_trial, cpus_per_trial, max_concurrent, storage_path: Ray only.
+        address, gpus_per_trial, cpus_per_trial, max_concurrent, storage_path: Ray only; None
+            means not given (the Optuna backend refuses any of them that is given, and the
+            Ray backend refuses ``workers``, ``threads_per_trial``, ``gpus`` and ``storage``).
+            :attr:`ray_cpus_per_trial` and :attr:`ray_gpus_per_trial` give the values in force.
     """
 
     out_dir: Path
@@ -93,10 +96,20 @@ class RunOptions:
     download: bool = False
     export: bool = True
     address: str | None = None
-    gpus_per_trial: float = 0.0
-    cpus_per_trial: float = 1.0
+    gpus_per_trial: float | None = None
+    cpus_per_trial: float | None = None
     max_concurrent: int | None = None
     storage_path: str | None = None
+
+    @property
+    def ray_cpus_per_trial(self) -> float:
+        """CPUs a Ray trial reserves: ``cpus_per_trial``, 1 when not given."""
+        return 1.0 if self.cpus_per_trial is None else self.cpus_per_trial
+
+    @property
+    def ray_gpus_per_trial(self) -> float:
+        """The share of a GPU a Ray trial reserves: ``gpus_per_trial``, 0 when not given."""
+        return 0.0 if self.gpus_per_trial is None else self.gpus_per_trial
 
 
 class Backend(Protocol):

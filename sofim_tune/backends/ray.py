@@ -121,13 +121,13 @@ def _worker_device(options: RunOptions) -> str:
     Ray hides the GPUs a task did not ask for (CUDA_VISIBLE_DEVICES), so "cuda" is the
     task's own (share of a) GPU.
     """
-    return "cuda" if options.gpus_per_trial > 0 else "cpu"
+    return "cuda" if options.ray_gpus_per_trial > 0 else "cpu"
 
 
 def _set_threads(options: RunOptions) -> None:
     # One intra-op thread per CPU the task reserved: more would steal the CPUs of the
     # tasks running beside it.
-    torch.set_num_threads(max(1, int(options.cpus_per_trial)))
+    torch.set_num_threads(max(1, int(options.ray_cpus_per_trial)))
 
 
 def sofim_trial(config: dict[str, Any], *, spec: StudySpec, space: SearchSpace, options: RunOptions) -> None:
@@ -353,10 +353,10 @@ def _servers_to_start(options: RunOptions, slots: int, trials: int) -> int:
     for node in ray.nodes():
         if node.get("Alive"):
             resources = node.get("Resources", {})
-            fits = [math.floor(resources.get(name, 0.0) / need + 1e-9) for name, need in (("CPU", options.cpus_per_trial), ("GPU", options.gpus_per_trial)) if need > 0]
+            fits = [math.floor(resources.get(name, 0.0) / need + 1e-9) for name, need in (("CPU", options.ray_cpus_per_trial), ("GPU", options.ray_gpus_per_trial)) if need > 0]
             fitting += min(fits)
     if fitting == 0:
-        raise UserInputError(f"no node of the Ray cluster holds --cpus-per-trial {options.cpus_per_trial:g} and --gpus-per-trial {options.gpus_per_trial:g} together, which a batch server needs")
+        raise UserInputError(f"no node of the Ray cluster holds --cpus-per-trial {options.ray_cpus_per_trial:g} and --gpus-per-trial {options.ray_gpus_per_trial:g} together, which a batch server needs")
     wanted = math.ceil(trials / slots)
     if options.max_concurrent is not None:
         wanted = min(wanted, math.ceil(options.max_concurrent / slots))
@@ -371,7 +371,7 @@ def _member_resources(options: RunOptions, slots: int) -> dict[str, float]:
     trial's process to the next one. Were the members free, Tune would start a process for
     every new trial (a second of CPU each) and drop most of them.
     """
-    return {"cpu": options.cpus_per_trial / slots, "memory": MEMBER_MEMORY_BYTES}
+    return {"cpu": options.ray_cpus_per_trial / slots, "memory": MEMBER_MEMORY_BYTES}
 
 
 def _start_servers(spec: StudySpec, space: SearchSpace, options: RunOptions, slots: int, count: int) -> list[Any]:
@@ -383,7 +383,7 @@ def _start_servers(spec: StudySpec, space: SearchSpace, options: RunOptions, slo
     server = ray.remote(BatchServerActor).options(
         # Its CPUs are reserved by its members (see _member_resources); its GPUs by itself, as CUDA needs them visible.
         num_cpus=0,
-        num_gpus=options.gpus_per_trial,
+        num_gpus=options.ray_gpus_per_trial,
         # Every member waits inside epoch() at once, and joins and leaves come meanwhile.
         max_concurrency=2 * slots + 4,
         # A server whose node died starts again elsewhere, empty: Ray retries its members' trials.
@@ -396,7 +396,7 @@ def _start_servers(spec: StudySpec, space: SearchSpace, options: RunOptions, slo
         for s in servers:
             ray.kill(s)
         raise UserInputError(
-            f"only {len(ready)} of {count} batch servers (each --cpus-per-trial {options.cpus_per_trial:g}, --gpus-per-trial {options.gpus_per_trial:g}) "
+            f"only {len(ready)} of {count} batch servers (each --cpus-per-trial {options.ray_cpus_per_trial:g}, --gpus-per-trial {options.ray_gpus_per_trial:g}) "
             f"started on the Ray cluster within {SERVER_START_SECONDS:g} s; free its resources, or lower --batch-trials or --max-concurrent"
         )
     return servers
@@ -845,13 +845,13 @@ _SERVERS: dict[str, list[Any]] = {}
 
 
 def _check_resource_numbers(options: RunOptions) -> None:
-    if options.cpus_per_trial < 0 or options.gpus_per_trial < 0:
-        raise UserInputError(f"--cpus-per-trial and --gpus-per-trial must be >= 0, got {options.cpus_per_trial:g} and {options.gpus_per_trial:g}")
-    if options.cpus_per_trial == 0 and options.gpus_per_trial == 0:
+    if options.ray_cpus_per_trial < 0 or options.ray_gpus_per_trial < 0:
+        raise UserInputError(f"--cpus-per-trial and --gpus-per-trial must be >= 0, got {options.ray_cpus_per_trial:g} and {options.ray_gpus_per_trial:g}")
+    if options.ray_cpus_per_trial == 0 and options.ray_gpus_per_trial == 0:
         raise UserInputError("a trial needs some resources: --cpus-per-trial or --gpus-per-trial must be > 0")
     # Ray shares a GPU only in fractions of one; 1.5 GPUs cannot be placed.
-    if options.gpus_per_trial > 1 and not float(options.gpus_per_trial).is_integer():
-        raise UserInputError(f"--gpus-per-trial above 1 must be a whole number, got {options.gpus_per_trial:g}")
+    if options.ray_gpus_per_trial > 1 and not float(options.ray_gpus_per_trial).is_integer():
+        raise UserInputError(f"--gpus-per-trial above 1 must be a whole number, got {options.ray_gpus_per_trial:g}")
     if options.max_concurrent is not None and options.max_concurrent < 1:
         raise UserInputError(f"--max-concurrent must be >= 1, got {options.max_concurrent}")
 
@@ -970,7 +970,7 @@ def _recorded_batch(meta: Mapping[str, Any]) -> int:
 def run_ray_study(spec: StudySpec, space: SearchSpace, options: RunOptions, *, on_progress: Callable[[StudyRecord], None] | None = None) -> StudyRecord:
     """Run (or resume) the study of ``spec`` as a Ray Tune experiment, to ``spec.trials`` finished trials.
 
-    Each trial reserves ``options.cpus_per_trial`` CPUs and ``options.gpus_per_trial``
+    Each trial reserves ``options.ray_cpus_per_trial`` CPUs and ``options.ray_gpus_per_trial``
     GPUs (a fraction shares a GPU); at most ``options.max_concurrent`` run at once
     (default: as many as fit). A trial that errors (after Ray's retries) is failed and
     does not count: another one runs in its place, as in the Optuna backend, until
@@ -1032,7 +1032,7 @@ def run_ray_study(spec: StudySpec, space: SearchSpace, options: RunOptions, *, o
     else:
         trainable = tune.with_resources(
             tune.with_parameters(sofim_trial, spec=spec, space=space, options=options),
-            {"cpu": options.cpus_per_trial, "gpu": options.gpus_per_trial},
+            {"cpu": options.ray_cpus_per_trial, "gpu": options.ray_gpus_per_trial},
         )
     if on_progress is not None:
         _LISTENERS[key] = _Listener(on_progress, meta, space)
@@ -1164,7 +1164,7 @@ class RayBackend:
             return []
         _check_resource_numbers(options)
         connect(options)
-        task = ray.remote(confirmation_run).options(num_cpus=options.cpus_per_trial, num_gpus=options.gpus_per_trial)
+        task = ray.remote(confirmation_run).options(num_cpus=options.ray_cpus_per_trial, num_gpus=options.ray_gpus_per_trial)
         refs = [task.remote(config, options) for config in configs]
         results = []
         try:

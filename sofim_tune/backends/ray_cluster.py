@@ -180,8 +180,8 @@ def check_cluster_fits(options: RunOptions) -> None:
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
     cpus = max((n.get("CPU", 0.0) for n in nodes), default=0.0)
     gpus = max((n.get("GPU", 0.0) for n in nodes), default=0.0)
-    if options.cpus_per_trial > cpus:
-        raise UserInputError(f"--cpus-per-trial {options.cpus_per_trial:g}: no node of the Ray cluster has that many CPUs (the largest has {cpus:g})")
-    if options.gpus_per_trial > gpus:
+    if options.ray_cpus_per_trial > cpus:
+        raise UserInputError(f"--cpus-per-trial {options.ray_cpus_per_trial:g}: no node of the Ray cluster has that many CPUs (the largest has {cpus:g})")
+    if options.ray_gpus_per_trial > gpus:
         having = f"the largest has {gpus:g}" if gpus else "the cluster has no GPUs"
-        raise UserInputError(f"--gpus-per-trial {options.gpus_per_trial:g}: no node of the Ray cluster has that many GPUs ({having})")
+        raise UserInputError(f"--gpus-per-trial {options.ray_gpus_per_trial:g}: no node of the Ray cluster has that many GPUs ({having})")
