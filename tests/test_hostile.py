@@ -13,15 +13,17 @@ from pathlib import Path
 
 import pytest
 
-import hostile_files
-import hostile_inputs
+import hostile_cli
+import hostile_ray
+import hostile_results
 import hostile_runtime
+import hostile_storage
 from hostile import ApiCase, CliCase, run_cli_case
 from sofim_tune.errors import UserInputError
 from sofim_tune.spec import load_spec
 from sofim_tune.tuning import RunOptions, tune
 
-AREAS = [hostile_files, hostile_inputs, hostile_runtime]
+AREAS = [hostile_cli, hostile_ray, hostile_results, hostile_runtime, hostile_storage]
 CLI_CASES: list[CliCase] = [case for area in AREAS for case in area.CLI_CASES]
 API_CASES: list[ApiCase] = [case for area in AREAS for case in area.API_CASES]
 

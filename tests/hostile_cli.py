@@ -1,4 +1,4 @@
-"""Hostile inputs: inputs (see hostile.py for what every case must keep)."""
+"""Hostile inputs: cli (see hostile.py for what every case must keep)."""
 
 from __future__ import annotations
 

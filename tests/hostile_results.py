@@ -1,4 +1,4 @@
-"""Hostile inputs: files (see hostile.py for what every case must keep)."""
+"""Hostile inputs: results (see hostile.py for what every case must keep)."""
 
 from __future__ import annotations
 
