@@ -24,6 +24,8 @@ rounds away long before m reaches g (with β1 = 0.999 a bfloat16 moment of g = 1
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable, Iterable
 from itertools import chain
 from typing import Any, Literal
@@ -33,26 +35,67 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils._foreach_utils import _device_has_foreach_support
 
+from sofim_tune.errors import UserInputError
+
 __all__ = ["SOFIM", "sofim"]
 
 NormScope = Literal["group", "tensor"]
 _NORM_SCOPES = ("group", "tensor")
 
 
+_Rule = tuple[str, Callable[[Any], Any]]
+_POSITIVE: _Rule = ("be > 0", lambda value: value > 0)
+_NON_NEGATIVE: _Rule = ("be >= 0", lambda value: value >= 0)
+_AVERAGE_WEIGHT: _Rule = ("lie in [0, 1)", lambda value: 0 <= value < 1)  # a weight of 1 never forgets
+
+HYPERPARAMETER_DOMAINS: dict[str, _Rule] = {
+    "lr": _POSITIVE,
+    "rho": _POSITIVE,  # F = m̂m̂ᵀ + ρI is only invertible for ρ > 0
+    "beta1": _AVERAGE_WEIGHT,
+    "beta2": _AVERAGE_WEIGHT,
+    "momentum": _AVERAGE_WEIGHT,
+    "weight_decay": _NON_NEGATIVE,
+}
+"""What each hyperparameter of ``OPTIMIZER_HYPERPARAMETERS`` may be, besides finite: the rule of
+trial configs, of :func:`build_optimizer` and of best.json (whose JSON Schema states it too).
+SOFIM itself also takes lr = 0, as torch.optim does."""
+
+
+def _rule_problem(value: Any, rule: _Rule) -> str | None:
+    """What ``value`` must be and is not (``"be finite"``, ``"be > 0"``), or None when it obeys ``rule``.
+
+    NaN is neither finite nor ordered, so it fails the first test. A tensor value must hold one
+    element, whose reading syncs with its device: this runs when an optimizer is built, never per step.
+    """
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, Tensor)):
+        return "be a number"
+    if not math.isfinite(value):
+        return "be finite"
+    return None if rule[1](value) else rule[0]
+
+
+def hyperparameter_problem(name: str, value: Any) -> str | None:
+    """Why ``value`` cannot be hyperparameter ``name`` (``"lr must be > 0, got 0.0"``), or None
+    when it can (or when ``name`` has no rule)."""
+    rule = HYPERPARAMETER_DOMAINS.get(name)
+    problem = None if rule is None else _rule_problem(value, rule)
+    return None if problem is None else f"{name} must {problem}, got {value!r}"
+
+
 def _check_hyperparameters(lr: Any, rho: Any, beta1: Any, weight_decay: Any, norm_scope: Any) -> None:
     if isinstance(lr, Tensor) and lr.numel() != 1:
         raise ValueError("Tensor lr must be 1-element")  # torch.optim's wording
-    # Written as "not (valid)" so that NaN is rejected too.
-    if not lr >= 0.0:
-        raise ValueError(f"Invalid learning rate lr={lr!r}: it must be >= 0")
-    if not rho > 0.0:
-        raise ValueError(f"Invalid regularization rho={rho!r}: it must be > 0")
-    if not 0.0 <= beta1 < 1.0:
-        raise ValueError(f"Invalid beta1={beta1!r}: it must lie in [0, 1)")
-    if not weight_decay >= 0.0:
-        raise ValueError(f"Invalid weight_decay={weight_decay!r}: it must be >= 0")
+    for label, value, rule in (
+        ("learning rate lr", lr, _NON_NEGATIVE),
+        ("regularization rho", rho, HYPERPARAMETER_DOMAINS["rho"]),
+        ("beta1", beta1, HYPERPARAMETER_DOMAINS["beta1"]),
+        ("weight_decay", weight_decay, HYPERPARAMETER_DOMAINS["weight_decay"]),
+    ):
+        problem = _rule_problem(value, rule)
+        if problem is not None:
+            raise UserInputError(f"Invalid {label}={value!r}: it must {problem}")
     if norm_scope not in _NORM_SCOPES:
-        raise ValueError(f"Invalid norm_scope={norm_scope!r}: expected one of {', '.join(_NORM_SCOPES)}")
+        raise UserInputError(f"Invalid norm_scope={norm_scope!r}: expected one of {', '.join(_NORM_SCOPES)}")
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -201,7 +244,7 @@ class SOFIM(Optimizer):
             steps: list[Tensor] = []
             self._init_group(group, params, grads, exp_avgs, steps)
             if params:
-                sofim(
+                _sofim_step(
                     params,
                     grads,
                     exp_avgs,
@@ -314,8 +357,34 @@ def sofim(
     ``exp_avgs`` and ``steps`` are updated in place; ``steps`` are 0-dim real tensors on each
     parameter's device. ``exp_avgs`` have the dtype of their parameter, float32 for 16-bit
     ones. ``lr`` is a float or a 1-element tensor. With ``norm_scope="group"`` all ``params``
-    form one block.
+    form one block. The hyperparameters are checked as :class:`SOFIM` checks them (a
+    ``UserInputError`` for an infinite, NaN or out-of-range value), except a tensor ``lr``,
+    whose reading would make every step wait for its device.
     """
+    _check_hyperparameters(0.0 if isinstance(lr, Tensor) else lr, rho, beta1, weight_decay, norm_scope)
+    _sofim_step(
+        params, grads, exp_avgs, steps, lr=lr, rho=rho, beta1=beta1, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
+        norm_scope=norm_scope, bias_correction=bias_correction, maximize=maximize, foreach=foreach,
+    )
+
+
+def _sofim_step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    rho: float,
+    beta1: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    norm_scope: NormScope,
+    bias_correction: bool,
+    maximize: bool,
+    foreach: bool | None,
+) -> None:
+    """:func:`sofim` without the checks: :class:`SOFIM` checked its groups when they were added."""
     if foreach is None:
         foreach = _foreach_supported(params)
     if isinstance(lr, Tensor) and lr.ndim != 0:
@@ -536,13 +605,18 @@ def build_optimizer(name: str, params: Iterable[Tensor], hyperparameters: dict[s
     Baselines compare SOFIM at an equal budget: ``sgd-momentum`` is ``torch.optim.SGD`` with
     momentum (default 0.9), ``adamw`` is ``torch.optim.AdamW`` (beta2 default 0.999).
     ``decoupled_weight_decay`` is SOFIM's choice of coupling (AdamW always decouples, SGD
-    never does). Raises ValueError for an unknown optimizer or hyperparameter.
+    never does). Raises ValueError for an unknown optimizer or hyperparameter, and
+    ``UserInputError`` (a ValueError) for a value outside ``HYPERPARAMETER_DOMAINS``.
     """
     if name not in OPTIMIZER_HYPERPARAMETERS:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZER_HYPERPARAMETERS)}")
     unknown = set(hyperparameters) - set(OPTIMIZER_HYPERPARAMETERS[name])
     if unknown:
         raise ValueError(f"optimizer {name!r} takes no {', '.join(sorted(unknown))}")
+    for key, value in hyperparameters.items():
+        problem = hyperparameter_problem(key, value)
+        if problem is not None:
+            raise UserInputError(problem)
     hp = dict(hyperparameters)
     if name in ("sofim", "sofim-tensor"):
         # sofim-tensor: every tensor its own Fisher block instead of the paper's whole vector.

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from sofim_tune.data import LoadedData, Split, check_augment, load_data
 from sofim_tune.errors import TrialPruned, UserInputError
 from sofim_tune.models import build_model
-from sofim_tune.optim import OPTIMIZER_HYPERPARAMETERS, build_optimizer
+from sofim_tune.optim import OPTIMIZER_HYPERPARAMETERS, build_optimizer, hyperparameter_problem
 from sofim_tune.schedules import build_scheduler, schedule_problem
 
 TrialStatus = Literal["completed", "pruned", "diverged", "failed"]
@@ -50,8 +50,9 @@ class TrialConfig:
             ``cifar100``, ``svhn``) or the path to an ImageFolder.
         arch: a registry architecture; None takes the dataset's default.
         optimizer: ``sofim``, ``sofim-tensor`` (a Fisher block per tensor), ``sgd-momentum`` or ``adamw``.
-        hyperparameters: the optimizer's settings (``lr``, ``rho``, ``beta1``, ...);
-            ``lr`` > 0, ``rho`` > 0, ``beta1`` and ``momentum`` in [0, 1).
+        hyperparameters: the optimizer's settings (``lr``, ``rho``, ``beta1``, ...), each finite:
+            ``lr`` > 0, ``rho`` > 0, ``beta1`` and ``momentum`` in [0, 1), ``weight_decay`` >= 0
+            (``sofim_tune.optim.HYPERPARAMETER_DOMAINS``).
         epochs: passes over the training split, >= 1.
         batch_size: examples per step, >= 1.
         seed: seeds the weights, the batch order and the augmentation.
@@ -103,16 +104,10 @@ class TrialConfig:
         unknown = set(self.hyperparameters) - set(OPTIMIZER_HYPERPARAMETERS[self.optimizer])
         if unknown:
             raise UserInputError(f"optimizer {self.optimizer} takes no {', '.join(sorted(unknown))}")
-        hp = self.hyperparameters
-        if not hp.get("lr", 0.0) > 0:
-            raise UserInputError(f"lr must be > 0, got {hp.get('lr')}")
-        if "rho" in hp and not hp["rho"] > 0:
-            raise UserInputError(f"rho must be > 0, got {hp['rho']}")
-        for name in ("beta1", "beta2", "momentum"):
-            if name in hp and not 0.0 <= hp[name] < 1.0:
-                raise UserInputError(f"{name} must lie in [0, 1), got {hp[name]}")
-        if "weight_decay" in hp and not hp["weight_decay"] >= 0:
-            raise UserInputError(f"weight_decay must be >= 0, got {hp['weight_decay']}")
+        for name, value in {"lr": None, **self.hyperparameters}.items():
+            problem = hyperparameter_problem(name, value)
+            if problem is not None:
+                raise UserInputError(problem)
         if self.epochs < 1:
             raise UserInputError(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import copy
 import io
+import re
 
 import numpy as np
 import pytest
 import torch
 
-from sofim_tune import SOFIM, optim
+from sofim_tune import SOFIM, optim, sofim
+from sofim_tune.errors import UserInputError
+from sofim_tune.optim import build_optimizer
 
 SHAPES = [(4, 3), (5,), (2, 2, 3)]
 STEPS = 30
@@ -422,11 +425,36 @@ def test_resume_from_state_dict_continues_exactly(step_path):
         (dict(beta1=-0.1), "beta1=-0.1"),
         (dict(weight_decay=-1e-4), "weight_decay=-0.0001"),
         (dict(norm_scope="layer"), "norm_scope='layer'"),
+        (dict(lr=float("inf")), "lr=inf: it must be finite"),
+        (dict(lr=float("-inf")), "lr=-inf: it must be finite"),
+        (dict(lr=torch.tensor(float("inf"))), "lr=tensor(inf): it must be finite"),
+        (dict(rho=float("inf")), "rho=inf: it must be finite"),
+        (dict(weight_decay=float("inf")), "weight_decay=inf: it must be finite"),
+        (dict(beta1=float("-inf")), "beta1=-inf: it must be finite"),
     ],
 )
 def test_invalid_values_raise_naming_the_value(kwargs, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
+    with pytest.raises(UserInputError, match=re.escape(message)):
         SOFIM([torch.nn.Parameter(torch.zeros(2))], **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [dict(lr=float("inf")), dict(rho=float("inf")), dict(weight_decay=float("inf")), dict(rho=0.0)])
+def test_the_functional_step_refuses_what_the_optimizer_refuses(kwargs):
+    param = torch.zeros(2)
+    settings = dict(lr=0.1, rho=1.0, beta1=0.9) | kwargs
+    with pytest.raises(UserInputError, match="must"):
+        sofim([param], [torch.ones(2)], [torch.zeros(2)], [torch.zeros(())], **settings)
+    assert torch.equal(param, torch.zeros(2))
+
+
+@pytest.mark.parametrize(
+    ("name", "hyperparameters"),
+    [("sofim", {"lr": float("inf")}), ("sofim-tensor", {"lr": 0.1, "weight_decay": float("inf")}), ("sgd-momentum", {"lr": float("inf")}),
+     ("sgd-momentum", {"lr": 0.1, "momentum": float("nan")}), ("adamw", {"lr": 1e-3, "weight_decay": float("inf")}), ("adamw", {"lr": 1e-3, "beta2": 1.0})],
+)
+def test_build_optimizer_refuses_infinite_and_out_of_domain_values(name, hyperparameters):
+    with pytest.raises(UserInputError, match="must"):
+        build_optimizer(name, [torch.nn.Parameter(torch.zeros(2))], hyperparameters)
 
 
 def test_invalid_group_value_raises():
