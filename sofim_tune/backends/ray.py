@@ -624,6 +624,27 @@ def _error_message(text: str | None) -> str | None:
     return message if name == TrialFailed.__name__ else f"{name}: {message}"
 
 
+# Ray's newer console output prints a table to stdout even at verbose=0; the older one is
+# silent at 0. Ray reads this variable in the driver when a run starts.
+_CONSOLE_OUTPUT_VARIABLE = "RAY_AIR_NEW_OUTPUT"
+
+
+@contextlib.contextmanager
+def _old_console_output() -> Iterator[None]:
+    """Ray's older (silent) console output while the block runs; a user's own setting wins.
+
+    The variable is removed again afterwards: the process's environment is the caller's.
+    """
+    if _CONSOLE_OUTPUT_VARIABLE in os.environ:
+        yield
+        return
+    os.environ[_CONSOLE_OUTPUT_VARIABLE] = "0"
+    try:
+        yield
+    finally:
+        os.environ.pop(_CONSOLE_OUTPUT_VARIABLE, None)
+
+
 @contextlib.contextmanager
 def _quiet(logger_name: str) -> Iterator[None]:
     """Only errors from ``logger_name`` while the block runs."""
@@ -675,18 +696,49 @@ class _Files:
         text = self.text(*parts)
         try:
             return json.loads(text) if text is not None else None
-        except ValueError:
-            return None  # a file written by something else; read as missing
+        except (ValueError, RecursionError):
+            return None  # a file written by something else (or nested too deep to parse); read as missing
 
-    def rows(self, folder: str) -> list[dict[str, Any]]:
-        """``result.json``: one JSON object per line; a line cut short by a live writer is skipped."""
+    def rows(self, folder: str, metric: str) -> list[dict[str, Any]]:
+        """``result.json``: one JSON object per line; a line cut short by a live writer, or one that
+        no trial wrote (see :func:`_is_result_row`), is skipped."""
         rows = []
         for line in (self.text(folder, "result.json") or "").splitlines():
-            with contextlib.suppress(ValueError):
+            with contextlib.suppress(ValueError, RecursionError):
                 row = json.loads(line)
-                if isinstance(row, dict):
+                if _is_result_row(row, metric):
                     rows.append(row)
         return rows
+
+
+# The numbers that _trial_record reads from a result row besides the metric.
+_ROW_NUMBERS = ("epoch", "timestamp", "time_total_s", "time_this_iter_s", "fisher_ratio", "diverged_epoch")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_result_row(row: Any, metric: str) -> bool:
+    """Whether ``row`` reads as a trial's result: an object whose numbers are finite numbers (the
+    metric may be NaN), with the epoch of any metric and the epoch of any divergence."""
+    if not isinstance(row, dict):
+        return False
+    if any(row.get(key) is not None and not (_is_number(row[key]) and math.isfinite(row[key])) for key in _ROW_NUMBERS):
+        return False
+    if row.get(metric) is not None and not (_is_number(row[metric]) and row.get("epoch") is not None):
+        return False
+    return row.get("reason") != "diverged" or row.get("diverged_epoch") is not None
+
+
+def _holds_values(params: Any, space: SearchSpace) -> bool:
+    """Whether ``params`` gives a number for every parameter of ``space``."""
+    return isinstance(params, dict) and all(_is_number(params.get(name)) for name in space.params)
+
+
+def _is_search_entry(entry: Any, space: SearchSpace) -> bool:
+    """Whether an entry of :data:`SEARCH_FILE` reads as the searcher wrote it (see ``_SofimSearch.summary``)."""
+    return isinstance(entry, dict) and isinstance(entry.get("trial_id"), str) and isinstance(entry.get("number"), int) and isinstance(entry.get("state"), str) and _holds_values(entry.get("params"), space)
 
 
 def _search_finished(experiment: str) -> bool | None:
@@ -711,8 +763,9 @@ def _read_trials(experiment: str, space: SearchSpace, metric: str, epochs: int, 
     files = _Files(experiment)
     search = files.json(SEARCH_FILE)
     known: dict[str, dict[str, Any]] = {}
-    if isinstance(search, dict):
-        known = {t["trial_id"]: t for t in search.get("trials", [])}
+    if isinstance(search, dict) and isinstance(search.get("trials"), list):
+        # An entry the searcher did not write is left out: its folder is read as a trial it does not know.
+        known = {t["trial_id"]: t for t in search["trials"] if _is_search_entry(t, space)}
     folders: dict[str, tuple[int, str]] = {}
     for name in files.folders():
         match = _TRIAL_DIR.match(name)
@@ -725,14 +778,14 @@ def _read_trials(experiment: str, space: SearchSpace, metric: str, epochs: int, 
     for trial_id in [*known, *unknown]:
         number, folder = folders.get(trial_id, (None, None))
         entry = known.get(trial_id)
-        rows = files.rows(folder) if folder else []
+        rows = files.rows(folder, metric) if folder else []
         error = files.text(folder, "error.txt") if folder else None
         if entry is not None:
             number, params, recorded = int(entry["number"]), entry["params"], entry["state"]
         else:
             config = files.json(folder, "params.json") if folder else None
-            if not isinstance(config, dict) or any(name not in config for name in space.params):
-                continue  # a trial that has not written its settings yet
+            if not _holds_values(config, space):
+                continue  # a trial that has not written its settings yet (or a file no trial wrote)
             params, recorded = config, None
         standing: Standing
         if recorded == "removed":
@@ -844,6 +897,25 @@ _SERVERS: dict[str, list[Any]] = {}
 # ---------------------------------------------------------------------------------------
 
 
+def _refuse_optuna_options(options: RunOptions) -> None:
+    """Refuse the Optuna backend's options, each with the Ray option that does its work.
+
+    Ray places trials by what each reserves, so none of them means the same here: ignored,
+    ``--gpus all`` would train every trial on the CPU.
+    """
+    gpu_instead = "a Ray trial gets its GPU from --gpus-per-trial (1: a GPU each, 0.25: four trials per GPU)"
+    given = [
+        ("--workers", options.workers is not None, "Ray runs as many trials at once as their resources allow; cap them with --max-concurrent"),
+        ("--threads-per-trial", options.threads_per_trial is not None, "a Ray trial runs one torch thread per CPU it reserves; set --cpus-per-trial"),
+        ("--gpus", bool(options.gpus), gpu_instead),
+        (f"--device {options.device}", options.device.strip().lower().startswith("cuda"), gpu_instead),
+        ("--storage", options.storage is not None, "Ray keeps its experiment under --storage-path (default: --out/ray)"),
+    ]
+    for option, is_given, instead in given:
+        if is_given:
+            raise UserInputError(f"{option} is for the Optuna backend and does nothing with --backend ray: {instead}")
+
+
 def _check_resource_numbers(options: RunOptions) -> None:
     if options.ray_cpus_per_trial < 0 or options.ray_gpus_per_trial < 0:
         raise UserInputError(f"--cpus-per-trial and --gpus-per-trial must be >= 0, got {options.ray_cpus_per_trial:g} and {options.ray_gpus_per_trial:g}")
@@ -936,12 +1008,26 @@ def _scheduler(spec: StudySpec, epochs: int) -> tuple[str, TrialScheduler]:
 
 
 def _existing_experiment(spec: StudySpec, space: SearchSpace, options: RunOptions, experiment: str) -> dict[str, Any] | None:
-    """The metadata of the experiment to resume, checked against this run; None to start anew."""
-    if not tune.Tuner.can_restore(experiment):
-        return None
+    """The metadata of the experiment to resume, checked against this run; None to start anew.
+
+    A run folder that records an experiment resumes that one or none: starting another (a
+    changed ``--storage-path``, or one that Ray cannot restore, as it was killed before its
+    first save) would orphan it and overwrite the record of its trials and confirmations.
+    """
+    restorable = tune.Tuner.can_restore(experiment)
     meta = _read_metadata(options.out_dir)
     if meta is None or meta.get("backend") != "ray":
-        raise UserInputError(f"{experiment} holds a Ray experiment that {options.out_dir / METADATA_FILE} does not describe; use another --out or --storage-path")
+        if restorable:
+            raise UserInputError(f"{experiment} holds a Ray experiment that {options.out_dir / METADATA_FILE} does not describe; use another --out or --storage-path")
+        return None
+    recorded = _experiment_path(meta, options.out_dir)
+    if recorded != experiment:
+        resume = "leave --storage-path out" if meta.get("storage_path") is None else f"give --storage-path {meta['storage_path']}"
+        raise UserInputError(f"{options.out_dir} holds the Ray experiment {recorded}, not {experiment}; to resume it, {resume}; to start afresh, choose a new --out")
+    if not restorable:
+        raise UserInputError(
+            f"{options.out_dir} holds the Ray experiment {experiment}, which Ray cannot restore (it was stopped before its first save, or its files are gone); to start afresh, choose a new --out"
+        )
     where = f"the Ray experiment in {experiment}"
     if (meta["trials"], meta["epochs"]) != (spec.trials, effective_epochs(spec, space)):
         # Ray restores the experiment's own number of trials and its scheduler's epochs.
@@ -984,6 +1070,7 @@ def run_ray_study(spec: StudySpec, space: SearchSpace, options: RunOptions, *, o
             written, or an existing experiment made for another space, metric or budget.
         KeyboardInterrupt: the run was interrupted (Ctrl-C); Ray saved its state first.
     """
+    _refuse_optuna_options(options)
     _check_resource_numbers(options)
     enqueue = settings_to_enqueue(spec, space, options)
     root = _storage_root(options)
@@ -1000,7 +1087,6 @@ def run_ray_study(spec: StudySpec, space: SearchSpace, options: RunOptions, *, o
         server_count = _servers_to_start(options, slots, spec.trials) if slots > 1 else 0
     else:
         slots, server_count = _recorded_batch(existing), int(existing.get("batch_servers") or 0)
-    claim_run_folder(options.out_dir, backend="ray", storage=experiment, study=spec.name)
     epochs = effective_epochs(spec, space)
     if existing is None:
         pruner, scheduler = _scheduler(spec, epochs)
@@ -1019,33 +1105,34 @@ def run_ray_study(spec: StudySpec, space: SearchSpace, options: RunOptions, *, o
         meta = existing
     # "ended": the last run returned, not interrupted; until then trials may be running.
     meta = {**meta, "ended": False}
-    _write_json(options.out_dir / METADATA_FILE, meta)
 
     key = experiment
     max_concurrent = options.max_concurrent
-    if slots > 1:
-        _SERVERS[key] = _start_servers(spec, space, options, slots, server_count)
-        # As many trials as the servers have slots: members of GPU-only trials reserve no CPU, and Ray would start them all.
-        capacity = server_count * slots
-        max_concurrent = capacity if options.max_concurrent is None else min(capacity, options.max_concurrent)
-        trainable = tune.with_resources(tune.with_parameters(BatchMember, servers=_SERVERS[key]), _member_resources(options, slots))
-    else:
-        trainable = tune.with_resources(
-            tune.with_parameters(sofim_trial, spec=spec, space=space, options=options),
-            {"cpu": options.ray_cpus_per_trial, "gpu": options.ray_gpus_per_trial},
-        )
-    if on_progress is not None:
-        _LISTENERS[key] = _Listener(on_progress, meta, space)
-    # Ray's newer console output prints a table to stdout even at verbose=0; the older
-    # one is silent at 0. A user's own setting wins.
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     main_thread = threading.current_thread() is threading.main_thread()
     sigint = signal.getsignal(signal.SIGINT) if main_thread else None
     try:
+        if slots > 1:
+            _SERVERS[key] = _start_servers(spec, space, options, slots, server_count)
+            # As many trials as the servers have slots: members of GPU-only trials reserve no CPU, and Ray would start them all.
+            capacity = server_count * slots
+            max_concurrent = capacity if options.max_concurrent is None else min(capacity, options.max_concurrent)
+            trainable = tune.with_resources(tune.with_parameters(BatchMember, servers=_SERVERS[key]), _member_resources(options, slots))
+        else:
+            trainable = tune.with_resources(
+                tune.with_parameters(sofim_trial, spec=spec, space=space, options=options),
+                {"cpu": options.ray_cpus_per_trial, "gpu": options.ray_gpus_per_trial},
+            )
+        # Recorded only now that Ray is ready to run the experiment: a folder that records one
+        # resumes it or nothing (see _existing_experiment), so servers that found no room
+        # must not leave a record behind.
+        claim_run_folder(options.out_dir, backend="ray", storage=experiment, study=spec.name)
+        _write_json(options.out_dir / METADATA_FILE, meta)
+        if on_progress is not None:
+            _LISTENERS[key] = _Listener(on_progress, meta, space)
         # Restoring, and at the end of fit(), Ray reads the experiment back and warns
         # about every trial without a result file; after an interruption that is each
         # trial that had not finished an epoch yet, which is expected.
-        with _quiet(_ANALYSIS_LOGGER):
+        with _quiet(_ANALYSIS_LOGGER), _old_console_output():
             if existing is not None:
                 # Errored trials stay failed: the searcher ran others in their place.
                 tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=False)
@@ -1142,7 +1229,9 @@ class RayBackend:
     name = "ray"
 
     def check_options(self, options: RunOptions) -> None:
-        """Resources that make sense, and a cluster that answers and accepts this machine's token."""
+        """No option that only the Optuna backend uses, resources that make sense, and a
+        cluster that answers and accepts this machine's token."""
+        _refuse_optuna_options(options)
         _check_resource_numbers(options)
         cluster_address(options)
 
