@@ -53,9 +53,8 @@ from torch.optim import Optimizer
 from sofim_tune.data import DatasetInfo, LoadedData, Split, TensorSplit
 from sofim_tune.errors import UserInputError
 from sofim_tune.models import build_model
-from sofim_tune.optim import build_optimizer
 from sofim_tune.schedules import build_scheduler
-from sofim_tune.trial import DIVERGENCE_CHECK_INTERVAL, FISHER_SAMPLE_INTERVAL, TrialConfig, TrialResult, resolve_device
+from sofim_tune.trial import DIVERGENCE_CHECK_INTERVAL, FISHER_SAMPLE_INTERVAL, TrialConfig, TrialResult, resolve_device, trial_optimizer
 
 __all__ = ["EpochOutcome", "TrialBatch", "batch_problem"]
 
@@ -330,10 +329,7 @@ class TrialBatch:
         started = time.perf_counter()
         torch.manual_seed(config.seed)
         model = build_model(self.arch, self.data.info).to(self.device)
-        try:
-            optimizer = build_optimizer(config.optimizer, model.parameters(), dict(config.hyperparameters), decoupled_weight_decay=config.decoupled_weight_decay)
-        except ValueError as exc:
-            raise UserInputError(str(exc)) from None
+        optimizer = trial_optimizer(config, model.parameters())
         tensors = {name: t.detach() for name, t in model.state_dict().items() if not name.endswith("num_batches_tracked")}
         for name in _UPDATES[self.optimizer].state:
             tensors.update({f"{name}/{p}": torch.zeros_like(tensors[p]) for p in self._param_names})

@@ -11,8 +11,9 @@ import contextlib
 import functools
 import math
 import statistics
+import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -36,7 +37,7 @@ FISHER_SAMPLE_INTERVAL = 8
 
 
 class Reporter(Protocol):
-    """Receives the metrics after every epoch; may raise :class:`TrialPruned` to stop the run."""
+    """Receives the metrics after every epoch; may raise :class:`TrialPruned` (or Optuna's) to stop the run."""
 
     def report(self, epoch: int, metrics: Mapping[str, float]) -> None: ...
 
@@ -168,6 +169,22 @@ class TrialResult:
         return out
 
 
+def pruning_exceptions() -> tuple[type[Exception], ...]:
+    """What a reporter raises to stop a run early: :class:`TrialPruned`, and Optuna's
+    ``TrialPruned`` once Optuna is loaded (a reporter cannot raise it before), so that this
+    module never imports Optuna."""
+    optuna_exceptions = sys.modules.get("optuna.exceptions")
+    return (TrialPruned,) if optuna_exceptions is None else (TrialPruned, optuna_exceptions.TrialPruned)
+
+
+def trial_optimizer(config: TrialConfig, params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
+    """The optimizer a run of ``config`` trains ``params`` with (checked: ``UserInputError``)."""
+    try:
+        return build_optimizer(config.optimizer, params, dict(config.hyperparameters), decoupled_weight_decay=config.decoupled_weight_decay)
+    except ValueError as exc:
+        raise UserInputError(str(exc)) from None
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> the first CUDA device when there is one, else the CPU."""
     if name == "auto":
@@ -238,8 +255,8 @@ def train_trial(config: TrialConfig, reporter: Reporter | None = None, *, data: 
     ``config.image_size``, when given, must be its size.
 
     Bad settings raise :class:`UserInputError` before any work. A non-finite loss ends the
-    run with status ``diverged``; a :class:`TrialPruned` from the reporter ends it with
-    status ``pruned``; any other error inside the run gives status ``failed``. The same
+    run with status ``diverged``; a :class:`TrialPruned` (or ``optuna.TrialPruned``) from the
+    reporter ends it with status ``pruned``; any other error inside the run gives status ``failed``. The same
     config (seed included) gives the same numbers on the CPU.
     """
     started = time.perf_counter()
@@ -277,10 +294,7 @@ def train_trial(config: TrialConfig, reporter: Reporter | None = None, *, data: 
 
     torch.manual_seed(config.seed)
     model = build_model(arch, data.info).to(device)
-    try:
-        optimizer = build_optimizer(config.optimizer, model.parameters(), dict(config.hyperparameters), decoupled_weight_decay=config.decoupled_weight_decay)
-    except ValueError as exc:
-        raise UserInputError(str(exc)) from None
+    optimizer = trial_optimizer(config, model.parameters())
     # The schedule spans the full budget, also for a trial the pruner stops early.
     scheduler = build_scheduler(optimizer, config.schedule, steps_per_epoch=math.ceil(len(data.train) / config.batch_size), epochs=config.epochs, warmup_epochs=config.warmup_epochs)
     on_cuda = device.type == "cuda"
@@ -325,11 +339,11 @@ def train_trial(config: TrialConfig, reporter: Reporter | None = None, *, data: 
                 history[-1]["fisher_ratio"] = statistics.median(fisher_samples)
             if reporter is not None:
                 reporter.report(epoch, history[-1])
-    except TrialPruned:
-        return result("pruned")
     except UserInputError:
         raise
     except Exception as exc:  # noqa: BLE001 - a failure inside the run is a result, not a crash
+        if isinstance(exc, pruning_exceptions()):
+            return result("pruned")
         return result("failed", error=f"{type(exc).__name__}: {exc}")
 
     if config.evaluate_test and data.test is not None:

@@ -56,6 +56,25 @@ def test_reporter_can_stop_the_run():
     assert seen[0] == (1, {"epoch", "train_loss", "val_loss", "val_accuracy", "fisher_ratio"})
 
 
+def test_a_reporter_raising_optunas_trial_pruned_stops_the_run_as_pruned():
+    import optuna
+
+    class OptunaStyle:
+        def report(self, epoch, metrics):
+            raise optuna.TrialPruned(f"pruned at epoch {epoch}")
+
+    result = train_trial(TrialConfig(**DIGITS, hyperparameters=SOFIM_SETTINGS, epochs=3), OptunaStyle())
+    assert result.status == "pruned" and result.epochs == 1 and result.error is None
+
+
+def test_the_trial_modules_import_neither_optuna_nor_ray():
+    """train_trial and TrialBatch run inside Ray members that import only Ray, and know nothing of Optuna."""
+    code = "import sys, sofim_tune.trial, sofim_tune.batched; print(sorted(m for m in ('optuna', 'ray') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
 def test_an_error_inside_the_run_is_a_failed_result():
     class Broken:
         def report(self, epoch, metrics):
