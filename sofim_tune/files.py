@@ -7,12 +7,13 @@ import os
 import re
 import stat
 import tempfile
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
 from sofim_tune.errors import UserInputError
 
-__all__ = ["MAX_JSON_BYTES", "read_json", "redact_storage_url", "write_text_atomic"]
+__all__ = ["MAX_JSON_BYTES", "read_json", "redact_storage_message", "redact_storage_url", "storage_password", "write_text_atomic"]
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
@@ -50,7 +51,10 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return path
 
 
-_NETLOC = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<netloc>[^/?#]*)(?P<rest>.*)$", re.S)
+# The user-info of a URL: a user name, then a password up to the last "@" before any query, so
+# that an unescaped "@" or "/" inside the password still belongs to it (as SQLAlchemy reads
+# "/", and unlike how it reads "@").
+_USERINFO = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^:/@?#]*):(?P<password>[^?#]*)@(?P<rest>[^@?#]*(?:[?#].*)?)$", re.S)
 _LOOSE_USERINFO = re.compile(r"(?P<user>[^:/@\s]+):(?!\*\*\*@)[^/@\s]*@")
 _QUERY_SECRET = re.compile(r"(?P<key>[?&](?:password|passwd|pwd)=)[^&#]*", re.I)
 
@@ -63,19 +67,46 @@ def redact_storage_url(url: str) -> str:
     (``sqlite:///runs/x/study.db``, ``journal:./study.log``) come back unchanged.
     This is the one place that redacts; every module that shows a storage URL calls it.
     """
-    match = _NETLOC.match(url)
+    match = _USERINFO.match(url)
     if match is not None:
-        netloc = match["netloc"]
-        # rpartition: an unescaped "@" inside the password still belongs to the password.
-        userinfo, at, host = netloc.rpartition("@")
-        if at and ":" in userinfo:
-            user = userinfo.partition(":")[0]
-            netloc = f"{user}:***@{host}"
-        url = match["scheme"] + netloc + match["rest"]
+        url = f"{match['scheme']}{match['user']}:***@{match['rest']}"
     # Malformed URLs ("user:secret@host/db", "postgresql:/u:pw@h") fall through the pattern
     # above; any user:password@ left anywhere is hidden too.
     url = _LOOSE_USERINFO.sub(lambda m: m["user"] + ":***@", url)
     return _QUERY_SECRET.sub(lambda m: m["key"] + "***", url)
+
+
+def storage_password(url: str) -> str:
+    """The password in a storage URL's user-info (everything between the first ``:`` and the
+    last ``@``, escaped or not) or its ``password=`` query parameter; ``""`` when it has none."""
+    match = _USERINFO.match(url)
+    if match is not None:
+        return match["password"]
+    query = _QUERY_SECRET.search(url)
+    return url[query.end("key") : query.end()] if query is not None else ""
+
+
+# Pieces of a password shorter than this are left in a message: "db" or "123" would otherwise
+# blank out ordinary words and numbers, and give nothing away.
+_SHORTEST_SECRET_PIECE = 3
+
+
+def redact_storage_message(message: str, url: str) -> str:
+    """``message`` (a driver's or SQLAlchemy's error about ``url``) with the URL and every piece
+    of its password hidden by ``***``; never raises.
+
+    A driver that parsed a malformed URL may quote part of the password as a host or a user
+    name (``host 'ret99Z@127.0.0.1'`` from ``bob:Sec@ret99Z@127.0.0.1``), so the password is
+    hidden whole and in every piece between its ``@`` and ``:`` of at least three characters,
+    as written, percent-decoded and percent-encoded.
+    """
+    password = storage_password(url)
+    written = {piece for form in (password, urllib.parse.unquote(password)) for piece in (form, *re.split(r"[@:]", form))}
+    pieces = written | {urllib.parse.quote(piece, safe="") for piece in written}
+    message = redact_storage_url(message)
+    for piece in sorted((p for p in pieces if len(p) >= _SHORTEST_SECRET_PIECE), key=len, reverse=True):
+        message = message.replace(piece, "***")
+    return message
 
 
 def _no_constant(name: str) -> Any:

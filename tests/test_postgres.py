@@ -30,7 +30,9 @@ from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 
-from sofim_tune.files import redact_storage_url
+from sofim_tune.backends import optuna as optuna_backend
+from sofim_tune.errors import UserInputError
+from sofim_tune.files import redact_storage_message, redact_storage_url
 
 ENV = "SOFIM_TUNE_TEST_POSTGRES"
 STORAGE_VAR = "SOFIM_TUNE_TEST_STORAGE"  # the variable the CLI reads, in its own environment only
@@ -382,3 +384,33 @@ def test_a_missing_driver_names_the_package_to_install(tmp_path):
     assert "pip install 'sofim-tune[postgres]'" in lines[0], lines[0]
     assert secret not in done.stdout + done.stderr
     assert not out.exists() or not [p for p in out.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+
+
+# --- Needs no server: URLs that a driver would misread, and its messages (issue 27.4) ---------
+
+
+def test_an_unescaped_at_in_the_password_is_refused_before_connecting(tmp_path):
+    secret = f"Sec@{secrets.token_hex(8)}"
+    url = f"postgresql://bob:{secret}@127.0.0.1:1/db"
+    with pytest.raises(UserInputError, match="percent-encode it as %40") as refused:
+        optuna_backend.open_storage(url)
+    assert secret.split("@")[1] not in str(refused.value) and "bob:***@127.0.0.1:1/db" in str(refused.value)
+    # Escaped, it is a password like any other: the driver is asked, and its refusal names no part of it.
+    with pytest.raises(UserInputError, match="cannot open storage") as refused:
+        optuna_backend.open_storage(url.replace("Sec@", "Sec%40"))
+    assert secret.split("@")[1] not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "url, message, shown",
+    [
+        ("postgresql://bob:Sec@ret99Z@127.0.0.1:1/db", "could not translate host name \"ret99Z@127.0.0.1\"", 'could not translate host name "***@127.0.0.1"'),
+        ("postgresql://bob:Sec%40ret99Z@h/db", "password authentication failed: Sec@ret99Z, Sec%40ret99Z", "password authentication failed: ***, ***"),
+        ("postgresql://bob:abc:defgh@h/db", "user 'bob' host 'defgh' and ab", "user 'bob' host '***' and ab"),  # pieces under three characters stay
+        ("postgresql://bob:p/ss@h/db", "at postgresql://bob:p/ss@h/db: p/ss", "at postgresql://bob:***@h/db: ***"),
+        ("mysql://h/db?password=hunter22&ssl=1", "denied for hunter22", "denied for ***"),
+        ("sqlite:///runs/x/study.db", "unable to open database file", "unable to open database file"),
+    ],
+)
+def test_a_drivers_message_shows_no_piece_of_the_password(url, message, shown):
+    assert redact_storage_message(message, url) == shown
