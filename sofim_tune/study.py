@@ -20,6 +20,7 @@ import multiprocessing.context
 import os
 import signal
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from sofim_tune.errors import UserInputError
-from sofim_tune.files import redact_storage_url, write_text_atomic
+from sofim_tune.files import read_json, redact_storage_url, write_text_atomic
 from sofim_tune.models import build_model
 from sofim_tune.parallelism import Parallelism, plan
 from sofim_tune.records import Confirmation, StudyRecord, TrialRecord
@@ -182,14 +183,15 @@ def read_run_file(run_dir: Path) -> dict[str, Any]:
     run_file = run_dir / RUN_FILE
     if run_dir.exists() and not run_dir.is_dir():
         raise UserInputError(f"{run_dir} is a file, not a run folder")
-    if not run_file.is_file():
+    if not run_file.exists():
         raise UserInputError(f"{run_dir} holds no sofim-tune study (no {RUN_FILE}); give the folder that `sofim-tune run --out` wrote")
+    instead = "pass the study's storage with --storage and --study"
     try:
-        meta = json.loads(run_file.read_text(encoding="utf-8"))
-        if not all(isinstance(meta[key], str) for key in ("backend", "storage", "study")):
-            raise TypeError
-    except (ValueError, KeyError, TypeError, OSError):
-        raise UserInputError(f"{run_file} is corrupted; pass the study's storage with --storage and --study") from None
+        meta = read_json(run_file, f"{run_file} is corrupted")
+    except UserInputError as exc:
+        raise UserInputError(f"{exc}; {instead}") from None
+    if not (isinstance(meta, dict) and all(isinstance(meta.get(key), str) for key in ("backend", "storage", "study"))):
+        raise UserInputError(f"{run_file} is corrupted: it lacks the backend, storage or study; {instead}")
     return meta
 
 
@@ -217,6 +219,10 @@ def check_run_folder(out_dir: Path, *, backend: str, storage: str | None, study:
         raise UserInputError(f"{out_dir} already holds another study ({out_dir / RUN_FILE}); choose another --out")
     if storage is not None and current["storage"] != run_file_storage(storage, out_dir):
         raise UserInputError(f"{out_dir} keeps this study in another storage ({current['storage']}); leave --storage out, or choose another --out")
+    # run.json is written after the storage is created, so a storage file it names was there.
+    file = storage_file(storage_from_run_file(current["storage"], out_dir)) if backend == "optuna" else None
+    if file is not None and not file.exists():
+        raise UserInputError(f"{out_dir} is the run folder of study {study!r}, but {file} is missing; put it back, or choose another --out")
 
 
 def _only_storage(out_dir: Path, storage: str) -> bool:
@@ -447,7 +453,8 @@ def parallelism_for(spec: StudySpec, space: SearchSpace, options: RunOptions) ->
     """How many trials of this study run at once, with how many threads (see :mod:`sofim_tune.parallelism`).
 
     Loads the study's data on the CPU (cached for this process and the workers it forks),
-    which also checks that its trials can start: UserInputError otherwise.
+    which also checks that its trials can start, as :func:`check_sampler` checks its sampler:
+    UserInputError otherwise.
     """
     if options.workers is not None and options.workers < 1:
         raise UserInputError(f"--workers must be >= 1, got {options.workers}")
@@ -455,6 +462,7 @@ def parallelism_for(spec: StudySpec, space: SearchSpace, options: RunOptions) ->
         raise UserInputError(f"--threads-per-trial must be >= 1, got {options.threads_per_trial}")
     if options.batch_trials is not None and options.batch_trials < 1:
         raise UserInputError(f"--batch-trials must be >= 1, got {options.batch_trials}")
+    check_sampler(spec, space)
     some_settings = space.to_hyperparameters({name: p.low for name, p in space.params.items()})
     config = trial_config(spec, space, some_settings, seed=spec.seed, device="cpu", options=options)
     data = prepare_trial(config)
@@ -548,8 +556,9 @@ def train_in_parallel(configs: Sequence[TrialConfig], *, workers: int, threads: 
     With ``batch_trials`` > 1, configs that share their data (dataset and split) and that
     the batched path can train go through one :class:`~sofim_tune.batched.TrialBatch` of that
     many slots; the rest run one by one (``train_trial``). One worker trains in this
-    process. A worker that dies (the OOM killer) fails the runs it had not returned; the
-    others are kept.
+    process. A worker that dies (the OOM killer), or a job that raises outside any one run,
+    fails the runs it had not returned; the others are kept, as ``train_trial`` keeps the
+    others when one run fails.
     """
     jobs = _jobs(configs, batch_trials)
     workers = min(workers, len(jobs))
@@ -565,7 +574,7 @@ def train_in_parallel(configs: Sequence[TrialConfig], *, workers: int, threads: 
         for future, indices in futures.items():
             try:
                 results.update(zip(indices, future.result(), strict=True))
-            except concurrent.futures.process.BrokenProcessPool as exc:
+            except Exception as exc:  # noqa: BLE001 - a dead worker (BrokenProcessPool), or what _train_job let through
                 results.update((i, failed_result(configs[i], exc, configs[i].device)) for i in indices)
     return [results[i] for i in range(len(configs))]
 
@@ -582,21 +591,34 @@ def _jobs(configs: Sequence[TrialConfig], batch_trials: int) -> list[tuple[list[
 
 
 def _train_job(configs: list[TrialConfig], slots: int) -> list[TrialResult]:
-    """Configs that share their data: one by one, or ``slots`` at a time as one batched model."""
+    """Configs that share their data: one by one, or ``slots`` at a time as one batched model.
+
+    An error in a batch (a CUDA out-of-memory, say) fails the members it held, as
+    ``train_trial`` fails its run; the rest go on in a new batch.
+    """
     data = prepare_trial(dataclasses.replace(configs[0], evaluate_test=any(c.evaluate_test for c in configs))) if slots > 1 else None
     if data is None or any(batch_problem(config, data) for config in configs):
         return [train_trial(config) for config in configs]
-    batch = TrialBatch(data, arch=configs[0].arch, optimizer=configs[0].optimizer, batch_size=configs[0].batch_size, slots=slots)
     waiting = list(range(len(configs)))
     slot_of: dict[int, int] = {}
     results: dict[int, TrialResult] = {}
+    batch: TrialBatch | None = None
     while waiting or slot_of:
-        while waiting and batch.free_slots:
-            index = waiting.pop(0)
-            slot_of[batch.add(configs[index])] = index
-        for slot, outcome in batch.train_epoch().items():
-            if outcome.done:
-                results[slot_of.pop(slot)] = batch.finish(slot)
+        try:
+            if batch is None:
+                batch = TrialBatch(data, arch=configs[0].arch, optimizer=configs[0].optimizer, batch_size=configs[0].batch_size, slots=slots)
+            while waiting and batch.free_slots:
+                slot_of[batch.add(configs[waiting[0]])] = waiting[0]
+                waiting.pop(0)
+            for slot, outcome in batch.train_epoch().items():
+                if outcome.done:
+                    results[slot_of[slot]] = batch.finish(slot)
+                    del slot_of[slot]
+        except Exception as exc:  # noqa: BLE001 - recorded on the members it hit; the others go on
+            failing = list(slot_of.values()) or [waiting.pop(0)]  # nothing in the batch yet: the config it could not take
+            results.update((index, failed_result(configs[index], exc, configs[index].device)) for index in failing)
+            slot_of.clear()
+            batch = None
     return [results[i] for i in range(len(configs))]
 
 
@@ -614,14 +636,39 @@ def sampler_seed(base: int, trials_in_storage: int, worker: int = 0) -> int:
     return base + 10_000 * trials_in_storage + worker
 
 
+MAX_GRID_POINTS = 100_000
+"""The most points ``--sampler grid`` may have: Optuna's grid sampler builds the list of all of
+them up front in every worker (about 10 MB at this size), and walks it for every trial."""
+
+
+def grid_points_per_axis(space: SearchSpace, trials: int) -> int:
+    """Values per parameter of the grid for ``trials``: the fewest (at least 2) whose grid has
+    ``trials`` points; UserInputError when that grid has more than :data:`MAX_GRID_POINTS`."""
+    axes = max(1, len(space.params))
+    per_axis = 2
+    while per_axis**axes < trials and per_axis**axes <= MAX_GRID_POINTS:
+        per_axis += 1
+    if max(trials, per_axis**axes) > MAX_GRID_POINTS:
+        raise UserInputError(
+            f"--sampler grid builds all of its points up front: --trials {trials} needs at least {max(trials, per_axis**axes):,} of them, "
+            f"more than the limit of {MAX_GRID_POINTS:,}; give fewer --trials or another --sampler"
+        )
+    return per_axis
+
+
+def check_sampler(spec: StudySpec, space: SearchSpace) -> None:
+    """Refuse a sampler that cannot be built for this study (a grid too large); writes nothing."""
+    if spec.sampler == "grid":
+        grid_points_per_axis(space, spec.trials)
+
+
 def grid_axes(space: SearchSpace, trials: int) -> dict[str, list[float]]:
     """Evenly spaced values per parameter (geometric for log ranges), at least ``trials`` points in all.
 
-    Rounding up, so that a grid never has fewer points than the study has trials to run.
+    Rounding up, so that a grid never has fewer points than the study has trials to run; a
+    grid of more than :data:`MAX_GRID_POINTS` is refused (:func:`grid_points_per_axis`).
     """
-    per_axis = 2
-    while per_axis ** len(space.params) < trials:
-        per_axis += 1
+    per_axis = grid_points_per_axis(space, trials)
     axes = {}
     for name, p in space.params.items():
         if p.log:
@@ -644,7 +691,8 @@ def make_sampler(name: str, space: SearchSpace, seed: int, trials: int) -> optun
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "qmc":
-        return optuna.samplers.QMCSampler(scramble=True, seed=seed)
+        with optuna_experimental():
+            return optuna.samplers.QMCSampler(scramble=True, seed=seed)
     if name == "cmaes":
         return optuna.samplers.CmaEsSampler(seed=seed)
     if name == "gp":
@@ -652,6 +700,18 @@ def make_sampler(name: str, space: SearchSpace, seed: int, trials: int) -> optun
     if name == "grid":
         return optuna.samplers.GridSampler(grid_axes(space, trials), seed=seed)
     raise UserInputError(f"unknown sampler {name!r}")
+
+
+@contextlib.contextmanager
+def optuna_experimental() -> Iterator[None]:
+    """Optuna's ExperimentalWarning silenced in a block, and only there: the heartbeat that
+    recovers trials of dead processes and the QMC sampler are marked experimental, and
+    sofim-tune uses them on purpose."""
+    from optuna.exceptions import ExperimentalWarning
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=ExperimentalWarning)
+        yield
 
 
 def describe_exit(exitcode: int) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
@@ -18,7 +19,7 @@ from sofim_tune.backends import optuna as optuna_backend
 from sofim_tune.backends.optuna import storage_url
 from sofim_tune.batched import TrialBatch
 from sofim_tune.spec import load_spec
-from sofim_tune.study import torch_threads, trial_config
+from sofim_tune.study import torch_threads, train_in_parallel, trial_config
 from sofim_tune.space import load_space
 from sofim_tune.trial import train_trial
 from sofim_tune.tuning import RunOptions, tune
@@ -129,3 +130,67 @@ def test_the_ray_backend_takes_the_batch_size_the_model_allows(tmp_path: Path, c
     assert [r.getMessage() for r in caplog.records if "--batch-trials" in r.getMessage()] == [
         "--batch-trials 4: resnet18: a _ResNet, not an nn.Sequential; a batch trains only plain stacks of Flatten, Linear, Conv2d, BatchNorm2d, ReLU, MaxPool2d and AdaptiveAvgPool2d layers; trials run one at a time"
     ]
+
+
+# ---------------------------------------------------------------------------------------
+# Faults (issue 23.4): a failure stays with the members it hit; nothing is left RUNNING
+# ---------------------------------------------------------------------------------------
+
+
+def test_a_batched_confirmation_that_raises_fails_its_members_and_the_rest_go_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = load_spec("digits").replace(epochs=1)
+    space = load_space(spec.search_space)
+    configs = [trial_config(spec, space, {"lr": lr, "rho": 1.0, "beta1": 0.9}, seed=seed, device="cpu", options=RunOptions(out_dir=Path("."))) for seed, lr in enumerate((0.1, 0.05, 0.02))]
+    train_epoch, calls = TrialBatch.train_epoch, []
+
+    def out_of_memory_once(batch: TrialBatch, slots: object = None) -> dict:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return train_epoch(batch, slots)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(TrialBatch, "train_epoch", out_of_memory_once)
+    results = train_in_parallel(configs, workers=1, threads=1, batch_trials=2)
+    assert [r.status for r in results] == ["failed", "failed", "completed"]
+    assert results[0].error == "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert results[2].metrics["val_accuracy"] > 0.1
+
+
+def test_a_batched_worker_that_stops_on_an_error_leaves_no_member_running(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken_finish(batch: TrialBatch, slot: int, *, pruned: bool = False) -> None:
+        raise RuntimeError("the batch lost its slot table")
+
+    monkeypatch.setattr(TrialBatch, "finish", broken_finish)
+    with pytest.raises(RuntimeError, match="slot table"):
+        tune(load_spec("digits").replace(trials=3, epochs=1, pruner="none"), RunOptions(out_dir=tmp_path / "run", device="cpu", workers=1, threads_per_trial=1, batch_trials=3, export=False))
+    trials = stored(tmp_path / "run")
+    assert len(trials) == 3 and {t.state for t in trials} == {TrialState.FAIL}
+    assert {(t.user_attrs["reason"], t.user_attrs["error"]) for t in trials} == {("failed", "RuntimeError: the batch lost its slot table")}
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+def test_a_heartbeat_that_fails_once_is_logged_and_beats_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(optuna_backend, "HEARTBEAT_SECONDS", 0.05)
+    monkeypatch.setattr(optuna_backend, "HEARTBEAT_RETRY_SECONDS", 0.05)
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    storage = optuna_backend.open_storage(url)
+    trial = optuna.create_study(storage=storage).ask()
+    beats: list[int] = []
+    record_heartbeat = storage.record_heartbeat
+
+    def blinks_once(trial_id: int) -> None:
+        beats.append(trial_id)
+        if len(beats) == 2:  # the first beat of the thread, after start()'s own
+            raise sqlalchemy.exc.OperationalError("UPDATE trial_heartbeats", {}, Exception("database is locked"))
+        record_heartbeat(trial_id)
+
+    monkeypatch.setattr(storage, "record_heartbeat", blinks_once)
+    heartbeats = optuna_backend._Heartbeats(storage, url)
+    heartbeats.start(trial)
+    deadline = time.monotonic() + 30
+    while len(beats) < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    heartbeats.close()
+    assert len(beats) >= 4, "the thread stopped beating after one failed beat"
+    warned = [r for r in caplog.records if r.name == "sofim_tune" and r.levelname == "WARNING"]
+    assert warned and warned[0].getMessage() == f"heartbeat of trial {trial.number} failed ((builtins.Exception) database is locked); trying again in 0.05 s"

@@ -576,3 +576,88 @@ def test_a_folder_with_its_own_val_says_its_confirmation_is_not_resplit(tmp_path
     outcome = tune(load_spec(str(folder)).replace(trials=2, epochs=1, confirm_top=1, confirm_seeds=2), RunOptions(out_dir=tmp_path / "run", device="cpu"))
     confirm = load_recommendation(outcome.best_json).metric.confirm
     assert confirm.protocol.startswith("fixed validation") and len(set(confirm.split_seeds)) == 1
+
+
+# ---------------------------------------------------------------------------------------
+# Round 4 (issues 27 and 23): storages that are not ours, surplus trials, faults in workers
+# ---------------------------------------------------------------------------------------
+
+
+def test_a_journal_of_the_same_study_resumes(tmp_path):
+    """A valid journal passes check_storage: a rerun on it goes on where it stopped."""
+    journal = tmp_path / "study.log"
+    spec = load_spec("digits").replace(trials=2, epochs=1)
+    options = RunOptions(out_dir=tmp_path / "run", storage=f"journal:{journal}", device="cpu", workers=1, export=False)
+    tune(spec, options)
+    assert len(tune(spec.replace(trials=3), options).study.trials) == 3
+
+
+@pytest.mark.parametrize(
+    "content, accepted",
+    [
+        (b"", True),
+        (b'{"op_code":0,"worker_id":"w","study_name":"s","directions":[1]}\n', True),
+        (b"hello\n", False),
+        (b'{"op_code":4,"worker_id":"w"}\n', False),  # a journal starts by creating a study
+        (b'{"op_code":0}\n', False),
+        (b"[" * 100_000 + b"]" * 100_000 + b"\n", False),
+    ],
+)
+def test_a_journal_must_be_new_empty_or_a_journal(tmp_path, content, accepted):
+    file = tmp_path / "f.txt"
+    file.write_bytes(content)
+    if accepted:
+        optuna_backend.check_storage(f"journal:{file}")
+    else:
+        with pytest.raises(UserInputError, match="is not an Optuna journal"):
+            optuna_backend.open_storage(f"journal:{file}")
+    assert file.read_bytes() == content
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:", "sqlite+pysqlite://", "sqlite:///file::memory:?cache=shared"])
+def test_a_storage_in_memory_is_refused_before_anything_is_written(tmp_path, monkeypatch, url):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserInputError, match="in memory"):
+        tune(load_spec("digits").replace(trials=2, epochs=1), RunOptions(out_dir=tmp_path / "run", storage=url, device="cpu", workers=1))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_grid_larger_than_the_limit_is_refused_before_anything_is_written(tmp_path):
+    from sofim_tune.space import load_space
+    from sofim_tune.study import MAX_GRID_POINTS, grid_axes
+
+    space = load_space("sofim")
+    largest = max(n for n in range(2, 100) if n ** len(space.params) <= MAX_GRID_POINTS)
+    assert len(grid_axes(space, largest ** len(space.params))["lr"]) == largest
+    with pytest.raises(UserInputError, match="--sampler grid"):
+        grid_axes(space, 10**18)  # answered at once, not after counting up to a billion
+    with pytest.raises(UserInputError, match=f"limit of {MAX_GRID_POINTS:,}"):
+        tune(load_spec("digits").replace(trials=MAX_GRID_POINTS + 1, epochs=1, sampler="grid"), RunOptions(out_dir=tmp_path / "run", device="cpu", workers=1))
+    assert not (tmp_path / "run").exists()
+
+
+def test_workers_beyond_the_target_create_no_surplus_trials_and_the_progress_agrees(tmp_path):
+    """Six workers for two trials: the four that find the target reached ask for no trial at
+    all (issue 27.7 found hundreds of failed "surplus" trials), and the last progress record
+    shows what the storage holds."""
+    records = []
+    options = RunOptions(out_dir=tmp_path, device="cpu", workers=6, threads_per_trial=1, batch_trials=1, parallelism="six workers (test)", export=False)
+    outcome = tune(load_spec("digits").replace(trials=2, epochs=1, pruner="none"), options, on_progress=records.append)
+    trials = optuna.load_study(study_name="digits-mlp", storage=f"sqlite:///{tmp_path / 'study.db'}").get_trials(deepcopy=False)
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE]
+    finished = [t for t in records[-1].trials if t.state in ("complete", "pruned")]
+    assert len(finished) == 2 and len(outcome.study.trials) == 2
+
+
+def test_importing_the_optuna_backend_leaves_optuna_and_warnings_alone():
+    """Issue 23.10: Optuna's verbosity and its warnings stay as the importer set them (what torch
+    adds to the filters when imported is torch's; the whole package is checked in test_package)."""
+    code = (
+        "import warnings, optuna\n"
+        "before = list(warnings.filters)\n"
+        "import sofim_tune.backends.optuna\n"
+        "added = [f for f in warnings.filters if f not in before and f[2].__module__.startswith('optuna')]\n"
+        "assert optuna.logging.get_verbosity() == optuna.logging.INFO and not added, added\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

@@ -10,12 +10,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import json
 import logging
 import math
 import multiprocessing.process
 import os
+import re
 import signal
 import socket
+import sqlite3
+import stat
 import statistics
 import sys
 import threading
@@ -28,27 +32,31 @@ from typing import Any
 
 import optuna
 import torch
-from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.storages.journal import JournalFileBackend
+from optuna.storages.journal._storage import JournalOperation
 from optuna.trial import FrozenTrial, TrialState
 
 from sofim_tune.errors import TrialPruned, UserInputError
-from sofim_tune.files import redact_storage_url
+from sofim_tune.files import redact_storage_message, redact_storage_url, storage_password
 from sofim_tune.records import Confirmation, StudyRecord, TrialRecord
 from sofim_tune.space import ParamRange, SearchSpace
 from sofim_tune.spec import StudySpec
 from sofim_tune.study import (
     EDGE_SHARE,
+    RUN_FILE,
     RunOptions,
     check_resumable,
     check_run_folder,
+    check_sampler,
     claim_run_folder,
     default_storage_url,
     describe_exit,
     effective_epochs,
     make_sampler,
+    optuna_experimental,
     planned,
     read_run_file,
     record_from_metadata,
@@ -74,6 +82,7 @@ _STATES = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialSt
 # A worker whose trials all fail (a broken GPU, say) must not loop for ever.
 MAX_CONSECUTIVE_FAILURES = 10
 HEARTBEAT_SECONDS = 30
+HEARTBEAT_RETRY_SECONDS = 5
 GRACE_SECONDS = 120
 POLL_SECONDS = 1.0
 _HOST = socket.gethostname()
@@ -83,13 +92,17 @@ SURPLUS = "surplus"
 # SQLAlchemy's URL schemes whose driver is not installed with sofim-tune, and what installs it.
 _DRIVER_PACKAGES = {"psycopg": "'sofim-tune[postgres]'", "psycopg2": "'sofim-tune[postgres]' (and write postgresql+psycopg://)", "MySQLdb": "mysqlclient", "pymysql": "pymysql"}
 log = logging.getLogger("sofim_tune")
-
-# The live view and the summary table say what Optuna's log lines would, and a failed
-# trial's error is recorded on the trial (``sofim-tune show``, the report) rather than
-# printed as a traceback. The heartbeat is marked experimental but is the documented way to
-# recover trials of dead processes.
-optuna.logging.set_verbosity(optuna.logging.ERROR)
-warnings.filterwarnings("ignore", category=ExperimentalWarning)
+# A journal's first line is read to tell it from a user's file; no journal record is longer.
+_JOURNAL_HEAD_BYTES = 64 * 1024
+_SQLITE_HEADER = b"SQLite format 3\x00"
+# Options of RunOptions that only the Ray backend uses, and what does their work with Optuna.
+_RAY_ONLY_OPTIONS = {
+    "cpus_per_trial": ("--cpus-per-trial", "with the Optuna backend use --threads-per-trial"),
+    "gpus_per_trial": ("--gpus-per-trial", "with the Optuna backend use --gpus (its workers are spread over them)"),
+    "max_concurrent": ("--max-concurrent", "with the Optuna backend use --workers"),
+    "address": ("--address", "the Optuna backend runs its workers on this machine; to share a study between machines give each the same --storage"),
+    "storage_path": ("--storage-path", "with the Optuna backend use --storage"),
+}
 
 
 class TrialFailed(Exception):
@@ -101,14 +114,96 @@ def storage_url(options: RunOptions) -> str:
     return options.storage if options.storage is not None else default_storage_url(options.out_dir)
 
 
+def check_storage(url: str) -> None:
+    """Refuse a storage URL that could not keep a study, or whose file is not a storage; reads only.
+
+    Checked before anything is written: a study must outlive its process (no in-memory
+    SQLite), a password's ``@`` must be percent-encoded (a driver would read the rest as the
+    host and print it), and a file that already exists must be a regular file holding an
+    Optuna journal (``journal:PATH``) or an SQLite database that is empty or Optuna's
+    (``sqlite:///PATH``). A new or empty file is fine.
+    """
+    shown = redact_storage_url(url)
+    if "@" in storage_password(url):
+        raise UserInputError(f"storage {shown}: its password holds an unescaped '@'; percent-encode it as %40 (and ':' as %3A, '/' as %2F)")
+    if url.startswith("sqlite") and _in_memory(url):
+        raise UserInputError(f"storage {shown} keeps the study in memory, which ends with this process, so it could not be resumed, exported or shown; give a file: sqlite:///PATH")
+    file = storage_file(url)
+    if file is None:
+        return
+    if url.startswith("journal:") and not str(file):
+        raise UserInputError("storage journal: names no file; give journal:PATH")
+    try:
+        with file.open("rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                raise UserInputError(f"storage {shown}: {file} is not a regular file")
+            head = handle.read(_JOURNAL_HEAD_BYTES)
+    except FileNotFoundError:
+        return
+    except IsADirectoryError:
+        raise UserInputError(f"storage {shown}: {file} is a folder, not a regular file") from None
+    except OSError as exc:
+        raise UserInputError(f"storage {shown}: cannot read {file}: {exc.strerror or exc}") from None
+    if not head:
+        return
+    if url.startswith("journal:"):
+        if not _is_journal(head):
+            raise UserInputError(f"storage {shown}: {file} is not an Optuna journal (its first line is no journal record), and sofim-tune writes into no other file; give a new, empty or journal file")
+    elif not head.startswith(_SQLITE_HEADER):
+        raise UserInputError(f"storage {shown}: {file} is not an SQLite database; give a new, empty or Optuna SQLite file")
+    else:
+        tables = _sqlite_tables(file)
+        if tables and not {"studies", "version_info"} <= tables:
+            raise UserInputError(f"storage {shown}: {file} holds a database that is not an Optuna storage (tables {', '.join(sorted(tables))}); give a new, empty or Optuna SQLite file")
+
+
+def _in_memory(url: str) -> bool:
+    """Whether an SQLite URL names an in-memory database (``sqlite://``, ``sqlite:///:memory:``, ``mode=memory``)."""
+    match = re.match(r"sqlite(?:\+\w+)?://(?P<path>[^?]*)", url)
+    if match is None:
+        return False
+    database = match["path"].removeprefix("/")
+    return database in ("", ":memory:") or database.startswith("file::memory:") or "mode=memory" in url
+
+
+def _is_journal(head: bytes) -> bool:
+    """Whether the first bytes of a file start like an Optuna journal: records of one JSON object
+    a line (``op_code``, ``worker_id``), the first creating a study."""
+    lines = head.split(b"\n")[:-1]  # the last piece may be cut off by the read
+    if not lines:
+        return False
+    for index, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError):
+            return False
+        if not (isinstance(record, dict) and type(record.get("op_code")) is int and isinstance(record.get("worker_id"), str)):
+            return False
+        if index == 0 and record["op_code"] != JournalOperation.CREATE_STUDY:
+            return False
+    return True
+
+
+def _sqlite_tables(file: Path) -> set[str]:
+    """The tables of an SQLite file, read without writing anything."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"{file.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            return {row[0] for row in db.execute("select name from sqlite_master where type = 'table'")}
+    except sqlite3.Error as exc:
+        raise UserInputError(f"storage sqlite:///{file}: cannot read it as an SQLite database: {exc}") from None
+
+
 def open_storage(url: str, *, create: bool = True) -> BaseStorage:
     """An Optuna storage for ``url``: ``journal:PATH`` for a journal file, else an SQLAlchemy URL.
 
-    RDB storages get a heartbeat, so that trials of a process that died on another host are
-    failed and retried after ``GRACE_SECONDS``; SQLite waits for a lock instead of failing
-    with "database is locked" when several workers write at once. With ``create=False`` a
-    missing SQLite or journal file is an error instead of a new empty storage.
+    The URL is checked first (:func:`check_storage`). RDB storages get a heartbeat, so that
+    trials of a process that died on another host are failed and retried after
+    ``GRACE_SECONDS``; SQLite waits for a lock instead of failing with "database is locked"
+    when several workers write at once. With ``create=False`` a missing SQLite or journal
+    file is an error instead of a new empty storage. No part of a password is ever in the
+    message of the error raised.
     """
+    check_storage(url)
     file = storage_file(url)
     try:
         if file is not None and not create and not file.is_file():
@@ -118,13 +213,14 @@ def open_storage(url: str, *, create: bool = True) -> BaseStorage:
         if url.startswith("journal:"):
             return JournalStorage(JournalFileBackend(str(file)))
         engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 300}} if url.startswith("sqlite") else {}
-        return RDBStorage(
-            url,
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=HEARTBEAT_SECONDS,
-            grace_period=GRACE_SECONDS,
-            heartbeat_stale_trial_callback=retry_interrupted,
-        )
+        with optuna_experimental():  # the heartbeat
+            return RDBStorage(
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=HEARTBEAT_SECONDS,
+                grace_period=GRACE_SECONDS,
+                heartbeat_stale_trial_callback=retry_interrupted,
+            )
     except UserInputError:
         raise
     except ImportError as exc:
@@ -132,11 +228,11 @@ def open_storage(url: str, *, create: bool = True) -> BaseStorage:
         missing = exc if isinstance(exc, ModuleNotFoundError) else exc.__cause__
         name = getattr(missing, "name", None) if isinstance(missing, ImportError) else None
         if name is None:
-            raise UserInputError(f"cannot open storage {redact_storage_url(url)}: {redact_storage_url(str(exc))}") from None
+            raise UserInputError(f"cannot open storage {redact_storage_url(url)}: {redact_storage_message(str(exc), url)}") from None
         raise UserInputError(f"cannot open storage {redact_storage_url(url)}: its database driver ({name}) is not installed; pip install {_DRIVER_PACKAGES.get(name, name)}") from None
     except Exception as exc:  # noqa: BLE001 - the file system, SQLAlchemy and drivers raise many types
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserInputError(f"cannot open storage {redact_storage_url(url)}: {redact_storage_url(reason)}") from None
+        raise UserInputError(f"cannot open storage {redact_storage_url(url)}: {redact_storage_message(reason, url)}") from None
 
 
 def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
@@ -308,20 +404,6 @@ class _Objective:
         raise TrialFailed(result.error or "failed")
 
 
-def _stop_at_target(target: int) -> Callable[[optuna.Study, FrozenTrial], None]:
-    """Stop a worker once the trials finished and running elsewhere reach the target.
-
-    Counting the running ones too keeps workers from asking for trials that the study will
-    not need (:func:`_is_surplus` catches the ones that still race past).
-    """
-
-    def callback(study: optuna.Study, trial: FrozenTrial) -> None:
-        if _at_target(study, target):
-            study.stop()
-
-    return callback
-
-
 class _StopAfterFailures:
     def __init__(self, limit: int) -> None:
         self.limit, self.failures = limit, 0
@@ -402,10 +484,19 @@ def recover_interrupted(study: optuna.Study, url: str) -> int:
     return queued
 
 
-def open_study(spec: StudySpec, space: SearchSpace, url: str) -> optuna.Study:
-    """Create the study, or load it and check that it was made with the same space and metric."""
+def open_study(spec: StudySpec, space: SearchSpace, url: str, *, claimed_by: Path | None = None) -> optuna.Study:
+    """Create the study, or load it and check that it was made with the same space and metric.
+
+    ``claimed_by``: the run folder whose run.json says the study is in ``url`` already; a
+    storage without it was replaced or emptied, and is refused rather than given a new study.
+    """
     storage = open_storage(url)
     names = {s.study_name: s for s in optuna.get_all_study_summaries(storage)}
+    if claimed_by is not None and spec.name not in names:
+        raise UserInputError(
+            f"{redact_storage_url(url)} does not hold study {spec.name!r} (it holds: {', '.join(names) or 'none'}), though {claimed_by / RUN_FILE} says it does; "
+            "put the study's own storage back, or choose another --out"
+        )
     if spec.name in names:
         study = optuna.load_study(study_name=spec.name, storage=storage)
         meta = study.user_attrs.get(ATTR)
@@ -436,7 +527,7 @@ def _worker_study(spec: StudySpec, space: SearchSpace, url: str, worker: int) ->
         sampler=make_sampler(spec.sampler, space, sampler_seed(spec.seed, in_storage, worker), spec.trials),
         pruner=make_pruner(spec.pruner, effective_epochs(spec, space)),
     )
-    study.ask = _asking(study.ask, _ask_lock(url))  # type: ignore[method-assign]  # study.optimize asks through it too
+    study.ask = _asking(study, _ask_lock(url), spec.trials)  # type: ignore[method-assign]  # study.optimize asks through it too
     return study
 
 
@@ -460,15 +551,25 @@ def _holding(lock: Path | None) -> Iterator[None]:
         yield
 
 
-def _asking(ask: Callable[..., optuna.Trial], lock: Path | None) -> Callable[..., optuna.Trial]:
-    """``study.ask`` that names the asking worker on the new trial before it lets go of the ask lock.
+class _TargetReached(Exception):
+    """The study has its target of trials finished or running: a worker asks for no more."""
 
-    So a process that holds the lock knows that an unnamed RUNNING trial's process died inside
-    ``ask`` (see ``_orphaned``).
+
+def _asking(study: optuna.Study, lock: Path | None, target: int) -> Callable[..., optuna.Trial]:
+    """``study.ask`` that creates a trial only while the study is below ``target`` (finished and
+    running), and names the asking worker on it before it lets go of the ask lock.
+
+    Raises _TargetReached instead of creating a trial the study does not need: under the lock
+    (SQLite) no worker ever creates one; elsewhere workers that ask in the same instant still
+    can (:func:`_is_surplus` fails those). A process that holds the lock knows that an unnamed
+    RUNNING trial's process died inside ``ask`` (see ``_orphaned``).
     """
+    ask = study.ask
 
     def ask_and_name(*args: Any, **kwargs: Any) -> optuna.Trial:
         with _holding(lock):
+            if _at_target(study, target):
+                raise _TargetReached
             trial = ask(*args, **kwargs)
             trial.set_user_attr("worker", {"host": _HOST, "pid": os.getpid(), "threads": torch.get_num_threads()})
             return trial
@@ -490,13 +591,12 @@ def _optimize(spec: StudySpec, space: SearchSpace, options: RunOptions, url: str
         _optimize_batched(spec, space, options, url, device, worker, on_trial, slots)
         return
     study = _worker_study(spec, space, url, worker)
-    callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] = [
-        _stop_at_target(spec.trials),
-        _StopAfterFailures(MAX_CONSECUTIVE_FAILURES),
-    ]
+    # The study stops at its target when the next ask finds it reached (_asking).
+    callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] = [_StopAfterFailures(MAX_CONSECUTIVE_FAILURES)]
     if on_trial is not None:
         callbacks.append(lambda s, _t: on_trial(s))
-    study.optimize(_Objective(spec, space, options, device), timeout=options.timeout, catch=(TrialFailed, _Surplus), callbacks=callbacks)
+    with contextlib.suppress(_TargetReached), optuna_experimental():  # the heartbeat's stale check
+        study.optimize(_Objective(spec, space, options, device), timeout=options.timeout, catch=(TrialFailed, _Surplus), callbacks=callbacks)
 
 
 def _optimize_batched(spec: StudySpec, space: SearchSpace, options: RunOptions, url: str, device: str, worker: int, on_trial: Callable[[optuna.Study], None] | None, slots: int) -> None:
@@ -511,8 +611,9 @@ def _optimize_batched(spec: StudySpec, space: SearchSpace, options: RunOptions, 
     failures = _StopAfterFailures(MAX_CONSECUTIVE_FAILURES)
     batch: TrialBatch | None = None
     running: dict[int, optuna.Trial] = {}
+    joining: optuna.Trial | None = None  # asked for, not yet in the batch
     stopping = False
-    beats = _Heartbeats(study._storage) if is_heartbeat_enabled(study._storage) else None
+    beats = _Heartbeats(study._storage, url) if is_heartbeat_enabled(study._storage) else None
 
     def tell(trial: optuna.Trial, state: TrialState, value: float | None = None) -> None:
         nonlocal stopping
@@ -536,22 +637,27 @@ def _optimize_batched(spec: StudySpec, space: SearchSpace, options: RunOptions, 
         while True:
             if beats is not None:
                 # What study.optimize does before each trial: fail and requeue the trials of dead workers of any host.
-                optuna.storages.fail_stale_trials(study)
-            while not stopping and len(running) < slots and (deadline is None or time.monotonic() < deadline) and not _at_target(study, spec.trials):
+                with optuna_experimental():
+                    optuna.storages.fail_stale_trials(study)
+            while not stopping and len(running) < slots and (deadline is None or time.monotonic() < deadline):
                 with warnings.catch_warnings():
                     # This loop records its trials' heartbeats itself (_Heartbeats).
                     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
-                    trial = study.ask()
-                if _is_surplus(study, trial.number, spec.trials):
-                    trial.set_user_attr("reason", SURPLUS)
-                    study.tell(trial, state=TrialState.FAIL)
+                    try:
+                        joining = study.ask()
+                    except _TargetReached:
+                        break
+                if _is_surplus(study, joining.number, spec.trials):
+                    joining.set_user_attr("reason", SURPLUS)
+                    study.tell(joining, state=TrialState.FAIL)
+                    joining = None
                     break
-                config = _start(trial, spec, space, options, device)
+                config = _start(joining, spec, space, options, device)
                 if beats is not None:
-                    beats.start(trial)
+                    beats.start(joining)
                 if batch is None:
                     batch = TrialBatch(prepare_trial(config), arch=config.arch, optimizer=config.optimizer, batch_size=config.batch_size, slots=slots)
-                running[batch.add(config)] = trial
+                running[batch.add(config)], joining = joining, None
             if not running:
                 return
             try:
@@ -573,14 +679,26 @@ def _optimize_batched(spec: StudySpec, space: SearchSpace, options: RunOptions, 
                     settle(slot, batch.finish(slot, pruned=True))  # type: ignore[union-attr]
                 elif outcome.done:
                     settle(slot, batch.finish(slot))  # type: ignore[union-attr]
-    except KeyboardInterrupt:
-        for trial in running.values():
-            _mark_failed(trial, "interrupted")
-            study.tell(trial, state=TrialState.FAIL)
+    except BaseException as exc:
+        _fail_left(study, [*running.values(), *([joining] if joining is not None else [])], exc)
         raise
     finally:
         if beats is not None:
             beats.close()
+
+
+def _fail_left(study: optuna.Study, trials: Sequence[optuna.Trial], exc: BaseException) -> None:
+    """Mark FAIL the trials a worker leaves as it stops on ``exc``: ``interrupted`` on Ctrl-C (the
+    next run retries them), else ``failed`` with the error, so none is left RUNNING."""
+    for trial in trials:
+        try:
+            if isinstance(exc, KeyboardInterrupt):
+                _mark_failed(trial, "interrupted")
+            else:
+                _mark_failed(trial, "failed", exc)
+            study.tell(trial, state=TrialState.FAIL)
+        except Exception as tell_error:  # noqa: BLE001 - the storage may be what failed; recovery fails the trial later
+            log.warning("trial %d was left running: marking it failed failed too (%s)", trial.number, type(tell_error).__name__)
 
 
 class _Heartbeats:
@@ -591,9 +709,9 @@ class _Heartbeats:
     skips a trial that never beat (a worker killed in its first epoch would leave it RUNNING).
     """
 
-    def __init__(self, storage: BaseStorage) -> None:
-        self.storage = storage
-        self.trial_ids: set[int] = set()
+    def __init__(self, storage: BaseStorage, url: str) -> None:
+        self.storage, self.url = storage, url
+        self.numbers: dict[int, int] = {}  # trial id -> trial number, of the members that beat
         self.lock = threading.Lock()
         self.closed = threading.Event()
         self.thread = threading.Thread(target=self._beat, name="sofim-tune-heartbeats", daemon=True)
@@ -602,26 +720,38 @@ class _Heartbeats:
     def start(self, trial: optuna.Trial) -> None:
         self.storage.record_heartbeat(trial._trial_id)
         with self.lock:
-            self.trial_ids.add(trial._trial_id)
+            self.numbers[trial._trial_id] = trial.number
 
     def stop(self, trial: optuna.Trial) -> None:
         with self.lock:
-            self.trial_ids.discard(trial._trial_id)
+            self.numbers.pop(trial._trial_id, None)
 
     def close(self) -> None:
         self.closed.set()
         self.thread.join()
 
     def _beat(self) -> None:
-        while not self.closed.wait(HEARTBEAT_SECONDS):
+        """Beat every ``HEARTBEAT_SECONDS``; after a failed beat (a storage that blinked), say so
+        and try again every ``HEARTBEAT_RETRY_SECONDS``, well within ``GRACE_SECONDS``."""
+        failed = False
+        while not self.closed.wait(HEARTBEAT_RETRY_SECONDS if failed else HEARTBEAT_SECONDS):
             with self.lock:
-                trial_ids = sorted(self.trial_ids)
-            for trial_id in trial_ids:
-                self.storage.record_heartbeat(trial_id)
+                members = sorted(self.numbers.items())
+            failed = False
+            for trial_id, number in members:
+                try:
+                    self.storage.record_heartbeat(trial_id)
+                except Exception as exc:  # noqa: BLE001 - a beat that failed is tried again; the thread must not end
+                    failed = True
+                    reason = redact_storage_message(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, self.url)
+                    log.warning("heartbeat of trial %d failed (%s); trying again in %g s", number, reason, HEARTBEAT_RETRY_SECONDS)
 
 
-def _worker_main(spec: StudySpec, space_definition: dict[str, Any], options: RunOptions, url: str, device: str, worker: int, threads: int, slots: int) -> None:
+def _worker_main(spec: StudySpec, space_definition: dict[str, Any], options: RunOptions, url: str, device: str, worker: int, threads: int, slots: int, verbosity: int) -> None:
+    """A worker process: ``verbosity`` is Optuna's in the process that started it, which a spawned
+    worker (CUDA) would not inherit."""
     start_worker(threads)
+    optuna.logging.set_verbosity(verbosity)
     try:
         _optimize(spec, SearchSpace.from_dict(space_definition), options, url, device, worker, None, slots)
     except KeyboardInterrupt:
@@ -646,8 +776,10 @@ def run_optuna_study(spec: StudySpec, space: SearchSpace, options: RunOptions, *
     """
     url = storage_url(options)
     check_run_folder(options.out_dir, backend="optuna", storage=url, study=spec.name)
+    check_sampler(spec, space)
     # A bad URL, then a study there that cannot be resumed, are refused before run.json is written.
-    study = open_study(spec, space, url)
+    claimed = (options.out_dir / RUN_FILE).is_file()
+    study = open_study(spec, space, url, claimed_by=options.out_dir if claimed else None)
     claim_run_folder(options.out_dir, backend="optuna", storage=url, study=spec.name)
     recover_interrupted(study, url)
     for values in settings_to_enqueue(spec, space, options):
@@ -681,19 +813,27 @@ def _run_workers(spec: StudySpec, space: SearchSpace, options: RunOptions, url: 
     A worker that stops with an input error (exit code 2, its message already on stderr)
     stops the study. A worker killed from outside (the OOM killer, ``kill -9``) is
     reported with the trial it left, that trial is failed and queued again, and the other
-    workers go on; whatever they leave undone, the caller finishes.
+    workers go on; whatever they leave undone, the caller finishes. Workers start one by one,
+    ``poll`` is called while they do, and none starts once the study has its target of trials
+    finished or running.
     """
     # Processes, not threads: each trial owns its interpreter, its CUDA context and its GIL.
     context = worker_context(devices)
-    processes = [
-        context.Process(target=_worker_main, args=(spec, space.to_dict(), options, url, device, index, options.threads_per_trial or 1, options.batch_trials or 1), name=f"sofim-tune-worker-{index}")
-        for index, device in enumerate(devices)
-    ]
-    for process in processes:
-        process.start()
+    verbosity = optuna.logging.get_verbosity()
     study = optuna.load_study(study_name=spec.name, storage=open_storage(url))
+    processes: list[multiprocessing.process.BaseProcess] = []
     reported: set[int] = set()
+    polled = time.monotonic()
     try:
+        for index, device in enumerate(devices):
+            if time.monotonic() - polled >= POLL_SECONDS:
+                poll()
+                polled = time.monotonic()
+                if _at_target(study, spec.trials):
+                    break
+            args = (spec, space.to_dict(), options, url, device, index, options.threads_per_trial or 1, options.batch_trials or 1, verbosity)
+            processes.append(context.Process(target=_worker_main, args=args, name=f"sofim-tune-worker-{index}"))
+            processes[-1].start()
         while True:
             running = any(p.is_alive() for p in processes)
             poll()
@@ -787,7 +927,13 @@ class OptunaBackend:
     name = "optuna"
 
     def check_options(self, options: RunOptions) -> None:
-        """Nothing beyond the shared checks: the storage is opened, and checked, by ``run``."""
+        """Refuse the options only Ray uses (naming the one that does apply) and a storage that
+        cannot keep a study (:func:`check_storage`); reads only."""
+        for field, (flag, instead) in _RAY_ONLY_OPTIONS.items():
+            if getattr(options, field) is not None:
+                raise UserInputError(f"{flag} applies to --backend ray; {instead}")
+        if options.storage is not None:
+            check_storage(options.storage)
 
     def run(self, spec: StudySpec, space: SearchSpace, options: RunOptions, *, on_progress: Callable[[StudyRecord], None] | None = None) -> StudyRecord:
         return run_optuna_study(spec, space, options, on_progress=on_progress)
