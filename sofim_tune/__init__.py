@@ -18,6 +18,7 @@ _LAZY = {
     "train_trial": "sofim_tune.trial",
     "Recommendation": "sofim_tune.recommend",
     "load_recommendation": "sofim_tune.recommend",
+    "optimizer_from_recommendation": "sofim_tune.recommend",
     "recipe_from_recommendation": "sofim_tune.recommend",
     "RunOptions": "sofim_tune.tuning",
     "tune": "sofim_tune.tuning",

@@ -290,27 +290,6 @@ class SOFIM(Optimizer):
         device = ratios[0].device
         return torch.stack([ratio.to(device) for ratio in ratios]).mean()
 
-    @classmethod
-    def from_recommendation(cls, params: Iterable[Tensor] | Iterable[dict[str, Any]], recommendation: Any, **overrides: Any) -> SOFIM:
-        """Build SOFIM with the hyperparameters of a recommendation.
-
-        ``recommendation`` is a :class:`sofim_tune.Recommendation`, a path to a ``best.json``,
-        or its parsed mapping. ``overrides`` replace single keyword arguments.
-        """
-        from sofim_tune.recommend import Recommendation, load_recommendation
-
-        if not isinstance(recommendation, Recommendation):
-            recommendation = load_recommendation(recommendation)
-        if recommendation.optimizer not in ("sofim", "sofim-tensor"):
-            raise ValueError(f"the recommendation is for optimizer {recommendation.optimizer!r}, not SOFIM")
-        kwargs: dict[str, Any] = {k: v for k, v in recommendation.hyperparameters.items() if k in ("lr", "rho", "beta1", "weight_decay")}
-        if "weight_decay" in recommendation.fixed and "weight_decay" not in kwargs:
-            kwargs["weight_decay"] = recommendation.fixed["weight_decay"]
-        if recommendation.optimizer == "sofim-tensor":
-            kwargs["norm_scope"] = "tensor"
-        kwargs.update(overrides)
-        return cls(params, **kwargs)
-
 
 def _set_aside_half_precision_moments(optimizer: SOFIM, state_dict: dict[str, Any]) -> None:
     """load_state_dict pre-hook: the saved moments of 16-bit parameters, by parameter."""

@@ -47,6 +47,7 @@ __all__ = [
     "build_recommendation",
     "good_region",
     "load_recommendation",
+    "optimizer_from_recommendation",
     "param_importances",
     "recipe_from_recommendation",
     "write_recommendation",
@@ -488,27 +489,51 @@ class Recipe:
     batch_size: int
 
 
+def optimizer_from_recommendation(params: Any, recommendation: Recommendation | Mapping[str, Any] | str | Path) -> torch.optim.Optimizer:
+    """The optimizer the study's trials trained with, at the recommended settings, for ``params``.
+
+    ``recommendation`` is a Recommendation, the path of a best.json, or its parsed mapping
+    (validated as a file is). The optimizer is the recommendation's (SOFIM, SOFIM per tensor,
+    or a baseline) with its hyperparameters, the hyperparameters the space held fixed
+    (``weight_decay``, ...) and the weight-decay coupling (``fixed.decoupled_weight_decay``).
+
+    Raises:
+        UserInputError: an invalid recommendation.
+    """
+    rec = _as_recommendation(recommendation)
+    takes = OPTIMIZER_HYPERPARAMETERS.get(rec.optimizer, ())
+    hyperparameters = {**{k: v for k, v in rec.fixed.items() if k in takes}, **rec.hyperparameters}
+    try:
+        return build_optimizer(rec.optimizer, params, hyperparameters, decoupled_weight_decay=bool(rec.fixed.get("decoupled_weight_decay", False)))
+    except ValueError as exc:
+        raise UserInputError(str(exc)) from None
+
+
 def recipe_from_recommendation(
-    recommendation: Recommendation | str | Path, params: Any, *, steps_per_epoch: int, epochs: int | None = None
+    recommendation: Recommendation | Mapping[str, Any] | str | Path, params: Any, *, steps_per_epoch: int, epochs: int | None = None
 ) -> Recipe:
     """The optimizer and scheduler of a recommendation's recipe, for ``params``.
 
-    ``recommendation`` is a Recommendation or the path of a best.json. ``steps_per_epoch``
-    is your loop's batches per epoch; ``epochs`` defaults to the budget the settings were
-    tuned for (a schedule spans all of it). Files from before recipes were recorded give a
-    constant lr, no label smoothing and the dataset's default augmentation (``none`` here).
+    ``recommendation`` is a Recommendation, the path of a best.json, or its parsed mapping.
+    The optimizer is :func:`optimizer_from_recommendation`'s. ``steps_per_epoch`` is your
+    loop's batches per epoch; ``epochs`` defaults to the budget the settings were tuned for (a
+    schedule spans all of it). Files from before recipes were recorded give a constant lr, no
+    label smoothing and the dataset's default augmentation (``none`` here).
     """
-    rec = recommendation if isinstance(recommendation, Recommendation) else load_recommendation(recommendation)
+    rec = _as_recommendation(recommendation)
     fixed = rec.fixed
-    takes = OPTIMIZER_HYPERPARAMETERS.get(rec.optimizer, ())
-    hyperparameters = {**{k: v for k, v in fixed.items() if k in takes}, **rec.hyperparameters}
-    try:
-        optimizer = build_optimizer(rec.optimizer, params, hyperparameters, decoupled_weight_decay=bool(fixed.get("decoupled_weight_decay", False)))
-    except ValueError as exc:
-        raise UserInputError(str(exc)) from None
+    optimizer = optimizer_from_recommendation(params, rec)
     epochs = int(fixed["epochs"]) if epochs is None else epochs
     scheduler = build_scheduler(optimizer, fixed.get("schedule", "constant"), steps_per_epoch=steps_per_epoch, epochs=epochs, warmup_epochs=int(fixed.get("warmup_epochs", 0)))
     return Recipe(optimizer, scheduler, float(fixed.get("label_smoothing", 0.0)), str(fixed.get("augment") or "none"), epochs, int(fixed["batch_size"]))
+
+
+def _as_recommendation(value: Recommendation | Mapping[str, Any] | str | Path) -> Recommendation:
+    if isinstance(value, Recommendation):
+        return value
+    if isinstance(value, Mapping):
+        return Recommendation.from_dict(value)
+    return load_recommendation(value)
 
 
 def write_recommendation(rec: Recommendation, path: str | Path) -> Path:

@@ -142,3 +142,72 @@ def test_every_recipe_flag_rejects_bad_values_with_exit_2(command, flags, messag
     assert done.exit_code == 2, done.output
     assert len(lines) == 1 and message in lines[0], done.stderr
     assert not (tmp_path / "run").exists()
+
+
+# One best.json per optimizer and recipe kind, made by the pipeline's own functions from a spec
+# and a space, as a finished study would write it.
+KINDS = {
+    "sofim coupled, fixed decay": ("sofim", dict(decoupled_weight_decay=False)),
+    "sofim decoupled, searched decay, warmup-cosine": ("sofim-wd", dict(decoupled_weight_decay=True, schedule="warmup-cosine", warmup_epochs=1)),
+    "sofim-tensor coupled, searched decay, cosine": ("sofim-tensor-wd", dict(decoupled_weight_decay=False, schedule="cosine")),
+    "sofim-tensor decoupled": ("sofim-tensor", dict(decoupled_weight_decay=True)),
+    "sgd-momentum, fixed decay, cosine": ("sgd-momentum", dict(decoupled_weight_decay=False, schedule="cosine")),
+    "sgd-momentum, searched decay": ("sgd-momentum-wd", dict(decoupled_weight_decay=False)),
+    "adamw, fixed beta2, warmup-cosine": ("adamw", dict(decoupled_weight_decay=False, schedule="warmup-cosine", warmup_epochs=1)),
+}
+SETTINGS = {"lr": 0.05, "rho": 0.3, "beta1": 0.8, "momentum": 0.85, "weight_decay": 3e-4}
+
+
+def _optimizer_fields(optimizer: torch.optim.Optimizer) -> tuple[type, list[dict]]:
+    """The class and the groups' settings, at the lr a schedule starts from (a scheduler keeps it as ``initial_lr``)."""
+    groups = [{k: v for k, v in group.items() if k not in ("params", "initial_lr")} | {"lr": group.get("initial_lr", group["lr"])} for group in optimizer.param_groups]
+    return type(optimizer), groups
+
+
+@pytest.mark.parametrize("space_name, recipe", KINDS.values(), ids=list(KINDS))
+def test_the_recommendation_builds_the_optimizer_its_trials_trained_with(space_name, recipe, tmp_path):
+    import json
+    from datetime import datetime, timezone
+
+    from sofim_tune import optimizer_from_recommendation
+    from sofim_tune.records import TrialRecord
+    from sofim_tune.recommend import build_recommendation, write_recommendation
+    from sofim_tune.space import load_space
+    from sofim_tune.study import RunOptions, record_from_metadata, study_metadata, trial_config
+    from sofim_tune.trial import trial_optimizer
+
+    spec = load_spec("digits").replace(epochs=3, **recipe)
+    space = load_space(space_name)
+    params = {name: SETTINGS[name] for name in space.params}
+    now = datetime.now(timezone.utc)
+    record = record_from_metadata(
+        study_metadata(spec, space, "sqlite:///study.db"), name="kinds", backend="optuna",
+        trials=[TrialRecord(0, "complete", params, 0.9, {1: 0.9}, {}, now, now)], confirmations=[],
+    )
+    path = write_recommendation(build_recommendation(record, confirmations=()), tmp_path / "best.json")
+
+    model = torch.nn.Linear(3, 2)
+    trained_with = _optimizer_fields(trial_optimizer(trial_config(spec, space, params, seed=0, device="cpu", options=RunOptions(out_dir=tmp_path)), model.parameters()))
+    built = {
+        "from the path": optimizer_from_recommendation(model.parameters(), path),
+        "from the parsed mapping": optimizer_from_recommendation(model.parameters(), json.loads(path.read_text())),
+        "from the Recommendation": optimizer_from_recommendation(model.parameters(), load_recommendation(path)),
+        "in the recipe": recipe_from_recommendation(path, model.parameters(), steps_per_epoch=4).optimizer,
+    }
+    for how, optimizer in built.items():
+        assert _optimizer_fields(optimizer) == trained_with, how
+    group = trained_with[1][0]
+    assert group["lr"] == SETTINGS["lr"] and group["weight_decay"] == (SETTINGS["weight_decay"] if "weight_decay" in params else space.fixed.get("weight_decay"))
+    if trained_with[0] is SOFIM:
+        assert group["decoupled_weight_decay"] is recipe["decoupled_weight_decay"]
+        assert group["norm_scope"] == ("tensor" if space.optimizer == "sofim-tensor" else "group")
+
+
+def test_a_recommendation_for_an_unknown_optimizer_is_refused(best_json):
+    import json
+
+    from sofim_tune import optimizer_from_recommendation
+
+    data = json.loads(best_json.read_text()) | {"optimizer": "lion"}
+    with pytest.raises(UserInputError, match="lion"):
+        optimizer_from_recommendation(torch.nn.Linear(2, 2).parameters(), data)
