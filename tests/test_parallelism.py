@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import time
@@ -12,7 +13,18 @@ import optuna
 import pytest
 
 from sofim_tune.backends.optuna import BACKEND, storage_url
-from sofim_tune.parallelism import SMALL_MODEL_PARAMETERS, TRIALS_PER_GPU_SMALL, physical_cores, plan, worker_memory
+from sofim_tune.parallelism import (
+    CGROUP_ROOT_ENV,
+    OVERSUBSCRIPTION,
+    SMALL_MODEL_PARAMETERS,
+    TRIALS_PER_GPU_SMALL,
+    allocatable_memory,
+    available_cpus,
+    available_memory,
+    physical_cores,
+    plan,
+    worker_memory,
+)
 from sofim_tune.spec import load_spec
 from sofim_tune.study import torch_threads, train_in_parallel
 from sofim_tune.trial import TrialConfig, train_trial
@@ -23,7 +35,7 @@ GiB = 2**30
 
 
 def cpu_plan(**overrides: object) -> tuple[int, int]:
-    values = {"on_gpu": False, "gpus": 1, "model_parameters": SMALL, "data_bytes": 10**6, "trials": 40, "cores": 8, "memory": 64 * GiB, **overrides}
+    values = {"on_gpu": False, "gpus": 1, "model_parameters": SMALL, "data_bytes": 10**6, "trials": 40, "cores": 8, "cpus": 16, "memory": 64 * GiB, **overrides}
     chosen = plan(**values)  # type: ignore[arg-type]
     return chosen.workers, chosen.threads
 
@@ -51,6 +63,86 @@ def test_the_users_choice_is_kept() -> None:
     assert cpu_plan(threads=2) == (4, 2)
     assert cpu_plan(workers=2, threads=3) == (2, 3)
     assert "--workers" in plan(on_gpu=False, gpus=1, model_parameters=SMALL, data_bytes=0, trials=40, workers=2, cores=8, memory=GiB).reason
+
+
+class Warnings(logging.Handler):
+    """The warnings that ``sofim_tune.parallelism`` logs while installed (whatever the CLI did
+    to the ``sofim_tune`` logger's propagation)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def __enter__(self) -> Warnings:
+        logging.getLogger("sofim_tune.parallelism").addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger("sofim_tune.parallelism").removeHandler(self)
+
+
+def test_more_workers_than_trials_or_cpus_are_lowered_with_a_warning() -> None:
+    with Warnings() as warned:
+        assert cpu_plan(workers=100_000, trials=4) == (4, 2)
+    assert warned.messages == ["--workers 100000 lowered to 4: at most one per trial (4 trials) and 4 per CPU on 16 CPUs"]
+    assert cpu_plan(workers=100_000, trials=1000)[0] == OVERSUBSCRIPTION * 16
+    on_gpu = plan(on_gpu=True, gpus=2, model_parameters=SMALL, data_bytes=0, trials=1000, workers=100_000, cores=16, cpus=16, memory=GiB)
+    assert on_gpu.workers == OVERSUBSCRIPTION * TRIALS_PER_GPU_SMALL * 2 and "per GPU" in on_gpu.reason
+    large = plan(on_gpu=True, gpus=2, model_parameters=SMALL_MODEL_PARAMETERS + 1, data_bytes=0, trials=1000, workers=100_000, cores=16, cpus=16, memory=GiB)
+    assert large.workers == OVERSUBSCRIPTION * 2
+    with Warnings() as warned:
+        assert cpu_plan(workers=4 * 16, trials=64) == (64, 1)
+    assert not warned.messages
+
+
+def test_more_threads_than_cpus_are_lowered_with_a_warning() -> None:
+    with Warnings() as warned:
+        assert cpu_plan(threads=100_000, cpus=6) == (1, 6)
+    assert warned.messages == ["--threads-per-trial 100000 lowered to 6: at most the 6 CPUs this process may use"]
+    assert "lowered to 6" in plan(on_gpu=False, gpus=1, model_parameters=SMALL, data_bytes=0, trials=4, threads=100_000, cores=8, cpus=6, memory=GiB).reason
+    assert cpu_plan(threads=6, cpus=6, cores=12) == (2, 6)
+
+
+def fake_cgroup(root: Path, files: dict[str, str]) -> Path:
+    """A cgroup mount written by the test: ``files`` maps paths under ``root`` to their text."""
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root
+
+
+MiB = 2**20
+
+
+def test_available_memory_is_what_a_cgroup_v2_limit_leaves(tmp_path: Path) -> None:
+    # Usage counts without the inactive file cache, which the kernel reclaims first.
+    root = fake_cgroup(tmp_path, {"memory.max": f"{1024 * MiB}\n", "memory.current": f"{400 * MiB}\n", "memory.stat": f"anon 1\ninactive_file {100 * MiB}\n"})
+    assert available_memory(root) == 724 * MiB
+    (root / "memory.max").write_text("max\n")  # no limit: the machine's available memory, which is more here
+    assert available_memory(root) > 724 * MiB
+
+
+def test_available_memory_is_what_a_cgroup_v1_limit_leaves(tmp_path: Path) -> None:
+    root = fake_cgroup(tmp_path, {"memory/memory.limit_in_bytes": f"{512 * MiB}\n", "memory/memory.usage_in_bytes": f"{12 * MiB}\n", "memory/memory.stat": "total_inactive_file 0\n"})
+    assert available_memory(root) == 500 * MiB
+
+
+def test_a_memory_limited_container_gets_fewer_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    per_worker = worker_memory(11_000_000, 150 * 2**20)
+    fake_cgroup(tmp_path, {"memory.max": f"{2 * per_worker + MiB}\n", "memory.current": "0\n"})
+    monkeypatch.setenv(CGROUP_ROOT_ENV, str(tmp_path))
+    chosen = plan(on_gpu=False, gpus=1, model_parameters=11_000_000, data_bytes=150 * 2**20, trials=40, cores=8, cpus=8)
+    assert (chosen.workers, chosen.threads) == (2, 4) and "memory" in chosen.reason
+    assert allocatable_memory() == 2 * per_worker + MiB
+
+
+def test_a_cgroup_cpu_quota_caps_the_cpus(tmp_path: Path) -> None:
+    assert available_cpus(fake_cgroup(tmp_path / "v2", {"cpu.max": "150000 100000\n"})) == min(2, len(os.sched_getaffinity(0)))
+    assert physical_cores(fake_cgroup(tmp_path / "v1", {"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"})) == 1
+    assert available_cpus(tmp_path / "none") == len(os.sched_getaffinity(0))
 
 
 def test_small_models_share_a_gpu_and_large_ones_do_not() -> None:
