@@ -3,13 +3,15 @@
 A dataset is decoded once into ``uint8`` images on the training device; every epoch then
 costs one index permutation and, per batch, one gather, an optional vectorised augmentation
 (see :data:`AUGMENT_MODES`), and the normalisation, all on the device. ImageFolders too
-large for :data:`MEMORY_BUDGET_BYTES` are streamed from disk through a ``DataLoader``
-instead and give batches of the same format.
+large for :data:`MEMORY_BUDGET_BYTES`, or for the memory this process may allocate, are
+streamed from disk through a ``DataLoader`` instead and give batches of the same format;
+one that would not fit even so is refused before any image is decoded (:func:`folder_memory`).
 
 A user's ImageFolder keeps what its images are: grayscale stays one channel, and images
 that all share one square size keep it. Only mixed or colour modes become RGB, and only
 differing, non-square or out-of-range sizes (or an ``image_size`` the caller asks for) are
-resized; :attr:`DatasetInfo.preprocessing` says, in words, what was done.
+resized; :attr:`DatasetInfo.preprocessing` says, in words, what was done. A folder needs at
+least 2 classes, and is refused when a directory symlink reaches one of its folders twice.
 
 Normalisation uses the per-channel mean and standard deviation of the training split
 (after the validation hold-out), computed exactly from pixel histograms, so a user's
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 import os
 import statistics
 from collections import Counter
@@ -44,6 +47,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import find_classes
 
 from sofim_tune.errors import UserInputError
+from sofim_tune.parallelism import allocatable_memory
 
 
 AUGMENT_MODES = ("none", "crop", "flip", "crop-flip")
@@ -150,6 +154,10 @@ MEMORY_BUDGET_BYTES = 2 * 2**30
 
 DEFAULT_IMAGE_SIZE = 32
 """Side in pixels of an ImageFolder none of whose image headers could be read."""
+
+MAX_IMAGE_SIZE = 1024
+"""Largest side in pixels an ImageFolder may be resized to (``image_size``): one RGB image is
+3 MiB at this side, a batch of 256 as float32 3 GiB."""
 
 MAX_AUTO_IMAGE_SIZE = 256
 """Largest side an ImageFolder keeps or is resized to when the caller names no ``image_size``;
@@ -542,13 +550,15 @@ def load_data(
         split_seed: seed of the validation hold-out.
         with_test: also load the test split (``digits``: a fixed 20% of the images, the
             same for every ``split_seed``; ImageFolder: ``test/``, which must exist).
-        image_size: ImageFolder images are resized to this square side in pixels (at
-            least 8); by default they keep their size when all share one square size, and
+        image_size: ImageFolder images are resized to this square side in pixels (8 to
+            :data:`MAX_IMAGE_SIZE`); by default they keep their size when all share one square size, and
             are resized to the median side otherwise (see :func:`dataset_info_for`). For a
             registry dataset only its own size is accepted.
 
     Raises:
-        UserInputError: unknown name, missing files, bad folder, bad fraction; one line each.
+        UserInputError: unknown name, missing files, bad folder (fewer than 2 classes, a
+            folder reached twice through a symlink), bad fraction or image size, an
+            ImageFolder larger than the memory this process may allocate; one line each.
     """
     if not 0.0 < val_fraction < 1.0:
         raise UserInputError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction}")
@@ -831,6 +841,14 @@ def _choose_side(sizes: Counter[tuple[int, int]], image_size: int | None) -> tup
     return side, f"resized to {side}x{side} ({'; '.join(reasons)})"
 
 
+def check_image_size(image_size: int) -> int:
+    """``image_size`` when it is a side an ImageFolder may be resized to, at least 8 and at
+    most :data:`MAX_IMAGE_SIZE` pixels; else :class:`UserInputError` (``--image-size``)."""
+    if not _MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE:
+        raise UserInputError(f"image size (--image-size) must be at least {_MIN_IMAGE_SIZE} and at most {MAX_IMAGE_SIZE} pixels, got {image_size}")
+    return image_size
+
+
 @dataclass(frozen=True)
 class _FolderPlan:
     """An ImageFolder's description and its listed splits, each set to decode as ``info`` says."""
@@ -844,8 +862,8 @@ class _FolderPlan:
 
 def _folder_plan(root: Path, image_size: int | None) -> _FolderPlan:
     """List every split of the folder and decide, from the image headers, how to decode it."""
-    if image_size is not None and image_size < _MIN_IMAGE_SIZE:
-        raise UserInputError(f"image size must be at least {_MIN_IMAGE_SIZE} pixels, got {image_size}")
+    if image_size is not None:
+        check_image_size(image_size)
     layout = _folder_layout(root)
     train = _image_files(layout.train)
     val = _image_files(layout.val) if layout.val is not None else None
@@ -887,17 +905,83 @@ def _folder_data(root: Path, image_size: int | None, with_test: bool) -> tuple[D
             raise UserInputError(f"{files.root} has classes {files.classes} but {plan.train.root} has {plan.train.classes}; they must match")
     info = plan.info
     pools = [_FilePool(files, torch.arange(len(files))) if files is not None else None for files in (plan.train, plan.val, test)]
-    fits = sum(len(p) for p in pools if p is not None) * info.channels * info.image_size**2 <= MEMORY_BUDGET_BYTES
-    placed = [p.decode() if fits and p is not None else p for p in pools]
+    images = sum(len(p) for p in pools if p is not None)
+    resident = _keep_decoded(root, images, info.channels, info.image_size)
+    placed = [p.decode() if resident and p is not None else p for p in pools]
     return info, placed[0], placed[1], placed[2]  # type: ignore[return-value]  # train is never None
 
 
+def folder_memory(images: int, channels: int, side: int, *, resident: bool) -> int:
+    """Bytes of memory that loading and batching an ImageFolder takes at least, roughly.
+
+    ``images × channels × side²`` bytes for the decoded images, twice over while they are
+    decoded and joined, when they are kept in memory (``resident``); the decoded batches in
+    flight (each DataLoader worker prefetches two); and one batch as the float32 copy that
+    normalisation makes, besides its ``uint8`` gather. Batches count as :data:`_DECODE_BATCH`
+    images. The model's own memory comes on top.
+    """
+    image = channels * side * side
+    batch = min(images, _DECODE_BATCH) * image
+    workers = _loader_workers(images)
+    in_flight = min(2 * workers + 1, math.ceil(images / _DECODE_BATCH)) * batch
+    return (2 * images * image if resident else 0) + in_flight + batch * (1 + 4)
+
+
+def _loader_workers(images: int) -> int:
+    return _LOADER_WORKERS if images >= _PARALLEL_DECODE_MIN else 0
+
+
+def _keep_decoded(root: Path, images: int, channels: int, side: int) -> bool:
+    """Whether to decode an ImageFolder into memory (else it streams); UserInputError when
+    even streaming it needs more memory than this process may allocate (see :func:`folder_memory`)."""
+    memory = allocatable_memory()
+    if images * channels * side * side <= MEMORY_BUDGET_BYTES and (memory is None or folder_memory(images, channels, side, resident=True) <= memory):
+        return True
+    need = folder_memory(images, channels, side, resident=False)
+    if memory is not None and need > memory:
+        raise UserInputError(
+            f"{root} at {side}x{side} needs about {_gib(need)} of memory ({images} images of {channels} channel{'s' if channels > 1 else ''}, "
+            f"decoded in batches of {_DECODE_BATCH} and copied as float32), more than the {_gib(memory)} available; choose a smaller --image-size"
+        )
+    return False
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.1f} GiB"
+
+
 def _image_files(folder: Path) -> _ImageFiles:
-    _class_names(folder)  # for its message when there are no class folders
+    classes = _class_names(folder)
+    if len(classes) < 2:
+        raise UserInputError(
+            f"{folder} has one class folder ({classes[0]!r}); a classifier needs at least 2 classes, one subfolder of images each"
+        )
+    _refuse_folders_listed_twice(folder)
     try:
         return _ImageFiles(folder)
     except FileNotFoundError as error:  # a class folder without images
         raise UserInputError(f"no images in some class folders of {folder}: {error}") from None
+
+
+def _refuse_folders_listed_twice(folder: Path) -> None:
+    """UserInputError when a directory symlink makes ImageFolder reach a folder of ``folder``
+    twice: a link back up (``a/up -> ..``), which it would follow until the path is too long,
+    or a link to another folder of the dataset, whose images would count under two labels.
+
+    ImageFolder follows directory symlinks, and so do we where each folder is reached once:
+    a class folder that links to images kept elsewhere, outside the dataset, is fine.
+    """
+    reached = {os.path.realpath(folder): str(folder)}
+    for parent, dirs, _ in os.walk(folder, followlinks=True):
+        for name in dirs:
+            path = os.path.join(parent, name)
+            real = os.path.realpath(path)
+            if real in reached:
+                raise UserInputError(
+                    f"{path} and {reached[real]} are one folder ({real}), reached twice through a symbolic link; "
+                    "its images would count twice: remove the link"
+                )
+            reached[real] = path
 
 
 def _to_mode(image: Image.Image, mode: str) -> Image.Image:
@@ -941,7 +1025,7 @@ def _read(files: _ImageFiles, indices: Tensor, batch_size: int, *, pin_memory: b
         files,
         batch_size=batch_size,
         sampler=indices.tolist(),
-        num_workers=_LOADER_WORKERS if len(indices) >= _PARALLEL_DECODE_MIN else 0,
+        num_workers=_loader_workers(len(indices)),
         pin_memory=pin_memory,
         # Its own generator seeds the workers, leaving the global RNG (and so the
         # model's dropout, say) where the resident path would leave it.

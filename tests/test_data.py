@@ -439,6 +439,7 @@ def test_folder_errors(tmp_path):
     one_line_error("neither a dataset name", str(tmp_path / "missing"))
     (tmp_path / "empty").mkdir()
     one_line_error("no class folders", str(tmp_path / "empty"))
+    write_image_folder(tmp_path / "no_images", ["a"], 1)
     (tmp_path / "no_images" / "cls").mkdir(parents=True)
     (tmp_path / "no_images" / "cls" / "notes.txt").write_text("hi")
     one_line_error("no images", str(tmp_path / "no_images"))
@@ -446,6 +447,69 @@ def test_folder_errors(tmp_path):
     write_image_folder(tmp_path / "mismatch" / "val", ["a", "c"], 1)
     one_line_error("must match", str(tmp_path / "mismatch"))
     one_line_error("at least 8", str(tmp_path / "mismatch"), image_size=4)
+
+
+def test_a_folder_of_one_class_is_refused(tmp_path):
+    write_image_folder(tmp_path / "flat", ["only"], 4)
+    one_line_error("at least 2 classes", str(tmp_path / "flat"))
+    write_image_folder(tmp_path / "split" / "train", ["only"], 4)
+    write_image_folder(tmp_path / "split" / "val", ["only"], 2)
+    one_line_error("at least 2 classes", str(tmp_path / "split"))
+
+
+def test_a_symlink_back_up_the_folder_is_refused_before_it_multiplies_the_images(tmp_path):
+    write_image_folder(tmp_path / "loop", ["a", "b"], 12, size=(8, 8))
+    (tmp_path / "loop" / "a" / "up").symlink_to("..")
+    message = one_line_error("symbolic link", str(tmp_path / "loop"))
+    assert str(tmp_path / "loop" / "a" / "up") in message
+
+
+def test_a_symlink_to_another_class_folder_is_refused(tmp_path):
+    write_image_folder(tmp_path / "twice", ["a", "b"], 3, size=(8, 8))
+    (tmp_path / "twice" / "a" / "more").symlink_to(tmp_path / "twice" / "b", target_is_directory=True)
+    one_line_error("reached twice through a symbolic link", str(tmp_path / "twice"))
+
+
+def test_class_folders_linked_from_outside_the_dataset_are_followed(tmp_path):
+    store = write_image_folder(tmp_path / "store", ["a", "b"], 3, size=(8, 8))
+    (tmp_path / "linked").mkdir()
+    for name in ("a", "b"):
+        (tmp_path / "linked" / name).symlink_to(tmp_path / "store" / name, target_is_directory=True)
+    loaded = load_data(str(tmp_path / "linked"), val_fraction=0.3)
+    assert len(loaded.train) + len(loaded.val) == len(store) == 6 and loaded.info.num_classes == 2
+
+
+def test_image_size_is_bounded(tmp_path):
+    write_image_folder(tmp_path, ["a", "b"], 1, size=(8, 8))
+    for size in (data.MAX_IMAGE_SIZE + 1, 100_000):
+        one_line_error(f"at most {data.MAX_IMAGE_SIZE} pixels, got {size}", str(tmp_path), image_size=size)
+        with pytest.raises(UserInputError, match=f"at most {data.MAX_IMAGE_SIZE}"):
+            dataset_info_for(str(tmp_path), size)
+    assert dataset_info_for(str(tmp_path), data.MAX_IMAGE_SIZE).image_size == data.MAX_IMAGE_SIZE
+
+
+def test_folder_memory_counts_the_images_the_decoding_and_a_float_batch():
+    # 10 RGB images of 100x100 kept in memory: twice their bytes while joined, one decoded
+    # batch (no DataLoader worker below 512 images) and that batch as uint8 and float32.
+    image = 3 * 100 * 100
+    assert data.folder_memory(10, 3, 100, resident=True) == 2 * 10 * image + 10 * image + 5 * 10 * image
+    assert data.folder_memory(10, 3, 100, resident=False) == 10 * image + 5 * 10 * image
+    many = 10_000
+    workers = data._LOADER_WORKERS
+    assert data.folder_memory(many, 1, 8, resident=False) == (2 * workers + 1) * 256 * 64 + 5 * 256 * 64
+
+
+def test_a_folder_larger_than_the_memory_streams_or_is_refused(tmp_path, monkeypatch):
+    write_image_folder(tmp_path, ["a", "b"], 5, size=(16, 16))
+    resident = data.folder_memory(10, 3, 16, resident=True)
+    streamed = data.folder_memory(10, 3, 16, resident=False)
+    monkeypatch.setattr(data, "allocatable_memory", lambda: resident)
+    assert isinstance(load_data(str(tmp_path)).train, TensorSplit)
+    monkeypatch.setattr(data, "allocatable_memory", lambda: resident - 1)
+    assert isinstance(load_data(str(tmp_path)).train, StreamedSplit)
+    monkeypatch.setattr(data, "allocatable_memory", lambda: streamed - 1)
+    message = one_line_error("more than the", str(tmp_path))
+    assert "16x16" in message and "10 images of 3 channels" in message and "--image-size" in message
 
 
 def test_corrupt_image_is_named(tmp_path):
@@ -489,10 +553,10 @@ def test_mixed_folder_becomes_rgb_at_its_native_size(tmp_path):
 def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path):
     from PIL import Image
 
-    (tmp_path / "a").mkdir()
     levels = np.arange(0, 256, 17, dtype=np.uint16).repeat(16)[: 16 * 16].reshape(16, 16)
-    for i in range(2):
-        Image.fromarray(levels * 257).save(tmp_path / "a" / f"{i}.png")  # 16-bit: level k stored as 257k
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        Image.fromarray(levels * 257).save(tmp_path / name / "0.png")  # 16-bit: level k stored as 257k
     assert Image.open(tmp_path / "a" / "0.png").mode == "I;16"
     loaded = load_data(str(tmp_path))
     assert loaded.info.channels == 1 and loaded.info.preprocessing == "grayscale (modes I;16; 16-bit values scaled to 8 bits), native 16x16, no resize"
@@ -544,7 +608,7 @@ def test_streamed_fallback_gives_the_same_batches(mode, tmp_path, monkeypatch):
 
 
 def test_streamed_fallback_names_a_corrupt_image(tmp_path, monkeypatch):
-    write_image_folder(tmp_path, ["a"], 4)
+    write_image_folder(tmp_path, ["a", "b"], 2)
     broken = tmp_path / "a" / "2.png"
     broken.write_bytes(b"garbage")
     monkeypatch.setattr(data, "MEMORY_BUDGET_BYTES", 0)
