@@ -20,6 +20,7 @@ import json
 import math
 import re
 import reprlib
+import stat
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from importlib.resources import files
@@ -186,6 +187,26 @@ def is_shipped_name(name_or_path: str | Path) -> bool:
     return isinstance(name_or_path, str) and Path(name_or_path).name == name_or_path and "." not in name_or_path
 
 
+def not_a_file(path: Path) -> str | None:
+    """Why ``path`` cannot be read as a user's file, in a few words; None for a regular file.
+
+    Asked before opening: opening a named pipe would wait for a writer forever.
+    """
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "no such file"
+    except OSError as exc:
+        return f"cannot read: {exc.strerror or exc}"
+    except ValueError:  # a NUL in the path
+        return "cannot read: not a valid path"
+    if stat.S_ISDIR(mode):
+        return "a folder, not a file"
+    if not stat.S_ISREG(mode):
+        return "not a regular file (a device, pipe or socket)"
+    return None
+
+
 def read_source(name_or_path: str | Path, package: str, suffixes: tuple[str, ...], what: str) -> SourceFile:
     """Read a shipped file by name, or a user's file by path.
 
@@ -204,6 +225,11 @@ def read_source(name_or_path: str | Path, package: str, suffixes: tuple[str, ...
         return SourceFile(f"{package.rsplit('.', 1)[-1]}/{entry.name}", name, entry.read_text(encoding="utf-8"), None)
     path = Path(name_or_path)
     label = str(path)
+    problem = not_a_file(path)
+    if problem == "no such file":
+        raise input_error(label, "", f"{what} file not found")
+    if problem is not None:
+        raise input_error(label, "", problem)
     try:
         with path.open("rb") as stream:
             data = stream.read(MAX_FILE_BYTES + 1)  # no more, whatever the file is

@@ -31,6 +31,7 @@ from sofim_tune.space import (
     excerpt,
     input_error,
     is_shipped_name,
+    not_a_file,
     one_line,
     read_source,
     require,
@@ -394,14 +395,8 @@ def _check_search_space(search_space: Any, source: str) -> None:
             f"unknown search space {excerpt(search_space)}; shipped: {', '.join(space_names())}; or give a path to a .yaml file",
         )
     else:
-        require(_is_file(Path(search_space)), source, "search_space", f"no such file: {excerpt(search_space, _PATH_EXCERPT)}")
-
-
-def _is_file(path: Path) -> bool:
-    try:
-        return path.is_file()
-    except (OSError, ValueError):
-        return False
+        problem = not_a_file(Path(search_space))
+        require(problem is None, source, "search_space", f"{problem}: {excerpt(search_space, _PATH_EXCERPT)}")
 
 
 def _check_enqueue(enqueue: Any, source: str) -> tuple[dict[str, float], ...]:
