@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from sofim_tune.comparison import OptimizerResult
 
 
-__all__ = ["CompareOutcome", "RunOptions", "TuneOutcome", "check_inputs", "compare", "confirm", "export_run", "tune"]
+__all__ = ["CompareOutcome", "RunOptions", "TuneOutcome", "check_inputs", "compare", "confirm", "export_run", "tune", "wall_seconds"]
 
 
 @dataclass(frozen=True)
@@ -214,6 +214,10 @@ def _check_compare_folder(out_dir: Path, optimizers: Sequence[str]) -> None:
         strangers = sorted(entry.name for entry in out_dir.iterdir() if entry.name not in (*COMPARE_OPTIMIZERS, *_COMPARE_FILES))
         if strangers:
             raise UserInputError(f"--out {out_dir} holds {', '.join(strangers[:3])}, which is not a comparison's; choose a new or empty folder")
+        from sofim_tune.report import refuse_symlinked_folder
+
+        for name in optimizers:
+            refuse_symlinked_folder(out_dir / name)
 
 
 def compare(spec: StudySpec, options: RunOptions, optimizers: Sequence[str] = DEFAULT_COMPARE, *, backend: str = "optuna", on_progress: Callable[[StudyRecord], None] | None = None) -> CompareOutcome:
@@ -249,6 +253,23 @@ def compare(spec: StudySpec, options: RunOptions, optimizers: Sequence[str] = DE
     return CompareOutcome(studies, compare_json, write_compare_html(doc, results, options.out_dir))
 
 
+def wall_seconds(study: StudyRecord) -> float:
+    """Seconds during which at least one trial of ``study`` ran, from the trials' start and end times.
+
+    Trials that overlap (parallel workers, the members of one batch) count once, so a study
+    batched by K does not cost K times its time; pauses between resumed sessions count not at all.
+    """
+    spans = sorted((t.started, t.finished) for t in study.trials if t.started is not None and t.finished is not None)
+    total, start, end = 0.0, None, None
+    for begins, ends in spans:
+        if end is None or begins > end:
+            total += (end - start).total_seconds() if end is not None else 0.0
+            start, end = begins, ends
+        else:
+            end = max(end, ends)
+    return total + ((end - start).total_seconds() if end is not None else 0.0)
+
+
 def optimizer_result(optimizer: str, outcome: TuneOutcome) -> OptimizerResult:
     """What compare.json says of one optimizer's study: its recommendation and what it cost."""
     from sofim_tune.comparison import OptimizerResult
@@ -273,6 +294,6 @@ def optimizer_result(optimizer: str, outcome: TuneOutcome) -> OptimizerResult:
         curves=[list(curve) for curve in chosen.curves],
         test_accuracy=rec.metric.test_accuracy,
         tuning_epochs=spent,
-        tuning_seconds=sum(float(t.attrs.get("seconds", 0.0)) for t in study.trials),
+        tuning_seconds=wall_seconds(study),
         best_so_far=best_so_far,
     )

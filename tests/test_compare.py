@@ -130,3 +130,25 @@ def test_a_folder_of_other_files_is_refused(tmp_path):
     done = invoke("compare", "--dataset", "digits", "--device", "cpu", "--out", tmp_path / "cmp")
     assert done.exit_code == 2 and "notes.txt" in done.stderr
     assert [p.name for p in (tmp_path / "cmp").iterdir()] == ["notes.txt"]
+
+
+def test_tuning_seconds_count_overlapping_trials_once(tmp_path):
+    """A batched study's members train side by side: its tuning time is the wall-clock time its
+    trials ran, not the sum of every member's time (about K times more for a batch of K)."""
+    from itertools import combinations
+
+    from sofim_tune.tuning import optimizer_result
+
+    spec = load_spec("digits").replace(trials=4, epochs=2, confirm_top=1, confirm_seeds=2)
+    outcome = tune(spec, RunOptions(out_dir=tmp_path / "run", device="cpu", workers=1, batch_trials=2))
+    spans = [(t.started, t.finished) for t in outcome.study.trials]
+    assert any(a[0] < b[1] and b[0] < a[1] for a, b in combinations(spans, 2)), spans  # the members overlap
+    seconds = optimizer_result("sofim", outcome).tuning_seconds
+    assert 0 < seconds <= (max(end for _, end in spans) - min(start for start, _ in spans)).total_seconds()
+    assert seconds < sum(float(t.attrs["seconds"]) for t in outcome.study.trials)
+
+
+def test_compare_json_says_its_seconds_are_wall_clock(compared):
+    doc = load_comparison(compared.compare_json)
+    assert {entry["tuning"]["seconds_are"] for entry in doc["optimizers"].values()} == {"wall"}
+    assert "tuning wall seconds" in compared.compare_html.read_text()

@@ -212,7 +212,7 @@ def test_build_comparison(doc: dict, results: list[OptimizerResult]) -> None:
     assert sofim["confirmed"]["std"] == pytest.approx(statistics.stdev(VALUES["sofim"]))  # n − 1
     assert sofim["confirmed"]["ci95"] == pytest.approx(list(interval95(VALUES["sofim"])))
     assert sofim["test_accuracy"] == pytest.approx(0.982)
-    assert sofim["tuning"] == {"epochs": 250, "seconds": 123.5}
+    assert sofim["tuning"] == {"epochs": 250, "seconds": 123.5, "seconds_are": "wall"}
     for r in results:
         assert doc["optimizers"][r.optimizer]["epochs_to_target"] == epochs_to_target(r.curves, best_mean - 0.01, "maximize")
     # Fast SOFIM curves reach 0.976 early; SGD-momentum (final 0.979) only at the end; the
