@@ -46,10 +46,39 @@ class _LibraryLines(logging.Handler):
         err.print(f"{label} {escape(record.getMessage())}", highlight=False)
 
 
-_library_log = logging.getLogger("sofim_tune")
-_library_log.setLevel(logging.INFO)
-_library_log.addHandler(_LibraryLines())
-_library_log.propagate = False
+_LIBRARY_LINES = _LibraryLines()
+
+
+def configure_output(*, verbose: bool = False, quiet: bool = False) -> None:
+    """What the command prints besides its result; set when a command starts, never at import.
+
+    By default the library's notes and warnings show as one line each, and Optuna's only when
+    it reports an error. ``verbose`` adds Optuna's INFO lines (a trial finished, ...), ``quiet``
+    leaves warnings and errors only. Optuna's ExperimentalWarning (on features it still calls
+    experimental, like the heartbeat) says nothing a user can act on, and is hidden.
+    """
+    import warnings
+
+    import optuna
+
+    library_log = logging.getLogger("sofim_tune")
+    library_log.setLevel(logging.WARNING if quiet else logging.INFO)
+    if _LIBRARY_LINES not in library_log.handlers:
+        library_log.addHandler(_LIBRARY_LINES)
+    library_log.propagate = False
+    optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.ERROR)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+@app.callback()
+def _global_options(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also print Optuna's progress lines (INFO).")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only warnings and errors besides the result.")] = False,
+) -> None:
+    if verbose and quiet:
+        err.print("[red]error:[/red] give --verbose or --quiet, not both", highlight=False)
+        raise typer.Exit(2)
+    configure_output(verbose=verbose, quiet=quiet)
 
 
 def user_errors(command: F) -> F:
@@ -82,7 +111,9 @@ ImageSizeOpt = Annotated[Optional[int], typer.Option(help="Resize an ImageFolder
 ScheduleOpt = Annotated[Optional[str], typer.Option(help="Learning-rate schedule, stepped per batch: `constant`, `cosine` or `warmup-cosine`.")]
 WarmupOpt = Annotated[Optional[int], typer.Option(help="Warm-up epochs of `warmup-cosine` (>= 1, below --epochs).")]
 LabelSmoothingOpt = Annotated[Optional[float], typer.Option(help="Cross-entropy label smoothing in [0, 1).")]
-DecoupledOpt = Annotated[Optional[bool], typer.Option("--decoupled-weight-decay/--coupled-weight-decay", help="SOFIM's weight decay as AdamW's (θ ← (1 − ηλ)θ) or as SGD's (λθ added to the gradient).")]
+# Two flags, not a --x/--y pair: with a pair the last one given wins silently.
+DecoupledOpt = Annotated[bool, typer.Option("--decoupled-weight-decay", help="SOFIM's weight decay as AdamW's (θ ← (1 − ηλ)θ).")]
+CoupledOpt = Annotated[bool, typer.Option("--coupled-weight-decay", help="SOFIM's weight decay as SGD's (λθ added to the gradient).")]
 StudyOpt = Annotated[Optional[str], typer.Option(help="A shipped study spec (`cifar100-resnet18`) or a path to a .toml.")]
 TrialsOpt = Annotated[Optional[int], typer.Option(help="Finished (completed or pruned) trials to reach (>= 1).")]
 SamplerOpt = Annotated[Optional[str], typer.Option(help="`tpe` (default), `random`, `qmc`, `cmaes`, `gp` or `grid`.")]
@@ -94,6 +125,10 @@ ConfirmTopOpt = Annotated[Optional[int], typer.Option(help="Configurations retra
 ConfirmSeedsOpt = Annotated[Optional[int], typer.Option(help="Fresh seeds (and splits) per confirmed candidate, >= 2; the interval in best.json is over them.")]
 RunStorageEnvOpt = Annotated[Optional[str], typer.Option(help="Read the storage URL from this environment variable, so its password stays out of `ps`.")]
 BackendOpt = Annotated[str, typer.Option(help="`optuna` (default) or `ray`.")]
+AddressOpt = Annotated[Optional[str], typer.Option(help="Ray: cluster address (`auto`, `ray://HOST:10001`); default: a local Ray.")]
+GpusPerTrialOpt = Annotated[Optional[float], typer.Option(help="Ray: GPUs per trial (default 0); 0.25 puts four trials on a GPU.")]
+CpusPerTrialOpt = Annotated[Optional[float], typer.Option(help="Ray: CPUs per trial (default 1).")]
+MaxConcurrentOpt = Annotated[Optional[int], typer.Option(help="Ray: trials running at once.")]
 StudyDatasetOpt = Annotated[Optional[str], typer.Option("--dataset", "-d", help="`digits`, `mnist`, `fashion-mnist`, `cifar10`, `cifar100`, `svhn`, or a path to an ImageFolder; may come from the --study file.")]
 
 
@@ -119,7 +154,8 @@ def train(
     schedule: Annotated[str, typer.Option(help="Learning-rate schedule, stepped per batch: `constant`, `cosine` or `warmup-cosine`.")] = "constant",
     warmup_epochs: Annotated[int, typer.Option(help="Warm-up epochs of `warmup-cosine` (>= 1, below --epochs).")] = 0,
     label_smoothing: Annotated[float, typer.Option(help="Cross-entropy label smoothing in [0, 1).")] = 0.0,
-    decoupled_weight_decay: Annotated[bool, typer.Option("--decoupled-weight-decay/--coupled-weight-decay", help="SOFIM's weight decay as AdamW's (θ ← (1 − ηλ)θ) or as SGD's (λθ added to the gradient).")] = False,
+    decoupled: DecoupledOpt = False,
+    coupled: CoupledOpt = False,
     test: Annotated[bool, typer.Option("--test", help="Also measure accuracy on the test split at the end.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on the last line of stdout.")] = False,
 ) -> None:
@@ -130,6 +166,7 @@ def train(
     from sofim_tune.data import dataset_info_for
     from sofim_tune.trial import TrialConfig, prepare_trial, train_trial
 
+    decoupled_weight_decay = bool(_weight_decay_kind(decoupled, coupled))
     info = dataset_info_for(dataset, image_size)
     hyperparameters = {
         "sofim": {"lr": lr, "rho": rho, "beta1": beta1, "weight_decay": weight_decay},
@@ -196,6 +233,50 @@ def train(
             value = summary[key]
             table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     out.print(table)
+
+
+def _weight_decay_kind(decoupled: bool, coupled: bool) -> bool | None:
+    """True for --decoupled-weight-decay, False for --coupled-weight-decay, None for neither."""
+    if decoupled and coupled:
+        raise UserInputError("give --decoupled-weight-decay or --coupled-weight-decay, not both")
+    return True if decoupled else (False if coupled else None)
+
+
+def _path(value: str | None, option: str) -> Path | None:
+    """The path an option names; None when not given. An empty one would mean the working folder."""
+    if value is None:
+        return None
+    if not value.strip():
+        raise UserInputError(f"{option} is empty; give a path")
+    return Path(value)
+
+
+def _refuse_duplicates(folders: list[Path]) -> None:
+    """Each compare folder once: a problem counted twice would tilt the profiles and verdicts."""
+    seen: dict[Path, Path] = {}
+    for folder in folders:
+        resolved = folder.resolve()
+        if resolved in seen:
+            spellings = "" if seen[resolved] == folder else f" (as {seen[resolved]} and as {folder})"
+            raise UserInputError(f"compare folder {resolved} is given twice{spellings}; name each folder once")
+        seen[resolved] = folder
+
+
+def _refuse_overwriting(foreign: list[Path], force: bool) -> None:
+    """The one rule of every command that writes: a file sofim-tune did not write is replaced only with --force."""
+    if foreign and not force:
+        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        raise UserInputError(f"{foreign[0]}{more} exists and was not written by sofim-tune; move it away, write elsewhere, or give --force to replace it")
+
+
+def _is_recommendation(path: Path) -> bool:
+    from sofim_tune.recommend import load_recommendation
+
+    try:
+        load_recommendation(path)
+    except UserInputError:
+        return False
+    return True
 
 
 def _storage(storage: str | None, storage_env: str | None) -> str | None:
@@ -323,7 +404,7 @@ def run(
     threads_per_trial: ThreadsOpt = None,
     batch_trials: BatchTrialsOpt = None,
     gpus: Annotated[Optional[str], typer.Option(help="GPUs to spread workers over: `all` or `0,1`.")] = None,
-    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Run folder; default: runs/DATASET-ARCH (the study name).")] = None,
+    out_dir: Annotated[Optional[str], typer.Option("--out", help="Run folder; default: runs/DATASET-ARCH (the study name).")] = None,
     seed: SeedOpt = None,
     enqueue: Annotated[Optional[Path], typer.Option(help="A best.json whose settings are tried first.")] = None,
     timeout: Annotated[Optional[float], typer.Option(help="Stop starting trials after this many seconds.")] = None,
@@ -334,13 +415,14 @@ def run(
     schedule: ScheduleOpt = None,
     warmup_epochs: WarmupOpt = None,
     label_smoothing: LabelSmoothingOpt = None,
-    decoupled_weight_decay: DecoupledOpt = None,
+    decoupled: DecoupledOpt = False,
+    coupled: CoupledOpt = False,
     widen: Annotated[Optional[bool], typer.Option("--widen/--no-widen", help="Let the study widen a log bound by a decade (twice at most) when its best trials sit on it; default: the spec's (on).")] = None,
     backend: BackendOpt = "optuna",
-    address: Annotated[Optional[str], typer.Option(help="Ray: cluster address (`auto`, `ray://HOST:10001`); default: a local Ray.")] = None,
-    gpus_per_trial: Annotated[Optional[float], typer.Option(help="Ray: GPUs per trial (default 0); 0.25 puts four trials on a GPU.")] = None,
-    cpus_per_trial: Annotated[Optional[float], typer.Option(help="Ray: CPUs per trial (default 1).")] = None,
-    max_concurrent: Annotated[Optional[int], typer.Option(help="Ray: trials running at once.")] = None,
+    address: AddressOpt = None,
+    gpus_per_trial: GpusPerTrialOpt = None,
+    cpus_per_trial: CpusPerTrialOpt = None,
+    max_concurrent: MaxConcurrentOpt = None,
     storage_path: Annotated[Optional[str], typer.Option(help="Ray: where the experiment is kept (DIR or s3://...); default: --out/ray.")] = None,
     device: DeviceOpt = "auto",
     data_dir: DataDirOpt = None,
@@ -356,10 +438,10 @@ def run(
 
     spec = load_spec(dataset, arch, study).replace(
         search_space=space, trials=trials, epochs=epochs, sampler=sampler, pruner=pruner, seed=seed, confirm_top=confirm_top, confirm_seeds=confirm_seeds, widen=widen,
-        augment=augment, image_size=image_size, schedule=schedule, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, decoupled_weight_decay=decoupled_weight_decay,
+        augment=augment, image_size=image_size, schedule=schedule, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, decoupled_weight_decay=_weight_decay_kind(decoupled, coupled),
     )
     options = RunOptions(
-        out_dir=out_dir or Path("runs") / spec.name,
+        out_dir=_path(out_dir, "--out") or Path("runs") / spec.name,
         storage=_storage(storage, storage_env),
         workers=workers,
         threads_per_trial=threads_per_trial,
@@ -418,7 +500,7 @@ def compare(
     sampler: SamplerOpt = None,
     pruner: PrunerOpt = None,
     seed: SeedOpt = None,
-    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Compare folder: one run folder per optimizer, compare.json, compare.html; default: runs/compare-DATASET-ARCH.")] = None,
+    out_dir: Annotated[Optional[str], typer.Option("--out", help="Compare folder: one run folder per optimizer, compare.json, compare.html; default: runs/compare-DATASET-ARCH.")] = None,
     backend: BackendOpt = "optuna",
     workers: WorkersOpt = None,
     threads_per_trial: ThreadsOpt = None,
@@ -427,6 +509,11 @@ def compare(
     storage_env: RunStorageEnvOpt = None,
     confirm_top: ConfirmTopOpt = None,
     confirm_seeds: ConfirmSeedsOpt = None,
+    address: AddressOpt = None,
+    gpus_per_trial: GpusPerTrialOpt = None,
+    cpus_per_trial: CpusPerTrialOpt = None,
+    max_concurrent: MaxConcurrentOpt = None,
+    storage_path: Annotated[Optional[str], typer.Option(help="Ray: where the experiments are kept (DIR or s3://...), one per optimizer named STUDY-OPTIMIZER; default: each run folder's ray/.")] = None,
     device: DeviceOpt = "auto",
     data_dir: DataDirOpt = None,
     download: DownloadOpt = False,
@@ -435,14 +522,14 @@ def compare(
 
     Example: `sofim-tune compare --dataset digits --optimizers sofim,sofim-tensor,sgd-momentum,adamw`
     """
-    from sofim_tune.comparison import verdict_sentences
+    from sofim_tune.comparison import load_comparison, verdict_sentences
     from sofim_tune.spec import load_spec
     from sofim_tune.tuning import RunOptions
     from sofim_tune.tuning import compare as run_compare
 
     spec = load_spec(dataset, arch, study).replace(trials=trials, epochs=epochs, sampler=sampler, pruner=pruner, seed=seed, confirm_top=confirm_top, confirm_seeds=confirm_seeds)
     options = RunOptions(
-        out_dir=out_dir or Path("runs") / f"compare-{spec.name}",
+        out_dir=_path(out_dir, "--out") or Path("runs") / f"compare-{spec.name}",
         storage=_storage(storage, storage_env),
         workers=workers,
         threads_per_trial=threads_per_trial,
@@ -450,13 +537,18 @@ def compare(
         device=device,
         data_dir=data_dir,
         download=download,
+        address=address,
+        gpus_per_trial=gpus_per_trial,
+        cpus_per_trial=cpus_per_trial,
+        max_concurrent=max_concurrent,
+        storage_path=storage_path,
     )
     started = time.monotonic()
     with _LiveView() as live_view:
         outcome = run_compare(spec, options, tuple(name.strip() for name in optimizers.split(",") if name.strip()), backend=backend, on_progress=live_view)
     for name, study_outcome in outcome.studies.items():
         out.print(f"{name}: {study_outcome.best_json}", highlight=False, soft_wrap=True)
-    for sentence in verdict_sentences(json.loads(outcome.compare_json.read_text())):
+    for sentence in verdict_sentences(load_comparison(outcome.compare_json)):
         out.print(sentence, highlight=False, soft_wrap=True)
     out.print(f"comparison: {outcome.compare_json}  ({time.monotonic() - started:.0f} s)", highlight=False, soft_wrap=True)
     out.print(f"report:     {outcome.compare_html}", highlight=False, soft_wrap=True)
@@ -466,16 +558,21 @@ def compare(
 @user_errors
 def compare_summary(
     folders: Annotated[list[Path], typer.Argument(help="Compare folders written by `sofim-tune compare`.", show_default=False)],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for compare-summary.html.")] = Path("."),
+    output: Annotated[str, typer.Option("--output", "-o", help="Folder for compare-summary.html.")] = ".",
+    force: ForceOpt = False,
 ) -> None:
     """Performance profiles and verdicts across several compare folders (problems).
 
     Example: `sofim-tune compare-summary runs/compare-digits-mlp runs/compare-digits-cnn -o summary/`
     """
     from sofim_tune.comparison import load_comparison, write_summary
+    from sofim_tune.pages import is_our_page
 
+    _refuse_duplicates(folders)
+    target = _path(output, "--output") / "compare-summary.html"
+    _refuse_overwriting([target] if os.path.lexists(target) and not is_our_page(target) else [], force)
     docs = [load_comparison(folder / "compare.json") for folder in folders]
-    page, rows = write_summary(docs, output)
+    page, rows = write_summary(docs, target.parent)
     table = Table(title="verdicts")
     for column in ("dataset", "arch", "optimizer", "against", "verdict", "p"):
         table.add_column(column)
@@ -488,6 +585,7 @@ def compare_summary(
 RunDirArg = Annotated[Optional[Path], typer.Argument(help="A run folder written by `sofim-tune run`.", show_default=False)]
 StorageOpt = Annotated[Optional[str], typer.Option(help="Read the study from this storage URL instead of a run folder.")]
 StudyNameOpt = Annotated[Optional[str], typer.Option("--study", help="Study name in --storage (needed when it holds several).")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite files of the same name that sofim-tune did not write.")]
 StorageEnvOpt = Annotated[Optional[str], typer.Option(help="Read the storage URL from this environment variable (keeps a password out of `ps`).")]
 
 
@@ -495,19 +593,23 @@ StorageEnvOpt = Annotated[Optional[str], typer.Option(help="Read the storage URL
 @user_errors
 def export(
     run_dir: RunDirArg = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Where to write the JSON; default: RUN_DIR/best.json, or ./best.json with --storage.")] = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Where to write the JSON; default: RUN_DIR/best.json, or ./best.json with --storage.")] = None,
     storage: StorageOpt = None,
     storage_env: StorageEnvOpt = None,
     study: StudyNameOpt = None,
+    force: ForceOpt = False,
 ) -> None:
     """Write the recommended settings of a study as best.json (schema v1), also while it runs.
+
+    It replaces a best.json of sofim-tune's, and any other file only with --force.
 
     Example: `sofim-tune export runs/cifar100-resnet18 -o cifar100.json`
     """
     from sofim_tune import runs
 
+    target = _path(output, "--output") or (run_dir / "best.json" if run_dir else Path("best.json"))
     record = runs.load_run(run_dir, storage=_storage(storage, storage_env), study=study)
-    target = output or (run_dir / "best.json" if run_dir else Path("best.json"))
+    _refuse_overwriting([target] if os.path.lexists(target) and not _is_recommendation(target) else [], force)
     rec, path = runs.export(record, target)
     note = "" if rec.study.final else " (study still running: best so far)"
     out.print(f"wrote {path}{note}", highlight=False)
@@ -517,20 +619,27 @@ def export(
 @user_errors
 def plot(
     run_dir: RunDirArg = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Folder for report.html and plots/; default: RUN_DIR.")] = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Folder for report.html and plots/; default: RUN_DIR.")] = None,
     png: Annotated[bool, typer.Option("--png", help="Also write PNG files (needs Chrome or Chromium).")] = False,
     storage: StorageOpt = None,
     storage_env: StorageEnvOpt = None,
     study: StudyNameOpt = None,
+    force: ForceOpt = False,
 ) -> None:
     """Write the sensitivity report (report.html) and one file per figure under plots/.
+
+    It replaces the files of an earlier report, and any other file of the same name only
+    with --force; it never writes through a plots/ that is a symlink.
 
     Example: `sofim-tune plot runs/cifar100-resnet18 --png`
     """
     from sofim_tune import runs
+    from sofim_tune.report import foreign_report_files, refuse_symlinked_folder
 
+    target = _path(output, "--output") or run_dir or Path(".")
     record = runs.load_run(run_dir, storage=_storage(storage, storage_env), study=study)
-    target = output or run_dir or Path(".")
+    refuse_symlinked_folder(target / "plots")
+    _refuse_overwriting(foreign_report_files(target, png=png), force)
     report = runs.plot(record, target, png=png)
     for path in (report.html, *report.pngs):
         out.print(f"wrote {path}", highlight=False, soft_wrap=True)

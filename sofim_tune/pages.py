@@ -1,19 +1,28 @@
 """The HTML page that ``report.html`` and ``compare.html`` share: one skeleton, plotly.js once.
 
 A page is self-contained: plotly.js is embedded with the first figure and the others reuse it,
-so the file opens offline and can be copied or mailed alone.
+so the file opens offline and can be copied or mailed alone. Every page carries
+:data:`GENERATOR_MARK`, by which a later command knows a page as its own to replace.
 """
 
 from __future__ import annotations
 
 import html
+import os
+import stat
 from collections.abc import Iterable
+from pathlib import Path
 
 import plotly.graph_objects as go
 
-__all__ = ["FIGURE_HEIGHT", "figure_sections", "html_page"]
+__all__ = ["FIGURE_HEIGHT", "GENERATOR_MARK", "figure_page", "figure_sections", "html_page", "is_our_page"]
 
 FIGURE_HEIGHT = 460  # px, every figure of every page
+GENERATOR_MARK = '<meta name="generator" content="sofim-tune">'
+# Pages written before the mark existed: report.html, compare.html and compare-summary.html by
+# their title, the single-figure pages under plots/ by the plotly.js beside them that they load.
+_EARLIER_MARKS = ("<title>sofim-tune ", '<script charset="utf-8" src="plotly.min.js"></script>')
+_HEAD_BYTES = 64 * 1024  # the mark is in the head; a plotly page loads plotly.js within its first KiB
 
 _STYLE = """body { font-family: system-ui, sans-serif; max-width: 1200px; margin: 1.5em auto; padding: 0 1em; color: #222; }
 table { border-collapse: collapse; } td, th { border: 1px solid #ccc; padding: 0.2em 0.8em; }
@@ -27,6 +36,7 @@ def html_page(title: str, body: str, *, style: str = "") -> str:
 <html lang="en">
 <head>
 <meta charset="utf-8">
+{GENERATOR_MARK}
 <title>{html.escape(title)}</title>
 <style>
 {_STYLE}
@@ -49,3 +59,24 @@ def figure_sections(figures: Iterable[tuple[str, go.Figure, str]]) -> str:
         div = fig.to_html(full_html=False, include_plotlyjs=i == 0, div_id=f"fig-{name}", default_height=f"{FIGURE_HEIGHT}px")
         parts.append(f'<section id="{name}"><p class="small">{html.escape(explain)}</p>{div}</section>')
     return "\n".join(parts)
+
+
+def figure_page(fig: go.Figure) -> str:
+    """One figure as a whole page that loads ``plotly.min.js`` from its own folder (``plots/``)."""
+    page = fig.to_html(include_plotlyjs="directory", full_html=True)
+    return page.replace("<head>", f"<head>\n    {GENERATOR_MARK}", 1)
+
+
+def is_our_page(path: str | Path) -> bool:
+    """Whether ``path`` is an HTML page sofim-tune wrote (a regular file carrying its mark).
+
+    False for anything else, a missing or unreadable file included: the caller decides.
+    """
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # asked before opening: a pipe would block
+            return False
+        with open(path, "rb") as f:
+            head = f.read(_HEAD_BYTES).decode("utf-8", errors="replace")
+    except (OSError, ValueError):
+        return False
+    return GENERATOR_MARK in head or any(mark in head for mark in _EARLIER_MARKS)

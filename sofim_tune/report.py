@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import html
 import math
+import os
+import stat
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,7 @@ from scipy.interpolate import griddata
 from scipy.spatial import QhullError
 
 from sofim_tune.errors import UserInputError
-from sofim_tune.pages import FIGURE_HEIGHT, figure_sections, html_page
+from sofim_tune.pages import FIGURE_HEIGHT, figure_page, figure_sections, html_page, is_our_page
 from sofim_tune.records import StudyRecord, TrialRecord
 from sofim_tune.recommend import (
     ConfirmSummary,
@@ -34,7 +36,7 @@ from sofim_tune.recommend import (
 )
 from sofim_tune.selection import regime
 
-__all__ = ["FIGURES", "PNG_NEEDS_CHROME", "Report", "build_figures", "write_report"]
+__all__ = ["FIGURES", "PNG_NEEDS_CHROME", "Report", "build_figures", "foreign_report_files", "refuse_symlinked_folder", "report_files", "write_report"]
 
 FIGURES = ("history", "importance", "slices", "contour", "regime", "parallel", "curves", "confirmation")
 
@@ -800,17 +802,66 @@ def write_report(
         A :class:`Report`: the path of ``report.html`` and of every PNG written.
 
     Raises:
-        UserInputError: ``out_dir`` cannot be written, or ``png`` without a browser.
+        UserInputError: ``out_dir`` cannot be written, its ``plots/`` is a symlink, or
+            ``png`` without a browser.
     """
     out_dir = Path(out_dir)
+    plots = out_dir / "plots"
+    refuse_symlinked_folder(plots)
     if rec is None and study.best_trial() is not None:
         rec = build_recommendation(study)
     figures = build_figures(study, rec)
     report = write_text_atomic(out_dir / "report.html", _page(study, rec, figures))
-    plots = out_dir / "plots"
     write_text_atomic(plots / "plotly.min.js", plotly.offline.get_plotlyjs())
     for name, fig in figures.items():
-        write_text_atomic(plots / f"{name}.html",
-                          fig.to_html(include_plotlyjs="directory", full_html=True))
+        write_text_atomic(plots / f"{name}.html", figure_page(fig))
     # Last: the HTML report stands even when the PNG export fails for want of a browser.
     return Report(html=report, pngs=_write_pngs(figures, plots) if png else ())
+
+
+def refuse_symlinked_folder(folder: Path) -> None:
+    """Raise when ``folder`` (inside a folder sofim-tune writes) is a symlink.
+
+    Its files would land wherever the link points, over files there that sofim-tune never wrote.
+    A symlink at a single output file is harmless: writes replace the link, not its target.
+    """
+    if folder.is_symlink():
+        raise UserInputError(f"{folder} is a symlink (to {os.readlink(folder)}); sofim-tune does not write through it: replace it by a folder, or give another --output")
+
+
+def report_files(out_dir: str | Path, *, png: bool = False) -> list[Path]:
+    """Every file :func:`write_report` writes into ``out_dir``."""
+    plots = Path(out_dir) / "plots"
+    pages = [plots / f"{name}.html" for name in FIGURES]
+    images = [plots / f"{name}.png" for name in FIGURES] if png else []
+    return [Path(out_dir) / "report.html", plots / "plotly.min.js", *pages, *images]
+
+
+def foreign_report_files(out_dir: str | Path, *, png: bool = False) -> list[Path]:
+    """The files :func:`write_report` would replace that sofim-tune did not write.
+
+    Pages are known by :func:`sofim_tune.pages.is_our_page`, ``plots/plotly.min.js`` by
+    plotly.js's banner, a figure's PNG by being a PNG beside its figure's page of ours.
+    """
+    return [path for path in report_files(out_dir, png=png) if os.path.lexists(path) and not _ours(path)]
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _starts_with(path: Path, prefix: bytes) -> bool:
+    try:
+        if not stat.S_ISREG(path.stat().st_mode):  # asked before opening: a pipe would block
+            return False
+        with path.open("rb") as f:
+            return f.read(len(prefix)) == prefix
+    except (OSError, ValueError):
+        return False
+
+
+def _ours(path: Path) -> bool:
+    if path.suffix == ".html":
+        return is_our_page(path)
+    if path.suffix == ".png":
+        return _starts_with(path, _PNG_SIGNATURE) and is_our_page(path.with_suffix(".html"))
+    return _starts_with(path, plotly.offline.get_plotlyjs()[:16].encode())

@@ -204,3 +204,33 @@ def test_recommend_ranks_by_the_confirmed_mean(results, tmp_path):
         (root / name / "best.json").write_text(json.dumps(data))
     done = invoke("recommend", "--dataset", "digits", "--results", root, "--json")
     assert json.loads(done.stdout)["hyperparameters"]["lr"] == 0.05
+
+
+def cli(*args: object, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "sofim_tune.cli.app", *map(str, args)], capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+def test_export_and_plot_replace_their_own_files_and_a_users_only_with_force(results, tmp_path):
+    """One rule for every command that writes: its own files are replaced; any other file of
+    the same name only with --force (the refusals are cases of tests/hostile_cli.py)."""
+    run = results / "digits-mlp"
+    mine = tmp_path / "best.json"
+    mine.write_text('{"mine": true}\n')
+    assert cli("export", run, "-o", mine).returncode == 2 and mine.read_text() == '{"mine": true}\n'
+    forced = cli("export", run, "-o", mine, "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert load_recommendation(mine).dataset == "digits"
+    again = cli("export", run, "-o", mine)  # now sofim-tune's own file
+    assert again.returncode == 0, again.stderr
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "report.html").write_text("<html>my page</html>\n")
+    refused = cli("plot", run, "-o", site)
+    assert refused.returncode == 2 and "--force" in refused.stderr
+    assert (site / "report.html").read_text() == "<html>my page</html>\n" and not (site / "plots").exists()
+    forced = cli("plot", run, "-o", site, "--force")
+    assert forced.returncode == 0, forced.stderr
+    again = cli("plot", run, "-o", site)  # every file there is sofim-tune's now
+    assert again.returncode == 0, again.stderr
+    assert "sofim-tune report" in (site / "report.html").read_text()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import zipfile
@@ -63,3 +64,73 @@ def test_docs_cite_files_that_exist():
         cited |= {word.strip("`'\"(),.:;") for word in text.split() if word.strip("`'\"(),.:;").endswith(".md")}
     assert cited, "no citations found: the check itself is broken"
     assert {name for name in cited if not (ROOT / name).exists()} == set()
+
+
+_GLOBAL_STATE = r"""
+import ast, contextlib, importlib, json, logging, os, pathlib, pkgutil, sys, warnings
+
+# torch, Ray and others configure loggers and variables of their own when imported: they are
+# imported first, every module the project's sources name, so what is left is the project's doing.
+sources = [*pathlib.Path("sofim_tune").rglob("*.py"), *pathlib.Path("cli").glob("*.py")]
+for tree in (ast.parse(path.read_text()) for path in sources):
+    for node in ast.walk(tree):
+        names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+        for name in names:
+            if name.split(".")[0] not in ("sofim_tune", "cli"):
+                with contextlib.suppress(Exception):
+                    importlib.import_module(name)
+
+def state():
+    loggers = {"": logging.getLogger()} | {name: logger for name, logger in logging.Logger.manager.loggerDict.items() if isinstance(logger, logging.Logger)}
+    return {
+        # A logger created by an import is no change; one that a module configured is.
+        "loggers": {name: [logger.level, [type(h).__name__ for h in logger.handlers], logger.propagate, logger.disabled]
+                    for name, logger in loggers.items() if logger.level or logger.handlers or not logger.propagate or logger.disabled},
+        "disable": logging.root.manager.disable,
+        "warnings": [repr(f) for f in warnings.filters],
+        "environ": dict(os.environ),
+    }
+
+before = state()
+import sofim_tune
+for module in pkgutil.walk_packages(sofim_tune.__path__, "sofim_tune."):
+    importlib.import_module(module.name)
+importlib.import_module("sofim_tune.cli.app")
+after = state()
+def changed(old, new):
+    if isinstance(old, dict):
+        return {key: [old.get(key), new.get(key)] for key in old.keys() | new.keys() if old.get(key) != new.get(key)}
+    if isinstance(old, list):
+        return [item for item in new if item not in old] + [f"removed {item}" for item in old if item not in new]
+    return [old, new] if old != new else None
+print(json.dumps({key: found for key in before if (found := changed(before[key], after[key]))}))
+"""
+
+
+def test_importing_the_library_changes_nothing_global():
+    """Importing every module of sofim_tune, the CLI's included, leaves the process as it was:
+    the level, handlers and propagation of every logger, the warning filters and os.environ.
+    (The CLI sets its log handler, Optuna's verbosity and its warning filter when a command starts.)"""
+    done = subprocess.run([sys.executable, "-c", _GLOBAL_STATE], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {}
+
+
+def test_verbose_and_quiet_set_what_the_cli_prints():
+    """-q leaves the library's notes out, -v adds Optuna's INFO lines; giving both is refused."""
+    script = (
+        "import logging, optuna, warnings\n"
+        "from sofim_tune.cli.app import configure_output\n"
+        "configure_output(verbose={verbose}, quiet={quiet})\n"
+        "logging.getLogger('sofim_tune.study').info('a library note')\n"
+        "print(optuna.logging.get_verbosity(), sum(1 for f in warnings.filters if f[2] is optuna.exceptions.ExperimentalWarning))\n"
+    )
+    for verbose, quiet, shown, verbosity in ((False, False, True, "40"), (True, False, True, "20"), (False, True, False, "40")):
+        done = subprocess.run([sys.executable, "-c", script.format(verbose=verbose, quiet=quiet)], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert ("note: a library note" in done.stderr) is shown
+        assert done.stdout.split() == [verbosity, "1"]
+    both = subprocess.run([sys.executable, "-m", "sofim_tune.cli.app", "-v", "-q", "show"], capture_output=True, text=True, timeout=120)
+    assert both.returncode == 2 and both.stderr.strip() == "error: give --verbose or --quiet, not both"

@@ -434,3 +434,21 @@ def test_a_page_title_is_escaped_once_and_its_body_kept():
     page = html_page("sofim-tune compare: runs/<odd> & folder × cnn", "<p>body</p>", style=".x { color: red; }")
     assert "<title>sofim-tune compare: runs/&lt;odd&gt; &amp; folder × cnn</title>" in page
     assert "<body>\n<p>body</p>\n</body>" in page and ".x { color: red; }" in page
+
+
+def test_a_later_plot_knows_the_report_files_as_its_own(report: Path, tmp_path: Path) -> None:
+    """Every page carries sofim-tune's mark; a page of an earlier version is known by its title or
+    by the plotly.js it loads beside it; a user's page of the same name is not sofim-tune's."""
+    from sofim_tune.pages import GENERATOR_MARK
+    from sofim_tune.report import foreign_report_files
+
+    assert GENERATOR_MARK in report.read_text()
+    assert all(GENERATOR_MARK in (report.parent / "plots" / f"{name}.html").read_text() for name in FIGURES)
+    assert foreign_report_files(report.parent) == []
+    plots = tmp_path / "plots"
+    plots.mkdir()
+    (tmp_path / "report.html").write_text("<html><head><title>sofim-tune report: digits-mlp</title></head></html>")
+    (plots / "history.html").write_text('<html><head></head><body><script charset="utf-8" src="plotly.min.js"></script></body></html>')
+    (plots / "slices.html").write_text("<html><body>my own slices</body></html>")
+    (plots / "plotly.min.js").write_text("console.log('mine')")
+    assert foreign_report_files(tmp_path) == [plots / "plotly.min.js", plots / "slices.html"]
