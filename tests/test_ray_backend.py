@@ -14,6 +14,7 @@ import os
 import pickle
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -25,9 +26,12 @@ import pytest
 import ray
 import ray.cloudpickle
 import torch
+from hostile import assert_unchanged, snapshot
 from optuna.trial import TrialState
+from ray import tune as ray_tune
 
 from sofim_tune.backends import ray as ray_backend
+from sofim_tune.backends import ray_member
 from sofim_tune.backends.ray import BACKEND, MAX_CONSECUTIVE_FAILURES, NUMBER_KEY, load_ray_record, run_ray_study
 from sofim_tune.errors import UserInputError
 from sofim_tune.recommend import SCHEMA_ID, load_recommendation
@@ -60,7 +64,7 @@ def small_spec(**overrides: object) -> StudySpec:
 
 
 def options(out_dir: Path, **overrides: object) -> RunOptions:
-    return RunOptions(out_dir=out_dir, device="cpu", **overrides)  # type: ignore[arg-type]
+    return RunOptions(out_dir=out_dir, **{"device": "cpu", **overrides})  # type: ignore[arg-type]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +81,10 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> FinishedRun:
     spec = small_spec()
     out = tmp_path_factory.mktemp("finished") / "run"
     seen: list[StudyRecord] = []
+    assert "RAY_AIR_NEW_OUTPUT" not in os.environ
     outcome = tune(spec, options(out), backend="ray", on_progress=seen.append)
+    # Set for Ray's run only: the process's environment is as it was.
+    assert "RAY_AIR_NEW_OUTPUT" not in os.environ
     return FinishedRun(spec, out, outcome, seen)
 
 
@@ -501,3 +508,124 @@ def test_a_damaged_ray_study_json_is_one_clear_line(tmp_path: Path, content: byt
     (tmp_path / "ray_study.json").write_bytes(content)
     with pytest.raises(UserInputError, match="ray_study.json"):
         runs.load_run(tmp_path)
+
+
+def test_importing_the_backend_changes_no_environment_variable() -> None:
+    # In a fresh process, after what the module imports (Ray itself sets RAY_CLIENT_MODE).
+    code = (
+        "import os, optuna, ray, ray.tune, ray.tune.search.optuna, torch, sofim_tune.study, sofim_tune.trial, sofim_tune.backends.ray_cluster, sofim_tune.backends.ray_member\n"
+        "before = dict(os.environ)\n"
+        "import sofim_tune.backends.ray\n"
+        "print(sorted(k for k in {*before, *os.environ} if before.get(k) != os.environ.get(k)))\n"
+    )
+    env = {key: value for key, value in os.environ.items() if key != "RAY_AIR_NEW_OUTPUT"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300, check=True)
+    assert done.stdout.strip() == "[]", done.stdout
+
+
+@pytest.mark.parametrize(
+    ("given", "option", "instead"),
+    [
+        ({"workers": 2}, "--workers", "--max-concurrent"),
+        ({"threads_per_trial": 2}, "--threads-per-trial", "--cpus-per-trial"),
+        ({"gpus": (0,)}, "--gpus", "--gpus-per-trial"),
+        ({"device": "cuda:1"}, "--device cuda:1", "--gpus-per-trial"),
+        ({"storage": "sqlite:///x.db"}, "--storage", "--storage-path"),
+    ],
+)
+def test_optuna_options_are_refused_before_ray_starts(tmp_path: Path, given: dict[str, Any], option: str, instead: str) -> None:
+    message = f"^{option} is for the Optuna backend and does nothing with --backend ray: .*{instead}"
+    with pytest.raises(UserInputError, match=message):
+        BACKEND.check_options(options(tmp_path / "run", **given))
+    with pytest.raises(UserInputError, match=message):
+        run_ray_study(small_spec(), load_space("sofim"), options(tmp_path / "run", **given))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_rerun_that_would_orphan_the_experiment_is_refused(finished_run: FinishedRun, tmp_path: Path) -> None:
+    spec, space = finished_run.spec, load_space(finished_run.spec.search_space)
+    copy = tmp_path / "run"
+    shutil.copytree(finished_run.out, copy)
+    before = snapshot(copy)
+    assert load_ray_record(copy).confirmations
+
+    # Another --storage-path would start a new experiment and forget this one and its confirmations.
+    with pytest.raises(UserInputError, match=f"^{copy} holds the Ray experiment .*, not .*elsewhere.*; to resume it, leave --storage-path out; to start afresh, choose a new --out$"):
+        run_ray_study(spec, space, options(copy, storage_path=str(tmp_path / "elsewhere")))
+    assert not (tmp_path / "elsewhere").exists()
+    assert_unchanged(before, copy)
+
+    # An experiment Ray cannot restore (killed before its first save) is not replaced either.
+    (copy / "ray" / spec.name / "tuner.pkl").unlink()
+    before = snapshot(copy)
+    with pytest.raises(UserInputError, match="which Ray cannot restore .*; to start afresh, choose a new --out$"):
+        run_ray_study(spec, space, options(copy))
+    assert_unchanged(before, copy)
+
+
+@ray.remote(num_cpus=0)
+class _StandInServer:
+    """A batch server that seats every member and answers an epoch at once, or never (``stuck``).
+
+    One call at a time, so a stuck epoch leaves every later call unanswered, as a server stuck
+    restarting does.
+    """
+
+    def __init__(self, stuck: bool = False) -> None:
+        self.stuck = stuck
+
+    def free_slots(self) -> int:
+        return 1
+
+    def join(self, member: str, trial_id: str, config: dict[str, Any], process_id: str, process: Any) -> bool:
+        return True
+
+    def epoch(self, member: str) -> dict[str, Any]:
+        if self.stuck:
+            time.sleep(3600)
+        return {"val_accuracy": 0.5, "epoch": 1}
+
+    def leave(self, member: str) -> None:
+        pass
+
+
+MARGIN = 0.5
+
+
+def _member(servers: list[Any]) -> Any:
+    """A batch member in a Ray process of its own, as Tune starts it, with a straggler margin of ``MARGIN`` s."""
+    trainable = ray_tune.with_parameters(ray_member.BatchMember, servers=servers, straggler_seconds=MARGIN)
+    return ray.remote(num_cpus=0)(trainable).remote(config={"lr": 0.1, NUMBER_KEY: 0})
+
+
+def test_a_member_fails_its_trial_when_its_server_stops_answering_or_dies() -> None:
+    stuck = _StandInServer.remote(stuck=True)
+    member = _member([stuck])
+    started = time.monotonic()
+    with pytest.raises(ray.exceptions.RayTaskError, match="BatchServerLost: the trial's batch server stopped answering"):
+        ray.get(member.train.remote(), timeout=60)
+    assert time.monotonic() - started < 30
+
+    stuck = _StandInServer.remote(stuck=True)
+    member = _member([stuck])
+    ray.get(member.__ray_ready__.remote(), timeout=60)  # joined
+    waiting = member.train.remote()
+    time.sleep(MARGIN / 2)
+    ray.kill(stuck)
+    with pytest.raises(ray.exceptions.RayTaskError, match="BatchServerLost: the trial's batch server was lost during its epoch"):
+        ray.get(waiting, timeout=60)
+
+
+def test_a_member_skips_dead_servers_when_it_joins() -> None:
+    dead, alive = _StandInServer.remote(), _StandInServer.remote()
+    ray.kill(dead)
+    member = _member([dead, alive])
+    assert ray.get(member.train.remote(), timeout=60)["epoch"] == 1
+
+    others = [_StandInServer.remote(), _StandInServer.remote()]
+    for server in others:
+        ray.kill(server)
+    started = time.monotonic()
+    with pytest.raises(ray.exceptions.RayActorError, match="BatchServerLost: every batch server of the study died"):
+        ray.get(_member(others).train.remote(), timeout=60)
+    assert time.monotonic() - started < 30

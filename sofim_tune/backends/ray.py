@@ -173,7 +173,9 @@ def confirmation_run(config: TrialConfig, options: RunOptions) -> TrialResult:
 # epoch; then the others train without it, and later rounds do not wait for it until it asks
 # again. A member is late when Tune's driver is busy, or when its process is gone: a trial
 # that ended (the driver tells the server in a moment), a process that died, or one that
-# Tune dropped while it was starting.
+# Tune dropped while it was starting. It is also a member's margin: a server that does not
+# answer within an epoch's budget plus this, nor say within this that it is there, fails the
+# member's trial (see BatchMember).
 STRAGGLER_SECONDS = 10.0
 # How often a server looks for members whose process died (a node lost, a process Tune
 # dropped), to free their slots.
@@ -384,8 +386,9 @@ def _start_servers(spec: StudySpec, space: SearchSpace, options: RunOptions, slo
         # Its CPUs are reserved by its members (see _member_resources); its GPUs by itself, as CUDA needs them visible.
         num_cpus=0,
         num_gpus=options.ray_gpus_per_trial,
-        # Every member waits inside epoch() at once, and joins and leaves come meanwhile.
-        max_concurrency=2 * slots + 4,
+        # Every member may wait inside epoch() or join() at once, asking meanwhile whether the
+        # server is there (see BatchMember), while leaves and ended trials come from the driver.
+        max_concurrency=4 * slots + 4,
         # A server whose node died starts again elsewhere, empty: Ray retries its members' trials.
         max_restarts=-1,
         scheduling_strategy="SPREAD",
@@ -1116,7 +1119,7 @@ def run_ray_study(spec: StudySpec, space: SearchSpace, options: RunOptions, *, o
             # As many trials as the servers have slots: members of GPU-only trials reserve no CPU, and Ray would start them all.
             capacity = server_count * slots
             max_concurrent = capacity if options.max_concurrent is None else min(capacity, options.max_concurrent)
-            trainable = tune.with_resources(tune.with_parameters(BatchMember, servers=_SERVERS[key]), _member_resources(options, slots))
+            trainable = tune.with_resources(tune.with_parameters(BatchMember, servers=_SERVERS[key], straggler_seconds=STRAGGLER_SECONDS), _member_resources(options, slots))
         else:
             trainable = tune.with_resources(
                 tune.with_parameters(sofim_trial, spec=spec, space=space, options=options),
