@@ -12,6 +12,7 @@ import math
 import importlib.metadata
 import importlib.resources
 import json
+import numbers
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -27,7 +28,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from sofim_tune import __version__
 from sofim_tune.errors import UserInputError
 from sofim_tune.files import read_json, redact_storage_url, write_text_atomic
-from sofim_tune.optim import OPTIMIZER_HYPERPARAMETERS, build_optimizer
+from sofim_tune.optim import OPTIMIZER_HYPERPARAMETERS, build_optimizer, hyperparameter_problem
 from sofim_tune.records import Confirmation, StudyRecord
 from sofim_tune.schedules import build_scheduler
 from sofim_tune.selection import CRITERION, current_confirmations, distinct_ranked, interval95, no_completed_trial, pick_recommended, regime, robust_score
@@ -245,16 +246,41 @@ def _validate(data: Any, source: str) -> None:
     """Raise a one-line UserInputError naming the most relevant schema violation."""
     if isinstance(data, Mapping) and "schema" in data and data["schema"] != SCHEMA_ID:
         # Checked first so that a newer or foreign file says so, not "extra field X".
-        what = f"schema is {data['schema']!r}, expected {SCHEMA_ID!r}"
+        shown = repr(data["schema"]) if isinstance(data["schema"], str) else f"a {type(data['schema']).__name__}"
+        what = f"schema is {shown}, expected {SCHEMA_ID!r}"
     else:
-        error = jsonschema.exceptions.best_match(_validator().iter_errors(data))
-        if error is None:
-            return
-        where = "/".join(str(p) for p in error.absolute_path) or "top level"
-        what = f"{where}: {error.message}"
-    # Messages can quote a whole sub-document; the CLI prints exactly one short line.
+        what = _domain_problem(data)
+        if what is None:
+            try:
+                error = jsonschema.exceptions.best_match(_validator().iter_errors(data))
+            except RecursionError:  # a parsed mapping can nest deeper than any file read_json accepts
+                raise UserInputError(f"{source}: not a sofim-tune v1 recommendation: nested too deeply") from None
+            if error is None:
+                return
+            where = "/".join(str(p) for p in error.absolute_path) or "top level"
+            what = f"{where}: {error.message}"
+    # Messages can quote a whole sub-document; the CLI prints exactly one short line, which keeps
+    # the message's end ("... is not of type 'number'") too.
     what = " ".join(what.split())
-    raise UserInputError(f"{source}: not a sofim-tune v1 recommendation: {what[:300]}")
+    if len(what) > 300:
+        what = f"{what[:200]} … {what[-100:]}"
+    raise UserInputError(f"{source}: not a sofim-tune v1 recommendation: {what}")
+
+
+def _domain_problem(data: Any) -> str | None:
+    """The first optimizer hyperparameter out of its domain in ``hyperparameters`` or ``fixed``
+    (``"hyperparameters.lr must be > 0, got -0.5"``): the optimizer's own rule
+    (``optim.HYPERPARAMETER_DOMAINS``), which the schema states too. Values of the wrong type
+    are left to the schema."""
+    if not isinstance(data, Mapping):
+        return None
+    for table in ("hyperparameters", "fixed"):
+        values = data.get(table)
+        for name, value in values.items() if isinstance(values, Mapping) else ():
+            problem = hyperparameter_problem(name, value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else None
+            if problem is not None:
+                return f"{table}.{problem}"
+    return None
 
 
 def param_importances(study: StudyRecord) -> dict[str, float]:

@@ -320,3 +320,65 @@ def test_password_never_written(tmp_path: Path) -> None:
     text = path.read_text()
     assert "s3cr3t" not in text
     assert "postgresql://tuner:***@db.example/optuna" in text
+
+
+# --- domains: the schema, the loader and the optimizer agree -----------------------------------
+
+DOMAIN_PROBES = [-float("inf"), -1.0, -1e-300, 0.0, 1e-300, 0.5, 0.999, 1.0, 1.5, 1e308, float("inf"), float("nan")]
+
+
+@pytest.mark.parametrize("name", ["lr", "rho", "beta1", "beta2", "momentum", "weight_decay"])
+def test_the_schema_states_the_optimizers_domain_of_each_hyperparameter(rec: Recommendation, name: str) -> None:
+    from sofim_tune.optim import OPTIMIZER_HYPERPARAMETERS, hyperparameter_problem
+
+    optimizer = next(o for o, takes in OPTIMIZER_HYPERPARAMETERS.items() if name in takes)
+    validator = jsonschema.Draft202012Validator(_schema())
+    for value in DOMAIN_PROBES:
+        for table in ("hyperparameters", "fixed"):
+            data = rec.to_dict() | {"optimizer": optimizer, "hyperparameters": {"lr": 0.1}}
+            data[table] = data[table] | {name: value}
+            schema_accepts = validator.is_valid(data)
+            # NaN compares false with every bound, so JSON Schema cannot refuse it; JSON cannot hold it either.
+            if value == value:
+                assert schema_accepts == (hyperparameter_problem(name, value) is None), (table, name, value)
+            if hyperparameter_problem(name, value) is not None:
+                with pytest.raises(UserInputError, match=f"{table}.{name} must"):
+                    Recommendation.from_dict(data)
+
+
+def test_the_schema_names_each_optimizer_and_what_it_takes() -> None:
+    from sofim_tune.optim import OPTIMIZER_HYPERPARAMETERS
+
+    schema = _schema()
+    assert schema["properties"]["optimizer"]["enum"] == list(OPTIMIZER_HYPERPARAMETERS)
+    takes = {rule["if"]["properties"]["optimizer"]["const"]: rule["then"]["properties"]["hyperparameters"]["propertyNames"]["enum"] for rule in schema["allOf"]}
+    assert takes == {name: list(names) for name, names in OPTIMIZER_HYPERPARAMETERS.items()}
+
+
+@pytest.mark.parametrize(
+    ("changes", "what"),
+    [
+        ({"hyperparameters": {"lr": -0.5, "rho": 1.0, "beta1": 0.9}}, "hyperparameters.lr must be > 0, got -0.5"),
+        ({"hyperparameters": {"lr": 0.1, "rho": 0, "beta1": 0.9}}, "hyperparameters.rho must be > 0, got 0"),
+        ({"hyperparameters": {"lr": 0.1, "rho": 1.0, "beta1": 1.5}}, "hyperparameters.beta1 must lie in [0, 1), got 1.5"),
+        ({"hyperparameters": {"lr": 0.1, "momentum": 0.9}}, "hyperparameters: 'momentum' is not one of ['lr', 'rho', 'beta1', 'weight_decay']"),
+        ({"optimizer": "lion"}, "optimizer: 'lion' is not one of"),
+        ({"fixed": {"epochs": 0, "batch_size": 64}}, "fixed/epochs: 0 is less than the minimum of 1"),
+        ({"fixed": {"epochs": 3, "batch_size": 64, "schedule": ["cosine"]}}, "fixed/schedule: ['cosine'] is not of type"),
+    ],
+)
+def test_load_refuses_values_out_of_their_domain(tmp_path: Path, rec: Recommendation, changes: dict, what: str) -> None:
+    path = tmp_path / "best.json"
+    path.write_text(json.dumps(rec.to_dict() | changes))
+    with pytest.raises(UserInputError) as info:
+        load_recommendation(path)
+    assert what in str(info.value)
+
+
+def test_a_long_schema_message_keeps_its_end(tmp_path: Path, rec: Recommendation) -> None:
+    data = rec.to_dict()
+    data["fixed"]["x"] = [[[[["a" * 50] * 20]]]]
+    path = tmp_path / "best.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(UserInputError, match=r"fixed/x: .* … .* is not of type 'number', 'string', 'boolean', 'null'$"):
+        load_recommendation(path)
