@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar
 from datetime import datetime
 from pathlib import Path
 
@@ -87,20 +87,65 @@ def status(record: StudyRecord) -> StudyStatus:
     )
 
 
+Basis = Literal["confirmed", "search"]
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """Recommendations that compare like with like: one metric, ranked by one kind of value.
+
+    Attributes:
+        metric, direction: the metric (``val_accuracy``) and which way is better.
+        basis: ``confirmed``: ranked by the mean over the confirmation seeds; ``search``: by
+            the value the recommended trial reached in the search (files without a
+            confirmation), a single draw that a confirmed mean is not comparable with.
+        entries: (best.json, its recommendation), best first.
+    """
+
+    metric: str
+    direction: str
+    basis: Basis
+    entries: list[tuple[Path, Recommendation]]
+
+    def describe(self) -> str:
+        """``"ranked by the confirmed mean of val_accuracy (higher is better)"``."""
+        value = "confirmed mean" if self.basis == "confirmed" else "search value (not confirmed)"
+        better = "higher" if self.direction == "maximize" else "lower"
+        return f"ranked by the {value} of {self.metric} ({better} is better)"
+
+    def value(self, rec: Recommendation) -> float:
+        """The number ``rec`` is ranked by."""
+        return _ranked_by(rec, self.basis)
+
+
+def _basis(rec: Recommendation) -> Basis:
+    return "confirmed" if rec.metric.confirm is not None else "search"
+
+
+def _ranked_by(rec: Recommendation, basis: Basis) -> float:
+    return rec.metric.confirm.mean if basis == "confirmed" and rec.metric.confirm is not None else rec.metric.value
+
+
 @dataclass(frozen=True)
 class Found:
     """What :func:`find_recommendations` found under a results folder.
 
     Attributes:
-        recommendations: (best.json, its recommendation) of each run folder, best first.
+        rankings: the valid best.json files for the dataset, one :class:`Ranking` per metric
+            and basis; confirmed rankings come first, then by metric name.
         invalid: one line per best.json or compare.json that could not be read, saying why.
         choice: from a compare folder for the dataset (the newest, when several): the
             optimizer to use, its recommendation, the comparison, and its folder.
     """
 
-    recommendations: list[tuple[Path, Recommendation]]
+    rankings: list[Ranking]
     invalid: list[str]
     choice: OptimizerChoice | None = None
+
+    @property
+    def recommendations(self) -> list[tuple[Path, Recommendation]]:
+        """Every entry, ranking after ranking: the first is the top of the first ranking."""
+        return [entry for ranking in self.rankings for entry in ranking.entries]
 
 
 @dataclass(frozen=True)
@@ -114,16 +159,24 @@ class OptimizerChoice:
 
 
 def find_recommendations(results: str | Path, dataset: str, arch: str | None = None) -> Found:
-    """Every valid best.json under ``results`` for ``dataset`` (and ``arch``), best first.
+    """Every valid best.json under ``results`` for ``dataset`` (and ``arch``), ranked like with like.
 
-    Files that are not v1 recommendations are left out and named in ``invalid``.
+    Files of different metrics, and confirmed files and unconfirmed ones, are never ranked
+    against each other: each group is a :class:`Ranking` of its own. Files that are not v1
+    recommendations are left out and named in ``invalid``.
     """
     root = Path(results)
     invalid: list[str] = []
     found = [(path, rec) for path, rec in _readable(root, "best.json", load_recommendation, invalid) if rec.dataset == dataset and (arch is None or rec.arch == arch)]
-    # By the confirmed mean where there is one: the search value of a single trial is a lucky draw.
-    found.sort(key=lambda item: _confirmed_or_search(item[1]), reverse=True)
-    return Found(found, invalid, _choose_optimizer(root, dataset, arch, invalid))
+    groups: dict[tuple[Basis, str, str], list[tuple[Path, Recommendation]]] = {}
+    for path, rec in found:
+        groups.setdefault((_basis(rec), rec.metric.name, rec.metric.direction), []).append((path, rec))
+    rankings = []
+    for (basis, metric, direction), entries in sorted(groups.items(), key=lambda item: (item[0][0] != "confirmed", item[0][1:])):
+        sign = 1.0 if direction == "maximize" else -1.0
+        ranked = sorted(entries, key=lambda entry: sign * _ranked_by(entry[1], basis), reverse=True)
+        rankings.append(Ranking(metric, direction, basis, ranked))
+    return Found(rankings, invalid, _choose_optimizer(root, dataset, arch, invalid))
 
 
 def _readable(root: Path, name: str, load: Callable[[Path], T], invalid: list[str]) -> Iterator[tuple[Path, T]]:
@@ -133,11 +186,6 @@ def _readable(root: Path, name: str, load: Callable[[Path], T], invalid: list[st
             yield path, load(path)
         except UserInputError as exc:
             invalid.append(str(exc))
-
-
-def _confirmed_or_search(rec: Recommendation) -> float:
-    value = rec.metric.confirm.mean if rec.metric.confirm is not None else rec.metric.value
-    return value if rec.metric.direction == "maximize" else -value
 
 
 def _choose_optimizer(root: Path, dataset: str, arch: str | None, invalid: list[str]) -> OptimizerChoice | None:

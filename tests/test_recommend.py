@@ -382,3 +382,58 @@ def test_a_long_schema_message_keeps_its_end(tmp_path: Path, rec: Recommendation
     path.write_text(json.dumps(data))
     with pytest.raises(UserInputError, match=r"fixed/x: .* … .* is not of type 'number', 'string', 'boolean', 'null'$"):
         load_recommendation(path)
+
+
+# --- recommend: like with like ---------------------------------------------------------------
+
+
+def _variant(rec: Recommendation, *, metric: str, search: float, confirmed: float | None, lr: float) -> dict:
+    data = rec.to_dict()
+    data["hyperparameters"]["lr"] = lr
+    data["metric"] |= {"name": metric, "direction": "maximize" if metric == "val_accuracy" else "minimize", "value": search}
+    data["metric"]["confirm"] = None if confirmed is None else data["metric"]["confirm"] | {"mean": confirmed}
+    return data
+
+
+@pytest.fixture()
+def mixed_results(tmp_path: Path, rec: Recommendation) -> Path:
+    """Confirmed and unconfirmed files of two metrics: a lucky unconfirmed search value tops every number."""
+    variants = {
+        "acc-a": dict(metric="val_accuracy", search=0.72, confirmed=0.70, lr=0.01),
+        "acc-b": dict(metric="val_accuracy", search=0.60, confirmed=0.71, lr=0.02),
+        "acc-lucky": dict(metric="val_accuracy", search=0.99, confirmed=None, lr=0.03),
+        "loss-d": dict(metric="val_loss", search=0.25, confirmed=0.30, lr=0.04),
+        "loss-e": dict(metric="val_loss", search=0.35, confirmed=0.20, lr=0.05),
+    }
+    for name, variant in variants.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "best.json").write_text(json.dumps(_variant(rec, **variant)))
+    return tmp_path
+
+
+def test_recommend_ranks_like_with_like(mixed_results: Path) -> None:
+    from sofim_tune.runs import find_recommendations
+
+    found = find_recommendations(mixed_results, "cifar100")
+    assert [(r.basis, r.metric, [path.parent.name for path, _ in r.entries]) for r in found.rankings] == [
+        ("confirmed", "val_accuracy", ["acc-b", "acc-a"]),
+        ("confirmed", "val_loss", ["loss-e", "loss-d"]),
+        ("search", "val_accuracy", ["acc-lucky"]),
+    ]
+    assert [r.describe() for r in found.rankings] == [
+        "ranked by the confirmed mean of val_accuracy (higher is better)",
+        "ranked by the confirmed mean of val_loss (lower is better)",
+        "ranked by the search value (not confirmed) of val_accuracy (higher is better)",
+    ]
+    assert [found.rankings[0].value(rec) for _, rec in found.rankings[0].entries] == [0.71, 0.70]
+    assert found.recommendations[0][0].parent.name == "acc-b"
+
+
+def test_recommend_json_prints_the_top_of_the_first_ranking(mixed_results: Path) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "sofim_tune.cli.app", "recommend", "--dataset", "cifar100", "--results", str(mixed_results), "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["hyperparameters"]["lr"] == 0.02
