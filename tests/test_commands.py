@@ -148,15 +148,15 @@ def test_unwritable_output(results, tmp_path):
     one_line_exit_2(invoke("export", results / "digits-mlp", "-o", blocker / "best.json"), "best.json")
 
 
-def test_sofim_from_recommendation(results):
+def test_optimizer_from_recommendation(results):
     import torch
 
-    from sofim_tune import SOFIM
+    from sofim_tune.recommend import optimizer_from_recommendation
 
     rec = load_recommendation(results / "digits-mlp" / "best.json")
-    opt = SOFIM.from_recommendation(torch.nn.Linear(2, 2).parameters(), rec)
+    opt = optimizer_from_recommendation(torch.nn.Linear(2, 2).parameters(), rec)
     assert opt.param_groups[0]["lr"] == rec.hyperparameters["lr"] and opt.param_groups[0]["rho"] == rec.hyperparameters["rho"]
-    assert SOFIM.from_recommendation(torch.nn.Linear(2, 2).parameters(), results / "digits-mlp" / "best.json").defaults["beta1"] == rec.hyperparameters["beta1"]
+    assert optimizer_from_recommendation(torch.nn.Linear(2, 2).parameters(), results / "digits-mlp" / "best.json").defaults["beta1"] == rec.hyperparameters["beta1"]
 
 
 def test_a_log_without_a_terminal_hears_from_a_long_trial(monkeypatch, capsys):
