@@ -634,11 +634,10 @@ def plot(
     Example: `sofim-tune plot runs/cifar100-resnet18 --png`
     """
     from sofim_tune import runs
-    from sofim_tune.report import foreign_report_files, refuse_symlinked_folder
+    from sofim_tune.report import foreign_report_files
 
     target = _path(output, "--output") or run_dir or Path(".")
     record = runs.load_run(run_dir, storage=_storage(storage, storage_env), study=study)
-    refuse_symlinked_folder(target / "plots")
     _refuse_overwriting(foreign_report_files(target, png=png), force)
     report = runs.plot(record, target, png=png)
     for path in (report.html, *report.pngs):

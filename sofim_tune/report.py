@@ -842,7 +842,11 @@ def foreign_report_files(out_dir: str | Path, *, png: bool = False) -> list[Path
 
     Pages are known by :func:`sofim_tune.pages.is_our_page`, ``plots/plotly.min.js`` by
     plotly.js's banner, a figure's PNG by being a PNG beside its figure's page of ours.
+
+    Raises:
+        UserInputError: ``out_dir/plots`` is a symlink (:func:`refuse_symlinked_folder`).
     """
+    refuse_symlinked_folder(Path(out_dir) / "plots")
     return [path for path in report_files(out_dir, png=png) if os.path.lexists(path) and not _ours(path)]
 
 
