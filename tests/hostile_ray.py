@@ -82,6 +82,18 @@ def _show_with(path: str, text: str) -> Callable[[Path, Path | None], Sequence[s
     return args
 
 
+def _show_with_metadata(**fields: object) -> Callable[[Path, Path | None], Sequence[str]]:
+    """``show`` on a Ray run folder whose ``ray_study.json`` has ``fields`` replaced."""
+
+    def args(scratch: Path, run: Path | None) -> list[str]:
+        ray_run_folder(scratch / "run")
+        meta_file = scratch / "run" / "ray_study.json"
+        meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), **fields}))
+        return ["show", "run"]
+
+    return args
+
+
 def _shows_the_readable_trial(scratch: Path, done: subprocess.CompletedProcess[str]) -> None:
     # The trial's good row is kept: it completed with the value of its second epoch, the best so far.
     assert "0.7" in done.stdout and re.search(r"complete\W+1\b", done.stdout), done.stdout
@@ -108,6 +120,7 @@ CLI_CASES: list[CliCase] = [
     _refused("ray-device-cuda", ["--device", "cuda"], "--device cuda is for the Optuna backend and does nothing with --backend ray: a Ray trial gets its GPU from --gpus-per-trial"),
     _refused("ray-storage", ["--storage", "sqlite:///study.db"], "--storage is for the Optuna backend and does nothing with --backend ray: Ray keeps its experiment under --storage-path"),
     CliCase("ray-study-json-nested", _show_with("ray_study.json", NESTED_JSON), message="ray_study.json: cannot read: JSON nested too deeply"),
+    CliCase("ray-study-json-wrong-types", _show_with_metadata(epochs="two", confirmations=[1]), message="ray_study.json: corrupted (ValueError: invalid literal for int()"),
     # A malformed line in a trial's result.json, or a malformed searcher account or settings
     # file, is read as a line (or file) no trial wrote: show lists what it can read.
     CliCase("ray-result-line-nested", _show_with("experiment/trial_0000_a1b2c3/result.json", NESTED_JSON + "\n"), exit_code=0),

@@ -984,6 +984,17 @@ def _read_metadata(run_dir: Path) -> dict[str, Any] | None:
     return meta
 
 
+@contextlib.contextmanager
+def _metadata_read_from(run_dir: Path) -> Iterator[None]:
+    """A ``ray_study.json`` whose fields have the wrong types (edited by hand, say) is one line, not a traceback."""
+    try:
+        yield
+    except UserInputError:
+        raise
+    except (TypeError, ValueError, AttributeError, KeyError) as exc:
+        raise UserInputError(f"{run_dir / METADATA_FILE}: corrupted ({type(exc).__name__}: {exc}); rerun the study into a new --out") from None
+
+
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:
     write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
@@ -1019,14 +1030,22 @@ def _existing_experiment(spec: StudySpec, space: SearchSpace, options: RunOption
     """
     restorable = tune.Tuner.can_restore(experiment)
     meta = _read_metadata(options.out_dir)
-    if meta is None or meta.get("backend") != "ray":
+    if meta is not None and meta.get("backend") != "ray":
+        raise UserInputError(f"{options.out_dir / METADATA_FILE} does not describe a Ray study; choose a new --out")
+    if meta is None:
         if restorable:
             raise UserInputError(f"{experiment} holds a Ray experiment that {options.out_dir / METADATA_FILE} does not describe; use another --out or --storage-path")
         return None
-    recorded = _experiment_path(meta, options.out_dir)
-    if recorded != experiment:
+    with _metadata_read_from(options.out_dir):
+        return _resumable(meta, spec, space, options, experiment, restorable)
+
+
+def _resumable(meta: dict[str, Any], spec: StudySpec, space: SearchSpace, options: RunOptions, experiment: str, restorable: bool) -> dict[str, Any]:
+    """``meta``, the run folder's record, when this run can resume its experiment (see :func:`_existing_experiment`)."""
+    recorded_experiment = _experiment_path(meta, options.out_dir)
+    if recorded_experiment != experiment:
         resume = "leave --storage-path out" if meta.get("storage_path") is None else f"give --storage-path {meta['storage_path']}"
-        raise UserInputError(f"{options.out_dir} holds the Ray experiment {recorded}, not {experiment}; to resume it, {resume}; to start afresh, choose a new --out")
+        raise UserInputError(f"{options.out_dir} holds the Ray experiment {recorded_experiment}, not {experiment}; to resume it, {resume}; to start afresh, choose a new --out")
     if not restorable:
         raise UserInputError(
             f"{options.out_dir} holds the Ray experiment {experiment}, which Ray cannot restore (it was stopped before its first save, or its files are gone); to start afresh, choose a new --out"
@@ -1221,9 +1240,11 @@ def load_ray_record(run_dir: Path) -> StudyRecord:
     meta = _read_metadata(run_dir)
     if meta is None or meta.get("backend") != "ray":
         raise UserInputError(f"{run_dir} holds no Ray study (no {METADATA_FILE})")
-    space = SearchSpace.from_dict(meta["space_definition"])
-    trials = _read_trials(_experiment_path(meta, run_dir), space, meta["metric"], int(meta["epochs"]), ended=bool(meta.get("ended")))
-    return _study_record(meta, trials)
+    with _metadata_read_from(run_dir):
+        space = SearchSpace.from_dict(meta["space_definition"])
+        experiment, metric, epochs = _experiment_path(meta, run_dir), str(meta["metric"]), int(meta["epochs"])
+        _study_record(meta, [])  # every other field it records, checked before the trials are read
+    return _study_record(meta, _read_trials(experiment, space, metric, epochs, ended=bool(meta.get("ended"))))
 
 
 class RayBackend:
