@@ -132,7 +132,8 @@ def test_resume_after_sigkill_reaches_exactly_the_target(tmp_path):
     killed = [t for t in all_trials if t.state == TrialState.FAIL and t.user_attrs.get("reason") == "interrupted"]
     assert len(killed) == 1
     retried = [t for t in all_trials if t.user_attrs.get("retry_of") == killed[0].number]
-    assert len(retried) == 1 and retried[0].params == killed[0].params
+    # The settings it had drawn, if any: on a busy machine the kill can land between ask and draw.
+    assert len(retried) == 1 and killed[0].params.items() <= retried[0].params.items()
 
 
 def test_two_workers_share_the_default_storage(tmp_path):
@@ -445,7 +446,8 @@ def test_a_killed_worker_is_named_and_the_others_finish_the_study(tmp_path):
     (left,) = killed
     assert left.number >= victim.number and left.user_attrs["reason"] == "interrupted"
     assert f"it left trial {left.number}" in warning[0]
-    assert [t.params for t in all_trials if t.user_attrs.get("retry_of") == left.number] == [left.params]
+    (retried,) = [t for t in all_trials if t.user_attrs.get("retry_of") == left.number]
+    assert left.params.items() <= retried.params.items()  # empty when the kill landed between ask and draw
 
 
 def test_a_log_without_a_terminal_gets_a_line_per_finished_trial(tmp_path):

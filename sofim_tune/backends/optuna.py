@@ -187,7 +187,8 @@ def _is_journal(head: bytes) -> bool:
 def _sqlite_tables(file: Path) -> set[str]:
     """The tables of an SQLite file, read without writing anything."""
     try:
-        with contextlib.closing(sqlite3.connect(f"{file.resolve().as_uri()}?mode=ro", uri=True)) as db:
+        # As long as the storage waits for a lock: workers may be writing to it.
+        with contextlib.closing(sqlite3.connect(f"{file.resolve().as_uri()}?mode=ro", uri=True, timeout=300)) as db:
             return {row[0] for row in db.execute("select name from sqlite_master where type = 'table'")}
     except sqlite3.Error as exc:
         raise UserInputError(f"storage sqlite:///{file}: cannot read it as an SQLite database: {exc}") from None
