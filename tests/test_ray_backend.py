@@ -542,6 +542,11 @@ def test_optuna_options_are_refused_before_ray_starts(tmp_path: Path, given: dic
     assert not (tmp_path / "run").exists()
 
 
+def test_a_cuda_device_agrees_with_gpus_per_trial(tmp_path: Path) -> None:
+    # A trial that reserves a GPU trains on it: --device cuda then says the same, and is not refused.
+    BACKEND.check_options(options(tmp_path / "run", device="cuda", gpus_per_trial=1.0))
+
+
 def test_a_rerun_that_would_orphan_the_experiment_is_refused(finished_run: FinishedRun, tmp_path: Path) -> None:
     spec, space = finished_run.spec, load_space(finished_run.spec.search_space)
     copy = tmp_path / "run"

@@ -904,14 +904,15 @@ def _refuse_optuna_options(options: RunOptions) -> None:
     """Refuse the Optuna backend's options, each with the Ray option that does its work.
 
     Ray places trials by what each reserves, so none of them means the same here: ignored,
-    ``--gpus all`` would train every trial on the CPU.
+    ``--gpus all`` would train every trial on the CPU. ``--device cuda`` is refused only where
+    it would be ignored so, as a trial with ``--gpus-per-trial`` trains on its GPU.
     """
     gpu_instead = "a Ray trial gets its GPU from --gpus-per-trial (1: a GPU each, 0.25: four trials per GPU)"
     given = [
         ("--workers", options.workers is not None, "Ray runs as many trials at once as their resources allow; cap them with --max-concurrent"),
         ("--threads-per-trial", options.threads_per_trial is not None, "a Ray trial runs one torch thread per CPU it reserves; set --cpus-per-trial"),
         ("--gpus", bool(options.gpus), gpu_instead),
-        (f"--device {options.device}", options.device.strip().lower().startswith("cuda"), gpu_instead),
+        (f"--device {options.device}", options.device.strip().lower().startswith("cuda") and options.ray_gpus_per_trial == 0, gpu_instead),
         ("--storage", options.storage is not None, "Ray keeps its experiment under --storage-path (default: --out/ray)"),
     ]
     for option, is_given, instead in given:
