@@ -13,7 +13,11 @@ and ``show`` read the study from plain files alone (``ray_study.json``, the sear
 ``sofim_search.json``, and each trial folder's ``params.json``, ``result.json`` and
 ``error.txt``), never from Ray's pickled state, so that opening a run folder from
 elsewhere runs no code from it. A rerun with another search space is refused instead of
-mixing two searches in one experiment.
+mixing two searches in one experiment, and a rerun resumes the experiment that its run folder
+records or none: one that would start another (a changed ``--storage-path``, or an experiment
+that Ray cannot restore) is refused instead of orphaning it. The Optuna backend's options
+(``--workers``, ``--threads-per-trial``, ``--gpus``, ``--storage``) are refused, as Ray would
+ignore them.
 
 With ``--batch-trials K`` each trial is a light :class:`~sofim_tune.backends.ray_member.BatchMember`
 that a :class:`BatchServer` trains with up to K - 1 others as one stacked model, an epoch per
