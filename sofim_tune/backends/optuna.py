@@ -699,7 +699,7 @@ def _fail_left(study: optuna.Study, trials: Sequence[optuna.Trial], exc: BaseExc
                 _mark_failed(trial, "failed", exc)
             study.tell(trial, state=TrialState.FAIL)
         except Exception as tell_error:  # noqa: BLE001 - the storage may be what failed; recovery fails the trial later
-            log.warning("trial %d was left running: marking it failed failed too (%s)", trial.number, type(tell_error).__name__)
+            log.warning("trial %d stays RUNNING until a run's recovery fails it: the storage refused its failure too (%s)", trial.number, type(tell_error).__name__)
 
 
 class _Heartbeats:
