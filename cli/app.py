@@ -107,7 +107,7 @@ DeviceOpt = Annotated[str, typer.Option(help="`auto` (CUDA when present), `cpu`,
 DataDirOpt = Annotated[Optional[str], typer.Option(help="Folder with torchvision datasets; default: $SOFIM_TUNE_DATA or ~/.cache/sofim-tune/data.")]
 DownloadOpt = Annotated[bool, typer.Option("--download", help="Download a missing torchvision dataset into --data-dir.")]
 AugmentOpt = Annotated[Optional[str], typer.Option(help="Training augmentation: `none`, `crop`, `flip` or `crop-flip`; default: the dataset's (CIFAR crop-flip, SVHN and your folders crop, MNIST-like none).")]
-ImageSizeOpt = Annotated[Optional[int], typer.Option(help="Resize an ImageFolder's images to this square side (>= 8); default: keep their size when they share one.")]
+ImageSizeOpt = Annotated[Optional[int], typer.Option(help="Resize an ImageFolder's images to this square side (8 to 1024); default: keep their size when they share one.")]
 ScheduleOpt = Annotated[Optional[str], typer.Option(help="Learning-rate schedule, stepped per batch: `constant`, `cosine` or `warmup-cosine`.")]
 WarmupOpt = Annotated[Optional[int], typer.Option(help="Warm-up epochs of `warmup-cosine` (>= 1, below --epochs).")]
 LabelSmoothingOpt = Annotated[Optional[float], typer.Option(help="Cross-entropy label smoothing in [0, 1).")]
@@ -118,9 +118,9 @@ StudyOpt = Annotated[Optional[str], typer.Option(help="A shipped study spec (`ci
 TrialsOpt = Annotated[Optional[int], typer.Option(help="Finished (completed or pruned) trials to reach (>= 1).")]
 SamplerOpt = Annotated[Optional[str], typer.Option(help="`tpe` (default), `random`, `qmc`, `cmaes`, `gp` or `grid`.")]
 PrunerOpt = Annotated[Optional[str], typer.Option(help="`hyperband` (default), `median`, `sha` or `none`.")]
-WorkersOpt = Annotated[Optional[int], typer.Option(help="Trials at once, each in its own worker process; default: one per physical core on the CPU (memory and --trials permitting), 4 small-model trials per GPU.")]
+WorkersOpt = Annotated[Optional[int], typer.Option(help="Trials at once, each in its own worker process; default: one per physical core on the CPU (memory and --trials permitting), 4 small-model trials per GPU. At most --trials and 4 per CPU (4 × the automatic count per GPU); more is lowered with a warning.")]
 BatchTrialsOpt = Annotated[Optional[int], typer.Option(help="Trials each worker (Ray: each batch server) trains at once as one stacked model (MLP and CNN), e.g. --batch-trials 8; default 1: one at a time (batching did not pay on a 2-core CPU; see the README). A Ray resume keeps its experiment's.")]
-ThreadsOpt = Annotated[Optional[int], typer.Option(help="torch threads per trial; default: the cores left over per worker (1 when every core has a worker).")]
+ThreadsOpt = Annotated[Optional[int], typer.Option(help="torch threads per trial; default: the cores left over per worker (1 when every core has a worker); at most the CPUs available, more is lowered with a warning.")]
 ConfirmTopOpt = Annotated[Optional[int], typer.Option(help="Configurations retrained with fresh seeds before recommending.")]
 ConfirmSeedsOpt = Annotated[Optional[int], typer.Option(help="Fresh seeds (and splits) per confirmed candidate, >= 2; the interval in best.json is over them.")]
 RunStorageEnvOpt = Annotated[Optional[str], typer.Option(help="Read the storage URL from this environment variable, so its password stays out of `ps`.")]
@@ -692,6 +692,8 @@ def recommend(
         what = f"{dataset}" + (f" / {arch}" if arch else "")
         raise UserInputError(f"no recommendation for {what} under {results}/ yet; make one with: sofim-tune run --dataset {dataset}" + (f" --arch {arch}" if arch else ""))
     if as_json:
+        if choice is None and len(search.rankings) > 1:
+            err.print(f"note: {search.rankings[0].describe()}; {len(search.rankings) - 1} other ranking(s) do not compare with it", highlight=False)
         print(json.dumps((choice.recommendation if choice else found[0][1]).to_dict()))
         return
     if choice is not None:
@@ -704,21 +706,23 @@ def recommend(
             out.print(f"  {sentence}", highlight=False, soft_wrap=True)
     if not found:
         return
-    table = Table(title=f"recommended settings for {dataset}")
-    for column in ("arch", "optimizer", "settings", "metric", "confirmed (mean ± std)", "test acc", "from"):
-        table.add_column(column)
-    for path, rec in found:
-        confirm = rec.metric.confirm
-        table.add_row(
-            rec.arch,
-            rec.optimizer,
-            ", ".join(f"{k}={v:.4g}" for k, v in rec.hyperparameters.items()),
-            f"{rec.metric.name} {rec.metric.value:.4f}",
-            f"{confirm.mean:.4f} ± {confirm.std:.4f}" if confirm else "-",
-            f"{rec.metric.test_accuracy:.4f}" if rec.metric.test_accuracy is not None else "-",
-            str(path),
-        )
-    out.print(table)
+    for ranking in search.rankings:
+        table = Table(title=f"recommended settings for {dataset}, {ranking.describe()}")
+        for column in ("arch", "optimizer", "settings", "ranked by", "search value", "confirmed (mean ± std)", "test acc", "from"):
+            table.add_column(column)
+        for path, rec in ranking.entries:
+            confirm = rec.metric.confirm
+            table.add_row(
+                rec.arch,
+                rec.optimizer,
+                ", ".join(f"{k}={v:.4g}" for k, v in rec.hyperparameters.items()),
+                f"{ranking.value(rec):.4f}",
+                f"{rec.metric.name} {rec.metric.value:.4f}",
+                f"{confirm.mean:.4f} ± {confirm.std:.4f}" if confirm else "-",
+                f"{rec.metric.test_accuracy:.4f}" if rec.metric.test_accuracy is not None else "-",
+                str(path),
+            )
+        out.print(table)
 
 
 def main() -> None:
