@@ -21,7 +21,7 @@ import math
 import re
 import reprlib
 import stat
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -30,7 +30,7 @@ from typing import Any, Literal, NamedTuple
 import yaml
 
 from sofim_tune.errors import UserInputError
-from sofim_tune.optim import OPTIMIZER_HYPERPARAMETERS
+from sofim_tune.optim import OPTIMIZER_HYPERPARAMETERS, hyperparameter_problem
 
 __all__ = [
     "MAX_FILE_BYTES",
@@ -255,31 +255,13 @@ def read_source(name_or_path: str | Path, package: str, suffixes: tuple[str, ...
 # What the optimizers take
 # ---------------------------------------------------------------------------------------
 
-# Training settings a space may pin next to the optimizer's hyperparameters.
+# Training settings a space may pin next to the optimizer's hyperparameters: counts, >= 1.
 _TRAINING_KEYS = ("batch_size", "epochs")
 _INTEGER_KEYS = frozenset(_TRAINING_KEYS)
 
 # "lr_over_rho": the sampler searches lr/rho and rho; lr = lr_over_rho * rho. See
 # search_spaces/sofim-effective.yaml for why.
 _REPARAMETERIZATIONS = ("lr_over_rho",)
-
-_EMA = ("in [0, 1)", lambda v: 0 <= v < 1)  # an average with weight >= 1 never forgets
-_NON_NEGATIVE = (">= 0", lambda v: v >= 0)
-_POSITIVE = ("> 0", lambda v: v > 0)
-_AT_LEAST_ONE = (">= 1", lambda v: v >= 1)
-
-# Values each name may take; checked for fixed values and for both ends of a range.
-_DOMAINS: dict[str, tuple[str, Callable[[float], bool]]] = {
-    "lr": _NON_NEGATIVE,
-    "weight_decay": _NON_NEGATIVE,
-    "rho": _POSITIVE,  # F = m̂m̂ᵀ + ρI is only invertible for ρ > 0
-    "lr_over_rho": _POSITIVE,
-    "beta1": _EMA,
-    "beta2": _EMA,
-    "momentum": _EMA,
-    "batch_size": _AT_LEAST_ONE,
-    "epochs": _AT_LEAST_ONE,
-}
 
 _TOP_KEYS = ("optimizer", "params", "fixed", "reparameterization")
 _RANGE_KEYS = ("type", "low", "high", "log")
@@ -298,8 +280,15 @@ def _optimizer_name(param: str) -> str:
 
 
 def _check_domain(name: str, value: float, source: str, key: str) -> None:
-    text, ok = _DOMAINS[name]
-    require(ok(value), source, key, f"must be {text} (got {value:g})")
+    """Raise unless ``value`` lies in the domain of ``name`` (checked for fixed values and both ends
+    of a range): a training setting's (>= 1), or the optimizer's own rule, which trial configs and
+    best.json follow too (``optim.HYPERPARAMETER_DOMAINS``)."""
+    if name in _INTEGER_KEYS:
+        require(value >= 1, source, key, f"must be >= 1 (got {value:g})")
+        return
+    # lr = lr_over_rho * rho with rho > 0, so lr_over_rho has lr's domain.
+    problem = hyperparameter_problem(_optimizer_name(name), value, label=name)
+    require(problem is None, source, key, str(problem))
 
 
 # ---------------------------------------------------------------------------------------

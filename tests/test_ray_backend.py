@@ -37,7 +37,7 @@ from sofim_tune.errors import UserInputError
 from sofim_tune.recommend import SCHEMA_ID, load_recommendation
 from sofim_tune.records import StudyRecord
 from sofim_tune.runs import load_run
-from sofim_tune.space import load_space
+from sofim_tune.space import ParamRange, SearchSpace, load_space
 from sofim_tune.spec import StudySpec, load_spec
 from sofim_tune.study import trial_config, worst_value
 from sofim_tune.trial import TrialConfig, TrialResult
@@ -208,17 +208,12 @@ def test_interrupted_run_resumes(tmp_path: Path, batch_trials: int | None) -> No
 
 @pytest.mark.parametrize("batch_trials", [None, 2], ids=["one-per-trial", "batched"])
 def test_diverged_and_failed_trials(tmp_path: Path, batch_trials: int | None) -> None:
-    space_file = tmp_path / "steep.yaml"
-    space_file.write_text(
-        "optimizer: sgd-momentum\n"
-        "params:\n"
-        "  lr:       {type: float, low: 0.0, high: 100.0}\n"
-        "  momentum: {type: float, low: 0.9, high: 0.95}\n"
-    )
-    # lr = 0 passes the space but not the optimizer: the trial fails (and Ray retries it).
+    # A trial that fails inside: lr = 0 fails the optimizer (and Ray retries it). load_space
+    # refuses a range holding a value the optimizer refuses, so the space is built as it is.
     # lr = 80 with momentum blows the loss up in the first epoch.
-    spec = small_spec(trials=2, epochs=3, search_space=str(space_file), enqueue=[{"lr": 0.0, "momentum": 0.9}, {"lr": 80.0, "momentum": 0.9}])
-    study = run_ray_study(spec, load_space(space_file), options(tmp_path / "run", batch_trials=batch_trials))
+    space = SearchSpace("steep", "sgd-momentum", {"lr": ParamRange("lr", "float", 0.0, 100.0), "momentum": ParamRange("momentum", "float", 0.9, 0.95)}, {}, source="steep")
+    spec = small_spec(trials=2, epochs=3, search_space="sgd-momentum", enqueue=[{"lr": 0.0, "momentum": 0.9}, {"lr": 80.0, "momentum": 0.9}])
+    study = run_ray_study(spec, space, options(tmp_path / "run", batch_trials=batch_trials))
 
     # The diverged trial's result holds the same finite worst value as in the Optuna
     # backend (not ±1e300, which flattens a GP sampler's standardisation).

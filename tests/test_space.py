@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from sofim_tune.errors import UserInputError
+from sofim_tune.optim import OPTIMIZER_HYPERPARAMETERS, hyperparameter_problem
 from sofim_tune.space import MAX_FILE_BYTES, ParamRange, SearchSpace, excerpt, load_space, space_names
 
 SOFIM_YAML = """\
@@ -175,16 +176,36 @@ BAD_SPACES = {
     ),
     "log with low 0": (SOFIM_YAML.replace("lr:    {type: float, low: 1.0e-4", "lr:    {type: float, low: 0.0"), "params.lr.low"),
     "log not a bool": (SOFIM_YAML.replace("high: 100.0, log: true}\n  beta1", "high: 100.0, log: yes please}\n  beta1"), "params.rho.log"),
-    "beta1 high 1": (SOFIM_YAML.replace("high: 0.999", "high: 1.0"), "params.beta1.high: must be in [0, 1)"),
-    "beta1 low < 0": (SOFIM_YAML.replace("low: 0.5", "low: -0.1"), "params.beta1.low: must be in [0, 1)"),
+    "beta1 high 1": (SOFIM_YAML.replace("high: 0.999", "high: 1.0"), "params.beta1.high: beta1 must lie in [0, 1), got 1.0"),
+    "beta1 low < 0": (SOFIM_YAML.replace("low: 0.5", "low: -0.1"), "params.beta1.low: beta1 must lie in [0, 1), got -0.1"),
     "rho low 0": (
         SOFIM_YAML.replace("rho:   {type: float, low: 1.0e-4, high: 100.0, log: true}", "rho: {low: 0.0, high: 1.0}"),
-        "params.rho.low: must be > 0",
+        "params.rho.low: rho must be > 0, got 0.0",
     ),
     "lr low < 0": (
         SOFIM_YAML.replace("lr:    {type: float, low: 1.0e-4, high: 100.0, log: true}", "lr: {low: -1.0, high: 1.0}"),
-        "params.lr.low: must be >= 0",
+        "params.lr.low: lr must be > 0, got -1.0",
     ),
+    # lr = 0 trains nothing: every optimizer refuses it, so a space must not offer it.
+    "lr low 0": (
+        SOFIM_YAML.replace("lr:    {type: float, low: 1.0e-4, high: 100.0, log: true}", "lr: {low: 0.0, high: 1.0}"),
+        "params.lr.low: lr must be > 0, got 0.0",
+    ),
+    "sgd lr low 0": ("optimizer: sgd-momentum\nparams:\n  lr: {low: 0.0, high: 1.0}\n", "params.lr.low: lr must be > 0, got 0.0"),
+    "fixed lr 0": (
+        "optimizer: sgd-momentum\nparams:\n  momentum: {low: 0.5, high: 0.9}\nfixed:\n  lr: 0.0\n",
+        "fixed.lr: lr must be > 0, got 0.0",
+    ),
+    "fixed lr inf": (
+        "optimizer: sgd-momentum\nparams:\n  momentum: {low: 0.5, high: 0.9}\nfixed:\n  lr: .inf\n",
+        "fixed.lr: expected a finite number, got inf",
+    ),
+    "lr_over_rho low 0": (
+        SOFIM_YAML.replace("  lr:    {type: float, low: 1.0e-4", "  lr_over_rho: {type: float, low: 0.0").replace("high: 100.0, log: true}\n  rho", "high: 100.0}\n  rho", 1)
+        + "reparameterization: lr_over_rho\n",
+        "params.lr_over_rho.low: lr_over_rho must be > 0, got 0.0",
+    ),
+    "momentum high 1": ("optimizer: sgd-momentum\nparams:\n  momentum: {low: 0.5, high: 1.0}\n", "params.momentum.high: momentum must lie in [0, 1), got 1.0"),
     "param the optimizer does not take": (SOFIM_YAML.replace("beta1:", "momentum:"), "params.momentum: optimizer sofim takes no"),
     "non-numeric low": (SOFIM_YAML.replace("low: 0.5", "low: half"), "params.beta1.low: expected a number"),
     "exponent YAML reads as text": (SOFIM_YAML.replace("low: 1.0e-4", "low: 1e-4", 1), "params.lr.low: '1e-4' is text"),
@@ -194,7 +215,7 @@ BAD_SPACES = {
     "unknown fixed key": (SOFIM_YAML + "  momentum: 0.9\n", "fixed.momentum: unknown key"),
     "fixed not a mapping": (SOFIM_YAML.replace("fixed:\n  weight_decay: 0.0\n", "fixed: 3\n"), "fixed: expected a mapping"),
     "searched and fixed": (SOFIM_YAML + "  beta1: 0.9\n", "fixed.beta1: also searched"),
-    "fixed out of range": (SOFIM_YAML.replace("weight_decay: 0.0", "weight_decay: -1.0"), "fixed.weight_decay: must be >= 0"),
+    "fixed out of range": (SOFIM_YAML.replace("weight_decay: 0.0", "weight_decay: -1.0"), "fixed.weight_decay: weight_decay must be >= 0, got -1.0"),
     "fixed batch_size not int": (SOFIM_YAML + "  batch_size: 64.5\n", "fixed.batch_size: expected an integer"),
     "fixed epochs 0": (SOFIM_YAML + "  epochs: 0\n", "fixed.epochs: must be >= 1"),
     "unknown reparameterization": (SOFIM_YAML + "reparameterization: log_lr\n", "reparameterization: unknown"),
@@ -223,7 +244,7 @@ BAD_SPACES = {
     ),
     "adamw beta2 fixed at 1": (
         "optimizer: adamw\nparams:\n  lr: {low: 1.0e-4, high: 1.0, log: true}\nfixed:\n  beta2: 1.0\n",
-        "fixed.beta2: must be in [0, 1)",
+        "fixed.beta2: beta2 must lie in [0, 1), got 1.0",
     ),
 }
 
@@ -239,6 +260,20 @@ def test_bad_space_names_file_and_key(tmp_path: Path, text: str, expected: str) 
     assert "\n" not in message
 
 
+@pytest.mark.parametrize(("optimizer", "name"), [(o, n) for o, names in OPTIMIZER_HYPERPARAMETERS.items() for n in names])
+def test_a_space_takes_exactly_the_values_the_optimizer_takes(tmp_path: Path, optimizer: str, name: str) -> None:
+    # One rule for spaces, trial configs, build_optimizer and best.json: optim.HYPERPARAMETER_DOMAINS.
+    searched = "weight_decay" if name == "lr" else "lr"
+    for value in (-1.0, -0.001, 0.0, 0.001, 0.5, 0.999, 1.0, 3.0):
+        text = f"optimizer: {optimizer}\nparams:\n  {searched}: {{low: 0.01, high: 0.1}}\nfixed:\n  {name}: {value!r}\n"
+        problem = hyperparameter_problem(name, value)
+        if problem is None:
+            assert load_space(write(tmp_path, text)).fixed[name] == value
+        else:
+            with pytest.raises(UserInputError, match=f"^{re.escape(str(tmp_path / 'space.yaml'))}: fixed.{name}: {re.escape(problem)}$"):
+                load_space(write(tmp_path, text))
+
+
 def test_not_utf8(tmp_path: Path) -> None:
     path = tmp_path / "space.yaml"
     path.write_bytes(b"\xff\xfe\x00binary")
@@ -248,10 +283,10 @@ def test_not_utf8(tmp_path: Path) -> None:
 
 def test_int_range_is_accepted(tmp_path: Path) -> None:
     # No optimizer hyperparameter is an integer today, but the format allows int ranges.
-    text = "optimizer: sgd-momentum\nparams:\n  lr: {type: int, low: 0, high: 2}\n"
+    text = "optimizer: sgd-momentum\nparams:\n  lr: {type: int, low: 1, high: 3}\n"
     space = load_space(write(tmp_path, text))
-    assert space.params["lr"] == ParamRange("lr", "int", 0, 2)
-    with pytest.raises(UserInputError, match=r"params\.lr: lr = 1\.5 is not in the integers 0\.\.2"):
+    assert space.params["lr"] == ParamRange("lr", "int", 1, 3)
+    with pytest.raises(UserInputError, match=r"params\.lr: lr = 1\.5 is not in the integers 1\.\.3"):
         space.from_hyperparameters({"lr": 1.5})
 
 
@@ -275,6 +310,7 @@ def billion_laughs(levels: int = 9, width: int = 9) -> str:
 _GUARDED_LOAD = """\
 import sys, time
 from sofim_tune.errors import UserInputError
+from sofim_tune.optim import OPTIMIZER_HYPERPARAMETERS, hyperparameter_problem
 from sofim_tune.space import load_space
 try:
     import resource
