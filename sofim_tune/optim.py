@@ -74,12 +74,13 @@ def _rule_problem(value: Any, rule: _Rule) -> str | None:
     return None if rule[1](value) else rule[0]
 
 
-def hyperparameter_problem(name: str, value: Any) -> str | None:
+def hyperparameter_problem(name: str, value: Any, *, label: str | None = None) -> str | None:
     """Why ``value`` cannot be hyperparameter ``name`` (``"lr must be > 0, got 0.0"``), or None
-    when it can (or when ``name`` has no rule)."""
+    when it can (or when ``name`` has no rule). ``label`` names the value in the message instead
+    of ``name`` (a search space's ``lr_over_rho``, which has lr's domain)."""
     rule = HYPERPARAMETER_DOMAINS.get(name)
     problem = None if rule is None else _rule_problem(value, rule)
-    return None if problem is None else f"{name} must {problem}, got {value!r}"
+    return None if problem is None else f"{label or name} must {problem}, got {value!r}"
 
 
 def _check_hyperparameters(lr: Any, rho: Any, beta1: Any, weight_decay: Any, norm_scope: Any) -> None:
@@ -572,6 +573,10 @@ OPTIMIZER_HYPERPARAMETERS: dict[str, tuple[str, ...]] = {
 }
 """Hyperparameters each optimizer takes, by the names that search spaces and best.json use."""
 
+REQUIRED_HYPERPARAMETERS: tuple[str, ...] = ("lr",)
+"""What :func:`build_optimizer` needs for every optimizer: no learning rate suits every model, so
+none is assumed; every other hyperparameter has the optimizer's usual default."""
+
 
 def optimizer_names() -> list[str]:
     return list(OPTIMIZER_HYPERPARAMETERS)
@@ -585,13 +590,17 @@ def build_optimizer(name: str, params: Iterable[Tensor], hyperparameters: dict[s
     momentum (default 0.9), ``adamw`` is ``torch.optim.AdamW`` (beta2 default 0.999).
     ``decoupled_weight_decay`` is SOFIM's choice of coupling (AdamW always decouples, SGD
     never does). Raises ValueError for an unknown optimizer or hyperparameter, and
-    ``UserInputError`` (a ValueError) for a value outside ``HYPERPARAMETER_DOMAINS``.
+    ``UserInputError`` (a ValueError) for a missing one (``REQUIRED_HYPERPARAMETERS``) or a
+    value outside ``HYPERPARAMETER_DOMAINS``.
     """
     if name not in OPTIMIZER_HYPERPARAMETERS:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZER_HYPERPARAMETERS)}")
     unknown = set(hyperparameters) - set(OPTIMIZER_HYPERPARAMETERS[name])
     if unknown:
         raise ValueError(f"optimizer {name!r} takes no {', '.join(sorted(unknown))}")
+    missing = [key for key in REQUIRED_HYPERPARAMETERS if key not in hyperparameters]
+    if missing:
+        raise UserInputError(f"optimizer {name!r} needs {', '.join(missing)}, which was not given")
     for key, value in hyperparameters.items():
         problem = hyperparameter_problem(key, value)
         if problem is not None:

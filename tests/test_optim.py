@@ -12,7 +12,7 @@ import torch
 
 from sofim_tune import SOFIM, optim, sofim
 from sofim_tune.errors import UserInputError
-from sofim_tune.optim import build_optimizer
+from sofim_tune.optim import OPTIMIZER_HYPERPARAMETERS, REQUIRED_HYPERPARAMETERS, build_optimizer
 
 SHAPES = [(4, 3), (5,), (2, 2, 3)]
 STEPS = 30
@@ -455,6 +455,18 @@ def test_the_functional_step_refuses_what_the_optimizer_refuses(kwargs):
 def test_build_optimizer_refuses_infinite_and_out_of_domain_values(name, hyperparameters):
     with pytest.raises(UserInputError, match="must"):
         build_optimizer(name, [torch.nn.Parameter(torch.zeros(2))], hyperparameters)
+
+
+VALID_SETTINGS = {"lr": 0.1, "rho": 1.0, "beta1": 0.9, "beta2": 0.999, "momentum": 0.9, "weight_decay": 0.0}
+
+
+@pytest.mark.parametrize(("name", "required"), [(n, r) for n in OPTIMIZER_HYPERPARAMETERS for r in REQUIRED_HYPERPARAMETERS])
+def test_build_optimizer_names_a_missing_hyperparameter(name, required):
+    # Everything else the optimizer takes is given: only the missing name is to blame.
+    given = {key: VALID_SETTINGS[key] for key in OPTIMIZER_HYPERPARAMETERS[name] if key != required}
+    with pytest.raises(UserInputError, match=f"^optimizer '{name}' needs {required}, which was not given$"):
+        build_optimizer(name, [torch.nn.Parameter(torch.zeros(2))], given)
+    assert build_optimizer(name, [torch.nn.Parameter(torch.zeros(2))], {**given, required: VALID_SETTINGS[required]}) is not None
 
 
 def test_invalid_group_value_raises():
