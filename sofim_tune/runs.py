@@ -189,13 +189,18 @@ def _readable(root: Path, name: str, load: Callable[[Path], T], invalid: list[st
 
 
 def _choose_optimizer(root: Path, dataset: str, arch: str | None, invalid: list[str]) -> OptimizerChoice | None:
+    """The choice of the newest compare folder for ``dataset`` whose chosen optimizer's best.json
+    reads; a compare.json or best.json that does not read is named in ``invalid`` and skipped."""
     from sofim_tune.comparison import load_comparison
 
     comparisons = [(path.parent, doc) for path, doc in _readable(root, "compare.json", load_comparison, invalid) if doc["dataset"] == dataset and (arch is None or doc["arch"] == arch)]
-    if not comparisons:
-        return None
-    folder, doc = max(comparisons, key=lambda item: item[1]["created"])
-    sign = 1.0 if doc["direction"] == "maximize" else -1.0
-    optimizer = max(doc["optimizers"], key=lambda name: sign * doc["optimizers"][name]["confirmed"]["mean"])
-    rec = load_recommendation(folder / doc["optimizers"][optimizer]["run_dir"] / "best.json")
-    return OptimizerChoice(optimizer, rec, doc, folder)
+    for folder, doc in sorted(comparisons, key=lambda item: item[1]["created"], reverse=True):
+        sign = 1.0 if doc["direction"] == "maximize" else -1.0
+        optimizer = max(doc["optimizers"], key=lambda name: sign * doc["optimizers"][name]["confirmed"]["mean"])
+        try:
+            rec = load_recommendation(folder / doc["optimizers"][optimizer]["run_dir"] / "best.json")
+        except UserInputError as exc:
+            invalid.append(f"{exc} (the recommendation of {folder / 'compare.json'}, which is left out)")
+            continue
+        return OptimizerChoice(optimizer, rec, doc, folder)
+    return None

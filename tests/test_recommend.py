@@ -437,3 +437,88 @@ def test_recommend_json_prints_the_top_of_the_first_ranking(mixed_results: Path)
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["hyperparameters"]["lr"] == 0.02
+
+
+# --- recommend: a compare folder whose files do not read --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compare_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A compare folder from a real tiny `compare` run (digits, SOFIM against SGD with momentum)."""
+    from sofim_tune.spec import load_spec
+    from sofim_tune.tuning import RunOptions, compare
+
+    out = tmp_path_factory.mktemp("compare") / "digits"
+    spec = load_spec("digits").replace(trials=2, epochs=1, confirm_top=1, confirm_seeds=2)
+    return compare(spec, RunOptions(out_dir=out, device="cpu", workers=1), ("sofim", "sgd-momentum")).compare_json.parent
+
+
+def _pick(folder: Path) -> str:
+    """The optimizer the comparison in ``folder`` recommends: the best confirmed mean."""
+    doc = json.loads((folder / "compare.json").read_text())
+    return max(doc["optimizers"], key=lambda name: doc["optimizers"][name]["confirmed"]["mean"])
+
+
+def _break_best_json(path: Path, how: str) -> None:
+    if how == "missing":
+        path.unlink()
+    elif how == "out of its domain":
+        path.write_text(json.dumps({**json.loads(path.read_text()), "hyperparameters": {"lr": -0.5}}))
+    else:
+        path.write_text({"invalid JSON": '{"schema": ', "nested": "[" * 100_000 + "]" * 100_000}[how])
+
+
+@pytest.fixture()
+def results_with_a_broken_comparison(tmp_path: Path, compare_folder: Path) -> Path:
+    """Results holding a plain run folder, an older compare folder, and a newer one (the one
+    `recommend` reads first) whose recommended optimizer's best.json is left to the test to break."""
+    import shutil
+
+    results = tmp_path / "results"
+    shutil.copytree(compare_folder, results / "cmp-old")
+    shutil.copytree(compare_folder, results / "cmp-new")
+    older = results / "cmp-old" / "compare.json"
+    older.write_text(json.dumps({**json.loads(older.read_text()), "created": "2000-01-01T00:00:00Z"}))
+    (results / "plain").mkdir()
+    shutil.copy(compare_folder / "sgd-momentum" / "best.json", results / "plain" / "best.json")
+    return results
+
+
+@pytest.mark.parametrize("how", ["invalid JSON", "nested", "missing", "out of its domain"])
+def test_recommend_skips_a_compare_folder_whose_recommendation_does_not_read(results_with_a_broken_comparison: Path, how: str) -> None:
+    from typer.testing import CliRunner
+
+    from sofim_tune.cli.app import app
+    from sofim_tune.runs import find_recommendations
+
+    results = results_with_a_broken_comparison
+    pick = _pick(results / "cmp-new")
+    _break_best_json(results / "cmp-new" / pick / "best.json", how)
+
+    done = CliRunner().invoke(app, ["recommend", "--dataset", "digits", "--results", str(results)])
+    assert done.exit_code == 0, done.output
+    skipped = [line for line in done.stderr.splitlines() if line.startswith("skipped:")]
+    assert len(skipped) == 1 and f"cmp-new/{pick}/best.json" in skipped[0] and "cmp-new/compare.json" in skipped[0], done.stderr
+    # The listing goes on: the older comparison picks the optimizer, and the plain run folder is listed.
+    assert done.stdout.startswith(f"use {pick} (") and str(results / "cmp-old") in done.stdout, done.stdout
+    assert "recommended settings for digits" in done.stdout, done.stdout
+    found = find_recommendations(results, "digits")
+    assert found.choice is not None and found.choice.folder == results / "cmp-old"
+    assert [path.parent.name for path, _ in found.recommendations] == ["plain"]
+
+    as_json = CliRunner().invoke(app, ["recommend", "--dataset", "digits", "--results", str(results), "--json"])
+    assert as_json.exit_code == 0, as_json.output
+    assert json.loads(as_json.stdout) == json.loads((results / "cmp-old" / pick / "best.json").read_text())
+
+
+def test_recommend_lists_the_run_folders_when_no_comparison_reads(results_with_a_broken_comparison: Path) -> None:
+    from sofim_tune.runs import find_recommendations
+
+    results = results_with_a_broken_comparison
+    (results / "cmp-old" / "compare.json").write_text("[" * 100_000 + "]" * 100_000)
+    _break_best_json(results / "cmp-new" / _pick(results / "cmp-new") / "best.json", "invalid JSON")
+
+    found = find_recommendations(results, "digits")
+    assert found.choice is None
+    assert [path.parent.name for path, _ in found.recommendations] == ["plain"]
+    assert len(found.invalid) == 2 and any("cmp-old/compare.json" in line and "nested too deeply" in line for line in found.invalid)
