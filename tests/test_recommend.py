@@ -522,3 +522,16 @@ def test_recommend_lists_the_run_folders_when_no_comparison_reads(results_with_a
     assert found.choice is None
     assert [path.parent.name for path, _ in found.recommendations] == ["plain"]
     assert len(found.invalid) == 2 and any("cmp-old/compare.json" in line and "nested too deeply" in line for line in found.invalid)
+
+
+def test_recommend_skips_a_comparison_whose_run_dir_is_no_path(results_with_a_broken_comparison: Path) -> None:
+    from sofim_tune.runs import find_recommendations
+
+    results = results_with_a_broken_comparison
+    newer = results / "cmp-new" / "compare.json"
+    doc = json.loads(newer.read_text())
+    newer.write_text(json.dumps({**doc, "optimizers": {name: {**entry, "run_dir": "a\0b"} for name, entry in doc["optimizers"].items()}}))
+
+    found = find_recommendations(results, "digits")
+    assert found.choice is not None and found.choice.folder == results / "cmp-old"
+    assert len(found.invalid) == 1 and "embedded null byte" in found.invalid[0] and "cmp-new/compare.json" in found.invalid[0]
