@@ -37,11 +37,36 @@ def test_tuning_efficiency_prints_its_ratios(tmp_path):
     assert list(tmp_path.glob("digits-best-known-*.json"))
 
 
-def test_recommendation_quality_prints_gaps_and_coverage():
-    out = bench("recommendation_quality.py", "--quick", "--studies", "1", "--seeds", "2", "--grid-seeds", "2", "--jobs", "1")
-    rows = [line for line in out.splitlines() if line.startswith("| 0 |")]
-    assert len(rows) == 1 and rows[0].rstrip(" |").split("|")[-1].strip() in ("yes", "no")
-    assert "worst gap" in out and "intervals covering: " in out
+def test_recommendation_quality_sets_sofim_tune_beside_a_plain_optuna_script():
+    out = bench("recommendation_quality.py", "--quick", "--studies", "2", "--seeds", "2", "--grid-seeds", "2", "--jobs", "1")
+    assert "workers=1" in out and "not yet reproducible" in out
+    sofim_part, plain_part = out.split("plain Optuna: TPE + Hyperband, best_params: one row per study")
+    plain_part, summary = plain_part.split("| method | median gap | p90 | worst | within 0.3 pp | epochs trained |")
+
+    def cells(line: str) -> list[str]:
+        return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+    def study_rows(part: str) -> list[list[str]]:
+        return [cells(line) for line in part.splitlines() if line.startswith(("| 0 |", "| 1 |"))]
+
+    sofim_rows, plain_rows = study_rows(sofim_part), study_rows(plain_part)
+    # seed, setting, fresh mean, gap, epochs (+ reported interval and covers for sofim-tune).
+    assert [len(row) for row in sofim_rows] == [7, 7] and [row[6] for row in sofim_rows] in (["yes", "yes"], ["yes", "no"], ["no", "yes"], ["no", "no"])
+    assert [len(row) for row in plain_rows] == [5, 5]
+    # The quick spec: 3 trials of 2 epochs; sofim-tune retrains after its search, the plain script does not.
+    assert all(0 < int(row[4]) <= 6 for row in plain_rows) and all(int(row[4]) > 6 for row in sofim_rows)
+    assert "intervals covering: " in sofim_part
+    table = {cells(line)[0]: cells(line) for line in summary.splitlines() if line.startswith("| sofim-tune") or line.startswith("| plain Optuna")}
+    assert len(table) == 2
+    for rows, method in ((sofim_rows, "sofim-tune run --dataset digits --seed S --workers 1"), (plain_rows, "plain Optuna: TPE + Hyperband, best_params")):
+        gaps = [float(row[3]) for row in rows]
+        _, median, p90, worst, near, epochs = table[method]
+        # The rows' gaps are rounded to 0.01, the table's from the unrounded ones.
+        assert float(worst) == max(gaps) and abs(float(median) - sum(gaps) / 2) <= 0.011
+        assert min(gaps) <= float(p90) <= max(gaps)
+        assert near == f"{sum(gap <= 0.3 for gap in gaps)} of 2"
+        assert int(epochs.split()[0]) == round(sum(int(row[4]) for row in rows) / 2)
+    assert "command: OMP_NUM_THREADS=1 python benchmarks/recommendation_quality.py" in summary and "targets for sofim-tune: " in summary
 
 
 def test_study_throughput_prints_its_ratios():
