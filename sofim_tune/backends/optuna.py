@@ -258,10 +258,48 @@ WIDEN_TOP_SHARE = 0.2
 WIDEN_SAMPLERS = ("tpe", "random", "gp")
 
 
+# Where a study records the range each parameter declares to Optuna (see declared_ranges).
+DECLARED_PARAMS = "declared_params"
+
+
 def active_ranges(space: SearchSpace, meta: Mapping[str, Any]) -> dict[str, ParamRange]:
-    """The space's ranges with the study's widened bounds in place."""
-    widened = meta.get("widened_params", {})
-    return {name: ParamRange(name, p.type, **widened[name], log=p.log) if name in widened else p for name, p in space.params.items()}
+    """The space's ranges with the study's widened bounds in place: where new trials draw."""
+    return _with_bounds(space, meta.get("widened_params", {}))
+
+
+def declared_ranges(space: SearchSpace, meta: Mapping[str, Any]) -> dict[str, ParamRange]:
+    """The range each parameter declares to Optuna, the same in every trial of the study.
+
+    A study records its :func:`outer_ranges` when it is created. One made by a release
+    before this one recorded none: its trials declared the bounds in force when they drew,
+    and new trials go on doing so, so that its trials stay comparable until it widens.
+    """
+    declared = meta.get(DECLARED_PARAMS)
+    return active_ranges(space, meta) if declared is None else _with_bounds(space, declared)
+
+
+def outer_ranges(space: SearchSpace) -> dict[str, ParamRange]:
+    """Each parameter's range as wide as widening can ever make it: every log range widened
+    :data:`WIDEN_LIMIT` times on each side; the others as the space gives them."""
+    ranges = dict(space.params)
+    for name, p in space.params.items():
+        for _ in range(WIDEN_LIMIT if p.log else 0):
+            p = dataclasses.replace(p, low=_widened(p, "low"), high=_widened(p, "high"))
+        ranges[name] = p
+    return ranges
+
+
+def _with_bounds(space: SearchSpace, bounds: Mapping[str, Mapping[str, float]]) -> dict[str, ParamRange]:
+    """The space's ranges, those named in ``bounds`` with its low and high instead."""
+    return {name: dataclasses.replace(p, low=bounds[name]["low"], high=bounds[name]["high"]) if name in bounds else p for name, p in space.params.items()}
+
+
+def _widened(p: ParamRange, side: str) -> float:
+    """Where one widening moves the ``side`` bound of the log range ``p``: a factor of
+    :data:`WIDEN_FACTOR` outwards; an integer range's stays an integer of at least 1."""
+    old = getattr(p, side)
+    new = old / WIDEN_FACTOR if side == "low" else old * WIDEN_FACTOR
+    return max(1.0, float(round(new))) if p.type == "int" else new
 
 
 def maybe_widen(study: optuna.Study, space: SearchSpace) -> list[dict[str, Any]]:
@@ -271,7 +309,8 @@ def maybe_widen(study: optuna.Study, space: SearchSpace) -> list[dict[str, Any]]
     :data:`WIDEN_AFTER` have completed. When the median of their values of a log-scaled
     parameter lies within ``study.EDGE_SHARE`` of a range's width of a bound, that bound
     moves a decade outwards, at most :data:`WIDEN_LIMIT` times per bound. The new bounds
-    are stored with the study, so that every worker and every resume samples from them.
+    are stored with the study, so that every worker and every resume samples from them
+    (:class:`WithinBounds`); what trials declare to Optuna stays as it was (:func:`declared_ranges`).
     """
     meta = study.user_attrs[ATTR]
     if not meta.get("widen", False) or meta["sampler"] not in WIDEN_SAMPLERS:
@@ -292,12 +331,9 @@ def maybe_widen(study: optuna.Study, space: SearchSpace) -> list[dict[str, Any]]
         for side, at_bound in (("low", middle - low <= EDGE_SHARE * (high - low)), ("high", high - middle <= EDGE_SHARE * (high - low))):
             if not at_bound or sum(1 for w in widenings if (w["param"], w["side"]) == (name, side)) >= WIDEN_LIMIT:
                 continue
-            old = p.low if side == "low" else p.high
-            new = old / WIDEN_FACTOR if side == "low" else old * WIDEN_FACTOR
-            if p.type == "int":
-                new = max(1.0, float(round(new)))
+            old, new = getattr(p, side), _widened(p, side)
             moved.append({"param": name, "side": side, "from": old, "to": new, "after_trials": len(completed)})
-            p = ParamRange(name, p.type, new if side == "low" else p.low, new if side == "high" else p.high, p.log)
+            p = dataclasses.replace(p, **{side: new})
             ranges[name] = p
     if moved:
         widened = {name: {"low": r.low, "high": r.high} for name, r in ranges.items() if r != space.params[name]}
@@ -311,6 +347,77 @@ def _suggest(trial: optuna.Trial, p: ParamRange) -> float:
     if p.type == "int":
         return trial.suggest_int(p.name, int(p.low), int(p.high), log=p.log)
     return trial.suggest_float(p.name, p.low, p.high, log=p.log)
+
+
+def _distribution(p: ParamRange) -> optuna.distributions.BaseDistribution:
+    """The Optuna distribution of a range."""
+    if p.type == "int":
+        return optuna.distributions.IntDistribution(int(p.low), int(p.high), log=p.log)
+    return optuna.distributions.FloatDistribution(p.low, p.high, log=p.log)
+
+
+class WithinBounds(optuna.samplers.BaseSampler):
+    """A study's sampler, made to draw within the study's current (possibly widened) bounds
+    while every trial declares the same distribution for each parameter.
+
+    Optuna's relative samplers (multivariate TPE, GP, CMA-ES) model only the parameters that
+    every finished trial declared with the same distribution (their intersection search space),
+    and drop one for good once a trial declared another. A trial that declared a widened range would thus leave ``lr`` to
+    independent draws (uniformly random ones under GP) for the rest of the study, and TPE would
+    no longer see that lr and rho go together. So every trial declares one distribution per
+    parameter, its range in :func:`declared_ranges` (the outer range, as wide as widening can
+    make it), and this wrapper gives the wrapped sampler the current bounds in its place:
+
+    * whenever the sampler samples relatively at all (it infers a non-empty relative space),
+      its relative space is every searched parameter over its current bounds. Its model then
+      sees every finished trial, since bounds only widen and so hold every value drawn before,
+      and it proposes within the current box; after a widening that box is wider.
+    * an independent draw (the first trials, random search, the grid) is asked for over the
+      current bounds.
+
+    Draws are clamped to the current bounds, against float round-off only. The values stored
+    are the values the trial ran with. The bounds are read from the study once per trial.
+    """
+
+    def __init__(self, sampler: optuna.samplers.BaseSampler, space: SearchSpace) -> None:
+        self.sampler, self.space = sampler, space
+        self._bounds: tuple[int, dict[str, optuna.distributions.BaseDistribution]] | None = None
+
+    def current_bounds(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, optuna.distributions.BaseDistribution]:
+        """The distributions a trial draws from: the study's :func:`active_ranges` when it started drawing."""
+        if self._bounds is None or self._bounds[0] != trial._trial_id:
+            # Through the storage: a Hyperband bracket's view of the study has no user_attrs.
+            meta = study._storage.get_study_user_attrs(study._study_id)[ATTR]
+            self._bounds = (trial._trial_id, {name: _distribution(p) for name, p in active_ranges(self.space, meta).items()})
+        return self._bounds[1]
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, optuna.distributions.BaseDistribution]:
+        inferred = self.sampler.infer_relative_search_space(study, trial)
+        return {**inferred, **self.current_bounds(study, trial)} if inferred else {}
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, optuna.distributions.BaseDistribution]) -> dict[str, Any]:
+        bounds = self.current_bounds(study, trial) if search_space else {}
+        return {name: _clamp(value, bounds.get(name)) for name, value in self.sampler.sample_relative(study, trial, search_space).items()}
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: optuna.distributions.BaseDistribution) -> Any:
+        distribution = self.current_bounds(study, trial).get(param_name, param_distribution)
+        return _clamp(self.sampler.sample_independent(study, trial, param_name, distribution), distribution)
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.sampler.before_trial(study, trial)
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Sequence[float] | None) -> None:
+        self.sampler.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.sampler.reseed_rng()
+
+
+def _clamp(value: Any, distribution: optuna.distributions.BaseDistribution | None) -> Any:
+    """``value`` within a numeric distribution's bounds; as it is for anything else."""
+    if isinstance(distribution, (optuna.distributions.FloatDistribution, optuna.distributions.IntDistribution)):
+        return min(max(value, distribution.low), distribution.high)
+    return value
 
 
 class _OptunaReporter:
@@ -341,7 +448,8 @@ def _is_surplus(study: optuna.Study, number: int, target: int) -> bool:
 
 def _start(trial: optuna.Trial, spec: StudySpec, space: SearchSpace, options: RunOptions, device: str) -> TrialConfig:
     """Draw a new trial's settings and build its run (``study.ask`` named its worker, see ``_asking``)."""
-    ranges = active_ranges(space, trial.study.user_attrs[ATTR])
+    # Declared as the same distributions in every trial; the sampler draws within the current bounds (WithinBounds).
+    ranges = declared_ranges(space, trial.study.user_attrs[ATTR])
     searched = {name: _suggest(trial, p) for name, p in ranges.items()}
     hyperparameters = space.to_hyperparameters(searched)
     trial.set_user_attr("hyperparameters", hyperparameters)
@@ -512,7 +620,8 @@ def open_study(spec: StudySpec, space: SearchSpace, url: str, *, claimed_by: Pat
     # load_if_exists: another process may create the same study between the check and here.
     study = optuna.create_study(storage=storage, study_name=spec.name, direction=spec.direction, load_if_exists=True)
     if ATTR not in study.user_attrs:
-        study.set_user_attr(ATTR, study_metadata(spec, space, url))
+        declared = {name: {"low": p.low, "high": p.high} for name, p in outer_ranges(space).items()}
+        study.set_user_attr(ATTR, {**study_metadata(spec, space, url), DECLARED_PARAMS: declared})
     return study
 
 
@@ -525,7 +634,7 @@ def _worker_study(spec: StudySpec, space: SearchSpace, url: str, worker: int) ->
     study = optuna.load_study(
         study_name=spec.name,
         storage=storage,
-        sampler=make_sampler(spec.sampler, space, sampler_seed(spec.seed, in_storage, worker), spec.trials),
+        sampler=WithinBounds(make_sampler(spec.sampler, space, sampler_seed(spec.seed, in_storage, worker), spec.trials), space),
         pruner=make_pruner(spec.pruner, effective_epochs(spec, space)),
     )
     study.ask = _asking(study, _ask_lock(url), spec.trials)  # type: ignore[method-assign]  # study.optimize asks through it too
