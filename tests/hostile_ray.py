@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -109,6 +111,43 @@ def _rerun_unrestorable(scratch: Path, run: Path | None) -> list[str]:
     return ["run", "--backend", "ray", "--dataset", "digits", "--out", "run"]
 
 
+# The CLI maps about 3.5 GiB of address space once torch is imported; reading the huge file
+# whole needs more than this leaves.
+MEMORY_MB = 6000
+HUGE_BYTES = 8 * 2**30
+
+
+def _outside(scratch: Path) -> Path:
+    """A storage path beside the case's folder: the harness hashes every file inside that folder,
+    which a file of HUGE_BYTES would make slow and costly."""
+    return scratch.parent / f"{scratch.name}-storage"
+
+
+def _show_with_huge_result(scratch: Path, run: Path | None) -> list[str]:
+    """``show`` on a Ray run folder whose trial's result.json is a sparse file of HUGE_BYTES (no disk)."""
+    experiment = ray_run_folder(scratch / "run", storage_path=_outside(scratch))
+    os.truncate(experiment / "trial_0000_a1b2c3" / "result.json", HUGE_BYTES)
+    return ["show", "run"]
+
+
+def _show_with_a_pipe(name: str) -> Callable[[Path, Path | None], Sequence[str]]:
+    """``show`` on a Ray run folder whose trial file ``name`` is a named pipe, which no one writes."""
+
+    def args(scratch: Path, run: Path | None) -> list[str]:
+        trial = ray_run_folder(scratch / "run") / "trial_0000_a1b2c3"
+        (trial / name).unlink(missing_ok=True)
+        os.mkfifo(trial / name)
+        return ["show", "run"]
+
+    return args
+
+
+def _shows_the_trial_without_results(scratch: Path, done: subprocess.CompletedProcess[str]) -> None:
+    shutil.rmtree(_outside(scratch), ignore_errors=True)  # the huge file's storage, if any
+    # The trial's settings are read, its results are not: nothing completed.
+    assert re.search(r"complete\W+0\b", done.stdout), done.stdout
+
+
 def _no_new_experiment(scratch: Path, done: subprocess.CompletedProcess[str]) -> None:
     assert not (scratch / "elsewhere").exists(), "a new experiment was started"
 
@@ -128,6 +167,12 @@ CLI_CASES: list[CliCase] = [
     CliCase("ray-search-file-nested", _show_with("experiment/sofim_search.json", NESTED_JSON), exit_code=0),
     CliCase("ray-search-file-wrong-types", _show_with("experiment/sofim_search.json", '{"finished": true, "trials": [1, {"trial_id": 3}]}'), exit_code=0),
     CliCase("ray-params-nested", _show_with("experiment/trial_0000_a1b2c3/params.json", NESTED_JSON), exit_code=0),
+    # A per-trial file larger than the reader takes (result.json: 16 MiB) is read as one no trial
+    # wrote, without reading it; a named pipe is not waited on.
+    CliCase("ray-result-file-of-8-gib", _show_with_huge_result, exit_code=0, memory_mb=MEMORY_MB, timeout=120, check=_shows_the_trial_without_results),
+    CliCase("ray-result-file-a-pipe", _show_with_a_pipe("result.json"), exit_code=0, timeout=60, check=_shows_the_trial_without_results),
+    CliCase("ray-params-file-a-pipe", _show_with_a_pipe("params.json"), exit_code=0, timeout=60),
+    CliCase("ray-error-file-a-pipe", _show_with_a_pipe("error.txt"), exit_code=0, timeout=60, check=_shows_the_readable_trial),
     # A rerun that would start another experiment than the one the folder records (and lose it).
     CliCase("ray-rerun-with-another-storage-path", _rerun_elsewhere, message="to resume it, leave --storage-path out; to start afresh, choose a new --out", timeout=90, check=_no_new_experiment),
     CliCase("ray-rerun-unrestorable", _rerun_unrestorable, message="which Ray cannot restore (it was stopped before its first save, or its files are gone); to start afresh, choose a new --out", timeout=90),

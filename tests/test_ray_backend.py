@@ -629,3 +629,37 @@ def test_a_member_skips_dead_servers_when_it_joins() -> None:
     with pytest.raises(ray.exceptions.RayActorError, match="BatchServerLost: every batch server of the study died"):
         ray.get(_member(others).train.remote(), timeout=60)
     assert time.monotonic() - started < 30
+
+
+@pytest.mark.parametrize("uri", [False, True], ids=["path", "file-uri"])
+def test_the_reader_caps_each_trial_file(tmp_path: Path, uri: bool) -> None:
+    from hostile_ray import ray_run_folder
+
+    from sofim_tune.files import MAX_JSON_BYTES
+
+    experiment = ray_run_folder(tmp_path / "run")
+    trial = experiment / "trial_0000_a1b2c3"
+    files = ray_backend._Files(f"file://{experiment}" if uri else str(experiment))  # file://: read through pyarrow, as s3:// is
+    # Sparse files (os.truncate): as large as allowed, result.json's lines are read; a byte more, none is.
+    os.truncate(trial / "result.json", ray_backend.MAX_RESULT_BYTES)
+    assert [row["epoch"] for row in files.rows(trial.name, "val_accuracy")] == [1, 2]
+    os.truncate(trial / "result.json", ray_backend.MAX_RESULT_BYTES + 1)
+    assert files.rows(trial.name, "val_accuracy") == []
+    (trial / "params.json").write_text(" " * MAX_JSON_BYTES + "{}")
+    assert files.json(trial.name, "params.json") is None
+    (experiment / ray_backend.SEARCH_FILE).write_text(" " * ray_backend.MAX_SEARCH_FILE_BYTES + "{}")
+    assert files.json(ray_backend.SEARCH_FILE, limit=ray_backend.MAX_SEARCH_FILE_BYTES) is None
+    # error.txt: its last line is the message, so a long one is read from its end.
+    (trial / "error.txt").write_text("x" * 2 * MAX_JSON_BYTES + "\nsofim_tune.errors.UserInputError: boom\n")
+    assert files.text(trial.name, "error.txt", tail=True).endswith("\nsofim_tune.errors.UserInputError: boom\n")
+
+
+def test_a_trial_with_a_long_error_file_reads_as_failed_with_its_message(tmp_path: Path) -> None:
+    from hostile_ray import ray_run_folder
+
+    trial = ray_run_folder(tmp_path / "run") / "trial_0000_a1b2c3"
+    (trial / "result.json").unlink()
+    (trial / "error.txt").write_text("Traceback (most recent call last):\n" + "  a frame\n" * 500_000 + "sofim_tune.errors.UserInputError: boom\n")
+    (failed,) = load_ray_record(tmp_path / "run").trials
+    assert failed.state == "failed" and failed.attrs["error"] == "UserInputError: boom"
+

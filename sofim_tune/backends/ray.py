@@ -34,6 +34,7 @@ import math
 import os
 import re
 import signal
+import stat
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -56,7 +57,7 @@ from sofim_tune.backends.ray_cluster import check_cluster_fits, cluster_address,
 from sofim_tune.backends.ray_member import BatchMember, BatchServerActor
 from sofim_tune.batched import TrialBatch
 from sofim_tune.errors import UserInputError
-from sofim_tune.files import read_json, write_text_atomic
+from sofim_tune.files import MAX_JSON_BYTES, read_json, write_text_atomic
 from sofim_tune.records import Confirmation, StudyRecord, TrialRecord
 from sofim_tune.space import SearchSpace
 from sofim_tune.spec import StudySpec
@@ -79,6 +80,12 @@ METADATA_FILE = "ray_study.json"
 # The searcher's account of every trial it handed out, as plain JSON next to Ray's state
 # in the experiment folder (see _SofimSearch.save_to_dir).
 SEARCH_FILE = "sofim_search.json"
+# The most the reader takes of a trial's result.json (one line of a few hundred bytes per
+# epoch: room for tens of thousands) and of SEARCH_FILE (about 250 bytes per trial: room for
+# tens of thousands of trials). A larger file is read as one no trial wrote, as a malformed
+# line is; params.json takes MAX_JSON_BYTES, and only the last MAX_JSON_BYTES of error.txt,
+# whose last line is the message, are read.
+MAX_RESULT_BYTES = MAX_SEARCH_FILE_BYTES = 16 * 2**20
 # The config key that carries the Optuna trial number to the trainable: it seeds the
 # trial (spec.seed + number, as in the Optuna backend) and numbers the trial records.
 NUMBER_KEY = "trial_number"
@@ -684,23 +691,33 @@ class _Files:
         infos = self.fs.get_file_info(pyarrow.fs.FileSelector(self.root, allow_not_found=True))
         return sorted(Path(i.path).name for i in infos if i.type == pyarrow.fs.FileType.Directory)
 
-    def text(self, *parts: str) -> str | None:
-        """The file's text; None when it does not exist."""
+    def text(self, *parts: str, limit: int = MAX_JSON_BYTES, tail: bool = False) -> str | None:
+        """The file's text, read no further than ``limit`` bytes; None when it does not exist, is
+        not a regular file (a pipe would block), or is larger than ``limit``. With ``tail``, a
+        larger file gives its last ``limit`` bytes instead."""
+        data = self._bytes(parts, limit, tail)
+        return None if data is None else data.decode("utf-8", errors="replace")
+
+    def _bytes(self, parts: tuple[str, ...], limit: int, tail: bool) -> bytes | None:
         if self.fs is None:
             try:
-                return Path(self.root, *parts).read_text(encoding="utf-8", errors="replace")
+                # O_NONBLOCK: opening a named pipe returns at once instead of waiting for a writer.
+                stream = os.fdopen(os.open(Path(self.root, *parts), os.O_RDONLY | os.O_NONBLOCK), "rb")
             except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
                 return None
+            with stream:
+                info = os.fstat(stream.fileno())
+                return _read_capped(stream, info.st_size, limit, tail) if stat.S_ISREG(info.st_mode) else None
         import pyarrow.fs
 
         path = "/".join((self.root.rstrip("/"), *parts))
         if self.fs.get_file_info(path).type != pyarrow.fs.FileType.File:
             return None
-        with self.fs.open_input_stream(path) as f:
-            return f.readall().decode("utf-8", errors="replace")
+        with self.fs.open_input_file(path) as stream:
+            return _read_capped(stream, stream.size(), limit, tail)
 
-    def json(self, *parts: str) -> Any:
-        text = self.text(*parts)
+    def json(self, *parts: str, limit: int = MAX_JSON_BYTES) -> Any:
+        text = self.text(*parts, limit=limit)
         try:
             return json.loads(text) if text is not None else None
         except (ValueError, RecursionError):
@@ -708,14 +725,27 @@ class _Files:
 
     def rows(self, folder: str, metric: str) -> list[dict[str, Any]]:
         """``result.json``: one JSON object per line; a line cut short by a live writer, or one that
-        no trial wrote (see :func:`_is_result_row`), is skipped."""
+        no trial wrote (see :func:`_is_result_row`), is skipped, and so is a file larger than
+        :data:`MAX_RESULT_BYTES`."""
         rows = []
-        for line in (self.text(folder, "result.json") or "").splitlines():
+        for line in (self.text(folder, "result.json", limit=MAX_RESULT_BYTES) or "").splitlines():
             with contextlib.suppress(ValueError, RecursionError):
                 row = json.loads(line)
                 if _is_result_row(row, metric):
                     rows.append(row)
         return rows
+
+
+def _read_capped(stream: Any, size: int, limit: int, tail: bool) -> bytes | None:
+    """At most ``limit`` bytes of a seekable ``stream`` of ``size`` bytes: all of it, its last
+    ``limit`` bytes (``tail``), or None when it is larger (or grows larger while being read)."""
+    if size > limit and not tail:
+        return None
+    stream.seek(max(size - limit, 0))
+    data = stream.read(limit + 1)
+    if len(data) > limit:
+        return data[-limit:] if tail else None
+    return data
 
 
 # The numbers that _trial_record reads from a result row besides the metric.
@@ -751,7 +781,7 @@ def _is_search_entry(entry: Any, space: SearchSpace) -> bool:
 def _search_finished(experiment: str) -> bool | None:
     """Whether the searcher ended the search (target reached, or too many failures in a row);
     None when the experiment has no :data:`SEARCH_FILE`."""
-    search = _Files(experiment).json(SEARCH_FILE)
+    search = _Files(experiment).json(SEARCH_FILE, limit=MAX_SEARCH_FILE_BYTES)
     return bool(search.get("finished")) if isinstance(search, dict) else None
 
 
@@ -768,7 +798,7 @@ def _read_trials(experiment: str, space: SearchSpace, metric: str, epochs: int, 
     time budget stops trials without telling the searcher).
     """
     files = _Files(experiment)
-    search = files.json(SEARCH_FILE)
+    search = files.json(SEARCH_FILE, limit=MAX_SEARCH_FILE_BYTES)
     known: dict[str, dict[str, Any]] = {}
     if isinstance(search, dict) and isinstance(search.get("trials"), list):
         # An entry the searcher did not write is left out: its folder is read as a trial it does not know.
@@ -786,7 +816,7 @@ def _read_trials(experiment: str, space: SearchSpace, metric: str, epochs: int, 
         number, folder = folders.get(trial_id, (None, None))
         entry = known.get(trial_id)
         rows = files.rows(folder, metric) if folder else []
-        error = files.text(folder, "error.txt") if folder else None
+        error = files.text(folder, "error.txt", tail=True) if folder else None
         if entry is not None:
             number, params, recorded = int(entry["number"]), entry["params"], entry["state"]
         else:
