@@ -121,23 +121,29 @@ YAML and TOML: every file sofim-tune writes is far smaller, so a larger one is n
 def read_json(path: str | Path, prefix: str) -> Any:
     """The JSON document in ``path`` (data only: nothing is executed).
 
-    Every problem raises one line, ``"<prefix>: <what>"``: a missing or unreadable file, a folder
-    or device instead of a file, a file over :data:`MAX_JSON_BYTES` (read no further, so
+    Every problem raises one line, ``"<prefix>: <what>"``: a missing or unreadable file or a path
+    with a NUL byte, a folder, device or named pipe instead of a file, a file over :data:`MAX_JSON_BYTES` (read no further, so
     ``/dev/zero`` costs nothing), text that is not UTF-8 or not JSON, nesting too deep for the
     parser, and the NaN and Infinity that Python's json would accept.
     """
-    path = Path(path)
     try:
-        with path.open("rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise UserInputError(f"{prefix}: not a regular file")
-            data = f.read(MAX_JSON_BYTES + 1)
+        # Non-blocking, so that a named pipe is refused below instead of waiting for a writer.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         raise UserInputError(f"{prefix}: no such file") from None
-    except IsADirectoryError:
-        raise UserInputError(f"{prefix}: a folder, not a file") from None
+    except ValueError:  # a NUL byte in the path
+        raise UserInputError(f"{prefix}: not a valid path") from None
     except OSError as e:
         raise UserInputError(f"{prefix}: {e.strerror or e}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise UserInputError(f"{prefix}: " + ("a folder, not a file" if stat.S_ISDIR(mode) else "not a regular file (a device, pipe or socket)"))
+    with os.fdopen(fd, "rb") as f:
+        try:
+            data = f.read(MAX_JSON_BYTES + 1)
+        except OSError as e:
+            raise UserInputError(f"{prefix}: {e.strerror or e}") from None
     if len(data) > MAX_JSON_BYTES:
         raise UserInputError(f"{prefix}: larger than {MAX_JSON_BYTES // 1024 // 1024} MiB, which no sofim-tune file is")
     try:

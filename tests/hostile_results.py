@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -106,6 +107,8 @@ for _id, _text, _message in [
 API_CASES += [
     ApiCase("load-recommendation-dev-zero", lambda scratch: load_recommendation("/dev/zero"), "not a regular file"),
     ApiCase("load-recommendation-folder", lambda scratch: load_recommendation(scratch), "a folder, not a file"),
+    ApiCase("load-recommendation-named-pipe", lambda scratch: load_recommendation(scratch / "pipe"), "not a regular file", setup=lambda scratch: os.mkfifo(scratch / "pipe")),
+    ApiCase("load-recommendation-nul-in-path", lambda scratch: load_recommendation(f"{scratch}/best\0.json"), "not a valid path"),
     ApiCase(
         "optimizer-from-recommendation-mapping-negative-lr",
         lambda scratch: optimizer_from_recommendation(_parameters(), _best_json(hyperparameters={"lr": -0.5})),
