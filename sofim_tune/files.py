@@ -122,9 +122,10 @@ def read_json(path: str | Path, prefix: str) -> Any:
     """The JSON document in ``path`` (data only: nothing is executed).
 
     Every problem raises one line, ``"<prefix>: <what>"``: a missing or unreadable file or a path
-    with a NUL byte, a folder, device or named pipe instead of a file, a file over :data:`MAX_JSON_BYTES` (read no further, so
-    ``/dev/zero`` costs nothing), text that is not UTF-8 or not JSON, nesting too deep for the
-    parser, and the NaN and Infinity that Python's json would accept.
+    with a NUL byte, a folder, device or named pipe instead of a file, a file over
+    :data:`MAX_JSON_BYTES` (read no further, so ``/dev/zero`` costs nothing), text that is not
+    UTF-8 or not JSON, nesting too deep for the parser, and the NaN and Infinity that Python's
+    json would accept.
     """
     try:
         # Non-blocking, so that a named pipe is refused below instead of waiting for a writer.
