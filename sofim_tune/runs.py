@@ -17,7 +17,6 @@ from sofim_tune.backends import get_backend
 from sofim_tune.errors import UserInputError
 from sofim_tune.recommend import Recommendation, build_recommendation, load_recommendation, write_recommendation
 from sofim_tune.records import StudyRecord
-from sofim_tune.space import excerpt
 from sofim_tune.study import read_run_file
 
 if TYPE_CHECKING:
@@ -201,9 +200,8 @@ def _choose_optimizer(root: Path, dataset: str, arch: str | None, invalid: list[
         best = folder / doc["optimizers"][optimizer]["run_dir"] / "best.json"
         try:
             rec = load_recommendation(best)
-        except ValueError as exc:  # a UserInputError, or a path the system refuses (a NUL in run_dir)
-            reason = str(exc) if isinstance(exc, UserInputError) else f"{excerpt(str(best))}: cannot read: {exc}"
-            invalid.append(f"{reason} (the recommendation of {folder / 'compare.json'}, which is left out)")
+        except UserInputError as exc:
+            invalid.append(f"{exc} (the recommendation of {folder / 'compare.json'}, which is left out)")
             continue
         return OptimizerChoice(optimizer, rec, doc, folder)
     return None

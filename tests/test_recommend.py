@@ -534,4 +534,4 @@ def test_recommend_skips_a_comparison_whose_run_dir_is_no_path(results_with_a_br
 
     found = find_recommendations(results, "digits")
     assert found.choice is not None and found.choice.folder == results / "cmp-old"
-    assert len(found.invalid) == 1 and "embedded null byte" in found.invalid[0] and "cmp-new/compare.json" in found.invalid[0]
+    assert len(found.invalid) == 1 and "not a valid path" in found.invalid[0] and "cmp-new/compare.json" in found.invalid[0]
