@@ -38,13 +38,9 @@ from typing import Protocol
 
 import numpy as np
 import torch
-import torchvision.datasets
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader
-from torchvision import transforms
-from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import find_classes
+from torch.utils.data import DataLoader, Dataset
 
 from sofim_tune.errors import UserInputError
 from sofim_tune.parallelism import allocatable_memory
@@ -675,6 +671,8 @@ def _torchvision_pool(name: str, root: Path, *, train: bool, download: bool) -> 
     """The official train or test set of a torchvision dataset, read from its arrays without per-sample work."""
     source = _TORCHVISION[name]
     split = {"split": "train" if train else "test"} if source.split_arg else {"train": train}
+    import torchvision.datasets  # see _ImageFiles: not at import time
+
     try:
         raw = getattr(torchvision.datasets, source.class_name)(str(root), download=download, **split)
     except (RuntimeError, OSError) as error:
@@ -729,6 +727,8 @@ def has_test_split(dataset: str) -> bool:
 
 
 def _class_names(folder: Path) -> list[str]:
+    from torchvision.datasets.folder import find_classes  # see _ImageFiles: not at import time
+
     try:
         return find_classes(folder)[0]
     except FileNotFoundError:
@@ -992,17 +992,28 @@ def _to_mode(image: Image.Image, mode: str) -> Image.Image:
     return image if image.mode == mode else image.convert(mode)
 
 
-class _ImageFiles(ImageFolder):
-    """ImageFolder giving (uint8 C×S×S tensor, label), label -1 for a file PIL cannot decode.
+class _ImageFiles(Dataset):
+    """An ImageFolder's images as (uint8 C×S×S tensor, label), label -1 for a file PIL cannot decode.
 
-    Every image is converted to ``mode`` (``"L"``: C = 1, ``"RGB"``: C = 3) and, unless it
-    already is ``side`` pixels square, resized to that; :func:`_folder_plan` sets both.
+    The files and classes are torchvision's ``ImageFolder`` listing. Every image is converted to
+    ``mode`` (``"L"``: C = 1, ``"RGB"``: C = 3) and, unless it already is ``side`` pixels square,
+    resized to that; :func:`_folder_plan` sets both.
+
+    torchvision is imported here and in the other functions that read its datasets, not with
+    this module: importing it loads ``torch._dynamo`` (1.6 s on this project's machine), which
+    every command, worker and digits study would otherwise pay without using it.
     """
 
     def __init__(self, root: Path) -> None:
-        super().__init__(str(root))
+        from torchvision.datasets import ImageFolder
+
+        listing = ImageFolder(str(root))
+        self.root, self.samples, self.classes = listing.root, listing.samples, listing.classes
         self.mode = "RGB"
         self.side = DEFAULT_IMAGE_SIZE
+
+    def __len__(self) -> int:
+        return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         path, label = self.samples[index]
@@ -1016,7 +1027,9 @@ class _ImageFiles(ImageFolder):
             return torch.zeros(1 if self.mode == "L" else 3, self.side, self.side, dtype=torch.uint8), -1
         if image.size != (self.side, self.side):
             image = image.resize((self.side, self.side), Image.Resampling.BILINEAR)  # antialiased, as torchvision's Resize
-        return transforms.functional.pil_to_tensor(image), label
+        from torchvision.transforms.functional import pil_to_tensor
+
+        return pil_to_tensor(image), label
 
 
 def _read(files: _ImageFiles, indices: Tensor, batch_size: int, *, pin_memory: bool = False) -> Iterator[tuple[Tensor, Tensor]]:

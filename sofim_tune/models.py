@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torchvision.models
 from torch import Tensor, nn
 
 from sofim_tune.data import DatasetInfo
@@ -153,7 +152,11 @@ _BUILTIN: dict[str, Callable[[DatasetInfo], nn.Module]] = {
 
 
 def _torchvision_names() -> list[str]:
-    # module=torchvision.models restricts the list to classification models.
+    # Imported here, not with the module: importing torchvision loads torch._dynamo (1.6 s),
+    # which only tv:NAME architectures need. module=torchvision.models restricts the list to
+    # classification models.
+    import torchvision.models
+
     return torchvision.models.list_models(module=torchvision.models)
 
 
@@ -189,6 +192,8 @@ def _torchvision_model(name: str, info: DatasetInfo) -> nn.Module:
     """torchvision's ``name`` without weights, its first convolution rebuilt for ``info.channels`` inputs."""
     if name not in _torchvision_names():
         raise UserInputError(f"unknown torchvision classification model {name!r}; list the valid names with {_LIST_TORCHVISION}")
+    import torchvision.models  # see _torchvision_names
+
     model = torchvision.models.get_model(name, weights=None, num_classes=info.num_classes)
     parent, attr, conv = _first_conv(model, name)
     if conv.in_channels != info.channels:
