@@ -9,6 +9,7 @@ file, one module per area; ``hostile.py`` is the harness that checks all of the 
 from __future__ import annotations
 
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -42,13 +43,38 @@ def test_case_ids_are_unique():
     assert len(ids) == len(set(ids))
 
 
+@pytest.fixture(scope="module")
+def cli_outcomes(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, BaseException | None]:
+    """Every selected CLI case, run ahead two at a time, each in a folder of its own: what it raised, by id.
+
+    Most of a case is the CLI's start (importing torch), one core's work, so two at once halve
+    the suite's time on a 2-core machine. Each case runs in its own session and folder, so the
+    harness's checks (files, processes) see only its own.
+    """
+    selected = [item.callspec.params["case"] for item in request.session.items if getattr(item, "originalname", None) == "test_cli"]
+    finished = request.getfixturevalue("finished_run") if any(case.needs_run for case in selected) else None
+
+    def attempt(case: CliCase) -> BaseException | None:
+        scratch = tmp_path_factory.mktemp(case.id)
+        run_dir = None
+        if case.needs_run:
+            run_dir = scratch / "run"
+            shutil.copytree(finished, run_dir, symlinks=True)
+        try:
+            run_cli_case(case, scratch, run_dir)
+        except BaseException as exc:  # noqa: BLE001 - reported by the case's own test
+            return exc
+        return None
+
+    with ThreadPoolExecutor(2) as pool:
+        return dict(zip((case.id for case in selected), pool.map(attempt, selected)))
+
+
 @pytest.mark.parametrize("case", CLI_CASES, ids=lambda case: case.id)
-def test_cli(case: CliCase, tmp_path: Path, request: pytest.FixtureRequest) -> None:
-    run_dir = None
-    if case.needs_run:
-        run_dir = tmp_path / "run"
-        shutil.copytree(request.getfixturevalue("finished_run"), run_dir, symlinks=True)
-    run_cli_case(case, tmp_path, run_dir)
+def test_cli(case: CliCase, cli_outcomes: dict[str, BaseException | None]) -> None:
+    outcome = cli_outcomes[case.id]
+    if outcome is not None:
+        raise outcome
 
 
 @pytest.mark.parametrize("case", API_CASES, ids=lambda case: case.id)
