@@ -13,7 +13,7 @@ from typing import Any
 
 from sofim_tune.errors import UserInputError
 
-__all__ = ["MAX_JSON_BYTES", "read_json", "redact_storage_message", "redact_storage_url", "storage_password", "write_text_atomic"]
+__all__ = ["MAX_JSON_BYTES", "read_head", "read_json", "redact_storage_message", "redact_storage_url", "storage_password", "write_text_atomic"]
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
@@ -118,6 +118,33 @@ MAX_JSON_BYTES = 1024 * 1024
 YAML and TOML: every file sofim-tune writes is far smaller, so a larger one is not ours."""
 
 
+def read_head(path: str | Path, limit: int) -> bytes | None:
+    """At most the first ``limit`` bytes of the regular file ``path``; None when it does not exist.
+
+    The one way a user's file is opened for reading: without blocking, so that a named pipe is
+    refused instead of waiting for a writer for ever, and no further than ``limit``, so that
+    ``/dev/zero`` or a huge file costs nothing. Raises UserInputError, in a few words without the
+    path, for a folder, a device, pipe or socket, a path with a NUL byte, or an unreadable file.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except ValueError:  # a NUL byte in the path
+        raise UserInputError("not a valid path") from None
+    except OSError as e:
+        raise UserInputError(e.strerror or str(e)) from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)  # before fdopen, which refuses a folder's descriptor
+        raise UserInputError("a folder, not a regular file" if stat.S_ISDIR(mode) else "not a regular file (a device, pipe or socket)")
+    with os.fdopen(fd, "rb") as f:
+        try:
+            return f.read(limit)
+        except OSError as e:
+            raise UserInputError(e.strerror or str(e)) from None
+
+
 def read_json(path: str | Path, prefix: str) -> Any:
     """The JSON document in ``path`` (data only: nothing is executed).
 
@@ -128,23 +155,11 @@ def read_json(path: str | Path, prefix: str) -> Any:
     json would accept.
     """
     try:
-        # Non-blocking, so that a named pipe is refused below instead of waiting for a writer.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except FileNotFoundError:
-        raise UserInputError(f"{prefix}: no such file") from None
-    except ValueError:  # a NUL byte in the path
-        raise UserInputError(f"{prefix}: not a valid path") from None
-    except OSError as e:
-        raise UserInputError(f"{prefix}: {e.strerror or e}") from None
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        raise UserInputError(f"{prefix}: " + ("a folder, not a file" if stat.S_ISDIR(mode) else "not a regular file (a device, pipe or socket)"))
-    with os.fdopen(fd, "rb") as f:
-        try:
-            data = f.read(MAX_JSON_BYTES + 1)
-        except OSError as e:
-            raise UserInputError(f"{prefix}: {e.strerror or e}") from None
+        data = read_head(path, MAX_JSON_BYTES + 1)
+    except UserInputError as e:
+        raise UserInputError(f"{prefix}: {e}") from None
+    if data is None:
+        raise UserInputError(f"{prefix}: no such file")
     if len(data) > MAX_JSON_BYTES:
         raise UserInputError(f"{prefix}: larger than {MAX_JSON_BYTES // 1024 // 1024} MiB, which no sofim-tune file is")
     try:

@@ -8,12 +8,13 @@ so the file opens offline and can be copied or mailed alone. Every page carries
 from __future__ import annotations
 
 import html
-import os
-import stat
 from collections.abc import Iterable
 from pathlib import Path
 
 import plotly.graph_objects as go
+
+from sofim_tune.errors import UserInputError
+from sofim_tune.files import read_head
 
 __all__ = ["FIGURE_HEIGHT", "GENERATOR_MARK", "figure_page", "figure_sections", "html_page", "is_our_page"]
 
@@ -73,10 +74,10 @@ def is_our_page(path: str | Path) -> bool:
     False for anything else, a missing or unreadable file included: the caller decides.
     """
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):  # asked before opening: a pipe would block
-            return False
-        with open(path, "rb") as f:
-            head = f.read(_HEAD_BYTES).decode("utf-8", errors="replace")
-    except (OSError, ValueError):
+        data = read_head(path, _HEAD_BYTES)
+    except UserInputError:
         return False
+    if data is None:
+        return False
+    head = data.decode("utf-8", errors="replace")
     return GENERATOR_MARK in head or any(mark in head for mark in _EARLIER_MARKS)

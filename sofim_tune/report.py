@@ -11,7 +11,6 @@ from __future__ import annotations
 import html
 import math
 import os
-import stat
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from scipy.interpolate import griddata
 from scipy.spatial import QhullError
 
 from sofim_tune.errors import UserInputError
+from sofim_tune.files import read_head
 from sofim_tune.pages import FIGURE_HEIGHT, figure_page, figure_sections, html_page, is_our_page
 from sofim_tune.records import StudyRecord, TrialRecord
 from sofim_tune.recommend import (
@@ -855,11 +855,8 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 def _starts_with(path: Path, prefix: bytes) -> bool:
     try:
-        if not stat.S_ISREG(path.stat().st_mode):  # asked before opening: a pipe would block
-            return False
-        with path.open("rb") as f:
-            return f.read(len(prefix)) == prefix
-    except (OSError, ValueError):
+        return read_head(path, len(prefix)) == prefix
+    except UserInputError:
         return False
 
 

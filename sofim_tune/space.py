@@ -30,6 +30,7 @@ from typing import Any, Literal, NamedTuple
 import yaml
 
 from sofim_tune.errors import UserInputError
+from sofim_tune.files import read_head
 from sofim_tune.optim import OPTIMIZER_HYPERPARAMETERS, hyperparameter_problem
 
 __all__ = [
@@ -201,7 +202,7 @@ def not_a_file(path: Path) -> str | None:
     except ValueError:  # a NUL in the path
         return "cannot read: not a valid path"
     if stat.S_ISDIR(mode):
-        return "a folder, not a file"
+        return "a folder, not a regular file"
     if not stat.S_ISREG(mode):
         return "not a regular file (a device, pipe or socket)"
     return None
@@ -231,17 +232,15 @@ def read_source(name_or_path: str | Path, package: str, suffixes: tuple[str, ...
     if problem is not None:
         raise input_error(label, "", problem)
     try:
-        with path.open("rb") as stream:
-            data = stream.read(MAX_FILE_BYTES + 1)  # no more, whatever the file is
+        data = read_head(path, MAX_FILE_BYTES + 1)  # no more, whatever the file is
+    except UserInputError as exc:  # it changed since not_a_file looked
+        raise input_error(label, "", str(exc)) from None
+    if data is None:
+        raise input_error(label, "", f"{what} file not found")
+    try:
         text = data.decode("utf-8")
-    except FileNotFoundError:
-        raise input_error(label, "", f"{what} file not found") from None
     except UnicodeDecodeError:
         raise input_error(label, "", "not a text file (expected UTF-8)") from None
-    except OSError as exc:
-        raise input_error(label, "", f"cannot read: {exc.strerror or exc}") from None
-    except ValueError:  # a NUL in the path
-        raise input_error(label, "", "cannot read: not a valid path") from None
     require(
         len(data) <= MAX_FILE_BYTES,
         label,

@@ -85,9 +85,9 @@ CLI_CASES: list[CliCase] = [
         message="give --decoupled-weight-decay or --coupled-weight-decay, not both",
     ),
     CliCase("compare-summary-same-folder-twice", _same_compare_twice, message="twice"),
-    CliCase("space-is-a-folder", _space_folder, message="a folder, not a file"),
+    CliCase("space-is-a-folder", _space_folder, message="a folder, not a regular file"),
     CliCase("space-is-dev-zero", lambda s, r: ["run", "--dataset", "digits", "--trials", "1", "--space", "/dev/zero", "--out", "new"], message="not a regular file"),
-    CliCase("study-is-a-folder", lambda s, r: ["run", "--study", str(s), "--out", "new"], message="a folder, not a file"),
+    CliCase("study-is-a-folder", lambda s, r: ["run", "--study", str(s), "--out", "new"], message="a folder, not a regular file"),
     CliCase("study-is-dev-zero", lambda s, r: ["run", "--study", "/dev/zero", "--out", "new"], message="not a regular file"),
     CliCase("export-to-empty-path", lambda s, r: ["export", str(r), "-o", ""], message="--output is empty", needs_run=True),
     CliCase("plot-to-empty-path", lambda s, r: ["plot", str(r), "-o", ""], message="--output is empty", needs_run=True),
@@ -124,8 +124,8 @@ def _load_spec(path: str | Path) -> object:
 
 
 API_CASES: list[ApiCase] = [
-    ApiCase("load-space-of-a-folder", lambda scratch: _load_space(scratch), message="a folder, not a file"),
+    ApiCase("load-space-of-a-folder", lambda scratch: _load_space(scratch), message="a folder, not a regular file"),
     ApiCase("load-space-of-dev-zero", lambda scratch: _load_space("/dev/zero"), message="not a regular file"),
-    ApiCase("load-spec-of-a-folder", lambda scratch: _load_spec(scratch), message="a folder, not a file"),
+    ApiCase("load-spec-of-a-folder", lambda scratch: _load_spec(scratch), message="a folder, not a regular file"),
     ApiCase("load-spec-of-dev-zero", lambda scratch: _load_spec("/dev/zero"), message="not a regular file"),
 ]

@@ -106,7 +106,7 @@ for _id, _text, _message in [
     API_CASES.append(ApiCase(_id, lambda scratch, text=_text: _load("best.json", text())(scratch), _message))
 API_CASES += [
     ApiCase("load-recommendation-dev-zero", lambda scratch: load_recommendation("/dev/zero"), "not a regular file"),
-    ApiCase("load-recommendation-folder", lambda scratch: load_recommendation(scratch), "a folder, not a file"),
+    ApiCase("load-recommendation-folder", lambda scratch: load_recommendation(scratch), "a folder, not a regular file"),
     ApiCase("load-recommendation-named-pipe", lambda scratch: load_recommendation(scratch / "pipe"), "not a regular file", setup=lambda scratch: os.mkfifo(scratch / "pipe")),
     ApiCase("load-recommendation-nul-in-path", lambda scratch: load_recommendation(f"{scratch}/best\0.json"), "not a valid path"),
     ApiCase(

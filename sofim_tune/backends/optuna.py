@@ -40,7 +40,7 @@ from optuna.storages.journal._storage import JournalOperation
 from optuna.trial import FrozenTrial, TrialState
 
 from sofim_tune.errors import TrialPruned, UserInputError
-from sofim_tune.files import redact_storage_message, redact_storage_url, storage_password
+from sofim_tune.files import read_head, redact_storage_message, redact_storage_url, storage_password
 from sofim_tune.records import Confirmation, StudyRecord, TrialRecord
 from sofim_tune.space import ParamRange, SearchSpace
 from sofim_tune.spec import StudySpec
@@ -134,16 +134,11 @@ def check_storage(url: str) -> None:
     if url.startswith("journal:") and not str(file):
         raise UserInputError("storage journal: names no file; give journal:PATH")
     try:
-        with file.open("rb") as handle:
-            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
-                raise UserInputError(f"storage {shown}: {file} is not a regular file")
-            head = handle.read(_JOURNAL_HEAD_BYTES)
-    except FileNotFoundError:
+        head = read_head(file, _JOURNAL_HEAD_BYTES)
+    except UserInputError as exc:
+        raise UserInputError(f"storage {shown}: {file}: {exc}") from None
+    if head is None:
         return
-    except IsADirectoryError:
-        raise UserInputError(f"storage {shown}: {file} is a folder, not a regular file") from None
-    except OSError as exc:
-        raise UserInputError(f"storage {shown}: cannot read {file}: {exc.strerror or exc}") from None
     if not head:
         return
     if url.startswith("journal:"):
