@@ -120,7 +120,8 @@ SamplerOpt = Annotated[Optional[str], typer.Option(help="`tpe` (default), `rando
 PrunerOpt = Annotated[Optional[str], typer.Option(help="`hyperband` (default), `median`, `sha` or `none`.")]
 WorkersOpt = Annotated[Optional[int], typer.Option(help="Trials at once, each in its own worker process; default: one per physical core on the CPU (memory and --trials permitting), 4 small-model trials per GPU. At most --trials and 4 per CPU (4 × the automatic count per GPU); more is lowered with a warning.")]
 BatchTrialsOpt = Annotated[Optional[int], typer.Option(help="Trials each worker (Ray: each batch server) trains at once as one stacked model (MLP and CNN), e.g. --batch-trials 8; default 1: one at a time (batching did not pay on a 2-core CPU; see the README). A Ray resume keeps its experiment's.")]
-ThreadsOpt = Annotated[Optional[int], typer.Option(help="torch threads per trial; default: the cores left over per worker (1 when every core has a worker); at most the CPUs available, more is lowered with a warning.")]
+ThreadsOpt = Annotated[Optional[int], typer.Option(help="torch threads per trial; default 1 on the CPU (a trial's numbers depend on its thread count, so a study keeps them whatever its --workers), the cores left over per worker on a GPU; at most the CPUs available, more is lowered with a warning.")]
+LookaheadOpt = Annotated[Optional[int], typer.Option(help="Trials that may run at once (>= 1): trial i is drawn from and pruned against the trials up to i − N, all finished, so the study is the same with any --workers and --batch-trials; e.g. --lookahead 16 for 16 GPU trials at once; default: the spec's (4). Optuna backend.")]
 ConfirmTopOpt = Annotated[Optional[int], typer.Option(help="Configurations retrained with fresh seeds before recommending.")]
 ConfirmSeedsOpt = Annotated[Optional[int], typer.Option(help="Fresh seeds (and splits) per confirmed candidate, >= 2; the interval in best.json is over them.")]
 RunStorageEnvOpt = Annotated[Optional[str], typer.Option(help="Read the storage URL from this environment variable, so its password stays out of `ps`.")]
@@ -418,6 +419,7 @@ def run(
     decoupled: DecoupledOpt = False,
     coupled: CoupledOpt = False,
     widen: Annotated[Optional[bool], typer.Option("--widen/--no-widen", help="Let the study widen a log bound by a decade (twice at most) when its best trials sit on it; default: the spec's (on).")] = None,
+    lookahead: LookaheadOpt = None,
     backend: BackendOpt = "optuna",
     address: AddressOpt = None,
     gpus_per_trial: GpusPerTrialOpt = None,
@@ -437,7 +439,7 @@ def run(
     from sofim_tune.tuning import RunOptions, tune
 
     spec = load_spec(dataset, arch, study).replace(
-        search_space=space, trials=trials, epochs=epochs, sampler=sampler, pruner=pruner, seed=seed, confirm_top=confirm_top, confirm_seeds=confirm_seeds, widen=widen,
+        search_space=space, trials=trials, epochs=epochs, sampler=sampler, pruner=pruner, seed=seed, confirm_top=confirm_top, confirm_seeds=confirm_seeds, widen=widen, lookahead=lookahead,
         augment=augment, image_size=image_size, schedule=schedule, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, decoupled_weight_decay=_weight_decay_kind(decoupled, coupled),
     )
     options = RunOptions(

@@ -248,6 +248,7 @@ def plan(
     threads: int | None = None,
     batch_trials: int | None = None,
     batch_problem: str | None = None,
+    lookahead: int | None = None,
     cores: int | None = None,
     cpus: int | None = None,
     memory: int | None = None,
@@ -272,6 +273,8 @@ def plan(
         workers, threads, batch_trials: the user's choice, or None for automatic.
         batch_problem: why this study's trials cannot be batched (``sofim_tune.batched``),
             or None when they can.
+        lookahead: the most trials the study lets run at once (``StudySpec.lookahead``), or
+            None for no limit: workers beyond it would only wait.
         cores, cpus, memory: the machine's physical cores, the logical CPUs this process may
             use and the bytes available (:func:`available_memory`: a cgroup limit counts);
             None measures them.
@@ -290,21 +293,32 @@ def plan(
             machine = (OVERSUBSCRIPTION * per_gpu * max(1, gpus), f"{OVERSUBSCRIPTION * per_gpu} per GPU for a {size} on {_count(max(1, gpus), 'GPU')}")
         else:
             machine = (OVERSUBSCRIPTION * cpus, f"{OVERSUBSCRIPTION} per CPU on {_count(cpus, 'CPU')}")
-        workers = _lowered("--workers", workers, [(trials, f"one per trial ({_count(trials, 'trial')})"), machine], lowered)
+        limits = [(trials, f"one per trial ({_count(trials, 'trial')})"), machine]
+        if lookahead is not None:
+            limits.append((lookahead, f"--lookahead {lookahead} (trials that may run at once)"))
+        workers = _lowered("--workers", workers, limits, lowered)
         why = "--workers"
     elif on_gpu:
-        workers = min(trials, max(1, gpus) * per_gpu)
+        workers = min(trials, max(1, gpus) * per_gpu, lookahead or trials)
         why = f"{size}: {_count(per_gpu, 'trial')} per GPU on {_count(max(1, gpus), 'GPU')}"
     else:
         by_threads = max(1, cores // threads) if threads else cores
         memory = memory if memory is not None else available_memory()
         by_memory = memory // worker_memory(model_parameters, data_bytes) if memory else by_threads
-        workers = max(1, min(by_threads, trials, by_memory))
+        workers = max(1, min(by_threads, trials, by_memory, lookahead or trials))
         why = f"{size} on {_count(cores, 'physical core')}: one trial per core"
-        if workers < by_threads:
-            why += f", fewer for lack of {'trials' if trials <= by_memory else 'memory'}"
+        if workers == trials < by_threads:
+            why += ", fewer for lack of trials"
+        elif workers == by_memory < by_threads:
+            why += ", fewer for lack of memory"
+        elif workers < by_threads:
+            why += f", at most --lookahead {lookahead}"
     if threads is None:
-        threads = max(1, cores // workers)
+        # On the CPU a trial's numbers depend on its thread count (a reduction over two threads
+        # sums in another order), so it stays at one whatever the workers or the trials left:
+        # a study is then the same with any --workers (sofim_tune.backends.views). CUDA's
+        # kernels do not use these threads.
+        threads = max(1, cores // workers) if on_gpu else 1
     else:
         why += ", --threads-per-trial"
     why = "; ".join([why, *lowered])

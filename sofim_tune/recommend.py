@@ -127,8 +127,10 @@ class StudySummary:
         backend: ``optuna`` or ``ray``.
         name: study name.
         storage: where the study lives, any password replaced by ``***``.
-        trials: every trial, running ones included.
-        completed, pruned, failed: trials in each state (diverged trials count as pruned).
+        trials: every trial, running ones included, but not the attempts that were interrupted
+            and retried in their place (:meth:`StudyRecord.outcomes`).
+        completed, pruned, failed: trials in each state (diverged trials count as pruned;
+            interrupted attempts do not count as failed).
         sampler, pruner: search strategy and early stopping, by name.
         final: False while the study is still running: these are the best settings so far.
         widened: the bounds the study moved while it ran (``{"param", "side", "from",
@@ -476,10 +478,10 @@ def build_recommendation(
             backend=study.backend,
             name=study.name,
             storage=redact_storage_url(study.storage),
-            trials=len(study.trials),
+            trials=len(study.outcomes()),
             completed=len(study.by_state("complete")),
             pruned=len(study.by_state("pruned")),
-            failed=len(study.by_state("failed")),
+            failed=sum(t.state == "failed" for t in study.outcomes()),
             sampler=study.sampler,
             pruner=study.pruner,
             final=study.finished,

@@ -131,6 +131,11 @@ class StudyRecord:
     def by_state(self, state: TrialState) -> list[TrialRecord]:
         return [t for t in self.trials if t.state == state]
 
+    def outcomes(self) -> list[TrialRecord]:
+        """Every trial but the attempts that were interrupted (each is retried in its place):
+        a study that was killed and resumed has the same outcomes as one that was not."""
+        return [t for t in self.trials if t.attrs.get("reason") != "interrupted"]
+
     @property
     def finished(self) -> bool:
         """True once the study reached its target and nothing is running."""

@@ -49,7 +49,7 @@ __all__ = [
 NEIGHBOURS: dict[str, float] = {"lr×0.5": 0.5, "lr×2": 2.0}
 NEIGHBOUR_SEEDS = 3
 CRITERION = "the worse of the candidate's mean and its worse neighbour's mean (lr × ½, lr × 2), over fresh seeds and splits"
-# Seeds far from those of search trials (spec.seed + trial number); see confirmation_seeds.
+# Seeds far from those of search trials (spec.seed + logical index); see confirmation_seeds.
 _CONFIRM_SEED_BASE = 1_000_003
 # ‖m̂‖²/ρ below this, SOFIM steps like SGD with averaged momentum; above its inverse, a
 # normalised step. One decade either side of 1, where both terms of ρ + ‖m̂‖² matter.
@@ -95,7 +95,7 @@ def distinct_ranked(study: StudyRecord) -> list[TrialRecord]:
 def confirmation_seeds(search_seed: int, trials: int, search_split_seed: int, count: int) -> tuple[list[int], list[int]]:
     """Weight seeds and split seeds for ``count`` confirmation runs of a study.
 
-    No weight seed equals a search trial's (``search_seed + number`` for ``trials``
+    No weight seed equals a search trial's (``search_seed + index`` for ``trials``
     trials), and no split seed equals the search's ``search_split_seed``.
     """
     base = max(_CONFIRM_SEED_BASE, search_seed + trials)

@@ -53,6 +53,9 @@ METRICS: dict[str, str] = {"val_accuracy": "maximize", "val_loss": "minimize"}
 
 DEFAULT_TRIALS = 32
 DEFAULT_SPACE = "sofim"
+# Four trials at once fill two CPU cores or a GPU's worker (a trial waits for the one four
+# before it); the sampler then misses the three trials just before each draw.
+DEFAULT_LOOKAHEAD = 4
 
 #: What a study name may be: one path component (it names the run folder), no ``..``.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -119,6 +122,10 @@ class StudySpec:
             ``tpe``, ``random`` and ``gp``).
         confirm_seeds: fresh seeds per confirmed candidate, >= 2 (each also draws its own
             train/validation split); the recommendation's interval is over these runs.
+        lookahead: trials that may run at once, >= 1 (Optuna backend). Trial ``i`` is drawn
+            from, and pruned against, the trials numbered at most ``i - lookahead`` and starts
+            once they have all finished, so that the study is the same with any number of
+            workers (see ``sofim_tune.backends.views``).
         source: the file it came from, or ``"defaults"``.
     """
 
@@ -146,6 +153,7 @@ class StudySpec:
     warmup_epochs: int = 0
     label_smoothing: float = 0.0
     decoupled_weight_decay: bool = False
+    lookahead: int = DEFAULT_LOOKAHEAD
     source: str = ""
 
     def __post_init__(self) -> None:
@@ -154,7 +162,7 @@ class StudySpec:
         _check_string(self.arch, source, "arch", _MAX_ARCH_LENGTH)
         _check_dataset(self.dataset, source)
         _check_search_space(self.search_space, source)
-        for key in ("epochs", "batch_size", "trials", "confirm_top", "confirm_seeds"):
+        for key in ("epochs", "batch_size", "trials", "confirm_top", "confirm_seeds", "lookahead"):
             value = as_integer(getattr(self, key), source, key)
             require(value >= 1, source, key, f"must be >= 1 (got {value})")
         for key in ("seed", "split_seed"):

@@ -27,6 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+import numpy
 import torch
 
 from sofim_tune.errors import UserInputError
@@ -302,6 +303,7 @@ def study_metadata(spec: StudySpec, space: SearchSpace, url: str) -> dict[str, A
         "recipe": recipe(spec, space),
         "trials": spec.trials,
         "widen": spec.widen,
+        "lookahead": spec.lookahead,
         "storage": redact_storage_url(url),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -479,6 +481,7 @@ def parallelism_for(spec: StudySpec, space: SearchSpace, options: RunOptions) ->
         threads=options.threads_per_trial,
         batch_trials=options.batch_trials,
         batch_problem=batch_problem(config, data),
+        lookahead=spec.lookahead,
     )
 
 
@@ -627,13 +630,13 @@ def _train_job(configs: list[TrialConfig], slots: int) -> list[TrialResult]:
 # ---------------------------------------------------------------------------------------
 
 
-def sampler_seed(base: int, trials_in_storage: int, worker: int = 0) -> int:
-    """The seed of one sampler: distinct per worker and per (re)start of a study.
+def sampler_seed(base: int, index: int) -> int:
+    """The seed of the sampler that draws the trial with logical index ``index`` of a study seeded ``base``.
 
-    Seeding from the study's state means a resumed or extended study draws new settings
-    instead of replaying the stream that produced its first trials.
+    It depends on these two alone, so a trial draws the same settings whichever worker
+    draws them and whenever, and a resumed or extended study draws new ones for new trials.
     """
-    return base + 10_000 * trials_in_storage + worker
+    return int(numpy.random.SeedSequence([base, index]).generate_state(1)[0])
 
 
 MAX_GRID_POINTS = 100_000

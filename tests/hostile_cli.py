@@ -91,6 +91,7 @@ CLI_CASES: list[CliCase] = [
     CliCase("study-is-dev-zero", lambda s, r: ["run", "--study", "/dev/zero", "--out", "new"], message="not a regular file"),
     CliCase("export-to-empty-path", lambda s, r: ["export", str(r), "-o", ""], message="--output is empty", needs_run=True),
     CliCase("plot-to-empty-path", lambda s, r: ["plot", str(r), "-o", ""], message="--output is empty", needs_run=True),
+    CliCase("run-lookahead-zero", lambda s, r: ["run", "--dataset", "digits", "--trials", "1", "--lookahead", "0", "--out", "new"], message="lookahead: must be >= 1 (got 0)"),
     CliCase("run-out-empty-path", lambda s, r: ["run", "--dataset", "digits", "--trials", "1", "--out", ""], message="--out is empty"),
     # Issue 27.2: a folder inside a run folder that is a symlink is never written through.
     CliCase("plot-through-symlinked-plots-folder", _plots_symlinked_elsewhere, message="symlink", needs_run=True),

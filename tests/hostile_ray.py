@@ -156,6 +156,7 @@ CLI_CASES: list[CliCase] = [
     _refused("ray-workers", ["--workers", "2"], "--workers is for the Optuna backend and does nothing with --backend ray: Ray runs as many trials at once as their resources allow; cap them with --max-concurrent"),
     _refused("ray-threads-per-trial", ["--threads-per-trial", "2"], "--threads-per-trial is for the Optuna backend and does nothing with --backend ray: a Ray trial runs one torch thread per CPU it reserves; set --cpus-per-trial"),
     _refused("ray-gpus", ["--gpus", "0"], "--gpus is for the Optuna backend and does nothing with --backend ray: a Ray trial gets its GPU from --gpus-per-trial"),
+    _refused("ray-lookahead", ["--lookahead", "8"], "--lookahead is for the Optuna backend and does nothing with --backend ray"),
     _refused("ray-device-cuda", ["--device", "cuda"], "--device cuda is for the Optuna backend and does nothing with --backend ray: a Ray trial gets its GPU from --gpus-per-trial"),
     _refused("ray-storage", ["--storage", "sqlite:///study.db"], "--storage is for the Optuna backend and does nothing with --backend ray: Ray keeps its experiment under --storage-path"),
     CliCase("ray-study-json-nested", _show_with("ray_study.json", NESTED_JSON), message="ray_study.json: cannot read: JSON nested too deeply"),

@@ -47,19 +47,30 @@ def test_on_the_cpu_every_core_runs_a_trial_at_one_thread() -> None:
     assert cpu_plan(model_parameters=11_000_000) == (8, 1)
 
 
-def test_fewer_trials_than_cores_get_the_spare_cores_as_threads() -> None:
-    assert cpu_plan(trials=2) == (2, 4)
-    assert cpu_plan(trials=1) == (1, 8)
+def test_a_trial_keeps_one_thread_whatever_the_workers_or_trials_left() -> None:
+    # Its numbers depend on its thread count, and a study must not depend on its workers.
+    assert cpu_plan(trials=2) == (2, 1)
+    assert cpu_plan(trials=1) == (1, 1)
+    assert cpu_plan(workers=1) == (1, 1)
+
+
+def test_no_more_workers_than_the_lookahead_lets_run_at_once() -> None:
+    chosen = plan(on_gpu=False, gpus=1, model_parameters=SMALL, data_bytes=0, trials=40, lookahead=3, cores=8, memory=64 * GiB)
+    assert (chosen.workers, chosen.threads) == (3, 1) and "at most --lookahead 3" in chosen.reason
+    assert plan(on_gpu=True, gpus=4, model_parameters=SMALL, data_bytes=0, trials=40, lookahead=6, cores=8, memory=64 * GiB).workers == 6
+    with Warnings() as warned:
+        assert plan(on_gpu=False, gpus=1, model_parameters=SMALL, data_bytes=0, trials=40, workers=5, lookahead=3, cores=8, cpus=8, memory=64 * GiB).workers == 3
+    assert warned.messages == ["--workers 5 lowered to 3: at most --lookahead 3 (trials that may run at once) and 4 per CPU on 8 CPUs and one per trial (40 trials)"]
 
 
 def test_memory_limits_the_workers() -> None:
     per_worker = worker_memory(11_000_000, 150 * 2**20)
-    assert cpu_plan(model_parameters=11_000_000, data_bytes=150 * 2**20, memory=3 * per_worker + 1) == (3, 2)
+    assert cpu_plan(model_parameters=11_000_000, data_bytes=150 * 2**20, memory=3 * per_worker + 1) == (3, 1)
     assert "memory" in plan(on_gpu=False, gpus=1, model_parameters=SMALL, data_bytes=0, trials=40, cores=8, memory=worker_memory(SMALL, 0)).reason
 
 
 def test_the_users_choice_is_kept() -> None:
-    assert cpu_plan(workers=3) == (3, 2)
+    assert cpu_plan(workers=3) == (3, 1)
     assert cpu_plan(threads=2) == (4, 2)
     assert cpu_plan(workers=2, threads=3) == (2, 3)
     assert "--workers" in plan(on_gpu=False, gpus=1, model_parameters=SMALL, data_bytes=0, trials=40, workers=2, cores=8, memory=GiB).reason
@@ -86,7 +97,7 @@ class Warnings(logging.Handler):
 
 def test_more_workers_than_trials_or_cpus_are_lowered_with_a_warning() -> None:
     with Warnings() as warned:
-        assert cpu_plan(workers=100_000, trials=4) == (4, 2)
+        assert cpu_plan(workers=100_000, trials=4) == (4, 1)
     assert warned.messages == ["--workers 100000 lowered to 4: at most one per trial (4 trials) and 4 per CPU on 16 CPUs"]
     assert cpu_plan(workers=100_000, trials=1000)[0] == OVERSUBSCRIPTION * 16
     on_gpu = plan(on_gpu=True, gpus=2, model_parameters=SMALL, data_bytes=0, trials=1000, workers=100_000, cores=16, cpus=16, memory=GiB)
@@ -135,7 +146,7 @@ def test_a_memory_limited_container_gets_fewer_workers(tmp_path: Path, monkeypat
     fake_cgroup(tmp_path, {"memory.max": f"{2 * per_worker + MiB}\n", "memory.current": "0\n"})
     monkeypatch.setenv(CGROUP_ROOT_ENV, str(tmp_path))
     chosen = plan(on_gpu=False, gpus=1, model_parameters=11_000_000, data_bytes=150 * 2**20, trials=40, cores=8, cpus=8)
-    assert (chosen.workers, chosen.threads) == (2, 4) and "memory" in chosen.reason
+    assert (chosen.workers, chosen.threads) == (2, 1) and "memory" in chosen.reason
     assert allocatable_memory() == 2 * per_worker + MiB
 
 

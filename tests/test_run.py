@@ -270,7 +270,7 @@ def test_study_ask_names_the_worker_before_it_lets_go_of_the_ask_lock(tmp_path):
 
     spec, url = load_spec("digits").replace(trials=2), f"sqlite:///{tmp_path / 'study.db'}"
     optuna_backend.open_study(spec, load_space("sofim"), url)
-    study = optuna_backend._worker_study(spec, load_space("sofim"), url, 0)
+    study = optuna_backend._worker_study(spec, load_space("sofim"), url, optuna_backend._Planner(spec, load_space("sofim")))
     trial = study.ask()
     # Recovery, holding the lock, finds the trial named: it is this live process's, not an orphan.
     assert optuna_backend.recover_interrupted(study, url) == 0

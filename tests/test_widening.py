@@ -18,14 +18,15 @@ from sofim_tune.backends.optuna import (
     WIDEN_LIMIT,
     WithinBounds,
     active_ranges,
-    maybe_widen,
+    record_widenings,
     outer_ranges,
     record_from_study,
 )
+from sofim_tune.backends.views import view_study
 from sofim_tune.recommend import build_recommendation
 from sofim_tune.space import ParamRange, load_space
 from sofim_tune.spec import StudySpec, load_spec
-from sofim_tune.study import RunOptions, grid_axes, study_metadata
+from sofim_tune.study import RunOptions, grid_axes, make_sampler, study_metadata
 
 
 def study_with(values: list[tuple[float, float, float]], *, widen: bool = True, sampler: str = "tpe") -> tuple[optuna.Study, object]:
@@ -33,7 +34,8 @@ def study_with(values: list[tuple[float, float, float]], *, widen: bool = True, 
     space = load_space("sofim")
     spec = load_spec("digits").replace(widen=widen, sampler=sampler)
     study = optuna.create_study(direction="maximize")
-    study.set_user_attr(ATTR, study_metadata(spec, space, "memory"))
+    declared = {name: {"low": p.low, "high": p.high} for name, p in outer_ranges(space).items()}
+    study.set_user_attr(ATTR, {**study_metadata(spec, space, "memory"), DECLARED_PARAMS: declared})
     for lr, rho, accuracy in values:
         ranges = active_ranges(space, study.user_attrs[ATTR])
         distributions = {name: optuna.distributions.FloatDistribution(p.low, p.high, log=p.log) for name, p in ranges.items()}
@@ -51,7 +53,7 @@ def at_the_top_of_lr(n: int) -> list[tuple[float, float, float]]:
 
 def test_widens_a_bound_the_best_trials_sit_on():
     study, space = study_with(at_the_top_of_lr(WIDEN_AFTER))
-    moved = maybe_widen(study, space)
+    moved = record_widenings(study, space)
     assert moved == [{"param": "lr", "side": "high", "from": HIGH, "to": 10 * HIGH, "after_trials": WIDEN_AFTER}]
     assert active_ranges(space, study.user_attrs[ATTR])["lr"].high == 10 * HIGH
     assert active_ranges(space, study.user_attrs[ATTR])["rho"] == space.params["rho"]
@@ -62,7 +64,7 @@ def test_widens_a_bound_the_best_trials_sit_on():
 def test_never_past_its_limit():
     study, space = study_with(at_the_top_of_lr(WIDEN_AFTER))
     for _ in range(5):
-        maybe_widen(study, space)
+        record_widenings(study, space)
         # The best trials follow the bound outwards.
         high = active_ranges(space, study.user_attrs[ATTR])["lr"].high
         study.add_trial(optuna.trial.create_trial(params={"lr": high * 0.95, "rho": 1.0, "beta1": 0.9}, distributions={"lr": optuna.distributions.FloatDistribution(1e-4, high, log=True), "rho": optuna.distributions.FloatDistribution(1e-4, HIGH, log=True), "beta1": optuna.distributions.FloatDistribution(0.5, 0.999)}, value=0.999))
@@ -83,7 +85,7 @@ def test_never_past_its_limit():
 )
 def test_does_not_widen_when_it_should_not(values, kwargs):
     study, space = study_with(values, **kwargs)
-    assert maybe_widen(study, space) == []
+    assert record_widenings(study, space) == []
     assert "widened_params" not in study.user_attrs[ATTR]
 
 
@@ -91,24 +93,10 @@ def test_best_json_names_the_edge_and_the_widening():
     study, space = study_with(at_the_top_of_lr(WIDEN_AFTER))
     rec = build_recommendation(record_from_study(study), confirmations=())
     assert rec.sensitivity.edges == [{"param": "lr", "side": "high", "bound": HIGH}]
-    maybe_widen(study, space)
+    record_widenings(study, space)
     rec = build_recommendation(record_from_study(study), confirmations=())
     assert rec.sensitivity.edges == []  # 0.95 × HIGH is well inside [1e-4, 10 × HIGH]
     assert rec.study.widened[0]["to"] == 10 * HIGH
-
-
-def test_a_study_samples_from_the_widened_range(tmp_path):
-    """After widening, new trials are drawn from the stored wider range, on resume too."""
-    from sofim_tune.tuning import RunOptions, tune
-
-    spec = load_spec("digits").replace(trials=2, epochs=1, sampler="random", enqueue=[])
-    options = RunOptions(out_dir=tmp_path, device="cpu", export=False)
-    tune(spec, options)
-    study = optuna.load_study(study_name=spec.name, storage=optuna_backend.open_storage(f"sqlite:///{tmp_path / 'study.db'}"))
-    meta = study.user_attrs[ATTR]
-    study.set_user_attr(ATTR, {**meta, "widened_params": {"lr": {"low": 5 * HIGH, "high": 10 * HIGH}}})
-    trials = tune(spec.replace(trials=4), options).study.trials
-    assert all(5 * HIGH <= t.params["lr"] <= 10 * HIGH for t in trials[2:])
 
 
 # ---------------------------------------------------------------------------------------
@@ -142,17 +130,24 @@ def run_scored(out: Path, spec: StudySpec) -> tuple[optuna.Study, list[Draw]]:
     space = load_space("sofim")
     url = f"sqlite:///{out / 'study.db'}"
     study = optuna_backend.open_study(spec, space, url)
-    worker = optuna_backend._worker_study(spec, space, url, 0)
+    planner = optuna_backend._Planner(spec, space)
+    worker = optuna_backend._worker_study(spec, space, url, planner)
     options = RunOptions(out_dir=out, device="cpu")
     draws = []
     while len(study.get_trials()) < spec.trials:
-        bounds = active_ranges(space, study.user_attrs[ATTR])
         with pytest.warns(UserWarning, match="Heartbeat"):  # outside study.optimize, as a batched worker asks
             trial = worker.ask()
-        config = optuna_backend._start(trial, spec, space, options, "cpu")
-        draws.append(Draw(trial.number, bounds, set(trial.relative_params)))
+        index = planner.plan(trial, wait=False)
+        _, view = planner.views[trial._trial_id]
+        bounds = optuna_backend._study_bounds(space, study.user_attrs[ATTR], view)
+        # What the trial's sampler modelled jointly, in the view it drew from.
+        model = WithinBounds(make_sampler(spec.sampler, space, 0, spec.trials), bounds)
+        in_view = view_study(view, index, spec.name, spec.direction)
+        relative = set(model.infer_relative_search_space(in_view, in_view.ask()._cached_frozen_trial))
+        config = optuna_backend._start(trial, index, spec, space, options, "cpu")
+        draws.append(Draw(trial.number, bounds, relative))
         worker.tell(trial, on_the_diagonal(config.hyperparameters))
-        maybe_widen(study, space)
+        record_widenings(study, space)
     return study, draws
 
 
@@ -165,7 +160,7 @@ def after_widening(study: optuna.Study, draws: list[Draw], param: str = "lr") ->
 
 @pytest.fixture(scope="module")
 def tpe_study(tmp_path_factory):
-    return run_scored(tmp_path_factory.mktemp("tpe"), scored_spec("tpe", 30))
+    return run_scored(tmp_path_factory.mktemp("tpe"), scored_spec("tpe", 60))
 
 
 def test_every_trial_declares_the_same_distributions(tpe_study):
@@ -183,9 +178,9 @@ def test_every_trial_declares_the_same_distributions(tpe_study):
 def test_the_relative_search_space_keeps_lr_and_rho_after_a_widening(tpe_study):
     study, _ = tpe_study
     assert {"lr", "rho", "beta1"} <= set(optuna.search_space.IntersectionSearchSpace(include_pruned=True).calculate(study))
-    sampler = WithinBounds(optuna.samplers.TPESampler(multivariate=True, seed=0), load_space("sofim"))
-    relative = sampler.infer_relative_search_space(study, study.get_trials()[-1])
     current = active_ranges(load_space("sofim"), study.user_attrs[ATTR])
+    sampler = WithinBounds(optuna.samplers.TPESampler(multivariate=True, seed=0), current)
+    relative = sampler.infer_relative_search_space(study, study.get_trials()[-1])
     # The model proposes within the current (widened) bounds, not the declared outer ones.
     assert relative["lr"] == optuna.distributions.FloatDistribution(current["lr"].low, current["lr"].high, log=True)
     assert current["lr"].high > 100
@@ -201,7 +196,7 @@ def test_tpe_draws_lr_with_rho_from_its_model_after_a_widening(tpe_study):
 
 def test_draws_stay_within_the_current_bounds_and_reach_the_widened_part(tmp_path):
     # Hyperband: the sampler then sees the study through a bracket's view of it.
-    study, draws = run_scored(tmp_path, scored_spec("tpe", 30, pruner="hyperband"))
+    study, draws = run_scored(tmp_path, scored_spec("tpe", 60, pruner="hyperband"))
     trials = {t.number: t for t in study.get_trials()}
     for draw in draws:
         params = trials[draw.number].params
@@ -215,7 +210,7 @@ def test_draws_stay_within_the_current_bounds_and_reach_the_widened_part(tmp_pat
 def test_gp_draws_lr_from_its_model_after_a_widening(tmp_path):
     """GP keeps modelling lr after it widened: its draws follow the scores' diagonal (lr/rho near
     10), where random draws of lr over 7 decades would land there one time in 7."""
-    study, draws = run_scored(tmp_path, scored_spec("gp", 24))
+    study, draws = run_scored(tmp_path, scored_spec("gp", 32))
     trials = {t.number: t for t in study.get_trials()}
     later = [d for d in after_widening(study, draws) if d.relative]
     on_diagonal = [d for d in later if abs(math.log10(trials[d.number].params["lr"] / trials[d.number].params["rho"]) - 1.0) < 0.5]
@@ -258,5 +253,5 @@ def test_samplers_that_do_not_widen_draw_from_the_space_itself(tmp_path, sampler
     if sampler == "grid":
         axes = grid_axes(space, 12)
         assert all(trial.params[name] in axes[name] for trial in study.get_trials() for name in axes)
-    else:  # relative samplers: their model holds every parameter once it starts
+    elif sampler == "cmaes":  # its model holds every parameter once it starts
         assert {"lr", "rho", "beta1"} <= draws[-1].relative

@@ -19,7 +19,6 @@ import re
 import signal
 import socket
 import sqlite3
-import stat
 import statistics
 import sys
 import threading
@@ -30,7 +29,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy
 import optuna
+import scipy.stats.qmc
 import torch
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
@@ -39,6 +40,17 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.storages.journal._storage import JournalOperation
 from optuna.trial import FrozenTrial, TrialState
 
+from sofim_tune.backends.views import (
+    DEFERRED,
+    RETRIED_REASONS,
+    Deferred,
+    ViewPruner,
+    copy_new_system_attrs,
+    fixed_view,
+    logical_indices,
+    settled_prefix,
+    view_study,
+)
 from sofim_tune.errors import TrialPruned, UserInputError
 from sofim_tune.files import read_head, redact_storage_message, redact_storage_url, storage_password
 from sofim_tune.records import Confirmation, StudyRecord, TrialRecord
@@ -55,6 +67,7 @@ from sofim_tune.study import (
     default_storage_url,
     describe_exit,
     effective_epochs,
+    grid_axes,
     make_sampler,
     optuna_experimental,
     planned,
@@ -297,45 +310,83 @@ def _widened(p: ParamRange, side: str) -> float:
     return max(1.0, float(round(new))) if p.type == "int" else new
 
 
-def maybe_widen(study: optuna.Study, space: SearchSpace) -> list[dict[str, Any]]:
-    """Widen each log bound that the study's best completed trials sit on; returns what moved.
+def widenings(space: SearchSpace, meta: Mapping[str, Any], trials: Sequence[FrozenTrial]) -> list[dict[str, Any]]:
+    """The bounds a study moves, in order, given its settled trials in order of logical index.
 
-    The best :data:`WIDEN_TOP_SHARE` of completed trials (at least three) are looked at once
-    :data:`WIDEN_AFTER` have completed. When the median of their values of a log-scaled
-    parameter lies within ``study.EDGE_SHARE`` of a range's width of a bound, that bound
-    moves a decade outwards, at most :data:`WIDEN_LIMIT` times per bound. The new bounds
-    are stored with the study, so that every worker and every resume samples from them
-    (:class:`WithinBounds`); what trials declare to Optuna stays as it was (:func:`declared_ranges`).
+    After each completed trial, once :data:`WIDEN_AFTER` have completed, the best
+    :data:`WIDEN_TOP_SHARE` of the completed trials so far (at least three) are looked at. When
+    the median of their values of a log-scaled parameter lies within ``study.EDGE_SHARE`` of a
+    range's width of a bound, that bound moves a decade outwards, at most :data:`WIDEN_LIMIT`
+    times per bound. Each move is ``{"param", "side", "from", "to", "after_trials"}``.
+
+    A function of the trials alone, so that a trial's bounds follow from its fixed view
+    (:mod:`sofim_tune.backends.views`) whichever worker draws it.
     """
-    meta = study.user_attrs[ATTR]
     if not meta.get("widen", False) or meta["sampler"] not in WIDEN_SAMPLERS:
         return []
-    completed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
-    if len(completed) < WIDEN_AFTER:
-        return []
-    completed.sort(key=lambda t: t.value, reverse=meta["direction"] == "maximize")
-    top = completed[: max(3, round(WIDEN_TOP_SHARE * len(completed)))]
-    ranges = active_ranges(space, meta)
-    widenings = list(meta.get("widenings", []))
-    moved = []
-    for name, p in ranges.items():
-        values = [t.params[name] for t in top if name in t.params]
-        if not p.log or not values:
+    ranges = dict(space.params)
+    moves: list[dict[str, Any]] = []
+    completed: list[FrozenTrial] = []
+    for trial in trials:
+        if trial.state != TrialState.COMPLETE or trial.value is None:
             continue
-        middle, low, high = (math.log(v) for v in (statistics.median(values), p.low, p.high))
-        for side, at_bound in (("low", middle - low <= EDGE_SHARE * (high - low)), ("high", high - middle <= EDGE_SHARE * (high - low))):
-            if not at_bound or sum(1 for w in widenings if (w["param"], w["side"]) == (name, side)) >= WIDEN_LIMIT:
+        completed.append(trial)
+        if len(completed) < WIDEN_AFTER:
+            continue
+        ranked = sorted(completed, key=lambda t: t.value, reverse=meta["direction"] == "maximize")  # type: ignore[arg-type, return-value]
+        top = ranked[: max(3, round(WIDEN_TOP_SHARE * len(completed)))]
+        for name, p in ranges.items():
+            values = [t.params[name] for t in top if name in t.params]
+            if not p.log or not values:
                 continue
-            old, new = getattr(p, side), _widened(p, side)
-            moved.append({"param": name, "side": side, "from": old, "to": new, "after_trials": len(completed)})
-            p = dataclasses.replace(p, **{side: new})
+            middle, low, high = (math.log(v) for v in (statistics.median(values), p.low, p.high))
+            for side, at_bound in (("low", middle - low <= EDGE_SHARE * (high - low)), ("high", high - middle <= EDGE_SHARE * (high - low))):
+                if not at_bound or sum(1 for w in moves if (w["param"], w["side"]) == (name, side)) >= WIDEN_LIMIT:
+                    continue
+                old, new = getattr(p, side), _widened(p, side)
+                moves.append({"param": name, "side": side, "from": old, "to": new, "after_trials": len(completed)})
+                p = dataclasses.replace(p, **{side: new})
             ranges[name] = p
-    if moved:
-        widened = {name: {"low": r.low, "high": r.high} for name, r in ranges.items() if r != space.params[name]}
-        study.set_user_attr(ATTR, {**meta, "widened_params": widened, "widenings": widenings + moved})
-        for change in moved:
-            log.info("widened %s's %s bound from %g to %g: the best trials sit on it", change["param"], change["side"], change["from"], change["to"])
-    return moved
+    return moves
+
+
+def _bounds_after(space: SearchSpace, moves: Sequence[Mapping[str, Any]]) -> dict[str, ParamRange]:
+    """The space's ranges with ``moves`` (see :func:`widenings`) applied."""
+    ranges = dict(space.params)
+    for move in moves:
+        ranges[move["param"]] = dataclasses.replace(ranges[move["param"]], **{move["side"]: move["to"]})
+    return ranges
+
+
+def _study_bounds(space: SearchSpace, meta: Mapping[str, Any], view: Sequence[FrozenTrial]) -> dict[str, ParamRange]:
+    """Where a trial with fixed view ``view`` draws: its view's widenings applied to the space
+    (the recorded bounds, in a study older than declared ranges: see :func:`record_widenings`)."""
+    if DECLARED_PARAMS not in meta:
+        return active_ranges(space, meta)
+    return _bounds_after(space, widenings(space, meta, view))
+
+
+def record_widenings(study: optuna.Study, space: SearchSpace) -> list[dict[str, Any]]:
+    """Store with the study the widenings of its settled trials (:func:`widenings`), for the
+    report and best.json, and log the new ones; returns those.
+
+    A study made before studies declared one range per parameter keeps the widenings it
+    recorded and widens no further: its trials declared the bounds in force, and a replay
+    that moved them could only take lr out of the sampler's model again.
+    """
+    meta = study.user_attrs[ATTR]
+    if DECLARED_PARAMS not in meta:
+        return []
+    moves = widenings(space, meta, settled_prefix(study.get_trials(deepcopy=False)))
+    recorded = meta.get("widenings", [])
+    if moves == recorded:
+        return []
+    widened = {name: {"low": r.low, "high": r.high} for name, r in _bounds_after(space, moves).items() if r != space.params[name]}
+    study.set_user_attr(ATTR, {**meta, "widened_params": widened, "widenings": moves})
+    new = [move for move in moves if move not in recorded]
+    for change in new:
+        log.info("widened %s's %s bound from %g to %g: the best trials sit on it", change["param"], change["side"], change["from"], change["to"])
+    return new
 
 
 def _suggest(trial: optuna.Trial, p: ParamRange) -> float:
@@ -352,8 +403,8 @@ def _distribution(p: ParamRange) -> optuna.distributions.BaseDistribution:
 
 
 class WithinBounds(optuna.samplers.BaseSampler):
-    """A study's sampler, made to draw within the study's current (possibly widened) bounds
-    while every trial declares the same distribution for each parameter.
+    """A sampler made to draw within a trial's current (possibly widened) bounds while every
+    trial declares the same distribution for each parameter.
 
     Optuna's relative samplers (multivariate TPE, GP, CMA-ES) model only the parameters that
     every finished trial declared with the same distribution (their intersection search space),
@@ -361,41 +412,31 @@ class WithinBounds(optuna.samplers.BaseSampler):
     independent draws (uniformly random ones under GP) for the rest of the study, and TPE would
     no longer see that lr and rho go together. So every trial declares one distribution per
     parameter, its range in :func:`declared_ranges` (the outer range, as wide as widening can
-    make it), and this wrapper gives the wrapped sampler the current bounds in its place:
+    make it), and this wrapper gives the wrapped sampler the current ``bounds`` in its place:
 
     * whenever the sampler samples relatively at all (it infers a non-empty relative space),
-      its relative space is every searched parameter over its current bounds. Its model then
+      its relative space is every searched parameter over the current bounds. Its model then
       sees every finished trial, since bounds only widen and so hold every value drawn before,
       and it proposes within the current box; after a widening that box is wider.
-    * an independent draw (the first trials, random search, the grid) is asked for over the
-      current bounds.
+    * an independent draw (the first trials, random search) is asked for over the current bounds.
 
     Draws are clamped to the current bounds, against float round-off only. The values stored
-    are the values the trial ran with. The bounds are read from the study once per trial.
+    are the values the trial ran with.
     """
 
-    def __init__(self, sampler: optuna.samplers.BaseSampler, space: SearchSpace) -> None:
-        self.sampler, self.space = sampler, space
-        self._bounds: tuple[int, dict[str, optuna.distributions.BaseDistribution]] | None = None
-
-    def current_bounds(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, optuna.distributions.BaseDistribution]:
-        """The distributions a trial draws from: the study's :func:`active_ranges` when it started drawing."""
-        if self._bounds is None or self._bounds[0] != trial._trial_id:
-            # Through the storage: a Hyperband bracket's view of the study has no user_attrs.
-            meta = study._storage.get_study_user_attrs(study._study_id)[ATTR]
-            self._bounds = (trial._trial_id, {name: _distribution(p) for name, p in active_ranges(self.space, meta).items()})
-        return self._bounds[1]
+    def __init__(self, sampler: optuna.samplers.BaseSampler, bounds: Mapping[str, ParamRange]) -> None:
+        self.sampler = sampler
+        self.bounds = {name: _distribution(p) for name, p in bounds.items()}
 
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, optuna.distributions.BaseDistribution]:
         inferred = self.sampler.infer_relative_search_space(study, trial)
-        return {**inferred, **self.current_bounds(study, trial)} if inferred else {}
+        return {**inferred, **self.bounds} if inferred else {}
 
     def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, optuna.distributions.BaseDistribution]) -> dict[str, Any]:
-        bounds = self.current_bounds(study, trial) if search_space else {}
-        return {name: _clamp(value, bounds.get(name)) for name, value in self.sampler.sample_relative(study, trial, search_space).items()}
+        return {name: _clamp(value, self.bounds.get(name)) for name, value in self.sampler.sample_relative(study, trial, search_space).items()}
 
     def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: optuna.distributions.BaseDistribution) -> Any:
-        distribution = self.current_bounds(study, trial).get(param_name, param_distribution)
+        distribution = self.bounds.get(param_name, param_distribution)
         return _clamp(self.sampler.sample_independent(study, trial, param_name, distribution), distribution)
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
@@ -406,6 +447,130 @@ class WithinBounds(optuna.samplers.BaseSampler):
 
     def reseed_rng(self) -> None:
         self.sampler.reseed_rng()
+
+
+class _PlannedSampler(optuna.samplers.BaseSampler):
+    """A worker's sampler on the live study: it hands each trial the settings that
+    :class:`_Planner` drew for it from the trial's fixed view, by trial id."""
+
+    def __init__(self) -> None:
+        self.planned: dict[int, dict[str, Any]] = {}
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, optuna.distributions.BaseDistribution]:
+        return {}
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, optuna.distributions.BaseDistribution]) -> dict[str, Any]:
+        return {}
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: optuna.distributions.BaseDistribution) -> Any:
+        return self.planned[trial._trial_id][param_name]
+
+
+class _Planner:
+    """One worker's bridge between the live study and each trial's fixed view
+    (:mod:`sofim_tune.backends.views`): it waits for a trial's view, draws the trial's settings
+    from it, and keeps it for the pruner (:meth:`pruner`)."""
+
+    def __init__(self, spec: StudySpec, space: SearchSpace) -> None:
+        self.spec, self.space = spec, space
+        self.sampler = _PlannedSampler()
+        self.views: dict[int, tuple[int, list[FrozenTrial]]] = {}
+
+    def pruner(self) -> optuna.pruners.BasePruner:
+        """The spec's pruner, judging each trial against its fixed view (``none`` judges nothing)."""
+        pruner = make_pruner(self.spec.pruner, effective_epochs(self.spec, self.space))
+        if isinstance(pruner, optuna.pruners.NopPruner):
+            return pruner
+        return ViewPruner(pruner, self.views, self.spec.name, self.spec.direction)
+
+    def plan(self, trial: optuna.Trial, *, wait: bool) -> int | None:
+        """The trial's logical index, once its view is complete and its settings are drawn.
+
+        None while the view is not complete and ``wait`` is false; with ``wait`` it waits.
+        Raises :class:`Deferred` when the view waits on a queued trial (see :func:`_defer`).
+        """
+        study = trial.study
+        while True:
+            trials = study.get_trials(deepcopy=False)
+            view = fixed_view(trials, trial.number, self.spec.lookahead)
+            if isinstance(view, list):
+                break
+            if not wait:
+                return None
+            _wait_for(study, view)
+        index = logical_indices(trials)[trial.number]
+        self.views[trial._trial_id] = (index, view)
+        frozen = next(t for t in trials if t.number == trial.number)
+        declared = declared_ranges(self.space, study.user_attrs[ATTR])
+        if not set(declared) <= set(frozen.system_attrs.get("fixed_params", {})):
+            self.sampler.planned[trial._trial_id] = self._draw(study, frozen, declared, view, index)
+        return index
+
+    def _draw(self, study: optuna.Study, trial: FrozenTrial, declared: Mapping[str, ParamRange], view: list[FrozenTrial], index: int) -> dict[str, Any]:
+        """Settings for the trial with logical index ``index``, from its view alone.
+
+        Grid and QMC points follow from the index; the other samplers draw in a view study
+        (:func:`~sofim_tune.backends.views.view_study`) seeded by the index, within the bounds
+        that the view's widenings give.
+        """
+        if self.spec.sampler == "grid":
+            return _grid_point(grid_axes(self.space, self.spec.trials), self.spec.seed, index)
+        bounds = _study_bounds(self.space, study.user_attrs[ATTR], view)
+        if self.spec.sampler == "qmc":
+            return _qmc_point(bounds, self.spec.seed, index)
+        sampler = WithinBounds(make_sampler(self.spec.sampler, self.space, sampler_seed(self.spec.seed, index), self.spec.trials), bounds)
+        drawn_in = view_study(view, index, self.spec.name, self.spec.direction, sampler=sampler)
+        drawn = drawn_in.ask()
+        values = {name: _suggest(drawn, p) for name, p in declared.items()}
+        copy_new_system_attrs(drawn_in, drawn._trial_id, study, trial)
+        return values
+
+
+def _wait_for(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Wait on ``trial``, which a view waits for: while it runs, until it ends (at first in
+    short steps, since it may end at any moment; then every second); an interrupted trial not
+    yet queued again (the run's recovery queues it) for a second."""
+    if trial.state != TrialState.RUNNING:
+        time.sleep(POLL_SECONDS)
+        return
+    delay, checked = 0.02, time.monotonic()
+    while study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING:
+        time.sleep(delay)
+        delay = min(delay * 1.5, POLL_SECONDS)
+        if is_heartbeat_enabled(study._storage) and time.monotonic() - checked > HEARTBEAT_SECONDS:
+            # A trial whose process died on another host ends only when a live worker fails
+            # it, as study.optimize does between trials; every worker may be waiting here.
+            with optuna_experimental():
+                optuna.storages.fail_stale_trials(study)
+            checked = time.monotonic()
+
+
+def _grid_point(axes: Mapping[str, Sequence[float]], seed: int, index: int) -> dict[str, float]:
+    """Point ``index`` of the grid ``axes``, in an order shuffled by ``seed``: every trial a new
+    point until the grid is used up, as Optuna's grid sampler draws them, but by index."""
+    names = sorted(axes)
+    sizes = [len(axes[name]) for name in names]
+    code = int(numpy.random.default_rng(seed).permutation(math.prod(sizes))[index % math.prod(sizes)])
+    point = {}
+    for name, size in zip(reversed(names), reversed(sizes)):
+        code, position = divmod(code, size)
+        point[name] = axes[name][position]
+    return point
+
+
+def _qmc_point(ranges: Mapping[str, ParamRange], seed: int, index: int) -> dict[str, Any]:
+    """Point ``index`` of a scrambled Sobol sequence seeded by ``seed`` over ``ranges`` (log
+    ranges on a log scale), as Optuna's QMC sampler draws them, but by index."""
+    engine = scipy.stats.qmc.Sobol(len(ranges), scramble=True, seed=seed)
+    if index:  # scipy refuses to skip no points
+        engine.fast_forward(index)
+    point: dict[str, Any] = {}
+    for (name, p), unit in zip(sorted(ranges.items()), engine.random(1)[0]):
+        low, high = (math.log(p.low), math.log(p.high)) if p.log else (p.low, p.high)
+        value = low + float(unit) * (high - low)
+        value = min(max(math.exp(value) if p.log else value, p.low), p.high)
+        point[name] = int(round(value)) if p.type == "int" else value
+    return point
 
 
 def _clamp(value: Any, distribution: optuna.distributions.BaseDistribution | None) -> Any:
@@ -427,8 +592,13 @@ class _OptunaReporter:
             raise TrialPruned
 
 
-class _Surplus(Exception):
-    """The study had its target when this trial was asked for; it does not run."""
+class _NotRun(Exception):
+    """The trial does not run: the study had its target when it was asked for (``surplus``),
+    or it stepped back for a queued trial (``deferred``, see :func:`_defer`)."""
+
+
+# Reasons of trials that never ran: no record, count or view has them.
+NOT_RUN = (SURPLUS, DEFERRED)
 
 
 def _is_surplus(study: optuna.Study, number: int, target: int) -> bool:
@@ -441,14 +611,22 @@ def _is_surplus(study: optuna.Study, number: int, target: int) -> bool:
     return sum(1 for t in ahead if t.number < number) >= target
 
 
-def _start(trial: optuna.Trial, spec: StudySpec, space: SearchSpace, options: RunOptions, device: str) -> TrialConfig:
-    """Draw a new trial's settings and build its run (``study.ask`` named its worker, see ``_asking``)."""
-    # Declared as the same distributions in every trial; the sampler draws within the current bounds (WithinBounds).
+def _start(trial: optuna.Trial, index: int, spec: StudySpec, space: SearchSpace, options: RunOptions, device: str) -> TrialConfig:
+    """Set a planned trial's settings (see :class:`_Planner`) and build its run, seeded by its logical index."""
+    # Declared as the same distributions in every trial; the planner drew within the current bounds (WithinBounds).
     ranges = declared_ranges(space, trial.study.user_attrs[ATTR])
     searched = {name: _suggest(trial, p) for name, p in ranges.items()}
     hyperparameters = space.to_hyperparameters(searched)
     trial.set_user_attr("hyperparameters", hyperparameters)
-    return trial_config(spec, space, hyperparameters, seed=spec.seed + trial.number, device=device, options=options)
+    trial.set_user_attr("index", index)
+    return trial_config(spec, space, hyperparameters, seed=spec.seed + index, device=device, options=options)
+
+
+def _defer(trial: optuna.Trial) -> None:
+    """Step a trial back for the queued trial its view waits on (:class:`Deferred`): it is
+    queued again under its logical index, behind that one, and fails as ``deferred``."""
+    trial.set_user_attr("reason", DEFERRED)
+    retry_interrupted(trial.study, trial.study._storage.get_trial(trial._trial_id))
 
 
 def _settle(trial: optuna.Trial, result: TrialResult, spec: StudySpec) -> tuple[TrialState, float | None]:
@@ -481,17 +659,21 @@ def _mark_failed(trial: optuna.Trial, reason: str, exc: BaseException | None = N
 class _Objective:
     """One trial at a time, through ``study.optimize``."""
 
-    def __init__(self, spec: StudySpec, space: SearchSpace, options: RunOptions, device: str) -> None:
-        self.spec, self.space, self.options, self.device = spec, space, options, device
+    def __init__(self, spec: StudySpec, space: SearchSpace, options: RunOptions, device: str, planner: _Planner) -> None:
+        self.spec, self.space, self.options, self.device, self.planner = spec, space, options, device, planner
 
     def __call__(self, trial: optuna.Trial) -> float:
         if _is_surplus(trial.study, trial.number, self.spec.trials):
             trial.set_user_attr("reason", SURPLUS)
             trial.study.stop()
-            raise _Surplus
+            raise _NotRun
         try:
-            config = _start(trial, self.spec, self.space, self.options, self.device)
+            index = self.planner.plan(trial, wait=True)
+            config = _start(trial, index, self.spec, self.space, self.options, self.device)  # type: ignore[arg-type]  # plan waited
             result = train_trial(config, _OptunaReporter(trial, self.spec.metric))
+        except Deferred:
+            _defer(trial)
+            raise _NotRun from None
         except KeyboardInterrupt:
             _mark_failed(trial, "interrupted")
             raise
@@ -514,7 +696,7 @@ class _StopAfterFailures:
 
     def count(self, trial: FrozenTrial) -> bool:
         """Count a finished trial; whether ``limit`` trials in a row have now failed."""
-        if trial.user_attrs.get("reason") != SURPLUS:
+        if trial.user_attrs.get("reason") not in NOT_RUN:
             self.failures = self.failures + 1 if trial.state == TrialState.FAIL else 0
         return self.failures >= self.limit
 
@@ -581,7 +763,7 @@ def recover_interrupted(study: optuna.Study, url: str) -> int:
     retried = {t.user_attrs.get("retry_of") for t in trials}
     queued = 0
     for trial in trials:
-        if trial.state == TrialState.FAIL and trial.user_attrs.get("reason") == "interrupted" and trial.number not in retried:
+        if trial.state == TrialState.FAIL and trial.user_attrs.get("reason") in RETRIED_REASONS and trial.number not in retried:
             retry_interrupted(study, trial)
             retried.add(trial.number)
             queued += 1
@@ -608,7 +790,7 @@ def open_study(spec: StudySpec, space: SearchSpace, url: str, *, claimed_by: Pat
             raise UserInputError(f"study {spec.name!r} in {redact_storage_url(url)} was not made by sofim-tune; choose another --study name")
         check_resumable(meta, spec, space, f"study {spec.name!r} in {redact_storage_url(url)}")
         # What may change on a rerun: the target, widening, and how the rest is searched.
-        current = {"trials": spec.trials, "widen": spec.widen, "sampler": spec.sampler, "pruner": spec.pruner}
+        current = {"trials": spec.trials, "widen": spec.widen, "sampler": spec.sampler, "pruner": spec.pruner, "lookahead": spec.lookahead}
         if any(meta.get(key) != value for key, value in current.items()):
             study.set_user_attr(ATTR, {**meta, **current})
         return study
@@ -620,18 +802,9 @@ def open_study(spec: StudySpec, space: SearchSpace, url: str, *, claimed_by: Pat
     return study
 
 
-def _worker_study(spec: StudySpec, space: SearchSpace, url: str, worker: int) -> optuna.Study:
-    """The study as one worker sees it: with its own sampler and the spec's pruner."""
-    storage = open_storage(url)
-    # Seeded from the study's state, so that a resumed or extended study does not replay
-    # the settings of its first trials.
-    in_storage = len(optuna.load_study(study_name=spec.name, storage=storage).get_trials(deepcopy=False))
-    study = optuna.load_study(
-        study_name=spec.name,
-        storage=storage,
-        sampler=WithinBounds(make_sampler(spec.sampler, space, sampler_seed(spec.seed, in_storage, worker), spec.trials), space),
-        pruner=make_pruner(spec.pruner, effective_epochs(spec, space)),
-    )
+def _worker_study(spec: StudySpec, space: SearchSpace, url: str, planner: _Planner) -> optuna.Study:
+    """The study as one worker sees it: its trials drawn and judged by ``planner``."""
+    study = optuna.load_study(study_name=spec.name, storage=open_storage(url), sampler=planner.sampler, pruner=planner.pruner())
     study.ask = _asking(study, _ask_lock(url), spec.trials)  # type: ignore[method-assign]  # study.optimize asks through it too
     return study
 
@@ -686,32 +859,36 @@ def _at_target(study: optuna.Study, target: int) -> bool:
     return len(study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))) >= target
 
 
-def _optimize(spec: StudySpec, space: SearchSpace, options: RunOptions, url: str, device: str, worker: int, on_trial: Callable[[optuna.Study], None] | None, slots: int = 1) -> None:
+def _optimize(spec: StudySpec, space: SearchSpace, options: RunOptions, url: str, device: str, on_trial: Callable[[optuna.Study], None] | None, slots: int = 1) -> None:
     """One worker: run trials until the study has ``spec.trials`` finished ones.
 
     With ``slots`` > 1 the worker trains that many trials at once as one stacked model
     (:func:`_optimize_batched`).
     """
     if slots > 1:
-        _optimize_batched(spec, space, options, url, device, worker, on_trial, slots)
+        _optimize_batched(spec, space, options, url, device, on_trial, slots)
         return
-    study = _worker_study(spec, space, url, worker)
+    planner = _Planner(spec, space)
+    study = _worker_study(spec, space, url, planner)
     # The study stops at its target when the next ask finds it reached (_asking).
     callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] = [_StopAfterFailures(MAX_CONSECUTIVE_FAILURES)]
     if on_trial is not None:
         callbacks.append(lambda s, _t: on_trial(s))
     with contextlib.suppress(_TargetReached), optuna_experimental():  # the heartbeat's stale check
-        study.optimize(_Objective(spec, space, options, device), timeout=options.timeout, catch=(TrialFailed, _Surplus), callbacks=callbacks)
+        study.optimize(_Objective(spec, space, options, device, planner), timeout=options.timeout, catch=(TrialFailed, _NotRun), callbacks=callbacks)
 
 
-def _optimize_batched(spec: StudySpec, space: SearchSpace, options: RunOptions, url: str, device: str, worker: int, on_trial: Callable[[optuna.Study], None] | None, slots: int) -> None:
+def _optimize_batched(spec: StudySpec, space: SearchSpace, options: RunOptions, url: str, device: str, on_trial: Callable[[optuna.Study], None] | None, slots: int) -> None:
     """One worker training up to ``slots`` trials at once as one stacked model, by ask and tell.
 
     Each member is a trial of its own in the storage, recorded as a sequential trial is:
     the pruner sees its value every epoch, and a member that is pruned, diverges or
-    finishes leaves its slot to a new trial from the sampler.
+    finishes leaves its slot to a new trial from the sampler. A new trial whose fixed view
+    is not complete yet (:class:`_Planner`) joins at a later epoch; the worker waits for it
+    only when the batch has nothing else to train.
     """
-    study = _worker_study(spec, space, url, worker)
+    planner = _Planner(spec, space)
+    study = _worker_study(spec, space, url, planner)
     deadline = None if options.timeout is None else time.monotonic() + options.timeout
     failures = _StopAfterFailures(MAX_CONSECUTIVE_FAILURES)
     batch: TrialBatch | None = None
@@ -738,6 +915,12 @@ def _optimize_batched(spec: StudySpec, space: SearchSpace, options: RunOptions, 
         state, value = _settle(trial, result, spec)
         tell(trial, state, value)
 
+    def step_back(trial: optuna.Trial) -> None:
+        if beats is not None:
+            beats.stop(trial)
+        _defer(trial)
+        study.tell(trial, state=TrialState.FAIL)
+
     try:
         while True:
             if beats is not None:
@@ -745,25 +928,37 @@ def _optimize_batched(spec: StudySpec, space: SearchSpace, options: RunOptions, 
                 with optuna_experimental():
                     optuna.storages.fail_stale_trials(study)
             while not stopping and len(running) < slots and (deadline is None or time.monotonic() < deadline):
-                with warnings.catch_warnings():
-                    # This loop records its trials' heartbeats itself (_Heartbeats).
-                    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
-                    try:
-                        joining = study.ask()
-                    except _TargetReached:
+                if joining is None:
+                    with warnings.catch_warnings():
+                        # This loop records its trials' heartbeats itself (_Heartbeats).
+                        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+                        try:
+                            joining = study.ask()
+                        except _TargetReached:
+                            break
+                    if _is_surplus(study, joining.number, spec.trials):
+                        joining.set_user_attr("reason", SURPLUS)
+                        study.tell(joining, state=TrialState.FAIL)
+                        joining = None
                         break
-                if _is_surplus(study, joining.number, spec.trials):
-                    joining.set_user_attr("reason", SURPLUS)
-                    study.tell(joining, state=TrialState.FAIL)
+                    if beats is not None:
+                        beats.start(joining)
+                try:
+                    index = planner.plan(joining, wait=not running)
+                except Deferred:
+                    step_back(joining)
                     joining = None
+                    continue
+                if index is None:
                     break
-                config = _start(joining, spec, space, options, device)
-                if beats is not None:
-                    beats.start(joining)
+                config = _start(joining, index, spec, space, options, device)
                 if batch is None:
                     batch = TrialBatch(prepare_trial(config), arch=config.arch, optimizer=config.optimizer, batch_size=config.batch_size, slots=slots)
                 running[batch.add(config)], joining = joining, None
             if not running:
+                if joining is not None:  # the deadline came while it waited for its view
+                    step_back(joining)
+                    joining = None
                 return
             try:
                 outcomes = batch.train_epoch()  # type: ignore[union-attr]
@@ -852,13 +1047,13 @@ class _Heartbeats:
                     log.warning("heartbeat of trial %d failed (%s); trying again in %g s", number, reason, HEARTBEAT_RETRY_SECONDS)
 
 
-def _worker_main(spec: StudySpec, space_definition: dict[str, Any], options: RunOptions, url: str, device: str, worker: int, threads: int, slots: int, verbosity: int) -> None:
+def _worker_main(spec: StudySpec, space_definition: dict[str, Any], options: RunOptions, url: str, device: str, threads: int, slots: int, verbosity: int) -> None:
     """A worker process: ``verbosity`` is Optuna's in the process that started it, which a spawned
     worker (CUDA) would not inherit."""
     start_worker(threads)
     optuna.logging.set_verbosity(verbosity)
     try:
-        _optimize(spec, SearchSpace.from_dict(space_definition), options, url, device, worker, None, slots)
+        _optimize(spec, SearchSpace.from_dict(space_definition), options, url, device, None, slots)
     except KeyboardInterrupt:
         pass  # the trial is already marked failed and queued for retry on the next run
     except UserInputError as exc:
@@ -892,7 +1087,7 @@ def run_optuna_study(spec: StudySpec, space: SearchSpace, options: RunOptions, *
 
     def progress(s: optuna.Study) -> None:
         # Here, in the one main process, so that two workers never widen the same bound.
-        maybe_widen(s, space)
+        record_widenings(s, space)
         if on_progress is not None:
             on_progress(record_from_study(s))
 
@@ -908,7 +1103,7 @@ def run_optuna_study(spec: StudySpec, space: SearchSpace, options: RunOptions, *
     left = None if options.timeout is None else options.timeout - (time.monotonic() - started)
     if finished_count(study) < spec.trials and (left is None or left > 0):
         with torch_threads(options.threads_per_trial):
-            _optimize(spec, space, dataclasses.replace(options, timeout=left), url, devices[0], 0, progress, options.batch_trials or 1)
+            _optimize(spec, space, dataclasses.replace(options, timeout=left), url, devices[0], progress, options.batch_trials or 1)
     return record_from_study(study)
 
 
@@ -936,7 +1131,7 @@ def _run_workers(spec: StudySpec, space: SearchSpace, options: RunOptions, url: 
                 polled = time.monotonic()
                 if _at_target(study, spec.trials):
                     break
-            args = (spec, space.to_dict(), options, url, device, index, options.threads_per_trial or 1, options.batch_trials or 1, verbosity)
+            args = (spec, space.to_dict(), options, url, device, options.threads_per_trial or 1, options.batch_trials or 1, verbosity)
             processes.append(context.Process(target=_worker_main, args=args, name=f"sofim-tune-worker-{index}"))
             processes[-1].start()
         while True:
@@ -989,7 +1184,7 @@ def _hyperparameters(trial: FrozenTrial, space: SearchSpace) -> dict[str, float]
 
 
 def _trial_record(trial: FrozenTrial, space: SearchSpace) -> TrialRecord:
-    attrs = {k: v for k, v in trial.user_attrs.items() if k in ("reason", "error", "diverged_epoch", "retry_of", "seconds", "fisher_ratio")}
+    attrs = {k: v for k, v in trial.user_attrs.items() if k in ("reason", "error", "diverged_epoch", "retry_of", "index", "seconds", "fisher_ratio")}
     return TrialRecord(
         number=trial.number,
         state=_STATES[trial.state],  # type: ignore[arg-type]
@@ -1008,7 +1203,7 @@ def record_from_study(study: optuna.Study) -> StudyRecord:
     if meta is None:
         raise UserInputError(f"study {study.study_name!r} was not made by sofim-tune")
     space = SearchSpace.from_dict(meta["space_definition"])
-    trials = [_trial_record(t, space) for t in study.get_trials(deepcopy=False) if t.state in _STATES and t.user_attrs.get("reason") != SURPLUS]
+    trials = [_trial_record(t, space) for t in study.get_trials(deepcopy=False) if t.state in _STATES and t.user_attrs.get("reason") not in NOT_RUN]
     confirmations = [Confirmation(**c) for c in study.user_attrs.get("confirmations", [])]
     return record_from_metadata(meta, name=study.study_name, backend="optuna", trials=trials, confirmations=confirmations)
 

@@ -60,7 +60,7 @@ from sofim_tune.errors import UserInputError
 from sofim_tune.files import MAX_JSON_BYTES, read_json, write_text_atomic
 from sofim_tune.records import Confirmation, StudyRecord, TrialRecord
 from sofim_tune.space import SearchSpace
-from sofim_tune.spec import StudySpec
+from sofim_tune.spec import DEFAULT_LOOKAHEAD, StudySpec
 from sofim_tune.study import (
     RunOptions,
     check_resumable,
@@ -1128,6 +1128,8 @@ def run_ray_study(spec: StudySpec, space: SearchSpace, options: RunOptions, *, o
         KeyboardInterrupt: the run was interrupted (Ctrl-C); Ray saved its state first.
     """
     _refuse_optuna_options(options)
+    if spec.lookahead != DEFAULT_LOOKAHEAD:
+        raise UserInputError("--lookahead is for the Optuna backend and does nothing with --backend ray: Ray Tune starts a trial whenever a slot frees, so its studies depend on timing (see the README's Reproducible studies)")
     _check_resource_numbers(options)
     enqueue = settings_to_enqueue(spec, space, options)
     root = _storage_root(options)
