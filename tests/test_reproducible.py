@@ -68,17 +68,20 @@ def test_the_study_is_the_same_whatever_runs_it(tmp_path: Path, reference: Path,
 
 
 def wait_for(out: Path, finished: int) -> list[FrozenTrial]:
-    """Wait until the study in ``out`` has ``finished`` trials finished and one running; its trials then."""
-    storage = f"sqlite:///{out / 'study.db'}"
+    """Wait until the study in ``out`` has ``finished`` trials finished and one running with its
+    settings drawn; its trials then. Polled often: the whole study takes seconds."""
     deadline = time.monotonic() + 300
+    storage = None
     while time.monotonic() < deadline:
-        time.sleep(0.2)
+        time.sleep(0.05)
         try:
-            trials = optuna.load_study(study_name="digits-mlp", storage=optuna_backend.open_storage(storage)).get_trials(deepcopy=False)
+            storage = storage or optuna_backend.open_storage(f"sqlite:///{out / 'study.db'}", create=False)
+            trials = optuna.load_study(study_name="digits-mlp", storage=storage).get_trials(deepcopy=False)
         except Exception:  # noqa: BLE001 - the study may not exist yet
             continue
-        running = [t for t in trials if t.state == TrialState.RUNNING and "hyperparameters" in t.user_attrs]
-        if sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) >= finished and running:
+        done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+        assert done < 14, "the study ended before it could be interrupted"
+        if done >= finished and any(t.state == TrialState.RUNNING and "hyperparameters" in t.user_attrs for t in trials):
             return trials
     raise AssertionError("the study never got there")
 

@@ -137,14 +137,14 @@ def run_scored(out: Path, spec: StudySpec) -> tuple[optuna.Study, list[Draw]]:
     while len(study.get_trials()) < spec.trials:
         with pytest.warns(UserWarning, match="Heartbeat"):  # outside study.optimize, as a batched worker asks
             trial = worker.ask()
-        index = planner.plan(trial, wait=False)
-        _, view = planner.views[trial._trial_id]
+        plan = planner.plan(trial, wait=False)
+        index, view = planner.views[trial._trial_id]
         bounds = optuna_backend._study_bounds(space, study.user_attrs[ATTR], view)
         # What the trial's sampler modelled jointly, in the view it drew from.
         model = WithinBounds(make_sampler(spec.sampler, space, 0, spec.trials), bounds)
         in_view = view_study(view, index, spec.name, spec.direction)
         relative = set(model.infer_relative_search_space(in_view, in_view.ask()._cached_frozen_trial))
-        config = optuna_backend._start(trial, index, spec, space, options, "cpu")
+        config = optuna_backend._start(trial, plan, spec, space, options, "cpu")
         draws.append(Draw(trial.number, bounds, relative))
         worker.tell(trial, on_the_diagonal(config.hyperparameters))
         record_widenings(study, space)

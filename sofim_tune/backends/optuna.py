@@ -98,6 +98,8 @@ HEARTBEAT_SECONDS = 30
 HEARTBEAT_RETRY_SECONDS = 5
 GRACE_SECONDS = 120
 POLL_SECONDS = 1.0
+# How often a worker waiting for a trial's view checks whether it is complete: one light query.
+VIEW_POLL_SECONDS = 0.05
 _HOST = socket.gethostname()
 # A trial asked for after the study already had its target finished or running; it is
 # failed at once, and no record, count or sampler ever sees it.
@@ -466,6 +468,14 @@ class _PlannedSampler(optuna.samplers.BaseSampler):
         return self.planned[trial._trial_id][param_name]
 
 
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """A trial ready to start: its logical index, and the range each parameter declares."""
+
+    index: int
+    ranges: dict[str, ParamRange]
+
+
 class _Planner:
     """One worker's bridge between the live study and each trial's fixed view
     (:mod:`sofim_tune.backends.views`): it waits for a trial's view, draws the trial's settings
@@ -483,8 +493,9 @@ class _Planner:
             return pruner
         return ViewPruner(pruner, self.views, self.spec.name, self.spec.direction)
 
-    def plan(self, trial: optuna.Trial, *, wait: bool) -> int | None:
-        """The trial's logical index, once its view is complete and its settings are drawn.
+    def plan(self, trial: optuna.Trial, *, wait: bool) -> _Plan | None:
+        """The trial's logical index and declared ranges, once its view is complete and its
+        settings are drawn.
 
         None while the view is not complete and ``wait`` is false; with ``wait`` it waits.
         Raises :class:`Deferred` when the view waits on a queued trial (see :func:`_defer`).
@@ -501,12 +512,13 @@ class _Planner:
         index = logical_indices(trials)[trial.number]
         self.views[trial._trial_id] = (index, view)
         frozen = next(t for t in trials if t.number == trial.number)
-        declared = declared_ranges(self.space, study.user_attrs[ATTR])
+        meta = study.user_attrs[ATTR]
+        declared = declared_ranges(self.space, meta)
         if not set(declared) <= set(frozen.system_attrs.get("fixed_params", {})):
-            self.sampler.planned[trial._trial_id] = self._draw(study, frozen, declared, view, index)
-        return index
+            self.sampler.planned[trial._trial_id] = self._draw(study, frozen, meta, declared, view, index)
+        return _Plan(index, declared)
 
-    def _draw(self, study: optuna.Study, trial: FrozenTrial, declared: Mapping[str, ParamRange], view: list[FrozenTrial], index: int) -> dict[str, Any]:
+    def _draw(self, study: optuna.Study, trial: FrozenTrial, meta: Mapping[str, Any], declared: Mapping[str, ParamRange], view: list[FrozenTrial], index: int) -> dict[str, Any]:
         """Settings for the trial with logical index ``index``, from its view alone.
 
         Grid and QMC points follow from the index; the other samplers draw in a view study
@@ -515,28 +527,27 @@ class _Planner:
         """
         if self.spec.sampler == "grid":
             return _grid_point(grid_axes(self.space, self.spec.trials), self.spec.seed, index)
-        bounds = _study_bounds(self.space, study.user_attrs[ATTR], view)
+        bounds = _study_bounds(self.space, meta, view)
         if self.spec.sampler == "qmc":
             return _qmc_point(bounds, self.spec.seed, index)
         sampler = WithinBounds(make_sampler(self.spec.sampler, self.space, sampler_seed(self.spec.seed, index), self.spec.trials), bounds)
         drawn_in = view_study(view, index, self.spec.name, self.spec.direction, sampler=sampler)
         drawn = drawn_in.ask()
         values = {name: _suggest(drawn, p) for name, p in declared.items()}
-        copy_new_system_attrs(drawn_in, drawn._trial_id, study, trial)
+        copy_new_system_attrs(drawn_in, drawn._trial_id, {}, study, trial._trial_id)
         return values
 
 
 def _wait_for(study: optuna.Study, trial: FrozenTrial) -> None:
-    """Wait on ``trial``, which a view waits for: while it runs, until it ends (at first in
-    short steps, since it may end at any moment; then every second); an interrupted trial not
-    yet queued again (the run's recovery queues it) for a second."""
+    """Wait on ``trial``, which a view waits for: while it runs, until it ends (checked every
+    :data:`VIEW_POLL_SECONDS`: a worker idles for as long as it oversleeps); an interrupted trial
+    not yet queued again (the run's recovery queues it) for a second."""
     if trial.state != TrialState.RUNNING:
         time.sleep(POLL_SECONDS)
         return
-    delay, checked = 0.02, time.monotonic()
+    checked = time.monotonic()
     while study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING:
-        time.sleep(delay)
-        delay = min(delay * 1.5, POLL_SECONDS)
+        time.sleep(VIEW_POLL_SECONDS)
         if is_heartbeat_enabled(study._storage) and time.monotonic() - checked > HEARTBEAT_SECONDS:
             # A trial whose process died on another host ends only when a live worker fails
             # it, as study.optimize does between trials; every worker may be waiting here.
@@ -611,15 +622,13 @@ def _is_surplus(study: optuna.Study, number: int, target: int) -> bool:
     return sum(1 for t in ahead if t.number < number) >= target
 
 
-def _start(trial: optuna.Trial, index: int, spec: StudySpec, space: SearchSpace, options: RunOptions, device: str) -> TrialConfig:
+def _start(trial: optuna.Trial, plan: _Plan, spec: StudySpec, space: SearchSpace, options: RunOptions, device: str) -> TrialConfig:
     """Set a planned trial's settings (see :class:`_Planner`) and build its run, seeded by its logical index."""
     # Declared as the same distributions in every trial; the planner drew within the current bounds (WithinBounds).
-    ranges = declared_ranges(space, trial.study.user_attrs[ATTR])
-    searched = {name: _suggest(trial, p) for name, p in ranges.items()}
+    searched = {name: _suggest(trial, p) for name, p in plan.ranges.items()}
     hyperparameters = space.to_hyperparameters(searched)
     trial.set_user_attr("hyperparameters", hyperparameters)
-    trial.set_user_attr("index", index)
-    return trial_config(spec, space, hyperparameters, seed=spec.seed + index, device=device, options=options)
+    return trial_config(spec, space, hyperparameters, seed=spec.seed + plan.index, device=device, options=options)
 
 
 def _defer(trial: optuna.Trial) -> None:
@@ -668,8 +677,8 @@ class _Objective:
             trial.study.stop()
             raise _NotRun
         try:
-            index = self.planner.plan(trial, wait=True)
-            config = _start(trial, index, self.spec, self.space, self.options, self.device)  # type: ignore[arg-type]  # plan waited
+            plan = self.planner.plan(trial, wait=True)
+            config = _start(trial, plan, self.spec, self.space, self.options, self.device)  # type: ignore[arg-type]  # plan waited
             result = train_trial(config, _OptunaReporter(trial, self.spec.metric))
         except Deferred:
             _defer(trial)
@@ -944,14 +953,14 @@ def _optimize_batched(spec: StudySpec, space: SearchSpace, options: RunOptions, 
                     if beats is not None:
                         beats.start(joining)
                 try:
-                    index = planner.plan(joining, wait=not running)
+                    plan = planner.plan(joining, wait=not running)
                 except Deferred:
                     step_back(joining)
                     joining = None
                     continue
-                if index is None:
+                if plan is None:
                     break
-                config = _start(joining, index, spec, space, options, device)
+                config = _start(joining, plan, spec, space, options, device)
                 if batch is None:
                     batch = TrialBatch(prepare_trial(config), arch=config.arch, optimizer=config.optimizer, batch_size=config.batch_size, slots=slots)
                 running[batch.add(config)], joining = joining, None
@@ -1184,7 +1193,7 @@ def _hyperparameters(trial: FrozenTrial, space: SearchSpace) -> dict[str, float]
 
 
 def _trial_record(trial: FrozenTrial, space: SearchSpace) -> TrialRecord:
-    attrs = {k: v for k, v in trial.user_attrs.items() if k in ("reason", "error", "diverged_epoch", "retry_of", "index", "seconds", "fisher_ratio")}
+    attrs = {k: v for k, v in trial.user_attrs.items() if k in ("reason", "error", "diverged_epoch", "retry_of", "seconds", "fisher_ratio")}
     return TrialRecord(
         number=trial.number,
         state=_STATES[trial.state],  # type: ignore[arg-type]

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import optuna
 from optuna.storages import InMemoryStorage
@@ -153,12 +154,32 @@ class _DropAll(logging.Filter):
         return False
 
 
-def copy_new_system_attrs(source: optuna.Study, source_trial_id: int, target: optuna.Study, target_trial: FrozenTrial) -> None:
+def copy_new_system_attrs(source: optuna.Study, source_trial_id: int, before: Mapping[str, Any], target: optuna.Study, target_trial_id: int) -> None:
     """Copy to a real trial the system attributes that a sampler or pruner set on its copy in a
-    view study (Hyperband's rung values, CMA-ES's generation), so that later views see them."""
+    view study (Hyperband's rung values, CMA-ES's generation) since they were ``before``, so
+    that later views see them."""
     for key, value in source._storage.get_trial_system_attrs(source_trial_id).items():
-        if target_trial.system_attrs.get(key) != value:
-            target._storage.set_trial_system_attr(target_trial._trial_id, key, value)
+        if key not in before or before[key] != value:
+            target._storage.set_trial_system_attr(target_trial_id, key, value)
+
+
+def _detached(trial: FrozenTrial) -> FrozenTrial:
+    """A copy of ``trial`` made of plain values: a live trial reads its system attributes
+    through its study, which copying it into a view study would copy along (storage and all)."""
+    return FrozenTrial(
+        number=trial.number,
+        state=trial.state,
+        value=None,
+        values=trial.values,
+        datetime_start=trial.datetime_start,
+        datetime_complete=trial.datetime_complete,
+        params=dict(trial.params),
+        distributions=dict(trial.distributions),
+        user_attrs=dict(trial.user_attrs),
+        system_attrs=dict(trial.system_attrs),
+        intermediate_values=dict(trial.intermediate_values),
+        trial_id=trial._trial_id,
+    )
 
 
 # View studies a pruner keeps: more than the trials a worker runs at once (its batch slots).
@@ -184,12 +205,13 @@ class ViewPruner(optuna.pruners.BasePruner):
                 del self._judged[next(iter(self._judged))]
             index, view = self.views[trial._trial_id]
             judged = view_study(view, index, self.name, self.direction)
-            self._judged[trial._trial_id] = (judged, judged._storage.create_new_trial(judged._study_id, template_trial=trial))
+            self._judged[trial._trial_id] = (judged, judged._storage.create_new_trial(judged._study_id, template_trial=_detached(trial)))
         judged, copy_id = self._judged[trial._trial_id]
         copy = judged._storage.get_trial(copy_id)
         for step, value in trial.intermediate_values.items():
             if step not in copy.intermediate_values:
                 judged._storage.set_trial_intermediate_value(copy_id, step, value)
+        before = dict(judged._storage.get_trial_system_attrs(copy_id))
         decision = self.pruner.prune(judged, judged._storage.get_trial(copy_id))
-        copy_new_system_attrs(judged, copy_id, study, trial)
+        copy_new_system_attrs(judged, copy_id, before, study, trial._trial_id)
         return decision
