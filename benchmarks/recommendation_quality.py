@@ -9,9 +9,9 @@
    runs on ``--grid-seeds`` seeds, and the best mean is the grid optimum.
 2. For each of ``--studies`` seeds S = 0, 1, ..., two studies:
    - sofim-tune as a user runs it: ``tune(spec.replace(seed=S), RunOptions(workers=1, ...))``,
-     the digits default spec and the full protocol (search, confirmation, neighbours). One
-     worker and one thread, because parallel studies do not yet reproduce (issue 21) and these
-     numbers must reproduce run for run.
+     the digits default spec and the full protocol (search, confirmation, neighbours). A study
+     is the same with any number of workers (README, "Reproducible studies"); one worker lets
+     ``--jobs`` studies run side by side.
    - the plain Optuna script a user writes from Optuna's documentation (:func:`plain_optuna_study`):
      ``TPESampler(seed=S)``, ``HyperbandPruner()``, the spec's first settings enqueued, lr, rho
      (log) and beta1 over the spec's search space, the spec's trials, ``n_jobs=1``, training
@@ -26,6 +26,12 @@
    (pruned ones included) plus every confirmation and neighbour run (counted at the spec's
    epochs each); for the plain script every epoch its trials trained. A Markdown table sets the
    two side by side.
+5. The ablation of sofim-tune's protocol: every confirmed candidate of every study is scored on
+   the fresh seeds too, and each step's rule picks among them as it would have: the best search
+   value (no confirmation: the search's epochs only), the best confirmed mean (confirmation, no
+   neighbours), the worse-neighbour rule sofim-tune uses, and a smoothed rule (the mean of the
+   candidate's mean counted twice and its two neighbours' means: the expected score under an lr
+   off by a factor of 2 half the time). One table row per rule, each with the epochs it needs.
 
 Every fresh and grid run draws its own train/validation split from its seed, as the confirmation
 does: the numbers estimate what a setting gives on new data of this kind, which is what
@@ -70,7 +76,7 @@ NEAR_POINTS = 0.3  # "within 0.3 points" of the grid optimum
 WORST_POINTS = 0.5
 NEAR_SHARE = 0.9  # of the studies that must be near
 EPOCH_RATIO = 1.5  # sofim-tune's epochs over the plain script's, at most
-SOFIM_TUNE = "sofim-tune run --dataset digits --seed S --workers 1"
+SOFIM_TUNE = "sofim-tune run --dataset digits --seed S"
 PLAIN = "plain Optuna: TPE + Hyperband, best_params"
 
 
@@ -86,6 +92,45 @@ class Pick:
     search_epochs: int
     after_epochs: int = 0
     reported: tuple[float, float, float] | None = None
+    candidates: tuple[Candidate, ...] = ()
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A confirmed candidate of a sofim-tune study: its settings, rank in the search, confirmed
+    mean, its neighbours' means, and the epochs its confirmation and neighbour runs trained."""
+
+    settings: dict[str, float]
+    search_value: float
+    mean: float
+    neighbour_means: tuple[float, ...]
+    confirm_epochs: int
+    neighbour_epochs: int
+
+
+# The ablation's rules: which candidate each picks, and which of its runs it needs.
+def _by_search(c: Candidate) -> float:
+    return c.search_value
+
+
+def _by_mean(c: Candidate) -> float:
+    return c.mean
+
+
+def _by_worse_neighbour(c: Candidate) -> float:
+    return min(c.mean, *c.neighbour_means)
+
+
+def _by_smoothed(c: Candidate) -> float:
+    return (2 * c.mean + sum(c.neighbour_means)) / (2 + len(c.neighbour_means))
+
+
+RULES = {
+    "best search value (no confirmation)": (_by_search, False, False),
+    "best confirmed mean (no neighbours)": (_by_mean, True, False),
+    "worse neighbour (sofim-tune's rule)": (_by_worse_neighbour, True, True),
+    "smoothed over the neighbours": (_by_smoothed, True, True),
+}
 
 
 def grid_points(quick: bool) -> list[dict[str, float]]:
@@ -129,12 +174,25 @@ def sofim_tune_study(spec: StudySpec) -> Pick:
         rec = load_recommendation(outcome.best_json)
     runs_after = sum(len(c.values) + sum(len(runs) for runs in c.neighbours.values()) for c in outcome.study.confirmations)
     confirm = rec.metric.confirm
+    search_values = {tuple(sorted(t.params.items())): t.value for t in outcome.study.completed()}
+    candidates = tuple(
+        Candidate(
+            settings=dict(c.params),
+            search_value=search_values[tuple(sorted(c.params.items()))],  # type: ignore[arg-type]
+            mean=c.mean,
+            neighbour_means=tuple(statistics.fmean(runs) for runs in c.neighbours.values()),
+            confirm_epochs=len(c.values) * spec.epochs,
+            neighbour_epochs=sum(len(runs) for runs in c.neighbours.values()) * spec.epochs,
+        )
+        for c in outcome.study.confirmations
+    )
     return Pick(
         seed=spec.seed,
         settings=dict(rec.hyperparameters),
         search_epochs=sum(len(t.intermediate) for t in outcome.study.trials),
         after_epochs=runs_after * spec.epochs,
         reported=(confirm.mean, *confirm.ci95),
+        candidates=candidates,
     )
 
 
@@ -204,7 +262,6 @@ def main() -> None:
     if args.quick:
         spec = spec.replace(trials=3, epochs=2, confirm_top=1, confirm_seeds=2)
     command = f"OMP_NUM_THREADS=1 python benchmarks/recommendation_quality.py --studies {args.studies} --seeds {args.seeds} --grid-seeds {args.grid_seeds}{' --quick' if args.quick else ''}"
-    print("sofim-tune's studies run with workers=1 and one thread: parallel studies are not yet reproducible (issue 21), and these numbers must reproduce run for run")
     started = time.monotonic()
     with ProcessPoolExecutor(args.jobs) as pool:
         specs = [spec.replace(seed=seed) for seed in range(args.studies)]
@@ -217,10 +274,12 @@ def main() -> None:
         print(f"grid: {len(points)} points x {args.grid_seeds} seeds; optimum {_short(optimum)} at {max(grid_means):.4f} ({time.monotonic() - started:.0f} s)")
         methods = {SOFIM_TUNE: [f.result() for f in sofim_tune_futures], PLAIN: [f.result() for f in plain_futures]}
         fresh_seeds = [FRESH_SEED_BASE + i for i in range(args.seeds)]
-        fresh = means(pool, spec, [optimum] + [p.settings for picks in methods.values() for p in picks], fresh_seeds)
+        candidates = [c.settings for p in methods[SOFIM_TUNE] for c in p.candidates]
+        fresh = means(pool, spec, [optimum] + [p.settings for picks in methods.values() for p in picks] + candidates, fresh_seeds)
+        candidate_means = dict(zip((_key(c) for c in candidates), fresh[len(fresh) - len(candidates) :]))
 
     print(f"fresh seeds: {args.seeds}; grid optimum's fresh mean {fresh[0]:.4f}")
-    fresh_means = iter(fresh[1:])
+    fresh_means = iter(fresh[1 : len(fresh) - len(candidates)])
     gaps: dict[str, list[float]] = {}
     for method, picks in methods.items():
         print(f"\n{method}: one row per study")
@@ -248,6 +307,7 @@ def main() -> None:
     for method, picks in methods.items():
         print(summary_row(method, picks, gaps[method]))
     print(f"\ngaps in points below the grid optimum's mean on {args.seeds} fresh seeds and splits; command: {command}")
+    print(ablation(methods[SOFIM_TUNE], candidate_means, fresh[0]))
     ours, plain = gaps[SOFIM_TUNE], methods[PLAIN]
     needed = math.ceil(NEAR_SHARE * len(ours))
     ratio = sum(p.search_epochs + p.after_epochs for p in methods[SOFIM_TUNE]) / max(1, sum(p.search_epochs for p in plain))
@@ -256,6 +316,25 @@ def main() -> None:
         f"none beyond {WORST_POINTS} ({_met(max(ours) <= WORST_POINTS)}); epochs at most {EPOCH_RATIO}x the plain script's: {ratio:.2f}x ({_met(ratio <= EPOCH_RATIO)}); "
         f"{time.monotonic() - started:.0f} s in all"
     )
+
+
+def ablation(picks: list[Pick], fresh_means: Mapping[tuple[tuple[str, float], ...], float], optimum_mean: float) -> str:
+    """The ablation table (see the module's docstring, step 5): per rule, the gaps of what it picks
+    and the epochs per study it needs."""
+    lines = ["\nablation: each step's rule picking among the same confirmed candidates", "| rule | median gap | p90 | worst | within 0.3 pp | epochs per study |", "| --- | --- | --- | --- | --- | --- |"]
+    for rule, (score, confirms, neighbours) in RULES.items():
+        gaps, epochs = [], []
+        for pick in picks:
+            chosen = max(pick.candidates, key=score)
+            gaps.append(100 * (optimum_mean - fresh_means[_key(chosen.settings)]))
+            epochs.append(pick.search_epochs + sum(c.confirm_epochs * confirms + c.neighbour_epochs * neighbours for c in pick.candidates))
+        near = sum(gap <= NEAR_POINTS for gap in gaps)
+        lines.append(f"| {rule} | {statistics.median(gaps):+.2f} | {percentile(gaps, 0.9):+.2f} | {max(gaps):+.2f} | {near} of {len(gaps)} | {statistics.fmean(epochs):.0f} |")
+    return "\n".join(lines)
+
+
+def _key(settings: Mapping[str, float]) -> tuple[tuple[str, float], ...]:
+    return tuple(sorted(settings.items()))
 
 
 def _met(ok: bool) -> str:

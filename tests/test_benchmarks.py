@@ -39,7 +39,6 @@ def test_tuning_efficiency_prints_its_ratios(tmp_path):
 
 def test_recommendation_quality_sets_sofim_tune_beside_a_plain_optuna_script():
     out = bench("recommendation_quality.py", "--quick", "--studies", "2", "--seeds", "2", "--grid-seeds", "2", "--jobs", "1")
-    assert "workers=1" in out and "not yet reproducible" in out
     sofim_part, plain_part = out.split("plain Optuna: TPE + Hyperband, best_params: one row per study")
     plain_part, summary = plain_part.split("| method | median gap | p90 | worst | within 0.3 pp | epochs trained |")
 
@@ -58,7 +57,7 @@ def test_recommendation_quality_sets_sofim_tune_beside_a_plain_optuna_script():
     assert "intervals covering: " in sofim_part
     table = {cells(line)[0]: cells(line) for line in summary.splitlines() if line.startswith("| sofim-tune") or line.startswith("| plain Optuna")}
     assert len(table) == 2
-    for rows, method in ((sofim_rows, "sofim-tune run --dataset digits --seed S --workers 1"), (plain_rows, "plain Optuna: TPE + Hyperband, best_params")):
+    for rows, method in ((sofim_rows, "sofim-tune run --dataset digits --seed S"), (plain_rows, "plain Optuna: TPE + Hyperband, best_params")):
         gaps = [float(row[3]) for row in rows]
         _, median, p90, worst, near, epochs = table[method]
         # The rows' gaps are rounded to 0.01, the table's from the unrounded ones.
@@ -67,6 +66,13 @@ def test_recommendation_quality_sets_sofim_tune_beside_a_plain_optuna_script():
         assert near == f"{sum(gap <= 0.3 for gap in gaps)} of 2"
         assert int(epochs.split()[0]) == round(sum(int(row[4]) for row in rows) / 2)
     assert "command: OMP_NUM_THREADS=1 python benchmarks/recommendation_quality.py" in summary and "targets for sofim-tune: " in summary
+    # The ablation: one row per rule; the quick spec confirms one candidate, so every rule picks it
+    # and scores the recommendation's gaps, at the epochs the rule needs.
+    rules = {cells(line)[0]: cells(line) for line in summary.split("ablation:")[1].splitlines() if line.startswith("| ") and not line.startswith(("| rule", "| ---"))}
+    assert list(rules) == ["best search value (no confirmation)", "best confirmed mean (no neighbours)", "worse neighbour (sofim-tune's rule)", "smoothed over the neighbours"]
+    assert all(row[1:5] == table["sofim-tune run --dataset digits --seed S"][1:5] for row in rules.values())
+    search_only, confirmed, full, _ = (int(row[5]) for row in rules.values())
+    assert search_only < confirmed < full == int(table["sofim-tune run --dataset digits --seed S"][5].split()[0])
 
 
 def test_study_throughput_prints_its_ratios():
