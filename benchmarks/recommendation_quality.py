@@ -16,7 +16,9 @@
      ``TPESampler(seed=S)``, ``HyperbandPruner()``, the spec's first settings enqueued, lr, rho
      (log) and beta1 over the spec's search space, the spec's trials, ``n_jobs=1``, training
      through ``train_trial`` with the spec's epochs, batch size and split; it recommends
-     ``study.best_params``.
+     ``study.best_params``. The study is named (``plain-S``): Hyperband picks a trial's bracket
+     by hashing the study's name, and an unnamed study's random name would make its pruning,
+     and these numbers, change from run to run.
 3. The grid optimum and every recommended setting of both methods run again on ``--seeds`` fresh
    seeds, none used before, so that the optimum's own selection does not flatter it. The gap is
    the optimum's fresh mean minus the setting's, in points of accuracy (lower is better);
@@ -29,9 +31,11 @@
 5. The ablation of sofim-tune's protocol: every confirmed candidate of every study is scored on
    the fresh seeds too, and each step's rule picks among them as it would have: the best search
    value (no confirmation: the search's epochs only), the best confirmed mean (confirmation, no
-   neighbours), the worse-neighbour rule sofim-tune uses, and a smoothed rule (the mean of the
-   candidate's mean counted twice and its two neighbours' means: the expected score under an lr
-   off by a factor of 2 half the time). One table row per rule, each with the epochs it needs.
+   neighbours), the worse of the mean and the worse neighbour's mean (the rule before this
+   release), sofim-tune's rule (``selection.robust_score``: the mean unless a neighbour falls more
+   than 2% below it), and a smoothed rule (the mean of the candidate's mean counted twice and its
+   two neighbours' means: the expected score under an lr off by a factor of 2 half the time).
+   One table row per rule, each with the epochs it needs.
 
 Every fresh and grid run draws its own train/validation split from its seed, as the confirmation
 does: the numbers estimate what a setting gives on new data of this kind, which is what
@@ -65,6 +69,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import optuna  # noqa: E402
 
 from sofim_tune.recommend import load_recommendation  # noqa: E402
+from sofim_tune.records import Confirmation  # noqa: E402
+from sofim_tune.selection import robust_score  # noqa: E402
 from sofim_tune.space import load_space  # noqa: E402
 from sofim_tune.spec import StudySpec, load_spec  # noqa: E402
 from sofim_tune.trial import TrialConfig, train_trial  # noqa: E402
@@ -97,15 +103,21 @@ class Pick:
 
 @dataclass(frozen=True)
 class Candidate:
-    """A confirmed candidate of a sofim-tune study: its settings, rank in the search, confirmed
-    mean, its neighbours' means, and the epochs its confirmation and neighbour runs trained."""
+    """A confirmed candidate of a sofim-tune study: its confirmation, its search value, and the
+    epochs its confirmation and neighbour runs trained."""
 
-    settings: dict[str, float]
+    confirmation: Confirmation
     search_value: float
-    mean: float
-    neighbour_means: tuple[float, ...]
     confirm_epochs: int
     neighbour_epochs: int
+
+    @property
+    def settings(self) -> dict[str, float]:
+        return dict(self.confirmation.params)
+
+    @property
+    def neighbour_means(self) -> list[float]:
+        return [statistics.fmean(runs) for runs in self.confirmation.neighbours.values()]
 
 
 # The ablation's rules: which candidate each picks, and which of its runs it needs.
@@ -114,21 +126,26 @@ def _by_search(c: Candidate) -> float:
 
 
 def _by_mean(c: Candidate) -> float:
-    return c.mean
+    return c.confirmation.mean
 
 
 def _by_worse_neighbour(c: Candidate) -> float:
-    return min(c.mean, *c.neighbour_means)
+    return min(c.confirmation.mean, *c.neighbour_means)
+
+
+def _by_robust_score(c: Candidate) -> float:
+    return robust_score(c.confirmation, "maximize")
 
 
 def _by_smoothed(c: Candidate) -> float:
-    return (2 * c.mean + sum(c.neighbour_means)) / (2 + len(c.neighbour_means))
+    return (2 * c.confirmation.mean + sum(c.neighbour_means)) / (2 + len(c.neighbour_means))
 
 
 RULES = {
     "best search value (no confirmation)": (_by_search, False, False),
     "best confirmed mean (no neighbours)": (_by_mean, True, False),
-    "worse neighbour (sofim-tune's rule)": (_by_worse_neighbour, True, True),
+    "worse neighbour (the rule before)": (_by_worse_neighbour, True, True),
+    "mean unless a neighbour falls > 2% (sofim-tune's rule)": (_by_robust_score, True, True),
     "smoothed over the neighbours": (_by_smoothed, True, True),
 }
 
@@ -177,10 +194,8 @@ def sofim_tune_study(spec: StudySpec) -> Pick:
     search_values = {tuple(sorted(t.params.items())): t.value for t in outcome.study.completed()}
     candidates = tuple(
         Candidate(
-            settings=dict(c.params),
+            confirmation=c,
             search_value=search_values[tuple(sorted(c.params.items()))],  # type: ignore[arg-type]
-            mean=c.mean,
-            neighbour_means=tuple(statistics.fmean(runs) for runs in c.neighbours.values()),
             confirm_epochs=len(c.values) * spec.epochs,
             neighbour_epochs=sum(len(runs) for runs in c.neighbours.values()) * spec.epochs,
         )
@@ -224,7 +239,9 @@ def plain_optuna_study(spec: StudySpec) -> Pick:
             raise optuna.TrialPruned()
         return result.metrics["val_accuracy"] if result.status == "completed" else 0.0
 
-    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=spec.seed), pruner=optuna.pruners.HyperbandPruner())
+    # Named: Hyperband puts a trial in a bracket by a hash of the study's name and the trial's
+    # number, and an unnamed study gets a random name, so its pruning would change run to run.
+    study = optuna.create_study(study_name=f"plain-{spec.seed}", direction="maximize", sampler=optuna.samplers.TPESampler(seed=spec.seed), pruner=optuna.pruners.HyperbandPruner())
     for settings in spec.enqueue:
         study.enqueue_trial(settings)
     study.optimize(objective, n_trials=spec.trials, n_jobs=1)

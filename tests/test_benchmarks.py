@@ -31,6 +31,13 @@ def test_trial_throughput_prints_its_ratios():
     assert all(row[-2].endswith("x") and float(row[-2][:-1]) > 0 for row in rows.values())
 
 
+def test_release_throughput_sets_two_checkouts_side_by_side():
+    here = str(BENCHMARKS.parent)
+    out = bench("release_throughput.py", here, "--rounds", "1", "--trials", "3", "--epochs", "1")
+    assert out.count(f"({here}): 3 trials, ") == 2
+    assert "this / other: " in out and "x trials per minute" in out and "x epochs per second" in out
+
+
 def test_tuning_efficiency_prints_its_ratios(tmp_path):
     out = bench("tuning_efficiency.py", "--seeds", "1", "--trials", "2", "--epochs", "1", "--reference-trials", "2", "--cache", str(tmp_path))
     assert "random without pruning needs" in out
@@ -69,9 +76,9 @@ def test_recommendation_quality_sets_sofim_tune_beside_a_plain_optuna_script():
     # The ablation: one row per rule; the quick spec confirms one candidate, so every rule picks it
     # and scores the recommendation's gaps, at the epochs the rule needs.
     rules = {cells(line)[0]: cells(line) for line in summary.split("ablation:")[1].splitlines() if line.startswith("| ") and not line.startswith(("| rule", "| ---"))}
-    assert list(rules) == ["best search value (no confirmation)", "best confirmed mean (no neighbours)", "worse neighbour (sofim-tune's rule)", "smoothed over the neighbours"]
+    assert list(rules) == ["best search value (no confirmation)", "best confirmed mean (no neighbours)", "worse neighbour (the rule before)", "mean unless a neighbour falls > 2% (sofim-tune's rule)", "smoothed over the neighbours"]
     assert all(row[1:5] == table["sofim-tune run --dataset digits --seed S"][1:5] for row in rules.values())
-    search_only, confirmed, full, _ = (int(row[5]) for row in rules.values())
+    search_only, confirmed, _, full, _ = (int(row[5]) for row in rules.values())
     assert search_only < confirmed < full == int(table["sofim-tune run --dataset digits --seed S"][5].split()[0])
 
 

@@ -20,6 +20,7 @@ from sofim_tune.selection import (
     confirmation_seeds,
     interval95,
     neighbour_settings,
+    CLIFF_SHARE,
     pick_recommended,
     regime,
     robust_score,
@@ -61,13 +62,30 @@ def test_a_flat_candidate_beats_a_sharp_one_with_a_higher_mean(study):
     by_params = {tuple(sorted(c.params.items())): c for c in confirmations}
     sharp_c, flat_c = by_params[tuple(sorted(sharp.items()))], by_params[tuple(sorted(flat.items()))]
     assert sharp_c.mean > flat_c.mean  # the sharp one wins on its own mean ...
-    assert robust_score(sharp_c, "maximize") == pytest.approx(0.60 + 1e-4 * statistics.fmean(s % 3 for s in [1, 2, 3]))
+    assert robust_score(sharp_c, "maximize") == pytest.approx(0.60 + 1e-4 * statistics.fmean(s % 3 for s in [1, 2, 3]) + CLIFF_SHARE * sharp_c.mean)
     params, chosen = pick_recommended(cliffy, confirmations)
     assert params == flat and chosen is flat_c  # ... but its 2 × lr neighbour loses 38 points
     rec = build_recommendation(cliffy, confirmations=confirmations)
     assert rec.selection["chosen"] == confirmations.index(flat_c)
     assert "neighbour" in rec.selection["why"]
     assert rec.selection["candidates"][0]["neighbours"]["lr×2"] == pytest.approx(0.60, abs=1e-3)
+
+
+def test_among_flat_candidates_the_best_mean_wins_and_a_cliff_costs_what_it_loses():
+    def confirmation(mean: float, half: float, double: float) -> Confirmation:
+        return Confirmation(params={"lr": mean}, seeds=[1, 2], values=[mean - 0.001, mean + 0.001], neighbours={"lr×0.5": [half], "lr×2": [double]})
+
+    # Neighbours 1.5 points down: within 2% of 0.97, so the mean is the score.
+    flat = confirmation(0.97, 0.955, 0.965)
+    assert robust_score(flat, "maximize") == pytest.approx(0.97)
+    # A neighbour 5 points down: the score is that neighbour plus the 2% allowance.
+    cliff = confirmation(0.98, 0.975, 0.93)
+    assert robust_score(cliff, "maximize") == pytest.approx(0.93 + 0.02 * 0.98)
+    assert robust_score(cliff, "maximize") < robust_score(flat, "maximize")
+    # Losses are minimized: the worse neighbour is the higher one, the allowance is subtracted.
+    loss = Confirmation(params={"lr": 1.0}, seeds=[1, 2], values=[0.5, 0.5], neighbours={"lr×0.5": [0.52], "lr×2": [0.7]})
+    assert robust_score(loss, "minimize") == pytest.approx(0.7 - 0.02 * 0.5)
+    assert robust_score(Confirmation(params={"lr": 1.0}, seeds=[1, 2], values=[0.5, 0.5]), "minimize") == 0.5
 
 
 def test_neighbours_change_lr_only_and_run_on_the_first_seeds(study):
