@@ -93,7 +93,8 @@ def test_a_killed_and_resumed_study_equals_an_uninterrupted_one(tmp_path: Path, 
     wait_for(out, finished=5)
     os.kill(process.pid, signal.SIGKILL)  # its workers die with it
     process.wait()
-    subprocess.run(args, check=True, capture_output=True, timeout=600)
+    resumed = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
     trials = optuna.load_study(study_name="digits-mlp", storage=optuna_backend.open_storage(f"sqlite:///{out / 'study.db'}")).get_trials()
     assert any(t.user_attrs.get("reason") == "interrupted" for t in trials)  # the kill did land mid-trial
     assert_same_study(out, reference)
@@ -167,3 +168,29 @@ def test_one_worker_finishes_a_study_whose_low_index_was_queued_after_a_high_one
     assert [(t.number, t.state) for t in deferred] == [(3, TrialState.FAIL)]
     assert trials[6].user_attrs["retry_of"] == 3
     assert all(t.state != TrialState.RUNNING for t in trials)
+
+
+def test_a_storage_left_with_a_hot_journal_by_a_killed_writer_resumes(tmp_path: Path) -> None:
+    """kill -9 in the middle of an SQLite write leaves a hot journal: the storage check must
+    roll it back as SQLite does on open, not refuse the study as an unreadable database."""
+    from sofim_tune.space import load_space
+    from sofim_tune.spec import load_spec
+
+    spec, space = load_spec("digits").replace(trials=2), load_space("sofim")
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    optuna_backend.open_study(spec, space, url)
+    writer = (
+        "import os, signal, sqlite3, sys\n"
+        "db = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+        "db.execute('pragma cache_size=1')\n"
+        "db.execute('begin immediate')\n"
+        "db.execute('create table scratch(a)')\n"
+        "for _ in range(2000): db.execute('insert into scratch values (?)', ('x' * 500,))\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    subprocess.run([sys.executable, "-c", writer, str(tmp_path / "study.db")], check=False)
+    assert (tmp_path / "study.db-journal").is_file()
+    optuna_backend.check_storage(url)
+    study = optuna_backend.open_study(spec, space, url)
+    assert study.study_name == spec.name
+    assert "scratch" not in optuna_backend._sqlite_tables(tmp_path / "study.db")  # rolled back

@@ -195,13 +195,24 @@ def _is_journal(head: bytes) -> bool:
 
 
 def _sqlite_tables(file: Path) -> set[str]:
-    """The tables of an SQLite file, read without writing anything."""
+    """The tables of an SQLite file, read without writing anything, unless a process was killed
+    while it wrote: its hot journal must be rolled back before the file can be read, as SQLite
+    does on any open for writing, and as the study's own storage would do next."""
     try:
-        # As long as the storage waits for a lock: workers may be writing to it.
-        with contextlib.closing(sqlite3.connect(f"{file.resolve().as_uri()}?mode=ro", uri=True, timeout=300)) as db:
-            return {row[0] for row in db.execute("select name from sqlite_master where type = 'table'")}
+        try:
+            return _read_tables(file, "ro")
+        except sqlite3.OperationalError as exc:
+            if "readonly" not in str(exc) or not file.with_name(file.name + "-journal").is_file():
+                raise
+            return _read_tables(file, "rw")
     except sqlite3.Error as exc:
         raise UserInputError(f"storage sqlite:///{file}: cannot read it as an SQLite database: {exc}") from None
+
+
+def _read_tables(file: Path, mode: str) -> set[str]:
+    # As long as the storage waits for a lock: workers may be writing to it.
+    with contextlib.closing(sqlite3.connect(f"{file.resolve().as_uri()}?mode={mode}", uri=True, timeout=300)) as db:
+        return {row[0] for row in db.execute("select name from sqlite_master where type = 'table'")}
 
 
 def open_storage(url: str, *, create: bool = True) -> BaseStorage:
