@@ -8,7 +8,9 @@ one two-thread process for every model tried, from the digits MLP (2.05×) to Re
 32×32 images (1.04-1.13×), so on the CPU the rule is one trial per physical core, one thread each,
 whatever the model. What stops it is memory, estimated per worker from the data and the
 model against what the machine and this process's cgroups (a container's ``--memory``) leave
-available, and the number of trials left. Fewer trials than cores get the spare cores as threads.
+available, the number of trials left and the study's lookahead (the trials it lets run at once).
+Fewer trials than cores leave the spare cores idle rather than give them to a trial as threads:
+a trial's numbers depend on its thread count, and a study must not depend on its workers.
 
 On a GPU, a small model (at most ``SMALL_MODEL_PARAMETERS``) leaves the device mostly idle,
 so ``TRIALS_PER_GPU_SMALL`` trials share each GPU; a larger one gets a GPU per trial.
