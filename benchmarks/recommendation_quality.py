@@ -14,7 +14,7 @@
      ``--jobs`` studies run side by side.
    - the plain Optuna script a user writes from Optuna's documentation (:func:`plain_optuna_study`):
      ``TPESampler(seed=S)``, ``HyperbandPruner()``, the spec's first settings enqueued, lr, rho
-     (log) and beta1 over the spec's search space, the spec's trials, ``n_jobs=1``, training
+     (log) and beta1 over the ``sofim`` space's ranges, the spec's trials, ``n_jobs=1``, training
      through ``train_trial`` with the spec's epochs, batch size and split; it recommends
      ``study.best_params``. The study is named (``plain-S``): Hyperband picks a trial's bracket
      by hashing the study's name, and an unnamed study's random name would make its pruning,
@@ -36,6 +36,9 @@
    than 2% below it), and a smoothed rule (the mean of the candidate's mean counted twice and its
    two neighbours' means: the expected score under an lr off by a factor of 2 half the time).
    One table row per rule, each with the epochs it needs.
+6. The confirmation's budget: the best confirmed mean among the 1, 2 or 3 candidates best by
+   search value, each over its first 2, 3 or 5 confirmation runs, with the epochs each needs
+   (the search's plus those runs).
 
 Every fresh and grid run draws its own train/validation split from its seed, as the confirmation
 does: the numbers estimate what a setting gives on new data of this kind, which is what
@@ -82,6 +85,7 @@ NEAR_POINTS = 0.3  # "within 0.3 points" of the grid optimum
 WORST_POINTS = 0.5
 NEAR_SHARE = 0.9  # of the studies that must be near
 EPOCH_RATIO = 1.5  # sofim-tune's epochs over the plain script's, at most
+PLAIN_SPACE = "sofim"
 SOFIM_TUNE = "sofim-tune run --dataset digits --seed S"
 PLAIN = "plain Optuna: TPE + Hyperband, best_params"
 
@@ -224,8 +228,9 @@ class PruningReporter:
 
 
 def plain_optuna_study(spec: StudySpec) -> Pick:
-    """The Optuna script of Optuna's documentation, on the spec's space, trials and first settings."""
-    space = load_space(spec.search_space).params
+    """The Optuna script of Optuna's documentation: lr, rho and beta1 over the ``sofim`` space's
+    ranges (the axes a user writes down), the spec's trials and first settings."""
+    space = load_space(PLAIN_SPACE).params
 
     def objective(trial: optuna.Trial) -> float:
         settings = {
@@ -268,22 +273,24 @@ def summary_row(method: str, picks: list[Pick], gaps: list[float]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--studies", type=int, default=10, help="studies per method, with --seed 0, 1, ...")
+    parser.add_argument("--studies", type=int, default=10, help="studies per method, with --seed FIRST, FIRST + 1, ...")
+    parser.add_argument("--first-seed", type=int, default=0, help="the first study's --seed (FIRST): other seeds check a protocol on studies it was not chosen on")
     parser.add_argument("--seeds", type=int, default=5, help="fresh seeds (and splits) each recommended setting is scored on")
     parser.add_argument("--grid-seeds", type=int, default=5, help="seeds per grid point")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes for the studies, the grid and the fresh runs")
     parser.add_argument("--quick", action="store_true", help="a tiny grid and tiny studies (the smoke test)")
+    parser.add_argument("--space", help="search space of the sofim-tune studies (default: the digits spec's, sofim-effective); the plain script always searches lr, rho and beta1")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial would bury the tables
     spec = load_spec("digits")
     if args.quick:
         spec = spec.replace(trials=3, epochs=2, confirm_top=1, confirm_seeds=2)
-    command = f"OMP_NUM_THREADS=1 python benchmarks/recommendation_quality.py --studies {args.studies} --seeds {args.seeds} --grid-seeds {args.grid_seeds}{' --quick' if args.quick else ''}"
+    command = f"OMP_NUM_THREADS=1 python benchmarks/recommendation_quality.py --studies {args.studies} --seeds {args.seeds} --grid-seeds {args.grid_seeds}{' --quick' if args.quick else ''}{f' --space {args.space}' if args.space else ''}{f' --first-seed {args.first_seed}' if args.first_seed else ''}"
     started = time.monotonic()
     with ProcessPoolExecutor(args.jobs) as pool:
-        specs = [spec.replace(seed=seed) for seed in range(args.studies)]
+        specs = [spec.replace(seed=seed) for seed in range(args.first_seed, args.first_seed + args.studies)]
         # Submitted first so that the studies, the longest jobs, overlap the grid's runs.
-        sofim_tune_futures = [pool.submit(sofim_tune_study, s) for s in specs]
+        sofim_tune_futures = [pool.submit(sofim_tune_study, s.replace(search_space=args.space)) for s in specs]
         plain_futures = [pool.submit(plain_optuna_study, s) for s in specs]
         points = grid_points(args.quick)
         grid_means = means(pool, spec, points, [GRID_SEED_BASE + i for i in range(args.grid_seeds)])
@@ -325,6 +332,7 @@ def main() -> None:
         print(summary_row(method, picks, gaps[method]))
     print(f"\ngaps in points below the grid optimum's mean on {args.seeds} fresh seeds and splits; command: {command}")
     print(ablation(methods[SOFIM_TUNE], candidate_means, fresh[0]))
+    print(budget_ablation(methods[SOFIM_TUNE], candidate_means, fresh[0], spec.epochs))
     ours, plain = gaps[SOFIM_TUNE], methods[PLAIN]
     needed = math.ceil(NEAR_SHARE * len(ours))
     ratio = sum(p.search_epochs + p.after_epochs for p in methods[SOFIM_TUNE]) / max(1, sum(p.search_epochs for p in plain))
@@ -347,6 +355,25 @@ def ablation(picks: list[Pick], fresh_means: Mapping[tuple[tuple[str, float], ..
             epochs.append(pick.search_epochs + sum(c.confirm_epochs * confirms + c.neighbour_epochs * neighbours for c in pick.candidates))
         near = sum(gap <= NEAR_POINTS for gap in gaps)
         lines.append(f"| {rule} | {statistics.median(gaps):+.2f} | {percentile(gaps, 0.9):+.2f} | {max(gaps):+.2f} | {near} of {len(gaps)} | {statistics.fmean(epochs):.0f} |")
+    return "\n".join(lines)
+
+
+def budget_ablation(picks: list[Pick], fresh_means: Mapping[tuple[tuple[str, float], ...], float], optimum_mean: float, epochs: int) -> str:
+    """How many candidates and seeds the confirmation needs (see the module's docstring, step 6):
+    per (candidates, seeds), the gaps of the best confirmed mean among the ``candidates`` best by
+    search value, each over its first ``seeds`` confirmation runs, and the epochs per study."""
+    lines = ["\nconfirmation budget: the best confirmed mean among the top candidates, over their first seeds", "| candidates | seeds | median gap | p90 | worst | within 0.3 pp | epochs per study |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    most = max(len(p.candidates) for p in picks)
+    seeds = min(len(c.confirmation.values) for p in picks for c in p.candidates)
+    for top, count in itertools.product(range(1, most + 1), sorted({s for s in (2, 3, seeds) if s <= seeds})):
+        gaps, trained = [], []
+        for pick in picks:
+            shortlist = pick.candidates[:top]
+            chosen = max(shortlist, key=lambda c: statistics.fmean(c.confirmation.values[:count]))
+            gaps.append(100 * (optimum_mean - fresh_means[_key(chosen.settings)]))
+            trained.append(pick.search_epochs + len(shortlist) * count * epochs)
+        near = sum(gap <= NEAR_POINTS for gap in gaps)
+        lines.append(f"| {top} | {count} | {statistics.median(gaps):+.2f} | {percentile(gaps, 0.9):+.2f} | {max(gaps):+.2f} | {near} of {len(gaps)} | {statistics.fmean(trained):.0f} |")
     return "\n".join(lines)
 
 

@@ -1,28 +1,32 @@
 """Choosing what to recommend: rank the search's trials, retrain the best candidates and their
-neighbours on fresh seeds and fresh splits, and pick by a criterion that a cliff cannot fool.
+lr × 2 neighbour on fresh seeds and fresh splits, and pick by a criterion that a cliff cannot fool.
 
 The protocol (the README's "How the recommendation is chosen" says the same):
 
 1. Candidates: the ``top`` best distinct completed trials of the search.
 2. Each candidate is retrained once per confirmation seed. Run ``i`` uses weight seed
    ``seeds[i]`` and its own train/validation split ``split_seeds[i]``, never the search's
-   split, so the confirmed numbers are not measured on the images that selected the
-   candidate, and the spread over runs includes the spread over splits. (An ImageFolder
-   with its own ``val/`` validates every run on it; best.json then says so.)
-3. Each candidate's neighbours, lr × ½ and lr × 2 with everything else unchanged, are trained
-   with the first :data:`NEIGHBOUR_SEEDS` of those seeds and splits.
+   split, and the spread over runs includes the spread over splits. (An ImageFolder with its
+   own ``val/`` validates every run on it; best.json then says so.)
+3. Each candidate's neighbour, lr × 2 with everything else unchanged, is trained with the
+   first :data:`NEIGHBOUR_SEEDS` of those seeds and splits. On digits the good settings lie
+   next to a cliff on the side of larger lr; lr × ½ never fell far and was dropped
+   (``benchmarks/recommendation_quality.py``'s ablation).
 4. The recommendation is the candidate with the best *robust score*: its own mean, unless its
-   worse neighbour falls more than :data:`CLIFF_SHARE` (2%) of that mean below it; then that
-   neighbour's mean plus the 2%. Among flat candidates the best mean wins (on digits, the
-   worse neighbour itself gave up peak for a flatness that fresh runs did not reward:
-   ``benchmarks/recommendation_quality.py``'s ablation), and a candidate on a cliff (2 × lr
-   loses many points) loses to a slightly worse but flat one.
+   neighbour falls more than :data:`CLIFF_SHARE` (2%) of that mean below it; then that
+   neighbour's mean plus the 2%. Among flat candidates the best mean wins, and a candidate on
+   a cliff (2 × lr loses many points) loses to a slightly worse but flat one.
 5. Its mean, sample standard deviation and 95% Student-t interval over the runs are
    reported.
+
+What the protocol may cost is bounded (:func:`plan_confirmation`): everything after the
+search trains at most :data:`PROTOCOL_SHARE` (half) of the epochs the search trained; fewer
+seeds, then fewer candidates, then no neighbour are run rather than more.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from collections.abc import Callable, Sequence
@@ -34,8 +38,10 @@ from sofim_tune.records import Confirmation, StudyRecord, TrialRecord
 __all__ = [
     "CLIFF_SHARE",
     "CRITERION",
+    "ConfirmationPlan",
     "NEIGHBOURS",
     "NEIGHBOUR_SEEDS",
+    "PROTOCOL_SHARE",
     "Measurement",
     "confirm_top",
     "confirmation_seeds",
@@ -45,14 +51,17 @@ __all__ = [
     "no_completed_trial",
     "neighbour_settings",
     "pick_recommended",
+    "plan_confirmation",
     "regime",
     "robust_score",
 ]
 
 # Neighbours along the axis that matters most for every optimizer here: the learning rate.
-NEIGHBOURS: dict[str, float] = {"lr×0.5": 0.5, "lr×2": 2.0}
-NEIGHBOUR_SEEDS = 3
-CRITERION = "the candidate's mean, or its worse neighbour's mean (lr × ½, lr × 2) plus 2% of its mean where that is lower, over fresh seeds and splits"
+NEIGHBOURS: dict[str, float] = {"lr×2": 2.0}
+NEIGHBOUR_SEEDS = 1
+CRITERION = "the candidate's mean, or its neighbour's mean (lr × 2) plus 2% of its mean where that is lower, over fresh seeds and splits"
+#: Everything after the search trains at most this share of the epochs the search trained.
+PROTOCOL_SHARE = 0.5
 # How far a neighbour may fall below a candidate's mean, as a share of it, before the
 # candidate counts as on a cliff: about 2 points of accuracy near 97%.
 CLIFF_SHARE = 0.02
@@ -111,8 +120,52 @@ def confirmation_seeds(search_seed: int, trials: int, search_split_seed: int, co
     return seeds, splits
 
 
+@dataclass(frozen=True)
+class ConfirmationPlan:
+    """What the confirmation runs: ``top`` candidates × ``seeds`` runs each, plus each
+    candidate's neighbours on ``neighbour_seeds`` of those seeds; every run trains ``run_epochs``."""
+
+    top: int
+    seeds: int
+    neighbour_seeds: int
+    run_epochs: int
+
+    @property
+    def runs(self) -> int:
+        return self.top * (self.seeds + len(NEIGHBOURS) * self.neighbour_seeds)
+
+    @property
+    def epochs(self) -> int:
+        return self.runs * self.run_epochs
+
+
+def plan_confirmation(search_epochs: int, run_epochs: int, *, top: int, seeds: int) -> ConfirmationPlan:
+    """The most of ``top`` candidates × ``seeds`` runs (and their neighbours) that trains at most
+    :data:`PROTOCOL_SHARE` of ``search_epochs`` in all.
+
+    Over the budget, seeds go first (down to 2, the fewest an interval needs), then candidates
+    (down to 1), then the neighbours. One candidate on two seeds always runs, even where that
+    alone exceeds the budget: the recommendation's interval needs them.
+
+    Args:
+        search_epochs: epochs the search trained, every trial's (pruned ones included).
+        run_epochs: epochs of one confirmation run, >= 1.
+        top, seeds: the most candidates and seeds per candidate (the spec's ``confirm_top``
+            and ``confirm_seeds``).
+    """
+    allowed = PROTOCOL_SHARE * search_epochs
+    plan = ConfirmationPlan(top, seeds, min(NEIGHBOUR_SEEDS, seeds), run_epochs)
+    while plan.epochs > allowed and plan.seeds > 2:
+        plan = dataclasses.replace(plan, seeds=plan.seeds - 1, neighbour_seeds=min(plan.neighbour_seeds, plan.seeds - 1))
+    while plan.epochs > allowed and plan.top > 1:
+        plan = dataclasses.replace(plan, top=plan.top - 1)
+    if plan.epochs > allowed:
+        plan = dataclasses.replace(plan, neighbour_seeds=0)
+    return plan
+
+
 def neighbour_settings(params: dict[str, float]) -> dict[str, dict[str, float]]:
-    """The candidate with lr halved and doubled, everything else unchanged."""
+    """The candidate's neighbours (:data:`NEIGHBOURS`): lr scaled, everything else unchanged."""
     return {label: {**params, "lr": params["lr"] * factor} for label, factor in NEIGHBOURS.items()}
 
 
@@ -125,7 +178,8 @@ def confirm_top(
     split_seeds: Sequence[int],
     neighbour_seeds: int = NEIGHBOUR_SEEDS,
 ) -> list[Confirmation]:
-    """Retrain the ``top`` best distinct completed configurations, and their neighbours.
+    """Retrain the ``top`` best distinct completed configurations, and their neighbours
+    (see :func:`plan_confirmation` for ``top`` and ``neighbour_seeds`` within a budget).
 
     Args:
         evaluate: ``evaluate(jobs) -> measurements`` trains each ``(params, seed,
@@ -173,7 +227,10 @@ def confirm_top(
 
 def robust_score(confirmation: Confirmation, direction: str) -> float:
     """The candidate's mean, or its worse neighbour's mean plus :data:`CLIFF_SHARE` of the
-    candidate's mean where that is worse (see the module doc); in the metric's units."""
+    candidate's mean where that is worse (see the module doc); in the metric's units.
+
+    Every stored neighbour counts, so a confirmation made by an earlier release (lr × ½ and
+    lr × 2) is scored as that release scored it."""
     mean = confirmation.mean
     neighbours = [statistics.fmean(v) for v in confirmation.neighbours.values() if v]
     if not neighbours:

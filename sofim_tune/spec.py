@@ -144,8 +144,8 @@ class StudySpec:
     split_seed: int = 0
     val_fraction: float = 0.1
     enqueue: tuple[dict[str, float], ...] = ()
-    confirm_top: int = 3
-    confirm_seeds: int = 5
+    confirm_top: int = 2
+    confirm_seeds: int = 3
     widen: bool = True
     augment: str | None = None
     image_size: int | None = None

@@ -7,6 +7,7 @@ seeds, writing ``best.json`` and the report) is the same for every backend, and 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,7 +18,7 @@ from sofim_tune.data import has_fixed_validation, has_test_split
 from sofim_tune.errors import UserInputError
 from sofim_tune.recommend import build_recommendation, write_recommendation
 from sofim_tune.records import Confirmation, StudyRecord
-from sofim_tune.selection import Measurement, confirm_top, confirmation_seeds, distinct_ranked
+from sofim_tune.selection import ConfirmationPlan, Measurement, confirm_top, confirmation_seeds, distinct_ranked, plan_confirmation
 from sofim_tune.space import SearchSpace, load_space
 from sofim_tune.spec import StudySpec
 from sofim_tune.study import (
@@ -25,6 +26,7 @@ from sofim_tune.study import (
     RunOptions,
     check_run_folder,
     default_storage_url,
+    effective_epochs,
     settings_to_enqueue,
     planned,
     spread_devices,
@@ -37,7 +39,7 @@ if TYPE_CHECKING:
     from sofim_tune.comparison import OptimizerResult
 
 
-__all__ = ["CompareOutcome", "RunOptions", "TuneOutcome", "check_inputs", "compare", "confirm", "export_run", "tune", "wall_seconds"]
+__all__ = ["CompareOutcome", "RunOptions", "TuneOutcome", "check_inputs", "compare", "confirm", "confirmation_plan", "export_run", "tune", "wall_seconds"]
 
 
 @dataclass(frozen=True)
@@ -78,8 +80,19 @@ def check_inputs(spec: StudySpec, space: SearchSpace, options: RunOptions, backe
     return options if options.batch_trials is None else replace(options, batch_trials=with_plan.batch_trials)
 
 
-def confirm(study: StudyRecord, spec: StudySpec, space: SearchSpace, options: RunOptions, backend: Backend) -> list[Confirmation]:
-    """Retrain the top candidates and their neighbours on fresh seeds and splits (selection.py).
+def confirmation_plan(study: StudyRecord, spec: StudySpec, space: SearchSpace, *, bounded: bool = True) -> ConfirmationPlan:
+    """What :func:`confirm` runs for ``study``: the spec's ``confirm_top`` candidates on
+    ``confirm_seeds`` seeds each, scaled down until it trains at most half the epochs the
+    search trained (``bounded``; :func:`sofim_tune.selection.plan_confirmation`), or as the
+    spec says (``bounded=False``: ``compare`` retrains every optimizer alike)."""
+    run_epochs = effective_epochs(spec, space)
+    search_epochs = sum(len(t.intermediate) for t in study.trials) if bounded else math.inf
+    return plan_confirmation(search_epochs, run_epochs, top=spec.confirm_top, seeds=spec.confirm_seeds)
+
+
+def confirm(study: StudyRecord, spec: StudySpec, space: SearchSpace, options: RunOptions, backend: Backend, plan: ConfirmationPlan) -> list[Confirmation]:
+    """Retrain the top candidates and their neighbours on fresh seeds and splits, as ``plan``
+    says (selection.py).
 
     The runs go through ``backend.confirm``, so a Ray study confirms on its cluster.
     Confirmations already stored for the same candidates, seeds and splits are reused, so
@@ -88,11 +101,11 @@ def confirm(study: StudyRecord, spec: StudySpec, space: SearchSpace, options: Ru
     """
     # Trial n trained with seed spec.seed + n; numbers can skip records (surplus trials).
     numbered = max((t.number for t in study.trials), default=-1) + 1
-    seeds, split_seeds = confirmation_seeds(spec.seed, numbered, spec.split_seed, spec.confirm_seeds)
+    seeds, split_seeds = confirmation_seeds(spec.seed, numbered, spec.split_seed, plan.seeds)
     if has_fixed_validation(spec.dataset):
         split_seeds = [spec.split_seed] * len(seeds)  # its val/ folder validates every run
     stored = study.confirmations
-    candidates = [t.params for t in distinct_ranked(study)[: spec.confirm_top]]
+    candidates = [t.params for t in distinct_ranked(study)[: plan.top]]
     if stored and [c.params for c in stored] == candidates and all(c.seeds == seeds and c.split_seeds == split_seeds for c in stored):
         return list(stored)
     with_test = has_test_split(spec.dataset)
@@ -117,7 +130,7 @@ def confirm(study: StudyRecord, spec: StudySpec, space: SearchSpace, options: Ru
             )
         return measured
 
-    return confirm_top(study, evaluate, top=spec.confirm_top, seeds=seeds, split_seeds=split_seeds)
+    return confirm_top(study, evaluate, top=plan.top, seeds=seeds, split_seeds=split_seeds, neighbour_seeds=plan.neighbour_seeds)
 
 
 def tune(spec: StudySpec, options: RunOptions, *, backend: str = "optuna", on_progress: Callable[[StudyRecord], None] | None = None) -> TuneOutcome:
@@ -131,19 +144,22 @@ def tune(spec: StudySpec, options: RunOptions, *, backend: str = "optuna", on_pr
     return _search_and_export(spec, space, options, get_backend(backend), on_progress)
 
 
-def _search_and_export(spec: StudySpec, space: SearchSpace, options: RunOptions, search: Backend, on_progress: Callable[[StudyRecord], None] | None) -> TuneOutcome:
-    """:func:`tune` after its inputs were checked."""
+def _search_and_export(
+    spec: StudySpec, space: SearchSpace, options: RunOptions, search: Backend, on_progress: Callable[[StudyRecord], None] | None, *, bounded: bool = True
+) -> TuneOutcome:
+    """:func:`tune` after its inputs were checked; ``bounded`` as in :func:`confirmation_plan`."""
     study = search.run(spec, space, options, on_progress=on_progress)
     if not options.export:
         return TuneOutcome(study, None, None, options.parallelism)
-    return export_run(study, spec, space, options, search)
+    return export_run(study, spec, space, options, search, plan=confirmation_plan(study, spec, space, bounded=bounded))
 
 
-def export_run(study: StudyRecord, spec: StudySpec, space: SearchSpace, options: RunOptions, backend: Backend) -> TuneOutcome:
-    """Confirm the best settings, store the confirmations, write best.json and the report."""
+def export_run(study: StudyRecord, spec: StudySpec, space: SearchSpace, options: RunOptions, backend: Backend, *, plan: ConfirmationPlan | None = None) -> TuneOutcome:
+    """Confirm the best settings (as ``plan`` says; default :func:`confirmation_plan`), store
+    the confirmations, write best.json and the report."""
     from sofim_tune.report import write_report  # plotly: not needed until the search is over
 
-    confirmations = confirm(study, spec, space, options, backend)
+    confirmations = confirm(study, spec, space, options, backend, plan or confirmation_plan(study, spec, space))
     study = backend.save_confirmations(study, confirmations, options)
     rec = build_recommendation(study, confirmations=confirmations, device=_device_name(options.device))
     best = write_recommendation(rec, options.out_dir / "best.json")
@@ -232,7 +248,8 @@ def compare(spec: StudySpec, options: RunOptions, optimizers: Sequence[str] = DE
     spaces = {name: load_space(study_spec.search_space) for name, (study_spec, _) in plans.items()}
     plans = {name: (study_spec, check_inputs(study_spec, spaces[name], study_options, backend)) for name, (study_spec, study_options) in plans.items()}
     search = get_backend(backend)
-    studies = {name: _search_and_export(study_spec, spaces[name], study_options, search, on_progress) for name, (study_spec, study_options) in plans.items()}
+    # Unbounded: every optimizer's candidates run on the same seeds, so that the verdicts pair them.
+    studies = {name: _search_and_export(study_spec, spaces[name], study_options, search, on_progress, bounded=False) for name, (study_spec, study_options) in plans.items()}
     results = [optimizer_result(name, outcome) for name, outcome in studies.items()]
     budget = {
         "trials": spec.trials,

@@ -171,7 +171,7 @@ def earlier_run(tmp_path_factory):
         (["--study", "no-such-study"], "no-such-study"),
         (["--space", "{bad_space}"], "low"),
         (["--storage", "postgresql://alice:s3cret@127.0.0.1:1/db"], "keeps this study in another storage"),
-        (["--space", "sofim-effective"], "different search space"),
+        (["--space", "sofim"], "different search space"),
         (["--enqueue", "{corrupt_json}"], "not a sofim-tune v1 recommendation"),
     ],
 )

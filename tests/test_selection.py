@@ -15,6 +15,7 @@ from sofim_tune.records import Confirmation, StudyRecord, TrialRecord
 from sofim_tune.recommend import build_recommendation
 from sofim_tune.selection import (
     NEIGHBOUR_SEEDS,
+    PROTOCOL_SHARE,
     Measurement,
     confirm_top,
     confirmation_seeds,
@@ -22,6 +23,7 @@ from sofim_tune.selection import (
     neighbour_settings,
     CLIFF_SHARE,
     pick_recommended,
+    plan_confirmation,
     regime,
     robust_score,
 )
@@ -97,11 +99,43 @@ def test_neighbours_change_lr_only_and_run_on_the_first_seeds(study):
         return [Measurement(0.5) for _ in jobs]
 
     confirm_top(cliffy, evaluate, top=1, seeds=[1, 2, 3, 4, 5], split_seeds=[11, 12, 13, 14, 15])
-    assert neighbour_settings(sharp) == {"lr×0.5": {**sharp, "lr": 0.5}, "lr×2": {**sharp, "lr": 2.0}}
+    assert neighbour_settings(sharp) == {"lr×2": {**sharp, "lr": 2.0}}
     own = [(seed, split) for params, seed, split in jobs_seen if params == sharp]
     assert own == [(1, 11), (2, 12), (3, 13), (4, 14), (5, 15)]
     for neighbour in neighbour_settings(sharp).values():
         assert [(seed, split) for params, seed, split in jobs_seen if params == neighbour] == own[:NEIGHBOUR_SEEDS]
+
+
+@pytest.mark.parametrize(
+    "search_epochs, run_epochs, top, seeds, planned",
+    [
+        (400, 10, 2, 3, (2, 3, 1)),  # 2 × (3 + 1) runs = 80 epochs, within 200
+        (160, 10, 2, 3, (2, 3, 1)),  # exactly half
+        (150, 10, 2, 3, (2, 2, 1)),  # 80 > 75: one seed fewer, 60 epochs
+        (100, 10, 2, 3, (1, 2, 1)),  # 60 > 50: one candidate, 30 epochs
+        (50, 10, 2, 3, (1, 2, 0)),  # 30 > 25: no neighbour
+        (10, 10, 3, 5, (1, 2, 0)),  # never less than one candidate on two seeds
+        (2000, 10, 3, 5, (3, 5, 1)),  # the spec's maximum
+    ],
+)
+def test_the_confirmation_trains_at_most_half_the_searchs_epochs(search_epochs, run_epochs, top, seeds, planned):
+    plan = plan_confirmation(search_epochs, run_epochs, top=top, seeds=seeds)
+    assert (plan.top, plan.seeds, plan.neighbour_seeds) == planned
+    assert plan.epochs == plan.top * (plan.seeds + plan.neighbour_seeds) * run_epochs
+    assert plan.epochs <= PROTOCOL_SHARE * search_epochs or planned == (1, 2, 0)
+
+
+def test_confirm_top_runs_what_the_plan_says(study):
+    plan = plan_confirmation(100, 10, top=2, seeds=3)
+    jobs_seen = []
+
+    def evaluate(jobs):
+        jobs_seen.extend(jobs)
+        return [Measurement(0.5) for _ in jobs]
+
+    confirmations = confirm_top(study, evaluate, top=plan.top, seeds=[1, 2], split_seeds=[3, 4], neighbour_seeds=plan.neighbour_seeds)
+    assert len(jobs_seen) == plan.runs == 3 and [len(c.values) for c in confirmations] == [2]
+    assert confirmations[0].neighbours == {"lr×2": [0.5]}
 
 
 @pytest.mark.parametrize("search_seed, trials, split_seed", [(0, 40, 0), (1_000_000, 500, 1_000_003), (7, 3, 1_000_004), (2**31, 64, 5)])
@@ -217,3 +251,20 @@ def test_train_trial_reports_the_median_of_its_samples(monkeypatch):
     assert len(samples) == len(steps) > 20
     assert result.metrics["fisher_ratio"] == pytest.approx(statistics.median(samples))
     assert result.history[0]["fisher_ratio"] == pytest.approx(statistics.median(samples[: len(samples) // 2]))
+
+
+@pytest.mark.parametrize("trials, epochs", [(6, 2), (12, 3)])
+def test_a_study_confirms_within_half_the_epochs_its_search_trained(tmp_path, trials, epochs):
+    from sofim_tune.recommend import load_recommendation
+    from sofim_tune.spec import load_spec
+    from sofim_tune.tuning import RunOptions, tune
+
+    spec = load_spec("digits").replace(trials=trials, epochs=epochs)
+    outcome = tune(spec, RunOptions(out_dir=tmp_path, device="cpu", workers=1))
+    search_epochs = sum(len(t.intermediate) for t in outcome.study.trials)
+    runs = [len(c.values) + sum(len(v) for v in c.neighbours.values()) for c in outcome.study.confirmations]
+    plan = plan_confirmation(search_epochs, epochs, top=spec.confirm_top, seeds=spec.confirm_seeds)
+    assert sum(runs) * epochs == plan.epochs
+    assert plan.epochs <= PROTOCOL_SHARE * search_epochs or (plan.top, plan.seeds, plan.neighbour_seeds) == (1, 2, 0)
+    rec = load_recommendation(outcome.best_json)
+    assert len(rec.selection["candidates"]) == plan.top and len(rec.metric.confirm.seeds) == plan.seeds
