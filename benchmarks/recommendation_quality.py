@@ -134,7 +134,7 @@ def _by_mean(c: Candidate) -> float:
 
 
 def _by_worse_neighbour(c: Candidate) -> float:
-    return min(c.confirmation.mean, *c.neighbour_means)
+    return min([c.confirmation.mean, *c.neighbour_means])
 
 
 def _by_robust_score(c: Candidate) -> float:
