@@ -36,9 +36,13 @@
    than 2% below it), and a smoothed rule (the mean of the candidate's mean counted twice and its
    two neighbours' means: the expected score under an lr off by a factor of 2 half the time).
    One table row per rule, each with the epochs it needs.
-6. The confirmation's budget: the best confirmed mean among the 1, 2 or 3 candidates best by
-   search value, each over its first 2, 3 or 5 confirmation runs, with the epochs each needs
+6. The confirmation's budget: the best confirmed mean among the first 1, 2, ... candidates by
+   search value, each over its first 2, 3, ... confirmation runs, with the epochs each needs
    (the search's plus those runs).
+
+``--arch cnn`` (a second problem) runs the two methods head to head instead, without the grid:
+per seed, both recommendations on the same fresh seeds, and how many pairs sofim-tune wins or ties.
+``--first-seed 10`` checks the protocol on studies other than those it was chosen on.
 
 Every fresh and grid run draws its own train/validation split from its seed, as the confirmation
 does: the numbers estimate what a setting gives on new data of this kind, which is what
@@ -47,6 +51,7 @@ estimand of its own: on digits, split 0's validation images are easier than the 
 Every run is seeded and single-threaded, so the numbers do not depend on ``--jobs`` or on load.
 
     OMP_NUM_THREADS=1 python benchmarks/recommendation_quality.py [--studies 10] [--seeds 5] [--grid-seeds 5] [--jobs 2]
+    OMP_NUM_THREADS=1 python benchmarks/recommendation_quality.py --arch cnn --studies 5
 
 Targets: sofim-tune within 0.3 points in at least 9 of 10 studies and never more than 0.5 points
 below, training at most 1.5 times the plain script's epochs; every reported interval covers.
@@ -279,16 +284,25 @@ def main() -> None:
     parser.add_argument("--grid-seeds", type=int, default=5, help="seeds per grid point")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes for the studies, the grid and the fresh runs")
     parser.add_argument("--quick", action="store_true", help="a tiny grid and tiny studies (the smoke test)")
+    parser.add_argument("--arch", default="mlp", help="digits model; any other than mlp runs the two methods head to head on fresh seeds, without the grid")
     parser.add_argument("--space", help="search space of the sofim-tune studies (default: the digits spec's, sofim-effective); the plain script always searches lr, rho and beta1")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial would bury the tables
-    spec = load_spec("digits")
+    spec = load_spec("digits", args.arch)
     if args.quick:
         spec = spec.replace(trials=3, epochs=2, confirm_top=1, confirm_seeds=2)
-    command = f"OMP_NUM_THREADS=1 python benchmarks/recommendation_quality.py --studies {args.studies} --seeds {args.seeds} --grid-seeds {args.grid_seeds}{' --quick' if args.quick else ''}{f' --space {args.space}' if args.space else ''}{f' --first-seed {args.first_seed}' if args.first_seed else ''}"
+    command = (
+        f"OMP_NUM_THREADS=1 python benchmarks/recommendation_quality.py --studies {args.studies} --seeds {args.seeds}"
+        + (f" --grid-seeds {args.grid_seeds}" if args.arch == "mlp" else f" --arch {args.arch}")
+        + "".join(f" --{flag.replace('_', '-')} {value}" for flag, value in (("space", args.space), ("first_seed", args.first_seed)) if value)
+        + (" --quick" if args.quick else "")
+    )
+    specs = [spec.replace(seed=seed) for seed in range(args.first_seed, args.first_seed + args.studies)]
+    if args.arch != "mlp":
+        head_to_head(specs, args.space, [FRESH_SEED_BASE + i for i in range(args.seeds)], args.jobs, command)
+        return
     started = time.monotonic()
     with ProcessPoolExecutor(args.jobs) as pool:
-        specs = [spec.replace(seed=seed) for seed in range(args.first_seed, args.first_seed + args.studies)]
         # Submitted first so that the studies, the longest jobs, overlap the grid's runs.
         sofim_tune_futures = [pool.submit(sofim_tune_study, s.replace(search_space=args.space)) for s in specs]
         plain_futures = [pool.submit(plain_optuna_study, s) for s in specs]
@@ -340,6 +354,30 @@ def main() -> None:
         f"targets for sofim-tune: within {NEAR_POINTS} points in at least {needed} of {len(ours)} ({_met(sum(g <= NEAR_POINTS for g in ours) >= needed)}); "
         f"none beyond {WORST_POINTS} ({_met(max(ours) <= WORST_POINTS)}); epochs at most {EPOCH_RATIO}x the plain script's: {ratio:.2f}x ({_met(ratio <= EPOCH_RATIO)}); "
         f"{time.monotonic() - started:.0f} s in all"
+    )
+
+
+def head_to_head(specs: list[StudySpec], space: str | None, fresh_seeds: list[int], jobs: int, command: str) -> None:
+    """Both methods on each spec (one pair of studies per seed), each recommendation scored on
+    ``fresh_seeds``: per pair, which is better, and how many pairs sofim-tune wins or ties."""
+    started = time.monotonic()
+    with ProcessPoolExecutor(jobs) as pool:
+        ours = [pool.submit(sofim_tune_study, s.replace(search_space=space)) for s in specs]
+        plain = [pool.submit(plain_optuna_study, s) for s in specs]
+        pairs = [(a.result(), b.result()) for a, b in zip(ours, plain)]
+        fresh = means(pool, specs[0], [p.settings for pair in pairs for p in pair], fresh_seeds)
+    print(f"digits {specs[0].arch}: head to head, each recommendation's mean on {len(fresh_seeds)} fresh seeds and splits")
+    print("| study --seed | sofim-tune | fresh mean | epochs | plain Optuna | fresh mean | epochs | sofim-tune minus plain (points) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    differences = []
+    for (mine, theirs), my_mean, their_mean in zip(pairs, fresh[::2], fresh[1::2]):
+        differences.append(100 * (my_mean - their_mean))
+        print(f"| {mine.seed} | {_short(mine.settings)} | {my_mean:.4f} | {mine.search_epochs + mine.after_epochs} | {_short(theirs.settings)} | {their_mean:.4f} | {theirs.search_epochs} | {differences[-1]:+.2f} |")
+    at_least = sum(d >= 0 for d in differences)
+    ratio = sum(m.search_epochs + m.after_epochs for m, _ in pairs) / max(1, sum(t.search_epochs for _, t in pairs))
+    print(
+        f"sofim-tune at least as good in {at_least} of {len(pairs)} pairs (target: most, {_met(2 * at_least > len(pairs))}); "
+        f"mean difference {statistics.fmean(differences):+.2f} points; epochs {ratio:.2f}x the plain script's; {time.monotonic() - started:.0f} s; command: {command}"
     )
 
 

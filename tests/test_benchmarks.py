@@ -85,6 +85,17 @@ def test_recommendation_quality_sets_sofim_tune_beside_a_plain_optuna_script():
     assert [row[:2] for row in budget] == [["1", "2"]] and budget[0][2:6] == table["sofim-tune run --dataset digits --seed S"][1:5]
 
 
+def test_recommendation_quality_sets_the_two_methods_head_to_head_on_a_cnn():
+    out = bench("recommendation_quality.py", "--arch", "cnn", "--quick", "--studies", "2", "--seeds", "2", "--jobs", "1")
+    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in out.splitlines() if line.startswith(("| 0 |", "| 1 |"))]
+    assert len(rows) == 2 and all(len(row) == 8 for row in rows)
+    # Each row's difference is its two fresh means', and the verdict counts the rows.
+    for row in rows:
+        assert abs(float(row[7]) - 100 * (float(row[2]) - float(row[5]))) <= 0.011
+    wins = sum(float(row[7]) >= 0 for row in rows)
+    assert f"sofim-tune at least as good in {wins} of 2 pairs" in out and "--arch cnn" in out
+
+
 def test_study_throughput_prints_its_ratios():
     out = bench("study_throughput.py", "--digits-trials", "4", "--digits-epochs", "2", "--cnn-trials", "2", "--cnn-epochs", "1", "--samples", "200")
     for study in ("digits", "cnn"):
