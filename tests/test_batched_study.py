@@ -79,7 +79,7 @@ def test_members_beat_from_the_moment_they_join(tmp_path: Path, monkeypatch: pyt
 def test_a_batched_worker_retries_the_members_of_a_worker_that_died_on_another_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(optuna_backend, "GRACE_SECONDS", 1)  # Optuna's shortest grace, instead of two minutes
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    spec = load_spec("digits").replace(trials=3, epochs=1)
+    spec = load_spec("digits").replace(trials=3, epochs=1, search_space="sofim")  # the dead trial drew lr
     study = optuna_backend.open_study(spec, load_space(spec.search_space), url)
     dead = study.ask({"lr": optuna.distributions.FloatDistribution(1e-4, 10.0, log=True)})
     dead.set_user_attr("worker", {"host": "another-host", "pid": 1, "threads": 1})
