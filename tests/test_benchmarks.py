@@ -108,8 +108,12 @@ def test_study_throughput_prints_its_ratios():
     out = bench("study_throughput.py", "--bare", "--bare-epochs", "1")
     for arch in ("mlp", "cnn"):
         line = next(line for line in out.splitlines() if line.startswith(f"{arch:>4}: 16 trials x 1 epochs"))
-        # Members are their sequential twins bit for bit (tests/test_batched.py), in every slot.
-        assert float(line.split("sequential twin's: ")[1].split(")")[0]) == 0
+        # Members are their sequential twins (tests/test_batched.py), in every slot: bit for bit on
+        # the CPUs measured so far, but the CNN's first layer (one input channel per member, the
+        # exception sofim_tune/batched.py names) rounds differently on some (an AVX2-only EPYC:
+        # 1.1e-4 after the bare grid's larger steps amplify it).
+        gap = float(line.split("sequential twin's: ")[1].split(")")[0])
+        assert gap == 0 if arch == "mlp" else gap < 1e-3
         # Nothing beats the core's peak: the batch's measured gain stays below the ceiling.
         assert float(line.split(" s batched: ")[1].split("x")[0]) < float(line.split("can exceed ")[1].rstrip("x"))
     out = bench("study_throughput.py", "--ray", "--ray-batch", "2", "--digits-trials", "4", "--digits-epochs", "2")
