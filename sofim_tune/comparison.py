@@ -26,7 +26,7 @@ import json
 import math
 import statistics
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,9 @@ from sofim_tune.selection import interval95
 
 SCHEMA_ID = "sofim-tune/comparison/v1"
 TEST = "Welch's t-test"
+PAIRED_TEST = "paired t-test"
+#: How the verdicts of one problem are corrected for being several: Holm's step-down method.
+CORRECTION = "holm"
 ALPHA = 0.05
 # The target every optimizer's epochs are counted to: within this much (metric units; 0.01 =
 # 1 point of accuracy) of the best final mean of any optimizer on the problem.
@@ -50,6 +53,8 @@ SOFIM_VARIANTS = ("sofim", "sofim-tensor")
 
 __all__ = [
     "ALPHA",
+    "CORRECTION",
+    "PAIRED_TEST",
     "SCHEMA_ID",
     "SOFIM_VARIANTS",
     "TARGET_MARGIN",
@@ -58,6 +63,8 @@ __all__ = [
     "build_comparison",
     "display_name",
     "epochs_to_target",
+    "holm",
+    "paired_verdict",
     "load_comparison",
     "performance_profile",
     "performance_ratios",
@@ -87,6 +94,9 @@ class OptimizerResult:
             (:func:`sofim_tune.tuning.wall_seconds`: overlapping trials count once).
         best_so_far: along the search, in trial order, ``(epochs spent so far, best
             completed value so far)``.
+        seeds: the confirmation seed of each value. Two optimizers whose values come from the
+            same seeds (and so the same splits) are compared pairwise (:func:`paired_verdict`);
+            otherwise, or when unknown (empty), by :func:`welch_verdict`.
     """
 
     optimizer: str
@@ -98,6 +108,7 @@ class OptimizerResult:
     tuning_epochs: int
     tuning_seconds: float
     best_so_far: list[tuple[int, float]]
+    seeds: list[int] = field(default_factory=list)
 
 
 _NAMES = {"sofim": "SOFIM", "sofim-tensor": "SOFIM (per-tensor)", "sgd-momentum": "SGD-momentum",
@@ -151,11 +162,9 @@ def welch_verdict(sofim: Sequence[float], baseline: Sequence[float], *, directio
     """
     from scipy import stats
 
-    _check_direction(direction)
-    if not 0 < alpha < 1:
-        raise UserInputError(f"alpha must lie strictly between 0 and 1, got {alpha}")
-    a = _finite(sofim, "Welch's t-test")
-    b = _finite(baseline, "Welch's t-test")
+    _check_test_inputs(direction, alpha)
+    a = _finite(sofim, TEST)
+    b = _finite(baseline, TEST)
     if len(a) < 2 or len(b) < 2:
         raise UserInputError(
             f"Welch's t-test needs at least 2 values per optimizer (one per confirmation seed), "
@@ -171,16 +180,78 @@ def welch_verdict(sofim: Sequence[float], baseline: Sequence[float], *, directio
         p_value = float(stats.ttest_ind_from_stats(
             statistics.fmean(a), statistics.stdev(a), len(a),
             statistics.fmean(b), statistics.stdev(b), len(b), equal_var=False).pvalue)
-        if not math.isfinite(p_value):  # pragma: no cover - scipy's guard against cancellation
-            p_value = 1.0 if difference == 0 else 0.0
+    return _verdict(TEST, difference, p_value, direction, alpha)
+
+
+def paired_verdict(sofim: Sequence[float], baseline: Sequence[float], *, direction: str = "maximize",
+                   alpha: float = ALPHA) -> dict[str, Any]:
+    """The paired t-test of ``sofim`` against ``baseline``, run ``i`` of each on the same seed and split.
+
+    Pairing removes what a seed and a split do to both optimizers alike (an easy split lifts
+    both), so it sees differences that Welch's test, blind to the pairing, would call noise.
+    With the few runs a confirmation makes, Wilcoxon's signed-rank test could not reach
+    p < 0.05 at all (with 5 pairs its smallest two-sided p is 0.0625), so the t-test it is.
+
+    Returns:
+        As :func:`welch_verdict`, with ``"test": "paired t-test"`` and ``difference`` the mean
+        of the pairwise differences. When every difference is the same the test is
+        degenerate: all 0 gives p = 1, any other constant p = 0.
+
+    Raises:
+        UserInputError: fewer than 2 pairs, sides of different lengths, a non-finite value,
+            a bad ``direction`` or ``alpha`` outside (0, 1).
+    """
+    from scipy import stats
+
+    _check_test_inputs(direction, alpha)
+    a = _finite(sofim, PAIRED_TEST)
+    b = _finite(baseline, PAIRED_TEST)
+    if len(a) != len(b) or len(a) < 2:
+        raise UserInputError(f"a paired t-test needs 2 or more runs on each side, as many on both; got {len(a)} and {len(b)}")
+    differences = [x - y for x, y in zip(a, b)]
+    difference = statistics.fmean(differences)
+    if len(set(differences)) == 1:
+        p_value = 1.0 if differences[0] == 0 else 0.0
+        difference = differences[0]
+    else:
+        p_value = float(stats.ttest_1samp(differences, 0.0).pvalue)
+    return _verdict(PAIRED_TEST, difference, p_value, direction, alpha)
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of ``p_values`` (in their order), for a family-wise error rate.
+
+    The i-th smallest of m p-values is multiplied by m − i + 1 (i from 1), capped at 1, and
+    made no smaller than the adjusted value before it; a verdict is then significant at
+    ``alpha`` when its adjusted p-value is below ``alpha``.
+    """
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    adjusted = [0.0] * len(p_values)
+    running = 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[index]))
+        adjusted[index] = running
+    return adjusted
+
+
+def _check_test_inputs(direction: str, alpha: float) -> None:
+    _check_direction(direction)
+    if not 0 < alpha < 1:
+        raise UserInputError(f"alpha must lie strictly between 0 and 1, got {alpha}")
+
+
+def _verdict(test: str, difference: float, p_value: float, direction: str, alpha: float) -> dict[str, Any]:
+    """The verdict on ``difference`` at ``p_value``: ``better`` or ``worse`` when p < alpha
+    (by the sign of the difference and the direction), else ``indistinguishable``."""
+    if not math.isfinite(p_value):  # pragma: no cover - scipy's guard against cancellation
+        p_value = 1.0 if difference == 0 else 0.0
     p_value = min(max(p_value, 0.0), 1.0)
     sign = 1.0 if direction == "maximize" else -1.0
     if p_value < alpha and difference != 0:
         verdict = "better" if sign * difference > 0 else "worse"
     else:
         verdict = "indistinguishable"
-    return {"test": TEST, "alpha": float(alpha), "difference": float(difference),
-            "p_value": p_value, "verdict": verdict}
+    return {"test": test, "alpha": float(alpha), "difference": float(difference), "p_value": p_value, "verdict": verdict}
 
 
 def _mean_curve(curves: Sequence[Sequence[float]]) -> tuple[list[float], list[float], list[float]]:
@@ -285,11 +356,15 @@ def build_comparison(dataset: str, arch: str, metric: str, direction: str,
             "tuning": {"epochs": int(r.tuning_epochs), "seconds": float(r.tuning_seconds), "seconds_are": "wall"},
             "epochs_to_target": epochs_to_target(r.curves, target["value"], direction),
         }
-    verdicts = [
-        {"optimizer": subject, "against": against,
-         **welch_verdict(by_name[subject].values, by_name[against].values, direction=direction)}
-        for subject, against in _subjects(names)
-    ]
+    verdicts = []
+    for subject, against in _subjects(names):
+        mine, theirs = by_name[subject], by_name[against]
+        paired = bool(mine.seeds) and mine.seeds == theirs.seeds
+        test = paired_verdict if paired else welch_verdict
+        verdicts.append({"optimizer": subject, "against": against, **test(mine.values, theirs.values, direction=direction)})
+    for verdict, adjusted in zip(verdicts, holm([v["p_value"] for v in verdicts])):
+        corrected = _verdict(verdict["test"], verdict["difference"], adjusted, direction, verdict["alpha"])
+        verdict.update(correction=CORRECTION, p_adjusted=corrected["p_value"], verdict=corrected["verdict"])
     return {
         "schema": SCHEMA_ID,
         "dataset": dataset,
@@ -397,6 +472,13 @@ def _p_text(p: float) -> str:
     return "p < 0.001" if p < 0.001 else f"p = {p:.2g}"
 
 
+def _p_text_of(verdict: Mapping[str, Any]) -> str:
+    """The p-value a verdict was decided on: Holm-adjusted where the document has it (documents from before paired verdicts do not)."""
+    if "p_adjusted" in verdict:
+        return f"Holm-adjusted {_p_text(verdict['p_adjusted'])}"
+    return _p_text(verdict["p_value"])
+
+
 def verdict_sentences(doc: Mapping[str, Any]) -> list[str]:
     """Each verdict of a comparison as one plain sentence, in the document's order.
 
@@ -418,7 +500,7 @@ def verdict_sentences(doc: Mapping[str, Any]) -> list[str]:
         seeds = f"{n} seeds each" if n == m else f"{n} and {m} seeds"
         sentences.append(
             f"{who} {claim} here: {_value_text(mine['confirmed']['mean'], metric)} against "
-            f"{_value_text(theirs['confirmed']['mean'], metric)} ({v['test']}, {_p_text(v['p_value'])}, {seeds}).")
+            f"{_value_text(theirs['confirmed']['mean'], metric)} ({v['test']}, {_p_text_of(v)}, {seeds}).")
     return sentences
 
 
@@ -562,9 +644,11 @@ def write_compare_html(doc: Mapping[str, Any], results: Sequence[OptimizerResult
         f"<h1>{html.escape(doc['dataset'])} × {html.escape(doc['arch'])}: "
         f"{html.escape(', '.join(display_name(n) for n in doc['optimizers']))} at an identical budget</h1>"
         f"{_verdict_list(doc)}"
-        f"<p class=\"small\">Verdicts: {TEST} (unequal variances, two-sided) on the confirmed "
+        f"<p class=\"small\">Verdicts: a paired t-test where the optimizers' runs share seeds and splits, "
+        f"else {TEST} (unequal variances), two-sided, on the confirmed "
         f"{html.escape(doc['metric'])} of the recommended settings, {seeds_text}; "
-        f"better or worse when p &lt; {doc['verdicts'][0]['alpha'] if doc['verdicts'] else ALPHA:g}.</p>"
+        f"better or worse when p &lt; {doc['verdicts'][0]['alpha'] if doc['verdicts'] else ALPHA:g}, "
+        f"with Holm's correction across this page's verdicts.</p>"
         f"<p class=\"small\">Budget per optimizer: {_budget_text(doc['budget'])}.<br>"
         f"Target: {html.escape(doc['target']['definition'])} = "
         f"{_value_text(doc['target']['value'], doc['metric'])}.</p>"
@@ -695,12 +779,12 @@ def write_summary(docs: Sequence[Mapping[str, Any]], out_dir: str | Path) -> tup
     verdict_rows = "".join(
         f'<tr><td>{html.escape(r["dataset"])}</td><td>{html.escape(r["arch"])}</td>'
         f'<td>{html.escape(display_name(r["optimizer"]))}</td><td>{html.escape(display_name(r["against"]))}</td>'
-        f'<td class="{r["verdict"]}">{r["verdict"]}</td><td class="n">{html.escape(_p_text(r["p_value"]).removeprefix("p = ").removeprefix("p "))}</td></tr>'
+        f'<td class="{r["verdict"]}">{r["verdict"]}</td><td class="n">{html.escape(_p_text(r.get("p_adjusted", r["p_value"])).removeprefix("p = ").removeprefix("p "))}</td></tr>'
         for r in rows)
     tally = {k: sum(r["verdict"] == k for r in rows) for k in ("better", "indistinguishable", "worse")}
     head = (
         f"<h1>SOFIM against its baselines over {len(docs)} problem{'s' * (len(docs) != 1)}</h1>"
-        f"<p>Verdicts ({TEST}, per problem): {tally['better']} better, {tally['indistinguishable']} "
+        f"<p>Verdicts (paired t-test or {TEST}, Holm-corrected per problem): {tally['better']} better, {tally['indistinguishable']} "
         f"indistinguishable, {tally['worse']} worse.</p>"
         "<table><tr><th>dataset</th><th>arch</th><th>optimizer</th><th>against</th><th>verdict</th>"
         f"<th>p</th></tr>{verdict_rows}</table>"

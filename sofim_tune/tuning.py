@@ -7,6 +7,7 @@ seeds, writing ``best.json`` and the report) is the same for every backend, and 
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -38,6 +39,8 @@ from sofim_tune.trial import clear_data_cache, resolve_device
 if TYPE_CHECKING:
     from sofim_tune.comparison import OptimizerResult
 
+
+log = logging.getLogger("sofim_tune")
 
 __all__ = ["CompareOutcome", "RunOptions", "TuneOutcome", "check_inputs", "compare", "confirm", "confirmation_plan", "export_run", "tune", "wall_seconds"]
 
@@ -109,6 +112,9 @@ def confirm(study: StudyRecord, spec: StudySpec, space: SearchSpace, options: Ru
     if stored and [c.params for c in stored] == candidates and all(c.seeds == seeds and c.split_seeds == split_seeds for c in stored):
         return list(stored)
     with_test = has_test_split(spec.dataset)
+    neighbours = f", and their lr × 2 neighbours on {plan.neighbour_seeds}" if plan.neighbour_seeds else ""
+    runs = replace(plan, top=len(candidates)).runs
+    log.info(f"confirming {len(candidates)} candidate{'s' * (len(candidates) != 1)} on {plan.seeds} fresh seeds each{neighbours}: {runs} runs of {plan.run_epochs} epochs")
 
     def evaluate(jobs: list[tuple[dict[str, float], int, int]]) -> list[Measurement]:
         configs = [
@@ -313,4 +319,5 @@ def optimizer_result(optimizer: str, outcome: TuneOutcome) -> OptimizerResult:
         tuning_epochs=spent,
         tuning_seconds=wall_seconds(study),
         best_so_far=best_so_far,
+        seeds=list(chosen.seeds),
     )

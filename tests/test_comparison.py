@@ -4,6 +4,7 @@ performance profiles."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import html
 import importlib.resources
 import json
@@ -29,6 +30,8 @@ from sofim_tune.comparison import (
     performance_profile,
     performance_ratios,
     profile_share,
+    holm,
+    paired_verdict,
     verdict_sentences,
     welch_verdict,
     write_compare_html,
@@ -90,7 +93,54 @@ def _one_line(exc: pytest.ExceptionInfo) -> str:
     return message
 
 
-# --- Welch's t-test
+# --- Welch's t-test, the paired t-test, Holm's correction
+
+
+def test_the_paired_t_test_is_scipys_ttest_rel() -> None:
+    # Seed i is easy or hard for both optimizers alike; SOFIM is 0.2 points ahead on each.
+    base = [0.970, 0.985, 0.960, 0.990, 0.975]
+    sofim = [b + 0.002 + 0.0003 * (-1) ** i for i, b in enumerate(base)]
+    paired = paired_verdict(sofim, base)
+    assert paired["test"] == "paired t-test" and paired["verdict"] == "better"
+    assert paired["p_value"] == pytest.approx(stats.ttest_rel(sofim, base).pvalue, rel=1e-9)
+    assert paired["difference"] == pytest.approx(statistics.fmean(sofim) - statistics.fmean(base))
+    # Blind to the pairing, Welch's test sees the seeds' spread and calls it noise.
+    assert welch_verdict(sofim, base)["verdict"] == "indistinguishable"
+    assert paired_verdict(base, sofim)["verdict"] == "worse"
+    assert paired_verdict(base, sofim, direction="minimize")["verdict"] == "better"
+    # Degenerate: the same difference on every pair.
+    assert paired_verdict([0.9, 0.8], [0.9, 0.8])["p_value"] == 1.0
+    assert paired_verdict([0.91, 0.81], [0.9, 0.8])["p_value"] == 0.0
+    with pytest.raises(UserInputError):
+        paired_verdict([0.9, 0.8, 0.7], [0.9, 0.8])
+
+
+def test_holm_adjusts_step_down() -> None:
+    # m = 4: sorted 0.01, 0.02, 0.03, 0.2 -> 0.04, max(0.04, 0.06), max(0.06, 0.06), max(0.06, 0.2).
+    assert holm([0.03, 0.2, 0.01, 0.02]) == pytest.approx([0.06, 0.2, 0.04, 0.06])
+    assert holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])  # capped at 1
+    assert holm([0.04]) == [0.04] and holm([]) == []
+
+
+def test_verdicts_pair_shared_seeds_and_are_holm_corrected() -> None:
+    base = [0.970, 0.985, 0.960, 0.990, 0.975]
+    ahead = [0.002, 0.004, -0.0005, 0.003, 0.0035]  # SOFIM over SGD per seed: paired p ≈ 0.039
+    behind = [0.003, -0.0005, 0.004, 0.0025, 0.002]  # AdamW under SOFIM per seed: paired p ≈ 0.043
+    sofim = [b + a for b, a in zip(base, ahead)]
+    results = {"sofim": sofim, "sgd-momentum": base, "adamw": [v - d for v, d in zip(sofim, behind)]}
+    seeds = [11, 12, 13, 14, 15]
+    paired = build_comparison("digits", "mlp", "val_accuracy", "maximize", [dataclasses.replace(_result(n, v), seeds=seeds) for n, v in results.items()], budget=BUDGET)
+    verdicts = {v["against"]: v for v in paired["verdicts"]}
+    assert {v["test"] for v in verdicts.values()} == {"paired t-test"} and {v["correction"] for v in verdicts.values()} == {"holm"}
+    raw = [stats.ttest_rel(results["sofim"], results[name]).pvalue for name in ("sgd-momentum", "adamw")]
+    assert [verdicts[name]["p_value"] for name in ("sgd-momentum", "adamw")] == pytest.approx(raw, rel=1e-6)
+    assert [verdicts[name]["p_adjusted"] for name in ("sgd-momentum", "adamw")] == pytest.approx(holm(raw), rel=1e-6)
+    # Each verdict alone would say "better" (p < 0.05); two of them at once, Holm says neither is.
+    assert all(p < 0.05 for p in raw) and all(v["p_adjusted"] >= 0.05 and v["verdict"] == "indistinguishable" for v in verdicts.values())
+    assert paired_verdict(results["sofim"], base)["verdict"] == "better"
+    # Without shared seeds (unknown, or other seeds), Welch's test, still corrected.
+    unpaired = build_comparison("digits", "mlp", "val_accuracy", "maximize", [_result(n, v) for n, v in results.items()], budget=BUDGET)
+    assert {v["test"] for v in unpaired["verdicts"]} == {"Welch's t-test"}
 
 
 def test_welch_clear_difference_matches_scipy() -> None:
@@ -342,16 +392,16 @@ def test_write_refuses_what_json_cannot_hold(tmp_path: Path, doc: dict) -> None:
 
 
 def test_verdict_sentences(doc: dict) -> None:
-    p = {(v["optimizer"], v["against"]): v["p_value"] for v in doc["verdicts"]}
+    p = {(v["optimizer"], v["against"]): v["p_adjusted"] for v in doc["verdicts"]}
     assert p[("sofim", "sgd-momentum")] < 0.001
     assert 0.5 < p[("sofim", "adamw")] < 1
     adamw_p = f"{p[('sofim', 'adamw')]:.2g}"
     assert verdict_sentences(doc) == [
-        "SOFIM is better than SGD-momentum here: 98.6% against 97.9% (Welch's t-test, p < 0.001, 5 seeds each).",
-        f"SOFIM is indistinguishable from AdamW at 95% here: 98.6% against 98.6% (Welch's t-test, p = {adamw_p}, 5 seeds each).",
-        f"SOFIM (per-tensor) is worse than SGD-momentum here: 97.5% against 97.9% (Welch's t-test, p = {p[('sofim-tensor', 'sgd-momentum')]:.2g}, 5 seeds each).",
-        "SOFIM (per-tensor) is worse than AdamW here: 97.5% against 98.6% (Welch's t-test, p < 0.001, 5 seeds each).",
-        "SOFIM (per-tensor) is worse than SOFIM here: 97.5% against 98.6% (Welch's t-test, p < 0.001, 5 seeds each).",
+        "SOFIM is better than SGD-momentum here: 98.6% against 97.9% (Welch's t-test, Holm-adjusted p < 0.001, 5 seeds each).",
+        f"SOFIM is indistinguishable from AdamW at 95% here: 98.6% against 98.6% (Welch's t-test, Holm-adjusted p = {adamw_p}, 5 seeds each).",
+        f"SOFIM (per-tensor) is worse than SGD-momentum here: 97.5% against 97.9% (Welch's t-test, Holm-adjusted p = {p[('sofim-tensor', 'sgd-momentum')]:.2g}, 5 seeds each).",
+        "SOFIM (per-tensor) is worse than AdamW here: 97.5% against 98.6% (Welch's t-test, Holm-adjusted p < 0.001, 5 seeds each).",
+        "SOFIM (per-tensor) is worse than SOFIM here: 97.5% against 98.6% (Welch's t-test, Holm-adjusted p < 0.001, 5 seeds each).",
     ]
 
 
