@@ -40,6 +40,14 @@
    search value, each over its first 2, 3, ... confirmation runs, with the epochs each needs
    (the search's plus those runs).
 
+7. With ``--calibration N`` (N = 30 for the figures in the README): each sofim-tune
+   recommendation runs N more times on seeds and splits of their own, and its headline (best.json's
+   mean and 95% interval) counts as agreeing when the two means differ by at most the combined 95%
+   error of both: the interval's half-width and 1.96 standard errors of the N runs combined in
+   quadrature. (Plain coverage of the N runs' mean by the interval would fall well short of 95% even
+   for a perfect interval.) The average difference, headline minus further runs, shows selection
+   bias: the headline comes from the runs that chose the winner.
+
 ``--arch cnn`` (a second problem) runs the two methods head to head instead, without the grid:
 per seed, both recommendations on the same fresh seeds, and how many pairs sofim-tune wins or ties.
 ``--first-seed 10`` checks the protocol on studies other than those it was chosen on.
@@ -86,6 +94,7 @@ from sofim_tune.tuning import RunOptions, tune  # noqa: E402
 
 GRID_SEED_BASE = 2_000_000
 FRESH_SEED_BASE = 3_000_000
+CALIBRATION_SEED_BASE = 4_000_000
 NEAR_POINTS = 0.3  # "within 0.3 points" of the grid optimum
 WORST_POINTS = 0.5
 NEAR_SHARE = 0.9  # of the studies that must be near
@@ -186,11 +195,37 @@ def accuracy(job: tuple[StudySpec, dict[str, float], int]) -> float:
     return result.metrics["val_accuracy"] if result.status == "completed" else 0.0
 
 
-def means(pool: ProcessPoolExecutor, spec: StudySpec, settings: list[dict[str, float]], seeds: list[int]) -> list[float]:
-    """Each setting's mean accuracy over ``seeds`` (one run, and one split, per seed)."""
+def accuracies(pool: ProcessPoolExecutor, spec: StudySpec, settings: list[dict[str, float]], seeds: list[int]) -> list[list[float]]:
+    """Each setting's accuracy on each of ``seeds`` (one run, and one split, per seed)."""
     jobs = [(spec, s, seed) for s in settings for seed in seeds]
     values = list(pool.map(accuracy, jobs, chunksize=4))
-    return [statistics.fmean(values[i * len(seeds) : (i + 1) * len(seeds)]) for i in range(len(settings))]
+    return [values[i * len(seeds) : (i + 1) * len(seeds)] for i in range(len(settings))]
+
+
+def means(pool: ProcessPoolExecutor, spec: StudySpec, settings: list[dict[str, float]], seeds: list[int]) -> list[float]:
+    """Each setting's mean accuracy over ``seeds``."""
+    return [statistics.fmean(runs) for runs in accuracies(pool, spec, settings, seeds)]
+
+
+def calibration(picks: list[Pick], runs: list[list[float]]) -> str:
+    """How well best.json's headline numbers predict further runs (see the module's docstring, step 7)."""
+    lines = [f"\ncalibration: each headline mean against the mean of {len(runs[0])} further runs of its setting", "| study --seed | headline mean [95% interval] | further runs: mean ± standard error | difference (points) | agree |", "| --- | --- | --- | --- | --- |"]
+    differences, agreeing, widths = [], 0, []
+    for pick, values in zip(picks, runs):
+        assert pick.reported is not None
+        headline, low, high = pick.reported
+        mean, error = statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values))
+        differences.append(100 * (headline - mean))
+        widths.append(100 * (high - low))
+        # Within the combined 95% error of both: the headline's half-width and 1.96 further standard errors.
+        agree = abs(headline - mean) <= math.hypot((high - low) / 2, 1.96 * error)
+        agreeing += agree
+        lines.append(f"| {pick.seed} | {headline:.4f} [{low:.4f}, {high:.4f}] | {mean:.4f} ± {error:.4f} | {differences[-1]:+.2f} | {'yes' if agree else 'no'} |")
+    lines.append(
+        f"agree in {agreeing} of {len(picks)} (target: at least {math.ceil(NEAR_SHARE * len(picks))}); average difference {statistics.fmean(differences):+.2f} points "
+        f"(target: within ±0.1); average interval width {statistics.fmean(widths):.2f} points"
+    )
+    return "\n".join(lines)
 
 
 def sofim_tune_study(spec: StudySpec) -> Pick:
@@ -284,6 +319,7 @@ def main() -> None:
     parser.add_argument("--grid-seeds", type=int, default=5, help="seeds per grid point")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes for the studies, the grid and the fresh runs")
     parser.add_argument("--quick", action="store_true", help="a tiny grid and tiny studies (the smoke test)")
+    parser.add_argument("--calibration", type=int, default=0, help="further runs (30 for the README's figures) of each sofim-tune recommendation, against which its headline mean and interval are checked; 0 skips it")
     parser.add_argument("--arch", default="mlp", help="digits model; any other than mlp runs the two methods head to head on fresh seeds, without the grid")
     parser.add_argument("--space", help="search space of the sofim-tune studies (default: the digits spec's, sofim-effective); the plain script always searches lr, rho and beta1")
     args = parser.parse_args()
@@ -294,7 +330,7 @@ def main() -> None:
     command = (
         f"OMP_NUM_THREADS=1 python benchmarks/recommendation_quality.py --studies {args.studies} --seeds {args.seeds}"
         + (f" --grid-seeds {args.grid_seeds}" if args.arch == "mlp" else f" --arch {args.arch}")
-        + "".join(f" --{flag.replace('_', '-')} {value}" for flag, value in (("space", args.space), ("first_seed", args.first_seed)) if value)
+        + "".join(f" --{flag.replace('_', '-')} {value}" for flag, value in (("space", args.space), ("first_seed", args.first_seed), ("calibration", args.calibration)) if value)
         + (" --quick" if args.quick else "")
     )
     specs = [spec.replace(seed=seed) for seed in range(args.first_seed, args.first_seed + args.studies)]
@@ -315,6 +351,7 @@ def main() -> None:
         candidates = [c.settings for p in methods[SOFIM_TUNE] for c in p.candidates]
         fresh = means(pool, spec, [optimum] + [p.settings for picks in methods.values() for p in picks] + candidates, fresh_seeds)
         candidate_means = dict(zip((_key(c) for c in candidates), fresh[len(fresh) - len(candidates) :]))
+        further = accuracies(pool, spec, [p.settings for p in methods[SOFIM_TUNE]], [CALIBRATION_SEED_BASE + i for i in range(args.calibration)]) if args.calibration else []
 
     print(f"fresh seeds: {args.seeds}; grid optimum's fresh mean {fresh[0]:.4f}")
     fresh_means = iter(fresh[1 : len(fresh) - len(candidates)])
@@ -347,6 +384,8 @@ def main() -> None:
     print(f"\ngaps in points below the grid optimum's mean on {args.seeds} fresh seeds and splits; command: {command}")
     print(ablation(methods[SOFIM_TUNE], candidate_means, fresh[0]))
     print(budget_ablation(methods[SOFIM_TUNE], candidate_means, fresh[0], spec.epochs))
+    if further:
+        print(calibration(methods[SOFIM_TUNE], further))
     ours, plain = gaps[SOFIM_TUNE], methods[PLAIN]
     needed = math.ceil(NEAR_SHARE * len(ours))
     ratio = sum(p.search_epochs + p.after_epochs for p in methods[SOFIM_TUNE]) / max(1, sum(p.search_epochs for p in plain))

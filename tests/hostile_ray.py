@@ -27,7 +27,7 @@ def ray_run_folder(run: Path, *, storage_path: Path | None = None) -> Path:
     and an experiment folder with one trial that completed its two epochs but no state Ray can restore.
     Returns the experiment folder.
     """
-    spec = load_spec("digits")
+    spec = load_spec("digits").replace(search_space="sofim")  # the space its hand-made trial drew from
     space = load_space(spec.search_space)
     root = (storage_path or run / "ray").resolve()
     experiment = root / STUDY

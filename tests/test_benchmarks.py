@@ -45,7 +45,7 @@ def test_tuning_efficiency_prints_its_ratios(tmp_path):
 
 
 def test_recommendation_quality_sets_sofim_tune_beside_a_plain_optuna_script():
-    out = bench("recommendation_quality.py", "--quick", "--studies", "2", "--seeds", "2", "--grid-seeds", "2", "--jobs", "1")
+    out = bench("recommendation_quality.py", "--quick", "--studies", "2", "--seeds", "2", "--grid-seeds", "2", "--jobs", "1", "--calibration", "3")
     sofim_part, plain_part = out.split("plain Optuna: TPE + Hyperband, best_params: one row per study")
     plain_part, summary = plain_part.split("| method | median gap | p90 | worst | within 0.3 pp | epochs trained |")
 
@@ -81,7 +81,13 @@ def test_recommendation_quality_sets_sofim_tune_beside_a_plain_optuna_script():
     search_only, confirmed, _, full, _ = (int(row[5]) for row in rules.values())
     # The quick search trains too few epochs for a neighbour within the protocol's budget.
     assert search_only < confirmed <= full == int(table["sofim-tune run --dataset digits --seed S"][5].split()[0])
-    budget = [cells(line) for line in summary.split("confirmation budget:")[1].splitlines() if line.startswith("| 1 |")]
+    # Calibration: per study, the headline against 3 further runs; agreement and the average difference from the rows.
+    calibrated = [cells(line) for line in summary.split("calibration:")[1].splitlines() if line.startswith(("| 0 |", "| 1 |"))]
+    assert [row[1] for row in calibrated] == [row[5] for row in sofim_rows]
+    differences = [float(row[3]) for row in calibrated]
+    assert f"agree in {sum(row[4] == 'yes' for row in calibrated)} of 2" in summary
+    assert abs(float(summary.split("average difference ")[1].split()[0]) - sum(differences) / 2) <= 0.011
+    budget = [cells(line) for line in summary.split("confirmation budget:")[1].split("calibration:")[0].splitlines() if line.startswith("| 1 |")]
     assert [row[:2] for row in budget] == [["1", "2"]] and budget[0][2:6] == table["sofim-tune run --dataset digits --seed S"][1:5]
 
 
