@@ -60,7 +60,8 @@ def local_ray() -> Iterator[None]:
 
 
 def small_spec(**overrides: object) -> StudySpec:
-    return load_spec("digits").replace(**{"trials": 9, "epochs": EPOCHS, "confirm_top": 1, "confirm_seeds": 2, **overrides})
+    # The sofim space (lr, rho, beta1), whose names the hand-made trials of these tests use.
+    return load_spec("digits").replace(**{"trials": 9, "epochs": EPOCHS, "confirm_top": 1, "confirm_seeds": 2, "search_space": "sofim", **overrides})
 
 
 def options(out_dir: Path, **overrides: object) -> RunOptions:
