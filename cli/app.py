@@ -70,10 +70,20 @@ def configure_output(*, verbose: bool = False, quiet: bool = False) -> None:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
+def _print_version(wanted: bool) -> None:
+    if wanted:
+        import importlib.metadata
+
+        # From the installed metadata: importing sofim_tune would import torch first.
+        out.print(f"sofim-tune {importlib.metadata.version('sofim-tune')}", highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
 def _global_options(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also print Optuna's progress lines (INFO).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only warnings and errors besides the result.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print sofim-tune's version and exit. Example: `sofim-tune --version`")] = False,
 ) -> None:
     if verbose and quiet:
         err.print("[red]error:[/red] give --verbose or --quiet, not both", highlight=False)
@@ -99,38 +109,38 @@ def user_errors(command: F) -> F:
 
 
 # Options shared by several commands, declared once.
-DatasetOpt = Annotated[str, typer.Option("--dataset", "-d", help="`digits`, `mnist`, `fashion-mnist`, `cifar10`, `cifar100`, `svhn`, or a path to an ImageFolder.")]
-ArchOpt = Annotated[Optional[str], typer.Option(help="`mlp`, `cnn`, `resnet18`, `resnet34`, `wrn-16-4` or `tv:NAME`; default: the dataset's.")]
-EpochsOpt = Annotated[Optional[int], typer.Option(help="Epochs per run (>= 1); default: the dataset's or the study spec's.")]
-SeedOpt = Annotated[Optional[int], typer.Option(help="Seed for weights, batch order and augmentation.")]
-DeviceOpt = Annotated[str, typer.Option(help="`auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`.")]
-DataDirOpt = Annotated[Optional[str], typer.Option(help="Folder with torchvision datasets; default: $SOFIM_TUNE_DATA or ~/.cache/sofim-tune/data.")]
-DownloadOpt = Annotated[bool, typer.Option("--download", help="Download a missing torchvision dataset into --data-dir.")]
-AugmentOpt = Annotated[Optional[str], typer.Option(help="Training augmentation: `none`, `crop`, `flip` or `crop-flip`; default: the dataset's (CIFAR crop-flip, SVHN and your folders crop, MNIST-like none).")]
-ImageSizeOpt = Annotated[Optional[int], typer.Option(help="Resize an ImageFolder's images to this square side (8 to 1024); default: keep their size when they share one.")]
-ScheduleOpt = Annotated[Optional[str], typer.Option(help="Learning-rate schedule, stepped per batch: `constant`, `cosine` or `warmup-cosine`.")]
-WarmupOpt = Annotated[Optional[int], typer.Option(help="Warm-up epochs of `warmup-cosine` (>= 1, below --epochs).")]
-LabelSmoothingOpt = Annotated[Optional[float], typer.Option(help="Cross-entropy label smoothing in [0, 1).")]
+DatasetOpt = Annotated[str, typer.Option("--dataset", "-d", help="`digits`, `mnist`, `fashion-mnist`, `cifar10`, `cifar100`, `svhn`, or a path to an ImageFolder.", rich_help_panel="Data")]
+ArchOpt = Annotated[Optional[str], typer.Option(help="`mlp`, `cnn`, `resnet18`, `resnet34`, `wrn-16-4` or `tv:NAME`; default: the dataset's.", rich_help_panel="Data")]
+EpochsOpt = Annotated[Optional[int], typer.Option(help="Epochs per run (>= 1); default: the dataset's or the study spec's.", rich_help_panel="Budget")]
+SeedOpt = Annotated[Optional[int], typer.Option(help="Seed for weights, batch order and augmentation.", rich_help_panel="Budget")]
+DeviceOpt = Annotated[str, typer.Option(help="`auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`.", rich_help_panel="Parallelism")]
+DataDirOpt = Annotated[Optional[str], typer.Option(help="Folder with torchvision datasets; default: $SOFIM_TUNE_DATA or ~/.cache/sofim-tune/data.", rich_help_panel="Data")]
+DownloadOpt = Annotated[bool, typer.Option("--download", help="Download a missing torchvision dataset into --data-dir.", rich_help_panel="Data")]
+AugmentOpt = Annotated[Optional[str], typer.Option(help="Training augmentation: `none`, `crop`, `flip` or `crop-flip`; default: the dataset's (CIFAR crop-flip, SVHN and your folders crop, MNIST-like none).", rich_help_panel="Training recipe")]
+ImageSizeOpt = Annotated[Optional[int], typer.Option(help="Resize an ImageFolder's images to this square side (8 to 1024); default: keep their size when they share one.", rich_help_panel="Data")]
+ScheduleOpt = Annotated[Optional[str], typer.Option(help="Learning-rate schedule, stepped per batch: `constant`, `cosine` or `warmup-cosine`.", rich_help_panel="Training recipe")]
+WarmupOpt = Annotated[Optional[int], typer.Option(help="Warm-up epochs of `warmup-cosine` (>= 1, below --epochs).", rich_help_panel="Training recipe")]
+LabelSmoothingOpt = Annotated[Optional[float], typer.Option(help="Cross-entropy label smoothing in [0, 1).", rich_help_panel="Training recipe")]
 # Two flags, not a --x/--y pair: with a pair the last one given wins silently.
-DecoupledOpt = Annotated[bool, typer.Option("--decoupled-weight-decay", help="SOFIM's weight decay as AdamW's (θ ← (1 − ηλ)θ).")]
-CoupledOpt = Annotated[bool, typer.Option("--coupled-weight-decay", help="SOFIM's weight decay as SGD's (λθ added to the gradient).")]
-StudyOpt = Annotated[Optional[str], typer.Option(help="A shipped study spec (`cifar100-resnet18`) or a path to a .toml.")]
-TrialsOpt = Annotated[Optional[int], typer.Option(help="Finished (completed or pruned) trials to reach (>= 1).")]
-SamplerOpt = Annotated[Optional[str], typer.Option(help="`tpe` (default), `random`, `qmc`, `cmaes`, `gp` or `grid`.")]
-PrunerOpt = Annotated[Optional[str], typer.Option(help="`hyperband` (default), `median`, `sha` or `none`.")]
-WorkersOpt = Annotated[Optional[int], typer.Option(help="Trials at once, each in its own worker process; default: one per physical core on the CPU (memory and --trials permitting), 4 small-model trials per GPU. At most --trials and 4 per CPU (4 × the automatic count per GPU); more is lowered with a warning.")]
-BatchTrialsOpt = Annotated[Optional[int], typer.Option(help="Trials each worker (Ray: each batch server) trains at once as one stacked model (MLP and CNN), e.g. --batch-trials 8; default 1: one at a time (batching did not pay on a 2-core CPU; see the README). A Ray resume keeps its experiment's.")]
-ThreadsOpt = Annotated[Optional[int], typer.Option(help="torch threads per trial; default 1 on the CPU (a trial's numbers depend on its thread count, so a study keeps them whatever its --workers), the cores left over per worker on a GPU; at most the CPUs available, more is lowered with a warning.")]
-LookaheadOpt = Annotated[Optional[int], typer.Option(help="Trials that may run at once (>= 1): trial i is drawn from and pruned against the trials up to i − N, all finished, so the study is the same with any --workers and --batch-trials; e.g. --lookahead 16 for 16 GPU trials at once; default: the spec's (4). Optuna backend.")]
-ConfirmTopOpt = Annotated[Optional[int], typer.Option(help="Configurations retrained with fresh seeds before recommending (default 2; `run` runs fewer where the retraining would exceed half the search's epochs).")]
-ConfirmSeedsOpt = Annotated[Optional[int], typer.Option(help="Fresh seeds (and splits) per confirmed candidate, >= 2 (default 3; `run` runs fewer, down to 2, within half the search's epochs); the interval in best.json is over them.")]
+DecoupledOpt = Annotated[bool, typer.Option("--decoupled-weight-decay", help="SOFIM's weight decay as AdamW's (θ ← (1 − ηλ)θ).", rich_help_panel="Training recipe")]
+CoupledOpt = Annotated[bool, typer.Option("--coupled-weight-decay", help="SOFIM's weight decay as SGD's (λθ added to the gradient).", rich_help_panel="Training recipe")]
+StudyOpt = Annotated[Optional[str], typer.Option(help="A shipped study spec (`cifar100-resnet18`) or a path to a .toml.", rich_help_panel="Data")]
+TrialsOpt = Annotated[Optional[int], typer.Option(help="Finished (completed or pruned) trials to reach (>= 1).", rich_help_panel="Budget")]
+SamplerOpt = Annotated[Optional[str], typer.Option(help="`tpe` (default), `random`, `qmc`, `cmaes`, `gp` or `grid`.", rich_help_panel="Search")]
+PrunerOpt = Annotated[Optional[str], typer.Option(help="`hyperband` (default), `median`, `sha` or `none`.", rich_help_panel="Search")]
+WorkersOpt = Annotated[Optional[int], typer.Option(help="Trials at once, each in its own worker process; default: one per physical core on the CPU (memory and --trials permitting), 4 small-model trials per GPU. At most --trials and 4 per CPU (4 × the automatic count per GPU); more is lowered with a warning.", rich_help_panel="Parallelism")]
+BatchTrialsOpt = Annotated[Optional[int], typer.Option(help="Trials each worker (Ray: each batch server) trains at once as one stacked model (MLP and CNN), e.g. --batch-trials 8; default 1: one at a time (batching did not pay on a 2-core CPU; see the README). A Ray resume keeps its experiment's.", rich_help_panel="Parallelism")]
+ThreadsOpt = Annotated[Optional[int], typer.Option(help="torch threads per trial; default 1 on the CPU (a trial's numbers depend on its thread count, so a study keeps them whatever its --workers), the cores left over per worker on a GPU; at most the CPUs available, more is lowered with a warning.", rich_help_panel="Parallelism")]
+LookaheadOpt = Annotated[Optional[int], typer.Option(help="Trials that may run at once (>= 1): trial i is drawn from and pruned against the trials up to i − N, all finished, so the study is the same with any --workers and --batch-trials; e.g. --lookahead 16 for 16 GPU trials at once; default: the spec's (4). Optuna backend.", rich_help_panel="Parallelism")]
+ConfirmTopOpt = Annotated[Optional[int], typer.Option(help="Configurations retrained with fresh seeds before recommending (default 2; `run` runs fewer where the retraining would exceed half the search's epochs).", rich_help_panel="Budget")]
+ConfirmSeedsOpt = Annotated[Optional[int], typer.Option(help="Fresh seeds (and splits) per confirmed candidate, >= 2 (default 3; `run` runs fewer, down to 2, within half the search's epochs); the interval in best.json is over them.", rich_help_panel="Budget")]
 RunStorageEnvOpt = Annotated[Optional[str], typer.Option(help="Read the storage URL from this environment variable, so its password stays out of `ps`.")]
-BackendOpt = Annotated[str, typer.Option(help="`optuna` (default) or `ray`.")]
-AddressOpt = Annotated[Optional[str], typer.Option(help="Ray: cluster address (`auto`, `ray://HOST:10001`); default: a local Ray.")]
-GpusPerTrialOpt = Annotated[Optional[float], typer.Option(help="Ray: GPUs per trial (default 0); 0.25 puts four trials on a GPU.")]
-CpusPerTrialOpt = Annotated[Optional[float], typer.Option(help="Ray: CPUs per trial (default 1).")]
-MaxConcurrentOpt = Annotated[Optional[int], typer.Option(help="Ray: trials running at once.")]
-StudyDatasetOpt = Annotated[Optional[str], typer.Option("--dataset", "-d", help="`digits`, `mnist`, `fashion-mnist`, `cifar10`, `cifar100`, `svhn`, or a path to an ImageFolder; may come from the --study file.")]
+BackendOpt = Annotated[str, typer.Option(help="`optuna` (default) or `ray`.", rich_help_panel="Ray")]
+AddressOpt = Annotated[Optional[str], typer.Option(help="Ray: cluster address (`auto`, `ray://HOST:10001`); default: a local Ray.", rich_help_panel="Ray")]
+GpusPerTrialOpt = Annotated[Optional[float], typer.Option(help="Ray: GPUs per trial (default 0); 0.25 puts four trials on a GPU.", rich_help_panel="Ray")]
+CpusPerTrialOpt = Annotated[Optional[float], typer.Option(help="Ray: CPUs per trial (default 1).", rich_help_panel="Ray")]
+MaxConcurrentOpt = Annotated[Optional[int], typer.Option(help="Ray: trials running at once.", rich_help_panel="Ray")]
+StudyDatasetOpt = Annotated[Optional[str], typer.Option("--dataset", "-d", help="`digits`, `mnist`, `fashion-mnist`, `cifar10`, `cifar100`, `svhn`, or a path to an ImageFolder; may come from the --study file.", rich_help_panel="Data")]
 
 
 @app.command()
@@ -394,7 +404,7 @@ def run(
     dataset: StudyDatasetOpt = None,
     arch: ArchOpt = None,
     study: StudyOpt = None,
-    space: Annotated[Optional[str], typer.Option(help="Search space: `sofim`, `sofim-effective`, `sgd-momentum`, `adamw`, or a path to a .yaml.")] = None,
+    space: Annotated[Optional[str], typer.Option(help="Search space: `sofim`, `sofim-effective`, `sgd-momentum`, `adamw`, or a path to a .yaml.", rich_help_panel="Search")] = None,
     trials: TrialsOpt = None,
     epochs: EpochsOpt = None,
     sampler: SamplerOpt = None,
@@ -404,11 +414,11 @@ def run(
     workers: WorkersOpt = None,
     threads_per_trial: ThreadsOpt = None,
     batch_trials: BatchTrialsOpt = None,
-    gpus: Annotated[Optional[str], typer.Option(help="GPUs to spread workers over: `all` or `0,1`.")] = None,
+    gpus: Annotated[Optional[str], typer.Option(help="GPUs to spread workers over: `all` or `0,1`.", rich_help_panel="Parallelism")] = None,
     out_dir: Annotated[Optional[str], typer.Option("--out", help="Run folder; default: runs/DATASET-ARCH (the study name).")] = None,
     seed: SeedOpt = None,
     enqueue: Annotated[Optional[Path], typer.Option(help="A best.json whose settings are tried first.")] = None,
-    timeout: Annotated[Optional[float], typer.Option(help="Stop starting trials after this many seconds.")] = None,
+    timeout: Annotated[Optional[float], typer.Option(help="Stop starting trials after this many seconds.", rich_help_panel="Budget")] = None,
     confirm_top: ConfirmTopOpt = None,
     confirm_seeds: ConfirmSeedsOpt = None,
     augment: AugmentOpt = None,
@@ -418,7 +428,7 @@ def run(
     label_smoothing: LabelSmoothingOpt = None,
     decoupled: DecoupledOpt = False,
     coupled: CoupledOpt = False,
-    widen: Annotated[Optional[bool], typer.Option("--widen/--no-widen", help="Let the study widen a log bound by a decade (twice at most) when its best trials sit on it; default: the spec's (on).")] = None,
+    widen: Annotated[Optional[bool], typer.Option("--widen/--no-widen", help="Let the study widen a log bound by a decade (twice at most) when its best trials sit on it; default: the spec's (on).", rich_help_panel="Search")] = None,
     lookahead: LookaheadOpt = None,
     backend: BackendOpt = "optuna",
     address: AddressOpt = None,

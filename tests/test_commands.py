@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -234,3 +235,29 @@ def test_export_and_plot_replace_their_own_files_and_a_users_only_with_force(res
     again = cli("plot", run, "-o", site)  # every file there is sofim-tune's now
     assert again.returncode == 0, again.stderr
     assert "sofim-tune report" in (site / "report.html").read_text()
+
+
+def test_version_prints_the_installed_version_and_exits_0():
+    import importlib.metadata
+
+    done = subprocess.run([sys.executable, "-m", "sofim_tune.cli.app", "--version"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == f"sofim-tune {importlib.metadata.version('sofim-tune')}" and done.stderr == ""
+    import sofim_tune
+
+    assert importlib.metadata.version("sofim-tune") == sofim_tune.__version__
+
+
+def test_runs_options_are_grouped_in_help_panels():
+    done = subprocess.run([sys.executable, "-m", "sofim_tune.cli.app", "run", "--help"], capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
+    assert done.returncode == 0, done.stderr
+    panels, current = {}, None
+    for line in done.stdout.splitlines():
+        if line.startswith("╭─ "):
+            current = line.removeprefix("╭─ ").split(" ─")[0]
+        elif line.startswith("│ --") and current is not None:
+            panels.setdefault(current, []).append(line.split()[1])
+    assert set(panels) == {"Options", "Data", "Budget", "Search", "Parallelism", "Training recipe", "Ray"}
+    assert {"--trials", "--epochs", "--confirm-top", "--confirm-seeds", "--timeout"} <= set(panels["Budget"])
+    assert {"--sampler", "--pruner", "--space", "--widen"} <= set(panels["Search"]) and {"--workers", "--lookahead", "--gpus"} <= set(panels["Parallelism"])
+    assert {"--backend", "--address", "--max-concurrent"} <= set(panels["Ray"]) and {"--schedule", "--augment"} <= set(panels["Training recipe"])
+    assert sum(map(len, panels.values())) >= 36  # every option in one panel or another, none lost
