@@ -128,8 +128,9 @@ class Backend(Protocol):
     def load(self, run_dir: Path | None, *, storage: str | None = None, study: str | None = None) -> StudyRecord:
         """Read a study back from its run folder (or, for Optuna, from ``storage``)."""
 
-    def confirm(self, configs: Sequence[TrialConfig], options: RunOptions) -> list[TrialResult]:
-        """Train each configuration once, in order, where the backend runs its trials."""
+    def confirm(self, configs: Sequence[TrialConfig], options: RunOptions, on_done: Callable[[int], None] | None = None) -> list[TrialResult]:
+        """Train each configuration once, in order, where the backend runs its trials;
+        ``on_done(n)`` after each run that ends, ``n`` the runs ended so far."""
 
     def save_confirmations(self, record: StudyRecord, confirmations: list[Confirmation], options: RunOptions) -> StudyRecord:
         """Store the seed confirmations with the study, so that export and plot find them."""
@@ -553,8 +554,12 @@ def failed_result(config: TrialConfig, error: BaseException | str, device: str) 
     return TrialResult(status="failed", metrics={}, history=[], epochs=0, seconds=0.0, device=device, arch=config.arch or "", config=config, error=error)
 
 
-def train_in_parallel(configs: Sequence[TrialConfig], *, workers: int, threads: int | None, batch_trials: int = 1) -> list[TrialResult]:
+def train_in_parallel(
+    configs: Sequence[TrialConfig], *, workers: int, threads: int | None, batch_trials: int = 1, on_done: Callable[[int], None] | None = None
+) -> list[TrialResult]:
     """Train every config, ``workers`` at a time with ``threads`` each; results in order.
+    ``on_done(n)`` follows every job that ends (one run, or a batch's runs), ``n`` the runs
+    ended so far.
 
     With ``batch_trials`` > 1, configs that share their data (dataset and split) and that
     the batched path can train go through one :class:`~sofim_tune.batched.TrialBatch` of that
@@ -566,19 +571,23 @@ def train_in_parallel(configs: Sequence[TrialConfig], *, workers: int, threads: 
     jobs = _jobs(configs, batch_trials)
     workers = min(workers, len(jobs))
     results: dict[int, TrialResult] = {}
+    report = on_done or (lambda ended: None)
     if workers <= 1:
         with torch_threads(threads):
             for indices, slots in jobs:
                 results.update(zip(indices, _train_job([configs[i] for i in indices], slots), strict=True))
+                report(len(results))
         return [results[i] for i in range(len(configs))]
     context = worker_context([config.device for config in configs])
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=start_worker, initargs=(threads or 1,)) as pool:
         futures = {pool.submit(_train_job, [configs[i] for i in indices], slots): indices for indices, slots in jobs}
-        for future, indices in futures.items():
+        for future in concurrent.futures.as_completed(futures):
+            indices = futures[future]
             try:
                 results.update(zip(indices, future.result(), strict=True))
             except Exception as exc:  # noqa: BLE001 - a dead worker (BrokenProcessPool), or what _train_job let through
                 results.update((i, failed_result(configs[i], exc, configs[i].device)) for i in indices)
+            report(len(results))
     return [results[i] for i in range(len(configs))]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sofim_tune")
 
-__all__ = ["CompareOutcome", "RunOptions", "TuneOutcome", "check_inputs", "compare", "confirm", "confirmation_plan", "export_run", "tune", "wall_seconds"]
+__all__ = ["CompareOutcome", "ConfirmationProgress", "RunOptions", "TuneOutcome", "check_inputs", "compare", "confirm", "confirmation_plan", "export_run", "tune", "wall_seconds"]
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,22 @@ def check_inputs(spec: StudySpec, space: SearchSpace, options: RunOptions, backe
         return with_plan
     # Ray places trials itself; of the plan it takes only whether the model can be batched.
     return options if options.batch_trials is None else replace(options, batch_trials=with_plan.batch_trials)
+
+
+class ConfirmationProgress:
+    """Logs how far the confirmation is, after each run that ends: runs done of the total,
+    the time so far and an estimate of the time left (the mean time per run so far, times the
+    runs left), one line each, for the live view and for a log without a terminal alike."""
+
+    def __init__(self, total: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.total = total
+        self.clock = clock
+        self.started = clock()
+
+    def __call__(self, done: int) -> None:
+        elapsed = self.clock() - self.started
+        left = f" · about {elapsed / done * (self.total - done):.0f} s left" if 0 < done < self.total else ""
+        log.info(f"confirmation: {done}/{self.total} runs done · {elapsed:.0f} s{left}")
 
 
 def confirmation_plan(study: StudyRecord, spec: StudySpec, space: SearchSpace, *, bounded: bool = True) -> ConfirmationPlan:
@@ -122,7 +139,7 @@ def confirm(study: StudyRecord, spec: StudySpec, space: SearchSpace, options: Ru
             for params, seed, split in jobs
         ]
         measured = []
-        for result in backend.confirm(configs, options):
+        for result in backend.confirm(configs, options, ConfirmationProgress(len(configs))):
             value = result.metrics.get(spec.metric)
             completed = result.status == "completed" and value is not None
             measured.append(

@@ -193,13 +193,38 @@ def test_one_worker_runs_here_with_its_threads(tmp_path: Path) -> None:
 
 def test_confirmation_runs_in_parallel_and_equals_running_them_one_by_one() -> None:
     configs = [TrialConfig(dataset="digits", hyperparameters={"lr": lr, "rho": 1.0, "beta1": 0.9}, epochs=2, seed=seed, device="cpu", val_fraction=0.3) for lr, seed in ((0.05, 1), (0.2, 2), (0.1, 3))]
-    parallel = train_in_parallel(configs, workers=2, threads=1)
+    ended: list[int] = []
+    parallel = train_in_parallel(configs, workers=2, threads=1, on_done=ended.append)
     assert [r.config.seed for r in parallel] == [1, 2, 3]
+    assert ended == [1, 2, 3]  # one call per run that ends, in the order they end
     # At the workers' one thread: a reduction over two threads sums in another order.
     with torch_threads(1):
         for result, config in zip(parallel, configs, strict=True):
             assert result.history == train_trial(config).history
     assert BACKEND.confirm(configs[:1], RunOptions(out_dir=Path("unused"), workers=2, threads_per_trial=1))[0].history == parallel[0].history
+
+
+def test_the_confirmations_progress_is_logged_with_an_estimate_of_the_time_left(caplog: pytest.LogCaptureFixture) -> None:
+    from sofim_tune.tuning import ConfirmationProgress
+
+    clock = iter([100.0, 110.0, 120.0, 150.0])  # started, then three runs ending
+    progress = ConfirmationProgress(3, clock=lambda: next(clock))
+    with caplog.at_level(logging.INFO, logger="sofim_tune"):
+        for done in (1, 2, 3):
+            progress(done)
+    assert [r.getMessage() for r in caplog.records] == [
+        "confirmation: 1/3 runs done · 10 s · about 20 s left",
+        "confirmation: 2/3 runs done · 20 s · about 10 s left",
+        "confirmation: 3/3 runs done · 50 s",
+    ]
+
+
+def test_a_study_logs_every_confirmation_run(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="sofim_tune"):
+        outcome = tune(small_spec(trials=4), RunOptions(out_dir=tmp_path / "run", device="cpu", workers=2, threads_per_trial=1))
+    runs = sum(len(c.values) + sum(len(v) for v in c.neighbours.values()) for c in outcome.study.confirmations)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("confirmation: ")]
+    assert [line.split()[1] for line in lines] == [f"{n}/{runs}" for n in range(1, runs + 1)]
 
 
 def test_the_cli_says_what_it_chose(tmp_path: Path) -> None:

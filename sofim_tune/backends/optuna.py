@@ -1269,9 +1269,9 @@ class OptunaBackend:
             raise UserInputError(f"the storage of {run_dir} needs a password; pass it with --storage-env VAR (or --storage URL) and --study {meta['study']}")
         return load_optuna_record(storage_from_run_file(meta["storage"], run_dir), study or meta["study"])
 
-    def confirm(self, configs: Sequence[TrialConfig], options: RunOptions) -> list[TrialResult]:
+    def confirm(self, configs: Sequence[TrialConfig], options: RunOptions, on_done: Callable[[int], None] | None = None) -> list[TrialResult]:
         """The runs on the study's workers (``options.workers`` at once, batched as the search was), results in order."""
-        return train_in_parallel(configs, workers=options.workers or 1, threads=options.threads_per_trial, batch_trials=options.batch_trials or 1)
+        return train_in_parallel(configs, workers=options.workers or 1, threads=options.threads_per_trial, batch_trials=options.batch_trials or 1, on_done=on_done)
 
     def save_confirmations(self, record: StudyRecord, confirmations: list[Confirmation], options: RunOptions) -> StudyRecord:
         """Store the seed confirmations on the study, so that a later export or plot shows them."""

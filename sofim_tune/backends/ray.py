@@ -1304,8 +1304,9 @@ class RayBackend:
             raise UserInputError("a Ray study is read from its run folder")
         return load_ray_record(run_dir)
 
-    def confirm(self, configs: Sequence[TrialConfig], options: RunOptions) -> list[TrialResult]:
-        """All runs at once, as Ray tasks with a trial's resources; results in the order of ``configs``.
+    def confirm(self, configs: Sequence[TrialConfig], options: RunOptions, on_done: Callable[[int], None] | None = None) -> list[TrialResult]:
+        """All runs at once, as Ray tasks with a trial's resources; results in the order of ``configs``
+        (``on_done`` counts them in that order too, so it never runs ahead of the cluster).
 
         A task that errors (a lost node, bad settings) gives a ``failed`` result; the
         others are kept.
@@ -1324,6 +1325,8 @@ class RayBackend:
                 except (ray.exceptions.RayError, UserInputError) as exc:
                     # A RayTaskError carries the task's own exception.
                     results.append(failed_result(config, getattr(exc, "cause", None) or exc, _worker_device(options)))
+                if on_done is not None:
+                    on_done(len(results))
         except KeyboardInterrupt:
             # Ctrl-C: the runs still queued or running on the cluster are not wanted any more.
             for ref in refs:
