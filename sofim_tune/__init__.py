@@ -20,8 +20,12 @@ _LAZY = {
     "load_recommendation": "sofim_tune.recommend",
     "optimizer_from_recommendation": "sofim_tune.recommend",
     "recipe_from_recommendation": "sofim_tune.recommend",
+    "StudySpec": "sofim_tune.spec",
+    "load_spec": "sofim_tune.spec",
+    "OptunaReporter": "sofim_tune.backends.optuna",
     "RunOptions": "sofim_tune.tuning",
     "tune": "sofim_tune.tuning",
+    "compare": "sofim_tune.tuning",
 }
 
 __all__ = ["SOFIM", "TrialPruned", "UserInputError", "__version__", "sofim", *_LAZY]

@@ -134,3 +134,24 @@ def test_verbose_and_quiet_set_what_the_cli_prints():
         assert done.stdout.split() == [verbosity, "1"]
     both = subprocess.run([sys.executable, "-m", "sofim_tune.cli.app", "-v", "-q", "show"], capture_output=True, text=True, timeout=120)
     assert both.returncode == 2 and both.stderr.strip() == "error: give --verbose or --quiet, not both"
+
+
+def _readme_example(needle: str) -> str:
+    blocks = (ROOT / "README.md").read_text().split("```python\n")[1:]
+    return next(block.split("```")[0] for block in blocks if needle in block)
+
+
+def test_the_readmes_python_api_examples_run_as_written(tmp_path):
+    """The README's whole study from Python, and its own Optuna study with OptunaReporter."""
+    for needle, expected in (("tune(load_spec(", "best.json"), ("OptunaReporter(trial)", "'lr': ")):
+        done = subprocess.run([sys.executable, "-c", _readme_example(needle)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert expected in done.stdout, done.stdout
+    assert (tmp_path / "runs" / "from-python" / "best.json").is_file()
+
+
+def test_the_api_the_cli_uses_is_importable_from_the_package():
+    import sofim_tune
+
+    for name in ("tune", "compare", "load_spec", "StudySpec", "RunOptions", "OptunaReporter", "train_trial", "TrialConfig"):
+        assert name in sofim_tune.__all__ and getattr(sofim_tune, name) is not None

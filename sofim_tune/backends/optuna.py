@@ -602,10 +602,19 @@ def _clamp(value: Any, distribution: optuna.distributions.BaseDistribution | Non
     return value
 
 
-class _OptunaReporter:
-    """train_trial's reporter: report the metric, and stop the run when the pruner says so."""
+class OptunaReporter:
+    """A :func:`~sofim_tune.trial.train_trial` reporter for an Optuna trial: it reports ``metric``
+    after each epoch (step = the epoch, from 1) and stops the run when the study's pruner says so,
+    so that a study of your own trains sofim-tune trials with pruning (the README's "Your own
+    Optuna study" shows one). The run then ends with status ``pruned``; raise
+    ``optuna.TrialPruned`` from the objective to tell Optuna.
 
-    def __init__(self, trial: optuna.Trial, metric: str) -> None:
+    Args:
+        trial: the Optuna trial the run belongs to.
+        metric: a key of the run's metrics, ``val_accuracy`` (a fraction in [0, 1]) or ``val_loss``.
+    """
+
+    def __init__(self, trial: optuna.Trial, metric: str = "val_accuracy") -> None:
         self.trial, self.metric = trial, metric
 
     def report(self, epoch: int, metrics: Mapping[str, float]) -> None:
@@ -690,7 +699,7 @@ class _Objective:
         try:
             plan = self.planner.plan(trial, wait=True)
             config = _start(trial, plan, self.spec, self.space, self.options, self.device)  # type: ignore[arg-type]  # plan waited
-            result = train_trial(config, _OptunaReporter(trial, self.spec.metric))
+            result = train_trial(config, OptunaReporter(trial, self.spec.metric))
         except Deferred:
             _defer(trial)
             raise _NotRun from None
