@@ -32,6 +32,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",
 )
+#: Where `run` and `compare` keep their studies when --storage is not given (Click's envvar).
+STORAGE_ENVVAR = "SOFIM_TUNE_STORAGE"
 out = Console()
 err = Console(stderr=True, soft_wrap=True)
 
@@ -297,7 +299,8 @@ def _storage(storage: str | None, storage_env: str | None) -> str | None:
     """
     if storage_env is None:
         return storage
-    if storage is not None:
+    # A --storage that came from $SOFIM_TUNE_STORAGE gives way to the variable named here.
+    if storage is not None and storage != os.environ.get(STORAGE_ENVVAR):
         raise UserInputError("give --storage or --storage-env, not both")
     value = os.environ.get(storage_env)
     if not value:
@@ -409,7 +412,7 @@ def run(
     epochs: EpochsOpt = None,
     sampler: SamplerOpt = None,
     pruner: PrunerOpt = None,
-    storage: Annotated[Optional[str], typer.Option(help="Optuna storage: an SQLAlchemy URL or `journal:PATH`; default: SQLite in --out.")] = None,
+    storage: Annotated[Optional[str], typer.Option(envvar=STORAGE_ENVVAR, show_envvar=True, help="Optuna storage: an SQLAlchemy URL or `journal:PATH`; default: SQLite in --out.")] = None,
     storage_env: RunStorageEnvOpt = None,
     workers: WorkersOpt = None,
     threads_per_trial: ThreadsOpt = None,
@@ -517,7 +520,7 @@ def compare(
     workers: WorkersOpt = None,
     threads_per_trial: ThreadsOpt = None,
     batch_trials: BatchTrialsOpt = None,
-    storage: Annotated[Optional[str], typer.Option(help="One Optuna storage for every study (named STUDY-OPTIMIZER); default: SQLite in each run folder.")] = None,
+    storage: Annotated[Optional[str], typer.Option(envvar=STORAGE_ENVVAR, show_envvar=True, help="One Optuna storage for every study (named STUDY-OPTIMIZER); default: SQLite in each run folder.")] = None,
     storage_env: RunStorageEnvOpt = None,
     confirm_top: ConfirmTopOpt = None,
     confirm_seeds: ConfirmSeedsOpt = None,

@@ -261,3 +261,18 @@ def test_runs_options_are_grouped_in_help_panels():
     assert {"--sampler", "--pruner", "--space", "--widen"} <= set(panels["Search"]) and {"--workers", "--lookahead", "--gpus"} <= set(panels["Parallelism"])
     assert {"--backend", "--address", "--max-concurrent"} <= set(panels["Ray"]) and {"--schedule", "--augment"} <= set(panels["Training recipe"])
     assert sum(map(len, panels.values())) >= 36  # every option in one panel or another, none lost
+
+
+def test_run_keeps_its_study_where_sofim_tune_storage_says(tmp_path):
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    env = {**os.environ, "SOFIM_TUNE_STORAGE": url, "MINE": f"sqlite:///{tmp_path / 'mine.db'}"}
+    done = subprocess.run([sys.executable, "-m", "sofim_tune.cli.app", "run", "--dataset", "digits", "--trials", "2", "--epochs", "1", "--device", "cpu", "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["storage"] == url
+    assert len(optuna.load_study(study_name="digits-mlp", storage=url).trials) == 2
+    # --storage-env names another variable: it wins over SOFIM_TUNE_STORAGE, with no complaint.
+    done = subprocess.run([sys.executable, "-m", "sofim_tune.cli.app", "run", "--dataset", "digits", "--trials", "2", "--epochs", "1", "--device", "cpu", "--storage-env", "MINE", "--out", str(tmp_path / "other")],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "mine.db").is_file()
