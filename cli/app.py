@@ -23,7 +23,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from sofim_tune.errors import UserInputError
+from sofim_tune.errors import NothingFound, UserInputError
 
 app = typer.Typer(
     name="sofim-tune",
@@ -94,12 +94,16 @@ def _global_options(
 
 
 def user_errors(command: F) -> F:
-    """Turn a UserInputError into one line on stderr and exit code 2; Ctrl-C into exit 130."""
+    """Turn a UserInputError into one line on stderr and exit code 2 (1 for NothingFound: the
+    input was fine, but what it asks for does not exist yet); Ctrl-C into exit 130."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
+        except NothingFound as exc:
+            err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+            raise typer.Exit(1) from None
         except UserInputError as exc:
             err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
             raise typer.Exit(2) from None
@@ -705,7 +709,7 @@ def recommend(
     found, choice = search.recommendations, search.choice
     if not found and choice is None:
         what = f"{dataset}" + (f" / {arch}" if arch else "")
-        raise UserInputError(f"no recommendation for {what} under {results}/ yet; make one with: sofim-tune run --dataset {dataset}" + (f" --arch {arch}" if arch else ""))
+        raise NothingFound(f"no recommendation for {what} under {results}/ yet; make one with: sofim-tune run --dataset {dataset}" + (f" --arch {arch}" if arch else ""))
     if as_json:
         if choice is None and len(search.rankings) > 1:
             err.print(f"note: {search.rankings[0].describe()}; {len(search.rankings) - 1} other ranking(s) do not compare with it", highlight=False)

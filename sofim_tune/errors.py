@@ -11,6 +11,15 @@ class UserInputError(ValueError):
     """
 
 
+class NothingFound(UserInputError):
+    """The input was fine, but what was asked for does not exist yet: a study with no completed
+    trial, no recommendation for a dataset under a results folder.
+
+    The CLI prints the message as one line and exits with code 1 (grep's "no match"), so that a
+    script can tell "not yet" from bad input (2).
+    """
+
+
 class TrialPruned(Exception):
     """Raised by a reporter to stop a trial early.
 

@@ -32,7 +32,7 @@ import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from sofim_tune.errors import UserInputError
+from sofim_tune.errors import NothingFound, UserInputError
 from sofim_tune.records import Confirmation, StudyRecord, TrialRecord
 
 __all__ = [
@@ -89,9 +89,9 @@ class Measurement:
     curve: tuple[float, ...] = ()
 
 
-def no_completed_trial(study: StudyRecord) -> UserInputError:
+def no_completed_trial(study: StudyRecord) -> NothingFound:
     """The error for a study that has nothing to recommend yet."""
-    return UserInputError(f"study {study.name!r} has no completed trial yet; wait for one to finish or run more trials")
+    return NothingFound(f"study {study.name!r} has no completed trial yet; wait for one to finish or run more trials")
 
 
 def distinct_ranked(study: StudyRecord) -> list[TrialRecord]:

@@ -36,9 +36,9 @@ def invoke(*args: str):
     return runner.invoke(app, [str(a) for a in args])
 
 
-def one_line_exit_2(done, message: str) -> None:
+def one_line_exit_2(done, message: str, code: int = 2) -> None:
     lines = done.stderr.strip().splitlines()
-    assert done.exit_code == 2, done.output
+    assert done.exit_code == code, done.output
     assert len(lines) == 1 and message in lines[0], done.stderr
 
 
@@ -94,7 +94,8 @@ def test_recommend_table_and_json(results):
 
 
 def test_recommend_without_a_run_says_how_to_make_one(results):
-    one_line_exit_2(invoke("recommend", "--dataset", "cifar100", "--arch", "resnet18", "--results", results), "sofim-tune run --dataset cifar100 --arch resnet18")
+    # Nothing found is not bad input: exit 1, as grep without a match.
+    one_line_exit_2(invoke("recommend", "--dataset", "cifar100", "--arch", "resnet18", "--results", results), "sofim-tune run --dataset cifar100 --arch resnet18", code=1)
 
 
 def test_recommend_names_the_invalid_files_it_skips(results, tmp_path):
@@ -139,7 +140,7 @@ def test_study_without_completed_trial(tmp_path):
     spec = load_spec("digits").replace(trials=2)
     url = f"sqlite:///{tmp_path / 'study.db'}"
     optuna_backend.open_study(spec, load_space("sofim"), url)
-    one_line_exit_2(invoke("export", "--storage", url, "-o", tmp_path / "best.json"), "no completed trial")
+    one_line_exit_2(invoke("export", "--storage", url, "-o", tmp_path / "best.json"), "no completed trial", code=1)
     assert not (tmp_path / "best.json").exists()
 
 
@@ -276,3 +277,9 @@ def test_run_keeps_its_study_where_sofim_tune_storage_says(tmp_path):
                           capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "mine.db").is_file()
+
+
+def test_recommend_without_a_recommendation_exits_1_with_one_line(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "sofim_tune.cli.app", "recommend", "--dataset", "digits", "--results", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stdout == ""
+    assert len(done.stderr.strip().splitlines()) == 1 and "no recommendation for digits" in done.stderr and "Traceback" not in done.stderr
