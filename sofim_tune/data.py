@@ -680,8 +680,8 @@ def _torchvision_pool(name: str, root: Path, *, train: bool, download: bool) -> 
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise UserInputError(f"downloading {source.title} into {root} failed: {reason}") from error
         raise UserInputError(
-            f"{source.title} not found in {root}; download it with: sofim-tune train --dataset {name} --download "
-            "(or point --data-dir at a folder that has it)"
+            f"{source.title} not found in {root}; run the same command again with --download (download=True in Python), "
+            "or point --data-dir at a folder that has it"
         ) from error
     images = torch.as_tensor(raw.data)
     if source.layout == "NHW":

@@ -283,3 +283,12 @@ def test_recommend_without_a_recommendation_exits_1_with_one_line(tmp_path):
     done = subprocess.run([sys.executable, "-m", "sofim_tune.cli.app", "recommend", "--dataset", "digits", "--results", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and done.stdout == ""
     assert len(done.stderr.strip().splitlines()) == 1 and "no recommendation for digits" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("command", ["run", "compare"])
+def test_missing_data_names_download_on_the_command_that_was_run(tmp_path, command):
+    done = subprocess.run([sys.executable, "-m", "sofim_tune.cli.app", command, "--dataset", "mnist", "--data-dir", str(tmp_path / "data"), "--trials", "1", "--epochs", "1", "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and "run the same command again with --download" in lines[0], done.stderr
+    assert "sofim-tune train" not in lines[0] and not (tmp_path / "out").exists()
