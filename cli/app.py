@@ -665,14 +665,25 @@ def plot(
 
 @app.command()
 @user_errors
-def show(run_dir: RunDirArg = None, storage: StorageOpt = None, storage_env: StorageEnvOpt = None, study: StudyNameOpt = None) -> None:
+def show(
+    run_dir: RunDirArg = None,
+    storage: StorageOpt = None,
+    storage_env: StorageEnvOpt = None,
+    study: StudyNameOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the state as one JSON object (the fields of `sofim_tune.runs.StudyStatus`) instead of a table.")] = False,
+) -> None:
     """Show the state of a study: trials by state, best so far, elapsed time.
 
-    Example: `sofim-tune show runs/cifar100-resnet18`
+    Example: `sofim-tune show runs/cifar100-resnet18` (`--json` for scripts)
     """
+    import dataclasses
+
     from sofim_tune import runs
 
     state = runs.status(runs.load_run(run_dir, storage=_storage(storage, storage_env), study=study))
+    if as_json:
+        print(json.dumps(dataclasses.asdict(state)))
+        return
     table = Table(title=f"study {state.name} ({state.backend})", show_header=False)
     table.add_row("finished", f"{state.counts['complete'] + state.counts['pruned']} of {state.target}" + ("" if state.finished else " (not done)"))
     for key in ("complete", "pruned", "failed", "running"):

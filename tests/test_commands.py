@@ -292,3 +292,13 @@ def test_missing_data_names_download_on_the_command_that_was_run(tmp_path, comma
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1 and "run the same command again with --download" in lines[0], done.stderr
     assert "sofim-tune train" not in lines[0] and not (tmp_path / "out").exists()
+
+
+def test_show_json_prints_the_studys_state_as_one_object(tmp_path):
+    outcome = tune(load_spec("digits").replace(trials=2, epochs=1), RunOptions(out_dir=tmp_path / "run", device="cpu", workers=1, export=False))
+    done = subprocess.run([sys.executable, "-m", "sofim_tune.cli.app", "show", str(tmp_path / "run"), "--json"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    state = json.loads(done.stdout)
+    best = outcome.study.best_trial()
+    assert state["name"] == "digits-mlp" and state["target"] == 2 and state["finished"] is True
+    assert state["counts"]["complete"] + state["counts"]["pruned"] == 2 and state["best_value"] == best.value and state["best_params"] == best.params
