@@ -442,14 +442,15 @@ def run(
     gpus_per_trial: GpusPerTrialOpt = None,
     cpus_per_trial: CpusPerTrialOpt = None,
     max_concurrent: MaxConcurrentOpt = None,
-    storage_path: Annotated[Optional[str], typer.Option(help="Ray: where the experiment is kept (DIR or s3://...); default: --out/ray.")] = None,
+    storage_path: Annotated[Optional[str], typer.Option(help="Ray: where the experiment is kept (DIR or s3://...); default: --out/ray.", rich_help_panel="Ray")] = None,
     device: DeviceOpt = "auto",
     data_dir: DataDirOpt = None,
     download: DownloadOpt = False,
+    as_json: Annotated[bool, typer.Option("--json", help="At the end, print one JSON object (the study's counts, best trial, best.json, report, parallelism, seconds) instead of the summary table.")] = False,
 ) -> None:
     """Search lr, rho and beta1 for a dataset and architecture; resume by running it again.
 
-    Example: `sofim-tune run --dataset cifar100 --trials 64 --workers 4 --gpus all`
+    Example: `sofim-tune run --dataset cifar100 --trials 64 --workers 4 --gpus all` (`--json` for scripts)
     """
     from sofim_tune.recommend import load_recommendation
     from sofim_tune.spec import load_spec
@@ -480,6 +481,16 @@ def run(
     started = time.monotonic()
     with _LiveView() as live_view:
         outcome = tune(spec, options, backend=backend, on_progress=live_view)
+    if as_json:
+        record, best = outcome.study, outcome.study.best_trial()
+        counts = {state: len(record.by_state(state)) for state in ("complete", "pruned", "failed")}
+        print(json.dumps({
+            "study": record.name, "backend": record.backend, **counts, "diverged": sum(1 for t in record.trials if t.diverged),
+            "best_value": best.value if best else None, "best_params": dict(best.params) if best else None,
+            "best_json": str(outcome.best_json) if outcome.best_json else None, "report": str(outcome.report) if outcome.report else None,
+            "parallelism": outcome.parallelism, "seconds": round(time.monotonic() - started, 1),
+        }))
+        return
     _print_summary(outcome.study, time.monotonic() - started)
     if outcome.parallelism:
         out.print(f"parallelism:    {outcome.parallelism}", highlight=False, soft_wrap=True)

@@ -302,3 +302,14 @@ def test_show_json_prints_the_studys_state_as_one_object(tmp_path):
     best = outcome.study.best_trial()
     assert state["name"] == "digits-mlp" and state["target"] == 2 and state["finished"] is True
     assert state["counts"]["complete"] + state["counts"]["pruned"] == 2 and state["best_value"] == best.value and state["best_params"] == best.params
+
+
+def test_run_json_prints_one_object_on_stdout(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "sofim_tune.cli.app", "run", "--dataset", "digits", "--trials", "3", "--epochs", "1", "--device", "cpu", "--out", str(tmp_path / "run"), "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)  # nothing else on stdout: the live view and notes go to stderr
+    rec = load_recommendation(tmp_path / "run" / "best.json")
+    assert summary["study"] == "digits-mlp" and summary["complete"] + summary["pruned"] == 3 and summary["failed"] == 0
+    assert summary["best_json"] == str(tmp_path / "run" / "best.json") and (tmp_path / "run" / "report.html").samefile(summary["report"])
+    assert summary["best_params"] is not None and set(summary["best_params"]) == set(rec.hyperparameters)
