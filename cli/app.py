@@ -296,6 +296,20 @@ def _is_recommendation(path: Path) -> bool:
     return True
 
 
+#: ``--output``, the name ``--out`` had in export, plot and compare-summary: still read, hidden.
+OldOutputOpt = Annotated[Optional[str], typer.Option("--output", hidden=True, help="The old name of --out.")]
+
+
+def _renamed(destination: str | None, output: str | None) -> str | None:
+    """``--out``, or the old ``--output`` with a note that names the new spelling."""
+    if output is None:
+        return destination
+    if destination is not None:
+        raise UserInputError("give --out only (--output is its old name)")
+    err.print("note: --output is now --out (-o)", highlight=False)
+    return output
+
+
 def _storage(storage: str | None, storage_env: str | None) -> str | None:
     """``--storage`` as given, or the URL in the environment variable ``--storage-env`` names.
 
@@ -422,7 +436,7 @@ def run(
     threads_per_trial: ThreadsOpt = None,
     batch_trials: BatchTrialsOpt = None,
     gpus: Annotated[Optional[str], typer.Option(help="GPUs to spread workers over: `all` or `0,1`.", rich_help_panel="Parallelism")] = None,
-    out_dir: Annotated[Optional[str], typer.Option("--out", help="Run folder; default: runs/DATASET-ARCH (the study name).")] = None,
+    out_dir: Annotated[Optional[str], typer.Option("--out", "-o", help="Run folder; default: runs/DATASET-ARCH (the study name).")] = None,
     seed: SeedOpt = None,
     enqueue: Annotated[Optional[Path], typer.Option(help="A best.json whose settings are tried first.")] = None,
     timeout: Annotated[Optional[float], typer.Option(help="Stop starting trials after this many seconds.", rich_help_panel="Budget")] = None,
@@ -530,7 +544,7 @@ def compare(
     sampler: SamplerOpt = None,
     pruner: PrunerOpt = None,
     seed: SeedOpt = None,
-    out_dir: Annotated[Optional[str], typer.Option("--out", help="Compare folder: one run folder per optimizer, compare.json, compare.html; default: runs/compare-DATASET-ARCH.")] = None,
+    out_dir: Annotated[Optional[str], typer.Option("--out", "-o", help="Compare folder: one run folder per optimizer, compare.json, compare.html; default: runs/compare-DATASET-ARCH.")] = None,
     backend: BackendOpt = "optuna",
     workers: WorkersOpt = None,
     threads_per_trial: ThreadsOpt = None,
@@ -588,7 +602,8 @@ def compare(
 @user_errors
 def compare_summary(
     folders: Annotated[list[Path], typer.Argument(help="Compare folders written by `sofim-tune compare`.", show_default=False)],
-    output: Annotated[str, typer.Option("--output", "-o", help="Folder for compare-summary.html.")] = ".",
+    destination: Annotated[Optional[str], typer.Option("--out", "-o", help="Folder for compare-summary.html; default: the current folder.")] = None,
+    output: OldOutputOpt = None,
     force: ForceOpt = False,
 ) -> None:
     """Performance profiles and verdicts across several compare folders (problems).
@@ -599,7 +614,7 @@ def compare_summary(
     from sofim_tune.pages import is_our_page
 
     _refuse_duplicates(folders)
-    target = _path(output, "--output") / "compare-summary.html"
+    target = (_path(_renamed(destination, output), "--out") or Path(".")) / "compare-summary.html"
     _refuse_overwriting([target] if os.path.lexists(target) and not is_our_page(target) else [], force)
     docs = [load_comparison(folder / "compare.json") for folder in folders]
     page, rows = write_summary(docs, target.parent)
@@ -623,7 +638,8 @@ StorageEnvOpt = Annotated[Optional[str], typer.Option(help="Read the storage URL
 @user_errors
 def export(
     run_dir: RunDirArg = None,
-    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Where to write the JSON; default: RUN_DIR/best.json, or ./best.json with --storage.")] = None,
+    destination: Annotated[Optional[str], typer.Option("--out", "-o", help="Where to write the JSON; default: RUN_DIR/best.json, or ./best.json with --storage.")] = None,
+    output: OldOutputOpt = None,
     storage: StorageOpt = None,
     storage_env: StorageEnvOpt = None,
     study: StudyNameOpt = None,
@@ -637,7 +653,7 @@ def export(
     """
     from sofim_tune import runs
 
-    target = _path(output, "--output") or (run_dir / "best.json" if run_dir else Path("best.json"))
+    target = _path(_renamed(destination, output), "--out") or (run_dir / "best.json" if run_dir else Path("best.json"))
     record = runs.load_run(run_dir, storage=_storage(storage, storage_env), study=study)
     _refuse_overwriting([target] if os.path.lexists(target) and not _is_recommendation(target) else [], force)
     rec, path = runs.export(record, target)
@@ -649,7 +665,8 @@ def export(
 @user_errors
 def plot(
     run_dir: RunDirArg = None,
-    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Folder for report.html and plots/; default: RUN_DIR.")] = None,
+    destination: Annotated[Optional[str], typer.Option("--out", "-o", help="Folder for report.html and plots/; default: RUN_DIR.")] = None,
+    output: OldOutputOpt = None,
     png: Annotated[bool, typer.Option("--png", help="Also write PNG files (needs Chrome or Chromium).")] = False,
     storage: StorageOpt = None,
     storage_env: StorageEnvOpt = None,
@@ -666,7 +683,7 @@ def plot(
     from sofim_tune import runs
     from sofim_tune.report import foreign_report_files
 
-    target = _path(output, "--output") or run_dir or Path(".")
+    target = _path(_renamed(destination, output), "--out") or run_dir or Path(".")
     record = runs.load_run(run_dir, storage=_storage(storage, storage_env), study=study)
     _refuse_overwriting(foreign_report_files(target, png=png), force)
     report = runs.plot(record, target, png=png)

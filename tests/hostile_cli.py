@@ -60,12 +60,12 @@ def _users_best_json(scratch: Path, run: Path | None) -> list[str]:
 
 def _users_report_html(scratch: Path, run: Path | None) -> list[str]:
     _write(scratch / "site" / "report.html", "<html><body>my own report</body></html>\n")
-    return ["plot", str(run), "--output", "site"]
+    return ["plot", str(run), "--out", "site"]
 
 
 def _users_plot_file(scratch: Path, run: Path | None) -> list[str]:
     _write(scratch / "site" / "plots" / "history.html", "<html><body>my own history</body></html>\n")
-    return ["plot", str(run), "--output", "site"]
+    return ["plot", str(run), "--out", "site"]
 
 
 CLI_CASES: list[CliCase] = [
@@ -89,8 +89,8 @@ CLI_CASES: list[CliCase] = [
     CliCase("space-is-dev-zero", lambda s, r: ["run", "--dataset", "digits", "--trials", "1", "--space", "/dev/zero", "--out", "new"], message="not a regular file"),
     CliCase("study-is-a-folder", lambda s, r: ["run", "--study", str(s), "--out", "new"], message="a folder, not a regular file"),
     CliCase("study-is-dev-zero", lambda s, r: ["run", "--study", "/dev/zero", "--out", "new"], message="not a regular file"),
-    CliCase("export-to-empty-path", lambda s, r: ["export", str(r), "-o", ""], message="--output is empty", needs_run=True),
-    CliCase("plot-to-empty-path", lambda s, r: ["plot", str(r), "-o", ""], message="--output is empty", needs_run=True),
+    CliCase("export-to-empty-path", lambda s, r: ["export", str(r), "-o", ""], message="--out is empty", needs_run=True),
+    CliCase("plot-to-empty-path", lambda s, r: ["plot", str(r), "-o", ""], message="--out is empty", needs_run=True),
     CliCase("run-lookahead-zero", lambda s, r: ["run", "--dataset", "digits", "--trials", "1", "--lookahead", "0", "--out", "new"], message="lookahead: must be >= 1 (got 0)"),
     CliCase("run-out-empty-path", lambda s, r: ["run", "--dataset", "digits", "--trials", "1", "--out", ""], message="--out is empty"),
     # Issue 27.2: a folder inside a run folder that is a symlink is never written through.

@@ -313,3 +313,18 @@ def test_run_json_prints_one_object_on_stdout(tmp_path):
     assert summary["study"] == "digits-mlp" and summary["complete"] + summary["pruned"] == 3 and summary["failed"] == 0
     assert summary["best_json"] == str(tmp_path / "run" / "best.json") and (tmp_path / "run" / "report.html").samefile(summary["report"])
     assert summary["best_params"] is not None and set(summary["best_params"]) == set(rec.hyperparameters)
+
+
+def test_out_is_the_one_name_for_where_output_goes_and_output_still_reads(results, tmp_path):
+    run = results / "digits-mlp"
+    cli = [sys.executable, "-m", "sofim_tune.cli.app"]
+    new = subprocess.run([*cli, "export", str(run), "--out", str(tmp_path / "new.json")], capture_output=True, text=True, timeout=120)
+    assert new.returncode == 0 and new.stderr == "", new.stderr
+    old = subprocess.run([*cli, "export", str(run), "--output", str(tmp_path / "old.json")], capture_output=True, text=True, timeout=120)
+    assert old.returncode == 0 and old.stderr.strip() == "note: --output is now --out (-o)", old.stderr
+    assert json.loads((tmp_path / "new.json").read_text())["hyperparameters"] == json.loads((tmp_path / "old.json").read_text())["hyperparameters"]
+    both = subprocess.run([*cli, "export", str(run), "--out", "a.json", "--output", "b.json"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert both.returncode == 2 and "give --out only" in both.stderr and not (tmp_path / "a.json").exists()
+    for command in ("run", "compare", "export", "plot", "compare-summary"):
+        help_text = subprocess.run([*cli, command, "--help"], capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"}).stdout
+        assert "--out" in help_text and "-o" in help_text and "--output" not in help_text, command

@@ -332,8 +332,8 @@ def test_no_password_in_outputs_files_or_the_study(three_workers, postgres):
     exported, plots = folder / "exported" / "best.json", folder / "plots"
     commands = {
         "show": (["show", *storage], url),
-        "export": (["export", *storage, "--output", exported], url),
-        "plot": (["plot", *storage, "--output", plots], url),
+        "export": (["export", *storage, "--out", exported], url),
+        "plot": (["plot", *storage, "--out", plots], url),
         # The run folder names the storage without its password, and says how to give it.
         "hint": (["show", out], None),
     }
