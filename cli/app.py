@@ -101,12 +101,9 @@ def user_errors(command: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except NothingFound as exc:
-            err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
-            raise typer.Exit(1) from None
         except UserInputError as exc:
             err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
-            raise typer.Exit(2) from None
+            raise typer.Exit(1 if isinstance(exc, NothingFound) else 2) from None
         except KeyboardInterrupt:
             err.print("interrupted; run the same command again to resume", highlight=False)
             raise typer.Exit(130) from None
@@ -460,7 +457,7 @@ def run(
     device: DeviceOpt = "auto",
     data_dir: DataDirOpt = None,
     download: DownloadOpt = False,
-    as_json: Annotated[bool, typer.Option("--json", help="At the end, print one JSON object (the study's counts, best trial, best.json, report, parallelism, seconds) instead of the summary table.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="At the end, print one JSON object (the fields of `show --json`, and best.json, report, parallelism, seconds) instead of the summary table.")] = False,
 ) -> None:
     """Search lr, rho and beta1 for a dataset and architecture; resume by running it again.
 
@@ -496,11 +493,12 @@ def run(
     with _LiveView() as live_view:
         outcome = tune(spec, options, backend=backend, on_progress=live_view)
     if as_json:
-        record, best = outcome.study, outcome.study.best_trial()
-        counts = {state: len(record.by_state(state)) for state in ("complete", "pruned", "failed")}
+        import dataclasses
+
+        from sofim_tune import runs
+
         print(json.dumps({
-            "study": record.name, "backend": record.backend, **counts, "diverged": sum(1 for t in record.trials if t.diverged),
-            "best_value": best.value if best else None, "best_params": dict(best.params) if best else None,
+            **dataclasses.asdict(runs.status(outcome.study)),  # the fields `show --json` prints
             "best_json": str(outcome.best_json) if outcome.best_json else None, "report": str(outcome.report) if outcome.report else None,
             "parallelism": outcome.parallelism, "seconds": round(time.monotonic() - started, 1),
         }))

@@ -310,7 +310,7 @@ def test_run_json_prints_one_object_on_stdout(tmp_path):
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)  # nothing else on stdout: the live view and notes go to stderr
     rec = load_recommendation(tmp_path / "run" / "best.json")
-    assert summary["study"] == "digits-mlp" and summary["complete"] + summary["pruned"] == 3 and summary["failed"] == 0
+    assert summary["name"] == "digits-mlp" and summary["counts"]["complete"] + summary["counts"]["pruned"] == 3 and summary["counts"]["failed"] == 0 and summary["finished"] is True
     assert summary["best_json"] == str(tmp_path / "run" / "best.json") and (tmp_path / "run" / "report.html").samefile(summary["report"])
     assert summary["best_params"] is not None and set(summary["best_params"]) == set(rec.hyperparameters)
 
