@@ -74,6 +74,8 @@ def batch_problem(config: TrialConfig, data: LoadedData) -> str | None:
         device = resolve_device(config.device)
     except UserInputError as error:
         return str(error)
+    if config.final:
+        return "a final run reports the outcome of every final image, which a batch does not record"
     problem = _arch_problem(config.arch or data.info.default_arch, data.info)
     if problem is not None:
         return problem

@@ -462,6 +462,51 @@ def _holdout(n: int, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
     return order[held:].sort().values, order[:held].sort().values
 
 
+# Mixed into the study's split seed, so that the final images are not the first images of the
+# search's training part in the order that drew its validation split.
+_FINAL_SEED_SALT = 0x5F1A1
+
+
+def final_images(n: int, fraction: float, final_seed: int, *, fixed_validation: bool = False) -> Tensor:
+    """The sorted indices, in a training pool of ``n`` images, of a study's *final* images.
+
+    The final runs (README, "How the recommendation is chosen") validate on them, and no
+    search or selection run scores them: they are drawn from the search's training part
+    (``_holdout(n, fraction, final_seed)``'s kept part; all of the pool when the dataset brings
+    its own ``val/``), as many as one validation split holds.
+    """
+    kept, held = _holdout(n, fraction, final_seed)
+    candidates = torch.arange(n) if fixed_validation else kept
+    if len(candidates) <= len(held):
+        raise UserInputError(f"cannot hold out {len(held)} final images from {n} sample(s) besides the validation split; use a smaller val_fraction or more data")
+    order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(final_seed ^ _FINAL_SEED_SALT))
+    return candidates[order[: len(held)]].sort().values
+
+
+def _split_indices(n: int, fraction: float, split_seed: int, final_seed: int | None, final: bool, fixed_validation: bool) -> tuple[Tensor, Tensor | None]:
+    """(training, validation) indices of a pool of ``n`` images; validation None means the
+    dataset's own ``val/`` validates (see :func:`load_data` for the rules)."""
+    if final_seed is None:
+        return (torch.arange(n), None) if fixed_validation else _holdout(n, fraction, split_seed)
+    held_out = final_images(n, fraction, final_seed, fixed_validation=fixed_validation)
+    rest = _complement(n, held_out)
+    if final:
+        return rest, held_out
+    if fixed_validation:
+        return torch.arange(n), None
+    if split_seed == final_seed:  # the search's own split: the final images lie in its training part
+        return _holdout(n, fraction, split_seed)
+    _, held = _holdout(len(rest), len(held_out) / len(rest), split_seed)
+    held = rest[held]
+    return _complement(n, held), held
+
+
+def _complement(n: int, index: Tensor) -> Tensor:
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[index] = False
+    return mask.nonzero().flatten()
+
+
 def _channel_stats(chunks: Iterable[Tensor], channels: int) -> tuple[Tensor, Tensor]:
     """Exact per-channel mean and std (float32, pixels scaled to [0, 1]) of ``uint8`` NCHW chunks.
 
@@ -531,6 +576,8 @@ def load_data(
     split_seed: int = 0,
     with_test: bool = False,
     image_size: int | None = None,
+    final_seed: int | None = None,
+    final: bool = False,
 ) -> LoadedData:
     """Load a registry dataset or an ImageFolder onto ``device``.
 
@@ -541,11 +588,18 @@ def load_data(
         device: where images live and batches are produced.
         data_dir: folder of the torchvision datasets; default :func:`default_data_dir`.
         download: let torchvision download missing files into ``data_dir``.
-        val_fraction: share of the training data held out for validation, in (0, 1);
-            ignored for an ImageFolder with ``val/``.
+        val_fraction: share of the training data held out for validation, in (0, 1); for an
+            ImageFolder with ``val/``, only the share of ``train/`` that is final (``final_seed``).
         split_seed: seed of the validation hold-out.
         with_test: also load the test split (``digits``: a fixed 20% of the images, the
             same for every ``split_seed``; ImageFolder: ``test/``, which must exist).
+        final_seed: the split seed of a study's search, whose final images
+            (:func:`final_images`) this load keeps out of validation: the search's own split
+            (``split_seed == final_seed``) is unchanged, since they lie in its training part;
+            any other split seed draws its validation images from the rest of the pool, and
+            an ImageFolder with ``val/`` validates on it. None: no final images (as before).
+        final: validate on the final images instead, and train on every other image of the
+            pool (``final_seed`` required). The final runs load this way.
         image_size: ImageFolder images are resized to this square side in pixels (8 to
             :data:`MAX_IMAGE_SIZE`); by default they keep their size when all share one square size, and
             are resized to the median side otherwise (see :func:`dataset_info_for`). For a
@@ -572,8 +626,10 @@ def load_data(
         test = _torchvision_pool(dataset, root, train=False, download=download) if with_test else None
     else:
         info, train, val, test = _folder_data(Path(dataset), image_size, with_test)
-    if val is None:
-        kept, held = _holdout(len(train), val_fraction, split_seed)
+    if final and final_seed is None:
+        raise UserInputError("final runs need the study's split seed (final_seed) to know which images are final")
+    kept, held = _split_indices(len(train), val_fraction, split_seed, final_seed, final, fixed_validation=val is not None)
+    if held is not None:
         train, val = train.subset(kept), train.subset(held)
     mean, std = _channel_stats(train.stats_chunks(), info.channels)
     placement = _Placement(torch.device(device), mean, std, augment=info.augment)

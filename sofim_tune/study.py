@@ -374,12 +374,22 @@ def check_resumable(meta: Mapping[str, Any], spec: StudySpec, space: SearchSpace
 
 
 def trial_config(
-    spec: StudySpec, space: SearchSpace, hyperparameters: Mapping[str, float], *, seed: int, device: str, options: RunOptions, evaluate_test: bool = False, split_seed: int | None = None
+    spec: StudySpec,
+    space: SearchSpace,
+    hyperparameters: Mapping[str, float],
+    *,
+    seed: int,
+    device: str,
+    options: RunOptions,
+    evaluate_test: bool = False,
+    split_seed: int | None = None,
+    final: bool = False,
 ) -> TrialConfig:
-    """The TrialConfig of one trial; both backends and the confirmation step build it here.
+    """The TrialConfig of one trial; both backends, the selection and the final runs build it here.
 
-    Search trials train on the spec's split (``split_seed=None``); confirmation runs pass
-    their own, so that they are not scored on the images that selected them.
+    Search trials train on the spec's split (``split_seed=None``). Selection runs pass their
+    own, so that they are not scored on the images that selected them, and keep the study's
+    final images out of their validation; ``final`` runs validate on exactly those.
     """
     optimizer_keys = {k: v for k, v in space.fixed.items() if k not in ("batch_size", "epochs")}
     return TrialConfig(
@@ -395,6 +405,8 @@ def trial_config(
         download=options.download,
         val_fraction=spec.val_fraction,
         split_seed=spec.split_seed if split_seed is None else split_seed,
+        final_seed=None if split_seed is None and not final else spec.split_seed,
+        final=final,
         evaluate_test=evaluate_test,
         augment=spec.augment,
         image_size=spec.image_size,
@@ -597,7 +609,7 @@ def _jobs(configs: Sequence[TrialConfig], batch_trials: int) -> list[tuple[list[
         return [([i], 1) for i in range(len(configs))]
     groups: dict[tuple[Any, ...], list[int]] = {}
     for index, config in enumerate(configs):
-        shared = (config.dataset, config.arch, config.optimizer, config.batch_size, config.device, config.val_fraction, config.split_seed, config.image_size, config.data_dir)
+        shared = (config.dataset, config.arch, config.optimizer, config.batch_size, config.device, config.val_fraction, config.split_seed, config.final_seed, config.final, config.image_size, config.data_dir)
         groups.setdefault(shared, []).append(index)
     return [(indices, min(batch_trials, len(indices))) for indices in groups.values()]
 

@@ -62,6 +62,12 @@ class TrialConfig:
         download: let torchvision download missing files.
         val_fraction: share of the training data held out for validation, in (0, 1).
         split_seed: seeds the train/validation split; fixed across a study.
+        final_seed: the split seed of the study's search, whose final images this run never
+            validates on (``sofim_tune.data.load_data``); None (search trials, runs of your
+            own) splits as ``split_seed`` alone says.
+        final: a final run: train on every image but the study's final ones and validate on
+            them (``final_seed`` required); the result then lists, per final image, whether
+            the trained model classified it right (``TrialResult.val_correct``).
         evaluate_test: also measure the test split after the last epoch.
         augment: the training augmentation, one of ``none``, ``crop`` (random 4-pixel
             shift), ``flip`` (horizontal mirror) and ``crop-flip``; None takes the
@@ -90,6 +96,8 @@ class TrialConfig:
     download: bool = False
     val_fraction: float = 0.1
     split_seed: int = 0
+    final_seed: int | None = None
+    final: bool = False
     evaluate_test: bool = False
     augment: str | None = None
     image_size: int | None = None
@@ -115,6 +123,8 @@ class TrialConfig:
             raise UserInputError(f"batch size must be >= 1, got {self.batch_size}")
         if not 0.0 < self.val_fraction < 1.0:
             raise UserInputError(f"val fraction must lie in (0, 1), got {self.val_fraction}")
+        if self.final and self.final_seed is None:
+            raise UserInputError("a final run needs final_seed, the split seed of the study whose final images it validates on")
         if self.augment is not None:
             check_augment(self.augment)
         if self.image_size is not None and not (isinstance(self.image_size, int) and self.image_size >= 8):
@@ -148,6 +158,9 @@ class TrialResult:
         augment: the training augmentation used: ``config.augment``, or the dataset's
             default when that is None.
         preprocessing: what loading did to the images, in words (``DatasetInfo.preprocessing``).
+        val_correct: final runs only (``config.final``): per validation image, in index order,
+            1 where the trained model classified it right, else 0 (all 0 for a run that did not
+            complete); None otherwise.
     """
 
     status: TrialStatus
@@ -162,6 +175,7 @@ class TrialResult:
     error: str | None = None
     augment: str | None = None
     preprocessing: str | None = None
+    val_correct: list[int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -200,13 +214,31 @@ def resolve_device(name: str) -> torch.device:
 
 @functools.lru_cache(maxsize=2)
 def _cached_data(
-    dataset: str, device: torch.device, data_dir: str | None, download: bool, val_fraction: float, split_seed: int, with_test: bool, image_size: int | None
+    dataset: str,
+    device: torch.device,
+    data_dir: str | None,
+    download: bool,
+    val_fraction: float,
+    split_seed: int,
+    with_test: bool,
+    image_size: int | None,
+    final_seed: int | None,
+    final: bool,
 ) -> LoadedData:
     # The trials of a study share one dataset; decoding it once per process is what makes
     # a worker's second trial start at once. The augmentation is no part of the key: it is
     # applied per batch, so trials with different modes share the decoded images.
     return load_data(
-        dataset, device=device, data_dir=data_dir, download=download, val_fraction=val_fraction, split_seed=split_seed, with_test=with_test, image_size=image_size
+        dataset,
+        device=device,
+        data_dir=data_dir,
+        download=download,
+        val_fraction=val_fraction,
+        split_seed=split_seed,
+        with_test=with_test,
+        image_size=image_size,
+        final_seed=final_seed,
+        final=final,
     )
 
 
@@ -229,7 +261,7 @@ def prepare_trial(config: TrialConfig) -> LoadedData:
 def _validated_data(config: TrialConfig) -> LoadedData:
     config.validate()
     device = resolve_device(config.device)
-    return _cached_data(config.dataset, device, config.data_dir, config.download, config.val_fraction, config.split_seed, config.evaluate_test, config.image_size)
+    return _cached_data(config.dataset, device, config.data_dir, config.download, config.val_fraction, config.split_seed, config.evaluate_test, config.image_size, config.final_seed, config.final)
 
 
 def _evaluate(model: torch.nn.Module, split: Split, batch_size: int, autocast: contextlib.AbstractContextManager[Any]) -> tuple[float, float]:
@@ -245,6 +277,14 @@ def _evaluate(model: torch.nn.Module, split: Split, batch_size: int, autocast: c
             correct = batch_correct if correct is None else correct + batch_correct
     totals = torch.stack([loss_sum, correct.to(loss_sum.dtype)]).tolist()
     return totals[0] / len(split), totals[1] / len(split)
+
+
+def _correct_per_image(model: torch.nn.Module, split: Split, batch_size: int, autocast: contextlib.AbstractContextManager[Any]) -> list[int]:
+    """Per image of ``split``, in order: 1 where the model's prediction is right, else 0."""
+    model.eval()
+    with torch.no_grad(), autocast:
+        correct = [model(x).float().argmax(dim=1) == y for x, y in split.batches(max(batch_size, 512), shuffle=False, augment="none")]
+    return torch.cat(correct).int().tolist()
 
 
 def train_trial(config: TrialConfig, reporter: Reporter | None = None, *, data: LoadedData | None = None) -> TrialResult:
@@ -289,7 +329,8 @@ def train_trial(config: TrialConfig, reporter: Reporter | None = None, *, data: 
             config=config,
             augment=augment,
             preprocessing=data.info.preprocessing,
-            **extra,
+            # A final run that did not complete classified no final image right.
+            **{"val_correct": [0] * len(data.val) if config.final else None, **extra},
         )
 
     torch.manual_seed(config.seed)
@@ -349,4 +390,6 @@ def train_trial(config: TrialConfig, reporter: Reporter | None = None, *, data: 
     if config.evaluate_test and data.test is not None:
         _, test_accuracy = _evaluate(model, data.test, config.batch_size, autocast)
         history[-1]["test_accuracy"] = test_accuracy
+    if config.final:
+        return result("completed", val_correct=_correct_per_image(model, data.val, config.batch_size, autocast))
     return result("completed")
