@@ -37,7 +37,7 @@ import plotly.graph_objects as go
 from sofim_tune.errors import UserInputError
 from sofim_tune.files import read_json, write_text_atomic
 from sofim_tune.pages import FIGURE_HEIGHT, figure_sections, html_page
-from sofim_tune.selection import interval95
+from sofim_tune.selection import headline_interval
 
 SCHEMA_ID = "sofim-tune/comparison/v1"
 TEST = "Welch's t-test"
@@ -85,10 +85,10 @@ class OptimizerResult:
         optimizer: ``sofim``, ``sgd-momentum``, ``adamw``, ``sofim-tensor``, ...
         run_dir: its run folder, relative to the compare folder (``sofim``).
         hyperparameters: the recommended settings.
-        values: the recommended candidate's confirmed metric, one per confirmation seed
-            (a fraction in [0, 1] for ``val_accuracy``).
-        curves: per confirmation seed, the metric after each epoch.
-        test_accuracy: mean test accuracy over the confirmation seeds, or None.
+        values: the recommended setting's metric in its final runs, one per seed (a fraction
+            in [0, 1] for ``val_accuracy``).
+        curves: per final run, the metric after each epoch.
+        test_accuracy: mean test accuracy over the final runs, or None.
         tuning_epochs: training epochs the search spent (pruned trials count theirs).
         tuning_seconds: wall-clock seconds during which at least one search trial ran
             (:func:`sofim_tune.tuning.wall_seconds`: overlapping trials count once).
@@ -97,6 +97,9 @@ class OptimizerResult:
         seeds: the confirmation seed of each value. Two optimizers whose values come from the
             same seeds (and so the same splits) are compared pairwise (:func:`paired_verdict`);
             otherwise, or when unknown (empty), by :func:`welch_verdict`.
+        image_hits: per final image, how many of the runs classified it right (empty when
+            unknown); the interval then counts the images' share of the error
+            (:func:`sofim_tune.selection.headline_interval`), as best.json's does.
     """
 
     optimizer: str
@@ -109,6 +112,7 @@ class OptimizerResult:
     tuning_seconds: float
     best_so_far: list[tuple[int, float]]
     seeds: list[int] = field(default_factory=list)
+    image_hits: list[int] = field(default_factory=list)
 
 
 _NAMES = {"sofim": "SOFIM", "sofim-tensor": "SOFIM (per-tensor)", "sgd-momentum": "SGD-momentum",
@@ -346,7 +350,7 @@ def build_comparison(dataset: str, arch: str, metric: str, direction: str,
     optimizers = {}
     for r in results:
         values = [float(v) for v in r.values]
-        low, high = interval95(values)
+        low, high = headline_interval(values, r.image_hits)
         optimizers[r.optimizer] = {
             "run_dir": str(r.run_dir),
             "hyperparameters": {k: float(v) for k, v in r.hyperparameters.items()},

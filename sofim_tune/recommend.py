@@ -31,7 +31,7 @@ from sofim_tune.files import read_json, redact_storage_url, write_text_atomic
 from sofim_tune.optim import OPTIMIZER_HYPERPARAMETERS, build_optimizer, hyperparameter_problem
 from sofim_tune.records import Confirmation, StudyRecord
 from sofim_tune.schedules import build_scheduler
-from sofim_tune.selection import CRITERION, current_confirmations, distinct_ranked, interval95, no_completed_trial, pick_recommended, regime, robust_score
+from sofim_tune.selection import CRITERION, current_confirmations, current_final, distinct_ranked, headline_interval, no_completed_trial, pick_recommended, regime, robust_score
 from sofim_tune.study import EDGE_SHARE
 
 SCHEMA_ID = "sofim-tune/recommendation/v1"
@@ -57,16 +57,22 @@ __all__ = [
 
 @dataclass(frozen=True)
 class ConfirmSummary:
-    """The recommended configuration retrained with fresh seeds.
+    """The headline numbers: the recommended configuration retrained with fresh seeds.
 
     Attributes:
         seeds: the seeds used, one training run each.
         mean, std: mean and sample standard deviation (n − 1) of the metric over the runs,
             in metric units (accuracy in [0, 1]).
-        ci95: the 95% Student-t interval of the mean, ``[low, high]``; None in files
-            written before it was recorded, or from a single run.
-        split_seeds: each run's train/validation split; none is the search's.
+        ci95: the 95% interval of the mean, ``[low, high]``: for final runs of an accuracy,
+            over seeds and final images (:func:`sofim_tune.selection.headline_interval`), else
+            Student-t over the runs; None in files written before it was recorded.
+        split_seeds: each run's train/validation split (final runs: the search's, whose final
+            images they validate on).
         protocol: how the runs relate to the data that selected the configuration.
+        runs: ``final`` (after the choice, on images no earlier run scored) or ``selection``
+            (the runs that chose it, in files of earlier releases: biased upward by the
+            choice); None in files written before it was recorded.
+        images: how many final images each final run validated on.
     """
 
     seeds: list[int]
@@ -75,6 +81,8 @@ class ConfirmSummary:
     ci95: tuple[float, float] | None = None
     split_seeds: list[int] | None = None
     protocol: str | None = None
+    runs: Literal["final", "selection"] | None = None
+    images: int | None = None
 
 
 @dataclass(frozen=True)
@@ -85,8 +93,9 @@ class MetricSummary:
         name: the study's metric (``val_accuracy``).
         direction: ``maximize`` or ``minimize``.
         value: the recommended configuration's metric value during the search.
-        confirm: seed confirmation, or None before the confirm step.
-        test_accuracy: accuracy in [0, 1] on the held-out test set, when measured.
+        confirm: the headline runs (the final runs), or None before the confirm step.
+        test_accuracy: mean accuracy in [0, 1] of the final runs on the dataset's test split,
+            when it has one; nothing is chosen on it.
     """
 
     name: str
@@ -191,7 +200,7 @@ class Recommendation:
             confirm["ci95"] = list(confirm["ci95"])
         # Fields added after the first release are left out when unknown, so that a file
         # written by that release round-trips unchanged.
-        for table, keys in ((data, ("selection",)), (data["sensitivity"], ("edges", "regime")), (data["study"], ("widened",)), (confirm or {}, ("ci95", "split_seeds", "protocol"))):
+        for table, keys in ((data, ("selection",)), (data["sensitivity"], ("edges", "regime")), (data["study"], ("widened",)), (confirm or {}, ("ci95", "split_seeds", "protocol", "runs", "images"))):
             for key in keys:
                 if table.get(key, 0) is None:
                     del table[key]
@@ -367,9 +376,11 @@ def _versions(backend: str) -> dict[str, str]:
     }
 
 
-# How a confirmation's runs relate to the data that selected the candidate (selection.py).
-PROTOCOL = "resplit: each run trains and validates on its own random split of the training data, not the split the search selected on"
+# How the headline runs relate to the data that selected the configuration (selection.py).
+FINAL_PROTOCOL = "final: fresh seeds after the choice, each run validated on the study's final images, which no search or selection run scored"
+PROTOCOL = "resplit: each run trains and validates on its own random split of the training data, not the split the search selected on; these runs also chose the configuration"
 FIXED_PROTOCOL = "fixed validation: every run validates on the dataset's own val/ images, which the search selected on too; the spread is over seeds only"
+SELECTION_RUNS = "selection runs: they chose among the candidates, so the chosen one's mean is biased upward; the headline (metric.confirm) is from the final runs"
 
 
 def edges(study: StudyRecord, params: Mapping[str, float]) -> list[dict[str, Any]]:
@@ -386,14 +397,24 @@ def edges(study: StudyRecord, params: Mapping[str, float]) -> list[dict[str, Any
     return found
 
 
-def _confirm_summary(chosen: Confirmation) -> ConfirmSummary:
+def _confirm_summary(runs: Confirmation) -> ConfirmSummary:
+    """The headline of final runs, or of the chosen candidate's selection runs where a study
+    has no final runs (it was exported by an earlier release)."""
+    if runs.final:
+        protocol = FINAL_PROTOCOL
+    elif runs.split_seeds:
+        protocol = PROTOCOL if len(set(runs.split_seeds)) == len(runs.split_seeds) else FIXED_PROTOCOL
+    else:
+        protocol = None
     return ConfirmSummary(
-        seeds=list(chosen.seeds),
-        mean=float(chosen.mean),
-        std=float(chosen.std),
-        ci95=interval95(chosen.values) if len(chosen.values) >= 2 else None,
-        split_seeds=list(chosen.split_seeds) or None,
-        protocol=(PROTOCOL if len(set(chosen.split_seeds)) == len(chosen.split_seeds) else FIXED_PROTOCOL) if chosen.split_seeds else None,
+        seeds=list(runs.seeds),
+        mean=float(runs.mean),
+        std=float(runs.std),
+        ci95=headline_interval(runs.values, runs.image_hits) if len(runs.values) >= 2 else None,
+        split_seeds=list(runs.split_seeds) or None,
+        protocol=protocol,
+        runs="final" if runs.final else "selection",
+        images=len(runs.image_hits) or None,
     )
 
 
@@ -417,13 +438,14 @@ def _selection(study: StudyRecord, confirmations: Sequence[Confirmation], chosen
         why = "it has the best mean and the best robust score"
     else:
         why = f"candidate {best_mean + 1} has a better mean, but a neighbour of it scores {candidates[best_mean]['score']:.4f}; this one holds {candidates[index]['score']:.4f}"
-    return {"criterion": CRITERION, "candidates": candidates, "chosen": index, "why": why}
+    return {"criterion": CRITERION, "runs": SELECTION_RUNS, "candidates": candidates, "chosen": index, "why": why}
 
 
 def build_recommendation(
     study: StudyRecord,
     *,
     confirmations: Sequence[Confirmation] | None = None,
+    final: Confirmation | None = None,
     test_accuracy: float | None = None,
     device: str = "cpu",
     tolerance: float = 0.01,
@@ -431,10 +453,12 @@ def build_recommendation(
     """Assemble the recommendation for a study, finished or still running.
 
     Args:
-        confirmations: seed confirmations to pick from; None uses the study's own
-            while they are current (:func:`current_confirmations`), ``()`` ignores them.
+        confirmations: selection runs to pick from; None uses the study's own while they
+            are current (:func:`current_confirmations`), ``()`` ignores them.
+        final: the chosen setting's final runs, the headline; None uses the study's stored
+            ones of that setting (:func:`current_final`), else the chosen selection runs.
         test_accuracy: held-out test accuracy in [0, 1] of the recommended configuration;
-            None falls back to the chosen confirmation's.
+            None falls back to the headline runs'.
         device: the accelerator the study trained on, for provenance.
         tolerance: metric units, for :func:`good_region`.
 
@@ -447,13 +471,16 @@ def build_recommendation(
     if confirmations is None:
         confirmations = current_confirmations(study)
     params, chosen = pick_recommended(study, confirmations)
+    if final is None or final.params != params:
+        final = current_final(study, params)
+    headline = final or chosen
     same = [t for t in distinct_ranked(study) if t.params == params]
     # A confirmed configuration is normally one of the study's trials; if not, its mean
     # over seeds is the only value there is.
-    value = same[0].value if same else chosen.mean
-    if test_accuracy is None and chosen is not None:
-        test_accuracy = chosen.test_accuracy
-    fisher_ratio = chosen.fisher_ratio if chosen is not None else None
+    value = same[0].value if same else headline.mean
+    if test_accuracy is None and headline is not None:
+        test_accuracy = headline.test_accuracy
+    fisher_ratio = headline.fisher_ratio if headline is not None else None
     return Recommendation(
         dataset=study.dataset,
         arch=study.arch,
@@ -464,7 +491,7 @@ def build_recommendation(
             name=study.metric,
             direction=study.direction,
             value=float(value),
-            confirm=_confirm_summary(chosen) if chosen is not None else None,
+            confirm=_confirm_summary(headline) if headline is not None else None,
             test_accuracy=test_accuracy,
         ),
         sensitivity=Sensitivity(

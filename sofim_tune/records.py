@@ -48,7 +48,8 @@ class TrialRecord:
 
 @dataclass(frozen=True)
 class Confirmation:
-    """A candidate configuration retrained with fresh seeds before one is recommended.
+    """A configuration retrained with fresh seeds: a candidate's *selection* runs, which choose
+    the recommendation, or the chosen one's *final* runs, which measure it (``final``).
 
     Attributes:
         params: the candidate's hyperparameters.
@@ -61,6 +62,10 @@ class Confirmation:
             the metric of runs with the first seeds, in seed order.
         fisher_ratio: median over the runs of each run's median ‖m̂‖²/ρ (SOFIM only).
         curves: the metric after each epoch of each run, in seed order.
+        final: True for the final runs: after the choice, on the study's final images, which no
+            search or selection run scored (their ``split_seeds`` are the search's).
+        image_hits: final runs only: per final image, how many of the runs classified it right;
+            the headline interval's image term comes from them (``selection.headline_interval``).
     """
 
     params: dict[str, float]
@@ -71,6 +76,8 @@ class Confirmation:
     neighbours: dict[str, list[float]] = field(default_factory=dict)
     fisher_ratio: float | None = None
     curves: list[list[float]] = field(default_factory=list)
+    final: bool = False
+    image_hits: list[int] = field(default_factory=list)
 
     @property
     def mean(self) -> float:
@@ -99,7 +106,8 @@ class StudyRecord:
         epochs, batch_size, fixed: training settings shared by every trial.
         trials: every trial, in number order.
         target_trials: how many finished trials the study aims for.
-        confirmations: seed-confirmation results, once the confirm step ran.
+        confirmations: the selection runs of each candidate, then the chosen one's final runs
+            (``Confirmation.final``), once the study was exported.
         created: when the study started.
         bounds: per searched optimizer hyperparameter, the ``(low, high)`` of the space
             (after any widening); empty when unknown.

@@ -107,8 +107,9 @@ _EXPLAIN = {
         "diverged ones red with a cross where they diverged."
     ),
     "confirmation": (
-        "The top configurations retrained with fresh seeds: mean ± std over seeds, "
-        "single runs as small dots."
+        "The top configurations retrained with fresh seeds to choose among them (#1, #2, ...), "
+        "then the chosen one's final runs on images no earlier run scored: mean ± std over "
+        "seeds, single runs as small dots."
     ),
 }
 
@@ -537,7 +538,7 @@ def _confirmation(study: StudyRecord, rec: Recommendation | None) -> go.Figure:
     if not confirmations:
         _note(fig, "No seed confirmation yet: the top configurations have not been "
                    "retrained with fresh seeds.")
-    labels = [f"#{i}<br>{_short(c.params)}" for i, c in enumerate(confirmations, start=1)]
+    labels = [f"{'final' if c.final else f'#{i}'}<br>{_short(c.params)}" for i, c in enumerate(confirmations, start=1)]
     recommended = rec.hyperparameters if rec is not None else None
     fig.add_scatter(
         x=[label for label, c in zip(labels, confirmations) for _ in c.values],
@@ -613,9 +614,9 @@ def _selection_lines(study: StudyRecord, rec: Recommendation) -> list[str]:
 
 
 def _confirm_line(confirm: ConfirmSummary) -> str:
-    """Mean ± std over the confirmation runs, the 95% interval and how the runs were made."""
+    """Mean ± std over the headline runs, the 95% interval and how the runs were made."""
     runs = len(confirm.seeds)
-    line = (f"Confirmed: <b>{_fmt(confirm.mean)} ± {_fmt(confirm.std)}</b> (mean ± sample std "
+    line = (f"{'Final runs' if confirm.runs == 'final' else 'Confirmed'}: <b>{_fmt(confirm.mean)} ± {_fmt(confirm.std)}</b> (mean ± sample std "
             f"over {runs} run{'s' * (runs != 1)}, seeds {', '.join(map(str, confirm.seeds))})")
     if confirm.ci95 is not None:
         line += f"; 95% interval of the mean {_fmt(confirm.ci95[0])} to {_fmt(confirm.ci95[1])}"

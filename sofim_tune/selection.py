@@ -1,5 +1,6 @@
-"""Choosing what to recommend: rank the search's trials, retrain the best candidates and their
-lr × 2 neighbour on fresh seeds and fresh splits, and pick by a criterion that a cliff cannot fool.
+"""Choosing what to recommend and measuring it: rank the search's trials, retrain the best
+candidates and their lr × 2 neighbour on fresh seeds and fresh splits, pick by a criterion that
+a cliff cannot fool, then measure the chosen setting on runs that played no part in the choice.
 
 The protocol (the README's "How the recommendation is chosen" says the same):
 
@@ -16,12 +17,16 @@ The protocol (the README's "How the recommendation is chosen" says the same):
    neighbour falls more than :data:`CLIFF_SHARE` (2%) of that mean below it; then that
    neighbour's mean plus the 2%. Among flat candidates the best mean wins, and a candidate on
    a cliff (2 × lr loses many points) loses to a slightly worse but flat one.
-5. Its mean, sample standard deviation and 95% Student-t interval over the runs are
-   reported.
+5. The *final runs* (:func:`final_runs`) retrain the chosen setting on seeds no earlier run
+   used, and validate it on the study's *final images* (``sofim_tune.data.final_images``):
+   images of the search's training part that no search or selection run scored. The
+   headline mean and interval (:func:`headline_interval`) come from these runs alone, so
+   the choice among noisy candidates (the winner's curse) does not bias them; the
+   selection runs' means stay in best.json under ``selection``.
 
 What the protocol may cost is bounded (:func:`plan_confirmation`): everything after the
 search trains at most :data:`PROTOCOL_SHARE` (half) of the epochs the search trained; fewer
-seeds, then fewer candidates, then no neighbour are run rather than more.
+seeds, then fewer candidates, then no neighbour, then fewer final runs are run rather than more.
 """
 
 from __future__ import annotations
@@ -46,7 +51,11 @@ __all__ = [
     "confirm_top",
     "confirmation_seeds",
     "current_confirmations",
+    "current_final",
     "distinct_ranked",
+    "final_runs",
+    "final_seeds",
+    "headline_interval",
     "interval95",
     "no_completed_trial",
     "neighbour_settings",
@@ -67,6 +76,8 @@ PROTOCOL_SHARE = 0.5
 CLIFF_SHARE = 0.02
 # Seeds far from those of search trials (spec.seed + logical index); see confirmation_seeds.
 _CONFIRM_SEED_BASE = 1_000_003
+# Final runs' seeds lie this far above the selection runs', more than any plan's selection seeds.
+_FINAL_SEED_OFFSET = 500_000
 # ‖m̂‖²/ρ below this, SOFIM steps like SGD with averaged momentum; above its inverse, a
 # normalised step. One decade either side of 1, where both terms of ρ + ‖m̂‖² matter.
 _REGIME_DECADE = 0.1
@@ -81,12 +92,15 @@ class Measurement:
         test_accuracy: accuracy on the test split, or None (not measured, or no test split).
         fisher_ratio: the run's median ‖m̂‖²/ρ (SOFIM only), or None.
         curve: the metric after each epoch, as far as the run got.
+        image_correct: a final run's outcome per final image (1: right), when the metric is
+            an accuracy; empty otherwise.
     """
 
     value: float
     test_accuracy: float | None = None
     fisher_ratio: float | None = None
     curve: tuple[float, ...] = ()
+    image_correct: tuple[int, ...] = ()
 
 
 def no_completed_trial(study: StudyRecord) -> NothingFound:
@@ -120,47 +134,63 @@ def confirmation_seeds(search_seed: int, trials: int, search_split_seed: int, co
     return seeds, splits
 
 
+def final_seeds(search_seed: int, trials: int, count: int) -> list[int]:
+    """Weight seeds of ``count`` final runs: none a search trial's (as :func:`confirmation_seeds`)
+    and none a selection run's."""
+    base = max(_CONFIRM_SEED_BASE, search_seed + trials) + _FINAL_SEED_OFFSET
+    return [base + i for i in range(count)]
+
+
 @dataclass(frozen=True)
 class ConfirmationPlan:
-    """What the confirmation runs: ``top`` candidates × ``seeds`` runs each, plus each
-    candidate's neighbours on ``neighbour_seeds`` of those seeds; every run trains ``run_epochs``."""
+    """What runs after the search: ``top`` candidates × ``seeds`` selection runs each, plus each
+    candidate's neighbours on ``neighbour_seeds`` of those seeds, then ``final_runs`` runs of
+    the chosen one; every run trains ``run_epochs``."""
 
     top: int
     seeds: int
     neighbour_seeds: int
+    final_runs: int
     run_epochs: int
 
     @property
-    def runs(self) -> int:
+    def selection_runs(self) -> int:
         return self.top * (self.seeds + len(NEIGHBOURS) * self.neighbour_seeds)
+
+    @property
+    def runs(self) -> int:
+        return self.selection_runs + self.final_runs
 
     @property
     def epochs(self) -> int:
         return self.runs * self.run_epochs
 
 
-def plan_confirmation(search_epochs: int, run_epochs: int, *, top: int, seeds: int) -> ConfirmationPlan:
-    """The most of ``top`` candidates × ``seeds`` runs (and their neighbours) that trains at most
-    :data:`PROTOCOL_SHARE` of ``search_epochs`` in all.
+def plan_confirmation(search_epochs: float, run_epochs: int, *, top: int, seeds: int) -> ConfirmationPlan:
+    """The most of ``top`` candidates × ``seeds`` selection runs (and their neighbours), and
+    ``seeds`` final runs, that trains at most :data:`PROTOCOL_SHARE` of ``search_epochs`` in all.
 
-    Over the budget, seeds go first (down to 2, the fewest an interval needs), then candidates
-    (down to 1), then the neighbours. One candidate on two seeds always runs, even where that
-    alone exceeds the budget: the recommendation's interval needs them.
+    Over the budget, selection seeds go first (down to 2), then candidates (down to 1), then
+    the neighbours, then final runs (down to 2, the fewest an interval needs). One candidate
+    on two seeds and two final runs always run, even where that alone exceeds the budget.
 
     Args:
-        search_epochs: epochs the search trained, every trial's (pruned ones included).
-        run_epochs: epochs of one confirmation run, >= 1.
-        top, seeds: the most candidates and seeds per candidate (the spec's ``confirm_top``
-            and ``confirm_seeds``).
+        search_epochs: epochs the search trained, every trial's (pruned ones included);
+            ``math.inf`` for no bound.
+        run_epochs: epochs of one run, >= 1.
+        top, seeds: the most candidates, and seeds per candidate and final runs (the spec's
+            ``confirm_top`` and ``confirm_seeds``).
     """
     allowed = PROTOCOL_SHARE * search_epochs
-    plan = ConfirmationPlan(top, seeds, min(NEIGHBOUR_SEEDS, seeds), run_epochs)
+    plan = ConfirmationPlan(top, seeds, min(NEIGHBOUR_SEEDS, seeds), seeds, run_epochs)
     while plan.epochs > allowed and plan.seeds > 2:
         plan = dataclasses.replace(plan, seeds=plan.seeds - 1, neighbour_seeds=min(plan.neighbour_seeds, plan.seeds - 1))
     while plan.epochs > allowed and plan.top > 1:
         plan = dataclasses.replace(plan, top=plan.top - 1)
     if plan.epochs > allowed:
         plan = dataclasses.replace(plan, neighbour_seeds=0)
+    while plan.epochs > allowed and plan.final_runs > 2:
+        plan = dataclasses.replace(plan, final_runs=plan.final_runs - 1)
     return plan
 
 
@@ -242,15 +272,47 @@ def robust_score(confirmation: Confirmation, direction: str) -> float:
 
 
 def current_confirmations(study: StudyRecord) -> list[Confirmation]:
-    """The study's stored confirmations while they still belong to its top trials, else none.
+    """The study's stored selection runs while they still belong to its top trials, else none.
 
     A confirmation retrained the configurations that ranked best when it ran; once a
     better trial has joined the study (it was extended), they no longer say anything
     about what to recommend.
     """
-    stored = study.confirmations
+    stored = [c for c in study.confirmations if not c.final]
     top = [t.params for t in distinct_ranked(study)[: len(stored)]]
-    return list(stored) if [c.params for c in stored] == top else []
+    return stored if [c.params for c in stored] == top else []
+
+
+def current_final(study: StudyRecord, params: dict[str, float]) -> Confirmation | None:
+    """The study's stored final runs of ``params``, if any."""
+    return next((c for c in study.confirmations if c.final and c.params == params), None)
+
+
+def final_runs(params: dict[str, float], evaluate: Callable[[list[tuple[dict[str, float], int, int]]], Sequence[Measurement]], *, seeds: Sequence[int], split_seed: int) -> Confirmation:
+    """Retrain the chosen ``params`` once per seed of ``seeds`` (at least 2), each validated on
+    the study's final images (the search's ``split_seed`` names them); the headline numbers.
+
+    Args:
+        evaluate: as :func:`confirm_top`'s, for ``(params, seed, split_seed)`` jobs; each
+            :class:`Measurement` carries its ``image_correct``.
+    """
+    if len(seeds) < 2:
+        raise UserInputError(f"the final runs need at least two seeds for an interval, got {len(seeds)}")
+    measured = list(evaluate([(dict(params), seed, split_seed) for seed in seeds]))
+    tests = [m.test_accuracy for m in measured if m.test_accuracy is not None]
+    ratios = [m.fisher_ratio for m in measured if m.fisher_ratio is not None]
+    rows = [m.image_correct for m in measured]
+    return Confirmation(
+        params=dict(params),
+        seeds=list(seeds),
+        values=[m.value for m in measured],
+        test_accuracy=statistics.fmean(tests) if tests else None,
+        split_seeds=[split_seed] * len(seeds),
+        fisher_ratio=statistics.median(ratios) if ratios else None,
+        curves=[list(m.curve) for m in measured],
+        final=True,
+        image_hits=[sum(column) for column in zip(*rows, strict=True)] if all(rows) else [],
+    )
 
 
 def pick_recommended(study: StudyRecord, confirmations: Sequence[Confirmation]) -> tuple[dict[str, float], Confirmation | None]:
@@ -280,6 +342,49 @@ def interval95(values: Sequence[float]) -> tuple[float, float]:
         raise UserInputError("an interval needs at least two runs")
     mean = statistics.fmean(values)
     half = float(stats.t.ppf(0.975, len(values) - 1)) * statistics.stdev(values) / math.sqrt(len(values))
+    return mean - half, mean + half
+
+
+def headline_interval(values: Sequence[float], image_hits: Sequence[int]) -> tuple[float, float]:
+    """The 95% interval of the final runs' mean accuracy, over seeds *and* images.
+
+    All final runs validate on the same final images, so their spread says nothing about
+    which images happened to be final; on 431 digits images that alone is worth about
+    ±0.8 points. With ``image_hits`` (per image, how many of the ``len(values)`` runs got it
+    right) the runs × images table is analysed as a two-way random-effects design without
+    replication: the mean's variance is ``(MS_seeds + MS_images − MS_residual) / (runs ×
+    images)``, each variance component at least 0, and its degrees of freedom
+    Satterthwaite's. Without ``image_hits`` (a loss metric, files of earlier releases) it is
+    :func:`interval95` over the runs: seeds only.
+
+    Args:
+        values: each final run's accuracy in [0, 1], at least 2.
+        image_hits: per final image, the count of runs that classified it right, 0..runs.
+    """
+    from scipy import stats
+
+    if not image_hits:
+        return interval95(values)
+    runs, images = len(values), len(image_hits)
+    if runs < 2 or images < 2:
+        raise UserInputError("an interval needs at least two runs and two images")
+    mean = statistics.fmean(values)
+    ms_seeds = images * sum((v - mean) ** 2 for v in values) / (runs - 1)
+    ms_images = runs * sum((h / runs - mean) ** 2 for h in image_hits) / (images - 1)
+    # Outcomes are 0 or 1, so the total sum of squares is runs × images × mean × (1 − mean).
+    ss_total = runs * images * mean * (1 - mean)
+    ms_residual = max(ss_total - (runs - 1) * ms_seeds - (images - 1) * ms_images, 0.0) / ((runs - 1) * (images - 1))
+    # A component whose mean square falls below the residual's is estimated as 0: its mean
+    # square then drops out, and the residual's takes its place.
+    used = [ms > ms_residual for ms in (ms_seeds, ms_images)]
+    squares = [(ms_seeds, runs - 1, used[0]), (ms_images, images - 1, used[1]), (ms_residual, (runs - 1) * (images - 1), True)]
+    weights = [1.0, 1.0, 1.0 - sum(used)]
+    total = sum(w * ms for w, (ms, _, keep) in zip(weights, squares) if keep)
+    if total <= 0:
+        return mean, mean
+    # Satterthwaite's degrees of freedom for that sum of mean squares.
+    dof = total**2 / sum((w * ms) ** 2 / df for w, (ms, df, keep) in zip(weights, squares) if keep and w * ms != 0)
+    half = float(stats.t.ppf(0.975, dof)) * math.sqrt(total / (runs * images))
     return mean - half, mean + half
 
 

@@ -107,7 +107,8 @@ class StudySpec:
         seed: base random seed of the search (sampler, weights, batch order), >= 0.
         split_seed: seed of the train/validation split, >= 0. Separate from ``seed``, so
             that studies with different seeds select on the same validation images.
-        val_fraction: share of the training set held out for validation, in (0, 1).
+        val_fraction: share of the training set held out for validation, in (0, 1); the
+            study's final images are as many again (``sofim_tune.data.final_images``).
         enqueue: settings tried first, by the optimizer's names
             (e.g. ``{"lr": 0.1, "rho": 1.0, "beta1": 0.9}``); at most 1000.
         confirm_top: how many of the best trials are retrained before recommending, >= 1.
@@ -121,7 +122,8 @@ class StudySpec:
             twice per bound, when its best trials sit on it (Optuna backend; samplers
             ``tpe``, ``random`` and ``gp``).
         confirm_seeds: fresh seeds per confirmed candidate, >= 2 (each also draws its own
-            train/validation split); the recommendation's interval is over these runs.
+            train/validation split), and final runs of the chosen one; the recommendation's
+            headline and interval come from the final runs (``sofim_tune.selection``).
         lookahead: trials that may run at once, >= 1 (Optuna backend). Trial ``i`` is drawn
             from, and pruned against, the trials numbered at most ``i - lookahead`` and starts
             once they have all finished, so that the study is the same with any number of

@@ -20,7 +20,18 @@ from sofim_tune.data import has_fixed_validation, has_test_split
 from sofim_tune.errors import UserInputError
 from sofim_tune.recommend import build_recommendation, write_recommendation
 from sofim_tune.records import Confirmation, StudyRecord
-from sofim_tune.selection import ConfirmationPlan, Measurement, confirm_top, confirmation_seeds, distinct_ranked, plan_confirmation
+from sofim_tune.selection import (
+    ConfirmationPlan,
+    Measurement,
+    confirm_top,
+    confirmation_seeds,
+    current_final,
+    distinct_ranked,
+    final_runs,
+    final_seeds,
+    pick_recommended,
+    plan_confirmation,
+)
 from sofim_tune.space import SearchSpace, load_space
 from sofim_tune.spec import StudySpec
 from sofim_tune.study import (
@@ -43,7 +54,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sofim_tune")
 
-__all__ = ["CompareOutcome", "ConfirmationProgress", "RunOptions", "TuneOutcome", "check_inputs", "compare", "confirm", "confirmation_plan", "export_run", "tune", "wall_seconds"]
+__all__ = ["CompareOutcome", "ConfirmationProgress", "RunOptions", "TuneOutcome", "check_inputs", "compare", "confirm", "confirmation_plan", "describe_plan", "export_run", "measure_final", "tune", "wall_seconds"]
 
 
 @dataclass(frozen=True)
@@ -85,75 +96,114 @@ def check_inputs(spec: StudySpec, space: SearchSpace, options: RunOptions, backe
 
 
 class ConfirmationProgress:
-    """Logs how far the confirmation is, after each run that ends: runs done of the total,
-    the time so far and an estimate of the time left (the mean time per run so far, times the
-    runs left), one line each, for the live view and for a log without a terminal alike."""
+    """Logs how far a step after the search is (``label``: ``confirmation``, ``final runs``),
+    after each run that ends: runs done of the total, the time so far and an estimate of the
+    time left (the mean time per run so far, times the runs left), one line each, for the live
+    view and for a log without a terminal alike."""
 
-    def __init__(self, total: int, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, total: int, clock: Callable[[], float] = time.monotonic, label: str = "confirmation") -> None:
         self.total = total
         self.clock = clock
+        self.label = label
         self.started = clock()
 
     def __call__(self, done: int) -> None:
         elapsed = self.clock() - self.started
         left = f" · about {elapsed / done * (self.total - done):.0f} s left" if 0 < done < self.total else ""
-        log.info(f"confirmation: {done}/{self.total} runs done · {elapsed:.0f} s{left}")
+        log.info(f"{self.label}: {done}/{self.total} runs done · {elapsed:.0f} s{left}")
 
 
 def confirmation_plan(study: StudyRecord, spec: StudySpec, space: SearchSpace, *, bounded: bool = True) -> ConfirmationPlan:
-    """What :func:`confirm` runs for ``study``: the spec's ``confirm_top`` candidates on
-    ``confirm_seeds`` seeds each, scaled down until it trains at most half the epochs the
-    search trained (``bounded``; :func:`sofim_tune.selection.plan_confirmation`), or as the
-    spec says (``bounded=False``: ``compare`` retrains every optimizer alike)."""
+    """What runs after the search of ``study``: the spec's ``confirm_top`` candidates on
+    ``confirm_seeds`` seeds each, and ``confirm_seeds`` final runs, scaled down until they train
+    at most half the epochs the search trained (``bounded``;
+    :func:`sofim_tune.selection.plan_confirmation`), or as the spec says (``bounded=False``:
+    ``compare`` retrains every optimizer alike)."""
     run_epochs = effective_epochs(spec, space)
     search_epochs = sum(len(t.intermediate) for t in study.trials) if bounded else math.inf
     return plan_confirmation(search_epochs, run_epochs, top=spec.confirm_top, seeds=spec.confirm_seeds)
 
 
-def confirm(study: StudyRecord, spec: StudySpec, space: SearchSpace, options: RunOptions, backend: Backend, plan: ConfirmationPlan) -> list[Confirmation]:
-    """Retrain the top candidates and their neighbours on fresh seeds and splits, as ``plan``
-    says (selection.py).
+def describe_plan(spec: StudySpec, space: SearchSpace, *, bounded: bool = True) -> str:
+    """The protocol's plan in one line, before the search starts: its budget, and the most that
+    the selection and the final runs may then train."""
+    epochs = effective_epochs(spec, space)
+    most = plan_confirmation(math.inf, epochs, top=spec.confirm_top, seeds=spec.confirm_seeds)
+    neighbours = f" (and their lr × 2 neighbours on {most.neighbour_seeds})" if most.neighbour_seeds else ""
+    bound = ", within half the epochs the search trains (fewer runs if it trains less)" if bounded else ""
+    return (
+        f"plan: search {spec.trials} trials of up to {epochs} epochs (at most {spec.trials * epochs} epochs; the pruner stops many sooner); "
+        f"then {most.top} candidates × {most.seeds} fresh seeds{neighbours} to choose, and {most.final_runs} final runs of the chosen one to measure it: "
+        f"at most {most.runs} runs of {epochs} epochs{bound}"
+    )
 
-    The runs go through ``backend.confirm``, so a Ray study confirms on its cluster.
-    Confirmations already stored for the same candidates, seeds and splits are reused, so
-    that rerunning a finished study costs nothing. The test split, when the dataset has
-    one, is measured on every run of a candidate (not of its neighbours).
-    """
-    # Trial n trained with seed spec.seed + n; numbers can skip records (surplus trials).
-    numbered = max((t.number for t in study.trials), default=-1) + 1
-    seeds, split_seeds = confirmation_seeds(spec.seed, numbered, spec.split_seed, plan.seeds)
-    if has_fixed_validation(spec.dataset):
-        split_seeds = [spec.split_seed] * len(seeds)  # its val/ folder validates every run
-    stored = study.confirmations
-    candidates = [t.params for t in distinct_ranked(study)[: plan.top]]
-    if stored and [c.params for c in stored] == candidates and all(c.seeds == seeds and c.split_seeds == split_seeds for c in stored):
-        return list(stored)
-    with_test = has_test_split(spec.dataset)
-    neighbours = f", and their lr × 2 neighbours on {plan.neighbour_seeds}" if plan.neighbour_seeds else ""
-    runs = replace(plan, top=len(candidates)).runs
-    log.info(f"confirming {len(candidates)} candidate{'s' * (len(candidates) != 1)} on {plan.seeds} fresh seeds each{neighbours}: {runs} runs of {plan.run_epochs} epochs")
+
+def _measurer(spec: StudySpec, space: SearchSpace, options: RunOptions, backend: Backend, *, final: bool) -> Callable[[list[tuple[dict[str, float], int, int]]], list[Measurement]]:
+    """The ``evaluate`` of :func:`sofim_tune.selection.confirm_top` (``final=False``) or of
+    :func:`sofim_tune.selection.final_runs` (``final=True``: measures the test split too, where
+    there is one, and each final image's outcome), through ``backend.confirm``."""
+    with_test = final and has_test_split(spec.dataset)
+    per_image = final and spec.metric == "val_accuracy"
 
     def evaluate(jobs: list[tuple[dict[str, float], int, int]]) -> list[Measurement]:
         configs = [
-            trial_config(spec, space, params, seed=seed, split_seed=split, device=options.device, options=options, evaluate_test=with_test and params in candidates)
+            trial_config(spec, space, params, seed=seed, split_seed=split, device=options.device, options=options, evaluate_test=with_test, final=final)
             for params, seed, split in jobs
         ]
         measured = []
-        for result in backend.confirm(configs, options, ConfirmationProgress(len(configs))):
+        for result in backend.confirm(configs, options, ConfirmationProgress(len(configs), label="final runs" if final else "confirmation")):
             value = result.metrics.get(spec.metric)
             completed = result.status == "completed" and value is not None
             measured.append(
                 Measurement(
                     value=value if completed else worst_value(spec.direction),
                     # A run that diverged or failed counts as no accuracy at all, as its validation does.
-                    test_accuracy=result.metrics.get("test_accuracy") if completed else (0.0 if result.config.evaluate_test else None),
+                    test_accuracy=result.metrics.get("test_accuracy") if completed else (0.0 if with_test else None),
                     fisher_ratio=result.metrics.get("fisher_ratio"),
                     curve=tuple(epoch[spec.metric] for epoch in result.history),
+                    image_correct=tuple(result.val_correct or ()) if per_image else (),
                 )
             )
         return measured
 
+    return evaluate
+
+
+def confirm(study: StudyRecord, spec: StudySpec, space: SearchSpace, options: RunOptions, backend: Backend, plan: ConfirmationPlan) -> list[Confirmation]:
+    """The selection runs: retrain the top candidates and their neighbours on fresh seeds and
+    splits, as ``plan`` says (selection.py); none of them validates on the final images.
+
+    The runs go through ``backend.confirm``, so a Ray study confirms on its cluster.
+    Selection runs already stored for the same candidates, seeds and splits are reused, so
+    that rerunning a finished study costs nothing.
+    """
+    # Trial n trained with seed spec.seed + n; numbers can skip records (surplus trials).
+    numbered = max((t.number for t in study.trials), default=-1) + 1
+    seeds, split_seeds = confirmation_seeds(spec.seed, numbered, spec.split_seed, plan.seeds)
+    if has_fixed_validation(spec.dataset):
+        split_seeds = [spec.split_seed] * len(seeds)  # its val/ folder validates every run
+    stored = [c for c in study.confirmations if not c.final]
+    candidates = [t.params for t in distinct_ranked(study)[: plan.top]]
+    if stored and [c.params for c in stored] == candidates and all(c.seeds == seeds and c.split_seeds == split_seeds for c in stored):
+        return stored
+    neighbours = f", and their lr × 2 neighbours on {plan.neighbour_seeds}" if plan.neighbour_seeds else ""
+    runs = replace(plan, top=len(candidates)).selection_runs
+    log.info(f"confirming {len(candidates)} candidate{'s' * (len(candidates) != 1)} on {plan.seeds} fresh seeds each{neighbours}: {runs} runs of {plan.run_epochs} epochs")
+    evaluate = _measurer(spec, space, options, backend, final=False)
     return confirm_top(study, evaluate, top=plan.top, seeds=seeds, split_seeds=split_seeds, neighbour_seeds=plan.neighbour_seeds)
+
+
+def measure_final(study: StudyRecord, spec: StudySpec, space: SearchSpace, options: RunOptions, backend: Backend, params: dict[str, float], plan: ConfirmationPlan) -> Confirmation:
+    """The final runs of the chosen ``params``: ``plan.final_runs`` fresh seeds, each validated on
+    the study's final images (selection.py). Stored final runs of the same setting and seeds
+    are reused."""
+    numbered = max((t.number for t in study.trials), default=-1) + 1
+    seeds = final_seeds(spec.seed, numbered, plan.final_runs)
+    stored = current_final(study, params)
+    if stored is not None and stored.seeds == seeds and stored.split_seeds == [spec.split_seed] * len(seeds):
+        return stored
+    log.info(f"final runs: the chosen setting on {len(seeds)} fresh seeds, validated on images that no search or selection run scored: {len(seeds)} runs of {plan.run_epochs} epochs")
+    return final_runs(params, _measurer(spec, space, options, backend, final=True), seeds=seeds, split_seed=spec.split_seed)
 
 
 def tune(spec: StudySpec, options: RunOptions, *, backend: str = "optuna", on_progress: Callable[[StudyRecord], None] | None = None) -> TuneOutcome:
@@ -171,20 +221,33 @@ def _search_and_export(
     spec: StudySpec, space: SearchSpace, options: RunOptions, search: Backend, on_progress: Callable[[StudyRecord], None] | None, *, bounded: bool = True
 ) -> TuneOutcome:
     """:func:`tune` after its inputs were checked; ``bounded`` as in :func:`confirmation_plan`."""
-    study = search.run(spec, space, options, on_progress=on_progress)
+    plan = [describe_plan(spec, space, bounded=bounded)] if options.export else []
+
+    def progress(record: StudyRecord) -> None:
+        # The first report comes once the backend has opened the study (the Optuna backend's
+        # before any trial), so that input it refuses is still the only line printed.
+        while plan:
+            log.info(plan.pop())
+        if on_progress is not None:
+            on_progress(record)
+
+    study = search.run(spec, space, options, on_progress=progress)
     if not options.export:
         return TuneOutcome(study, None, None, options.parallelism)
     return export_run(study, spec, space, options, search, plan=confirmation_plan(study, spec, space, bounded=bounded))
 
 
 def export_run(study: StudyRecord, spec: StudySpec, space: SearchSpace, options: RunOptions, backend: Backend, *, plan: ConfirmationPlan | None = None) -> TuneOutcome:
-    """Confirm the best settings (as ``plan`` says; default :func:`confirmation_plan`), store
-    the confirmations, write best.json and the report."""
+    """Choose among the best settings and measure the choice (as ``plan`` says; default
+    :func:`confirmation_plan`), store the selection and final runs, write best.json and the report."""
     from sofim_tune.report import write_report  # plotly: not needed until the search is over
 
-    confirmations = confirm(study, spec, space, options, backend, plan or confirmation_plan(study, spec, space))
-    study = backend.save_confirmations(study, confirmations, options)
-    rec = build_recommendation(study, confirmations=confirmations, device=_device_name(options.device))
+    plan = plan or confirmation_plan(study, spec, space)
+    confirmations = confirm(study, spec, space, options, backend, plan)
+    params, _ = pick_recommended(study, confirmations)
+    final = measure_final(study, spec, space, options, backend, params, plan)
+    study = backend.save_confirmations(study, [*confirmations, final], options)
+    rec = build_recommendation(study, confirmations=confirmations, final=final, device=_device_name(options.device))
     best = write_recommendation(rec, options.out_dir / "best.json")
     report = write_report(study, options.out_dir, rec).html
     return TuneOutcome(study, best, report, options.parallelism)
@@ -317,7 +380,7 @@ def optimizer_result(optimizer: str, outcome: TuneOutcome) -> OptimizerResult:
 
     study = outcome.study
     rec = load_recommendation(outcome.best_json)
-    chosen = next(c for c in study.confirmations if c.params == rec.hyperparameters)
+    chosen = current_final(study, rec.hyperparameters)
     spent, best, best_so_far = 0, None, []
     sign = 1.0 if study.direction == "maximize" else -1.0
     for trial in sorted(study.trials, key=lambda t: t.number):
@@ -337,4 +400,5 @@ def optimizer_result(optimizer: str, outcome: TuneOutcome) -> OptimizerResult:
         tuning_seconds=wall_seconds(study),
         best_so_far=best_so_far,
         seeds=list(chosen.seeds),
+        image_hits=list(chosen.image_hits),
     )

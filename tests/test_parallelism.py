@@ -222,9 +222,12 @@ def test_the_confirmations_progress_is_logged_with_an_estimate_of_the_time_left(
 def test_a_study_logs_every_confirmation_run(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="sofim_tune"):
         outcome = tune(small_spec(trials=4), RunOptions(out_dir=tmp_path / "run", device="cpu", workers=2, threads_per_trial=1))
-    runs = sum(len(c.values) + sum(len(v) for v in c.neighbours.values()) for c in outcome.study.confirmations)
+    runs = sum(len(c.values) + sum(len(v) for v in c.neighbours.values()) for c in outcome.study.confirmations if not c.final)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("confirmation: ")]
     assert [line.split()[1] for line in lines] == [f"{n}/{runs}" for n in range(1, runs + 1)]
+    finals = len(next(c for c in outcome.study.confirmations if c.final).values)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("final runs: ") and "runs done" in r.getMessage()]
+    assert [line.split()[2] for line in lines] == [f"{n}/{finals}" for n in range(1, finals + 1)]
 
 
 def test_the_cli_says_what_it_chose(tmp_path: Path) -> None:

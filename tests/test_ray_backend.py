@@ -126,7 +126,7 @@ def test_tune_end_to_end(finished_run: FinishedRun) -> None:
     assert json.loads((out / "run.json").read_text()) == {"backend": "ray", "storage": str(out.resolve() / "ray" / spec.name), "study": spec.name}
     # The run folder alone gives the study back, confirmations included.
     assert load_ray_record(out) == study
-    assert len(study.confirmations) == 1
+    assert [c.final for c in study.confirmations] == [False, True]  # the selection runs, then the final runs
 
 
 def test_sampler_sees_stopped_trials_as_pruned(finished_run: FinishedRun) -> None:

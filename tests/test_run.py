@@ -570,15 +570,18 @@ def test_every_shipped_spec_gives_every_shipped_space_a_first_setting():
             assert len(settings_to_enqueue(load_spec(study=spec_name), load_space(space_name), options)) == 1, (spec_name, space_name)
 
 
-def test_a_folder_with_its_own_val_says_its_confirmation_is_not_resplit(tmp_path):
+def test_a_folder_with_its_own_val_selects_on_it_and_measures_on_final_images_from_train(tmp_path):
     from fake_datasets import write_image_folder
 
     folder = tmp_path / "shapes"
     for split, seed in (("train", 0), ("val", 1)):
         write_image_folder(folder / split, ["a", "b"], per_class=8, seed=seed)
     outcome = tune(load_spec(str(folder)).replace(trials=2, epochs=1, confirm_top=1, confirm_seeds=2), RunOptions(out_dir=tmp_path / "run", device="cpu"))
+    selection, final = outcome.study.confirmations
+    assert not selection.final and len(set(selection.split_seeds)) == 1  # every selection run validates on val/
     confirm = load_recommendation(outcome.best_json).metric.confirm
-    assert confirm.protocol.startswith("fixed validation") and len(set(confirm.split_seeds)) == 1
+    # 10% of train/'s 16 images, as a validation split of it would hold.
+    assert final.final and confirm.runs == "final" and confirm.protocol.startswith("final") and confirm.images == 2
 
 
 # ---------------------------------------------------------------------------------------

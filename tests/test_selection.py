@@ -109,24 +109,25 @@ def test_neighbours_change_lr_only_and_run_on_the_first_seeds(study):
 @pytest.mark.parametrize(
     "search_epochs, run_epochs, top, seeds, planned",
     [
-        (400, 10, 2, 3, (2, 3, 1)),  # 2 × (3 + 1) runs = 80 epochs, within 200
-        (160, 10, 2, 3, (2, 3, 1)),  # exactly half
-        (150, 10, 2, 3, (2, 2, 1)),  # 80 > 75: one seed fewer, 60 epochs
-        (100, 10, 2, 3, (1, 2, 1)),  # 60 > 50: one candidate, 30 epochs
-        (50, 10, 2, 3, (1, 2, 0)),  # 30 > 25: no neighbour
-        (10, 10, 3, 5, (1, 2, 0)),  # never less than one candidate on two seeds
-        (2000, 10, 3, 5, (3, 5, 1)),  # the spec's maximum
+        (400, 10, 2, 3, (2, 3, 1, 3)),  # 2 × (3 + 1) + 3 runs = 110 epochs, within 200
+        (220, 10, 2, 3, (2, 3, 1, 3)),  # exactly half
+        (219, 10, 2, 3, (2, 2, 1, 3)),  # 110 > 109.5: one selection seed fewer, 90 epochs
+        (170, 10, 2, 3, (1, 2, 1, 3)),  # 90 > 85: one candidate, 60 epochs
+        (110, 10, 2, 3, (1, 2, 0, 3)),  # 60 > 55: no neighbour, 50 epochs
+        (90, 10, 2, 3, (1, 2, 0, 2)),  # 50 > 45: two final runs, 40 epochs
+        (10, 10, 3, 5, (1, 2, 0, 2)),  # never less than one candidate on two seeds and two final runs
+        (2000, 10, 3, 5, (3, 5, 1, 5)),  # the spec's maximum
     ],
 )
-def test_the_confirmation_trains_at_most_half_the_searchs_epochs(search_epochs, run_epochs, top, seeds, planned):
+def test_everything_after_the_search_trains_at_most_half_its_epochs(search_epochs, run_epochs, top, seeds, planned):
     plan = plan_confirmation(search_epochs, run_epochs, top=top, seeds=seeds)
-    assert (plan.top, plan.seeds, plan.neighbour_seeds) == planned
-    assert plan.epochs == plan.top * (plan.seeds + plan.neighbour_seeds) * run_epochs
-    assert plan.epochs <= PROTOCOL_SHARE * search_epochs or planned == (1, 2, 0)
+    assert (plan.top, plan.seeds, plan.neighbour_seeds, plan.final_runs) == planned
+    assert plan.epochs == (plan.top * (plan.seeds + plan.neighbour_seeds) + plan.final_runs) * run_epochs
+    assert plan.epochs <= PROTOCOL_SHARE * search_epochs or planned == (1, 2, 0, 2)
 
 
 def test_confirm_top_runs_what_the_plan_says(study):
-    plan = plan_confirmation(100, 10, top=2, seeds=3)
+    plan = plan_confirmation(130, 10, top=2, seeds=3)
     jobs_seen = []
 
     def evaluate(jobs):
@@ -134,7 +135,7 @@ def test_confirm_top_runs_what_the_plan_says(study):
         return [Measurement(0.5) for _ in jobs]
 
     confirmations = confirm_top(study, evaluate, top=plan.top, seeds=[1, 2], split_seeds=[3, 4], neighbour_seeds=plan.neighbour_seeds)
-    assert len(jobs_seen) == plan.runs == 3 and [len(c.values) for c in confirmations] == [2]
+    assert len(jobs_seen) == plan.selection_runs == 3 and [len(c.values) for c in confirmations] == [2]
     assert confirmations[0].neighbours == {"lr×2": [0.5]}
 
 
@@ -265,6 +266,7 @@ def test_a_study_confirms_within_half_the_epochs_its_search_trained(tmp_path, tr
     runs = [len(c.values) + sum(len(v) for v in c.neighbours.values()) for c in outcome.study.confirmations]
     plan = plan_confirmation(search_epochs, epochs, top=spec.confirm_top, seeds=spec.confirm_seeds)
     assert sum(runs) * epochs == plan.epochs
-    assert plan.epochs <= PROTOCOL_SHARE * search_epochs or (plan.top, plan.seeds, plan.neighbour_seeds) == (1, 2, 0)
+    assert plan.epochs <= PROTOCOL_SHARE * search_epochs or (plan.top, plan.seeds, plan.neighbour_seeds, plan.final_runs) == (1, 2, 0, 2)
     rec = load_recommendation(outcome.best_json)
-    assert len(rec.selection["candidates"]) == plan.top and len(rec.metric.confirm.seeds) == plan.seeds
+    assert len(rec.selection["candidates"]) == plan.top and len(rec.metric.confirm.seeds) == plan.final_runs
+    assert rec.metric.confirm.runs == "final" and [c.final for c in outcome.study.confirmations] == [False] * plan.top + [True]
