@@ -26,19 +26,20 @@
 4. Per method: the distribution of the gaps (median, 90th percentile, worst, how many within
    0.3 points) and the epochs it trained: for sofim-tune every epoch its search trials trained
    (pruned ones included) plus every confirmation and neighbour run (counted at the spec's
-   epochs each); for the plain script every epoch its trials trained. A Markdown table sets the
+   epochs each) and its final runs; for the plain script every epoch its trials trained. A Markdown table sets the
    two side by side.
 5. The ablation of sofim-tune's protocol: every confirmed candidate of every study is scored on
    the fresh seeds too, and each step's rule picks among them as it would have: the best search
-   value (no confirmation: the search's epochs only), the best confirmed mean (confirmation, no
+   value (no confirmation: the search's epochs and the final runs only), the best confirmed mean (confirmation, no
    neighbours), the worse of the mean and the worse neighbour's mean (the rule before this
    release), sofim-tune's rule (``selection.robust_score``: the mean unless a neighbour falls more
    than 2% below it), and a smoothed rule (the mean of the candidate's mean counted twice and its
    two neighbours' means: the expected score under an lr off by a factor of 2 half the time).
-   One table row per rule, each with the epochs it needs.
+   One table row per rule, each with the epochs it needs (each pick is measured by the same
+   final runs, which count for every rule).
 6. The confirmation's budget: the best confirmed mean among the first 1, 2, ... candidates by
    search value, each over its first 2, 3, ... confirmation runs, with the epochs each needs
-   (the search's plus those runs).
+   (the search's, those runs' and the final runs').
 
 7. With ``--calibration N`` (N = 30 for the figures in the README): each sofim-tune
    recommendation runs N more times on seeds and splits of their own, and its headline (best.json's
@@ -46,7 +47,9 @@
    error of both: the interval's half-width and 1.96 standard errors of the N runs combined in
    quadrature. (Plain coverage of the N runs' mean by the interval would fall well short of 95% even
    for a perfect interval.) The average difference, headline minus further runs, shows selection
-   bias: the headline comes from the runs that chose the winner.
+   bias, if any: the headline comes from the final runs, which played no part in the choice. A
+   further run trains on a random 70% of the pool and validates on the other 30%, as a final run
+   does on the study's final images.
 
 ``--arch cnn`` (a second problem) runs the two methods head to head instead, without the grid:
 per seed, both recommendations on the same fresh seeds, and how many pairs sofim-tune wins or ties.
@@ -68,6 +71,7 @@ below, training at most 1.5 times the plain script's epochs; every reported inte
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import math
 import os
@@ -115,6 +119,7 @@ class Pick:
     settings: dict[str, float]
     search_epochs: int
     after_epochs: int = 0
+    final_epochs: int = 0
     reported: tuple[float, float, float] | None = None
     candidates: tuple[Candidate, ...] = ()
 
@@ -188,16 +193,21 @@ def run_config(spec: StudySpec, settings: Mapping[str, float], seed: int, split_
     )
 
 
-def accuracy(job: tuple[StudySpec, dict[str, float], int]) -> float:
-    """Validation accuracy of one run on a split of its own; a diverged run scores 0."""
-    spec, settings, seed = job
-    result = train_trial(run_config(spec, settings, seed, split_seed=seed))
+def accuracy(job: tuple[StudySpec, dict[str, float], int, bool]) -> float:
+    """Validation accuracy of one run on a split of its own, or (``on_final_images``) on the
+    study's final images as a final run; a diverged run scores 0."""
+    spec, settings, seed, on_final_images = job
+    config = run_config(spec, settings, seed, split_seed=spec.split_seed if on_final_images else seed)
+    if on_final_images:
+        config = dataclasses.replace(config, final_seed=spec.split_seed, final=True)
+    result = train_trial(config)
     return result.metrics["val_accuracy"] if result.status == "completed" else 0.0
 
 
-def accuracies(pool: ProcessPoolExecutor, spec: StudySpec, settings: list[dict[str, float]], seeds: list[int]) -> list[list[float]]:
-    """Each setting's accuracy on each of ``seeds`` (one run, and one split, per seed)."""
-    jobs = [(spec, s, seed) for s in settings for seed in seeds]
+def accuracies(pool: ProcessPoolExecutor, spec: StudySpec, settings: list[dict[str, float]], seeds: list[int], *, on_final_images: bool = False) -> list[list[float]]:
+    """Each setting's accuracy on each of ``seeds`` (one run, and one split, per seed; or
+    every run on the study's final images)."""
+    jobs = [(spec, s, seed, on_final_images) for s in settings for seed in seeds]
     values = list(pool.map(accuracy, jobs, chunksize=4))
     return [values[i * len(seeds) : (i + 1) * len(seeds)] for i in range(len(settings))]
 
@@ -207,11 +217,15 @@ def means(pool: ProcessPoolExecutor, spec: StudySpec, settings: list[dict[str, f
     return [statistics.fmean(runs) for runs in accuracies(pool, spec, settings, seeds)]
 
 
-def calibration(picks: list[Pick], runs: list[list[float]]) -> str:
+def calibration(picks: list[Pick], runs: list[list[float]], same_images: list[list[float]]) -> str:
     """How well best.json's headline numbers predict further runs (see the module's docstring, step 7)."""
-    lines = [f"\ncalibration: each headline mean against the mean of {len(runs[0])} further runs of its setting", "| study --seed | headline mean [95% interval] | further runs: mean ± standard error | difference (points) | agree |", "| --- | --- | --- | --- | --- |"]
-    differences, agreeing, widths = [], 0, []
-    for pick, values in zip(picks, runs):
+    lines = [
+        f"\ncalibration: each headline mean against the mean of {len(runs[0])} further runs of its setting",
+        "| study --seed | headline mean [95% interval] | further runs: mean ± standard error | difference (points) | agree | on the final images: mean, difference |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    differences, agreeing, widths, seeds_only = [], 0, [], []
+    for pick, values, same in zip(picks, runs, same_images, strict=True):
         assert pick.reported is not None
         headline, low, high = pick.reported
         mean, error = statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values))
@@ -220,10 +234,12 @@ def calibration(picks: list[Pick], runs: list[list[float]]) -> str:
         # Within the combined 95% error of both: the headline's half-width and 1.96 further standard errors.
         agree = abs(headline - mean) <= math.hypot((high - low) / 2, 1.96 * error)
         agreeing += agree
-        lines.append(f"| {pick.seed} | {headline:.4f} [{low:.4f}, {high:.4f}] | {mean:.4f} ± {error:.4f} | {differences[-1]:+.2f} | {'yes' if agree else 'no'} |")
+        seeds_only.append(100 * (headline - statistics.fmean(same)))
+        lines.append(f"| {pick.seed} | {headline:.4f} [{low:.4f}, {high:.4f}] | {mean:.4f} ± {error:.4f} | {differences[-1]:+.2f} | {'yes' if agree else 'no'} | {statistics.fmean(same):.4f}, {seeds_only[-1]:+.2f} |")
     lines.append(
         f"agree in {agreeing} of {len(picks)} (target: at least {math.ceil(NEAR_SHARE * len(picks))}); average difference {statistics.fmean(differences):+.2f} points "
-        f"(target: within ±0.1); average interval width {statistics.fmean(widths):.2f} points"
+        f"(target: within ±0.1); average interval width {statistics.fmean(widths):.2f} points; "
+        f"against further runs on the study's own final images (new seeds only): average difference {statistics.fmean(seeds_only):+.2f} points"
     )
     return "\n".join(lines)
 
@@ -244,12 +260,14 @@ def sofim_tune_study(spec: StudySpec) -> Pick:
             neighbour_epochs=sum(len(runs) for runs in c.neighbours.values()) * spec.epochs,
         )
         for c in outcome.study.confirmations
+        if not c.final
     )
     return Pick(
         seed=spec.seed,
         settings=dict(rec.hyperparameters),
         search_epochs=sum(len(t.intermediate) for t in outcome.study.trials),
         after_epochs=runs_after * spec.epochs,
+        final_epochs=sum(len(c.values) for c in outcome.study.confirmations if c.final) * spec.epochs,
         reported=(confirm.mean, *confirm.ci95),
         candidates=candidates,
     )
@@ -351,7 +369,9 @@ def main() -> None:
         candidates = [c.settings for p in methods[SOFIM_TUNE] for c in p.candidates]
         fresh = means(pool, spec, [optimum] + [p.settings for picks in methods.values() for p in picks] + candidates, fresh_seeds)
         candidate_means = dict(zip((_key(c) for c in candidates), fresh[len(fresh) - len(candidates) :]))
-        further = accuracies(pool, spec, [p.settings for p in methods[SOFIM_TUNE]], [CALIBRATION_SEED_BASE + i for i in range(args.calibration)]) if args.calibration else []
+        calibration_seeds = [CALIBRATION_SEED_BASE + i for i in range(args.calibration)]
+        further = accuracies(pool, spec, [p.settings for p in methods[SOFIM_TUNE]], calibration_seeds) if args.calibration else []
+        same_images = accuracies(pool, spec, [p.settings for p in methods[SOFIM_TUNE]], calibration_seeds, on_final_images=True) if args.calibration else []
 
     print(f"fresh seeds: {args.seeds}; grid optimum's fresh mean {fresh[0]:.4f}")
     fresh_means = iter(fresh[1 : len(fresh) - len(candidates)])
@@ -385,7 +405,7 @@ def main() -> None:
     print(ablation(methods[SOFIM_TUNE], candidate_means, fresh[0]))
     print(budget_ablation(methods[SOFIM_TUNE], candidate_means, fresh[0], spec.epochs))
     if further:
-        print(calibration(methods[SOFIM_TUNE], further))
+        print(calibration(methods[SOFIM_TUNE], further, same_images))
     ours, plain = gaps[SOFIM_TUNE], methods[PLAIN]
     needed = math.ceil(NEAR_SHARE * len(ours))
     ratio = sum(p.search_epochs + p.after_epochs for p in methods[SOFIM_TUNE]) / max(1, sum(p.search_epochs for p in plain))
@@ -422,14 +442,14 @@ def head_to_head(specs: list[StudySpec], space: str | None, fresh_seeds: list[in
 
 def ablation(picks: list[Pick], fresh_means: Mapping[tuple[tuple[str, float], ...], float], optimum_mean: float) -> str:
     """The ablation table (see the module's docstring, step 5): per rule, the gaps of what it picks
-    and the epochs per study it needs."""
+    and the epochs per study it needs (the final runs that measure its pick included)."""
     lines = ["\nablation: each step's rule picking among the same confirmed candidates", "| rule | median gap | p90 | worst | within 0.3 pp | epochs per study |", "| --- | --- | --- | --- | --- | --- |"]
     for rule, (score, confirms, neighbours) in RULES.items():
         gaps, epochs = [], []
         for pick in picks:
             chosen = max(pick.candidates, key=score)
             gaps.append(100 * (optimum_mean - fresh_means[_key(chosen.settings)]))
-            epochs.append(pick.search_epochs + sum(c.confirm_epochs * confirms + c.neighbour_epochs * neighbours for c in pick.candidates))
+            epochs.append(pick.search_epochs + sum(c.confirm_epochs * confirms + c.neighbour_epochs * neighbours for c in pick.candidates) + pick.final_epochs)
         near = sum(gap <= NEAR_POINTS for gap in gaps)
         lines.append(f"| {rule} | {statistics.median(gaps):+.2f} | {percentile(gaps, 0.9):+.2f} | {max(gaps):+.2f} | {near} of {len(gaps)} | {statistics.fmean(epochs):.0f} |")
     return "\n".join(lines)
@@ -448,7 +468,7 @@ def budget_ablation(picks: list[Pick], fresh_means: Mapping[tuple[tuple[str, flo
             shortlist = pick.candidates[:top]
             chosen = max(shortlist, key=lambda c: statistics.fmean(c.confirmation.values[:count]))
             gaps.append(100 * (optimum_mean - fresh_means[_key(chosen.settings)]))
-            trained.append(pick.search_epochs + len(shortlist) * count * epochs)
+            trained.append(pick.search_epochs + len(shortlist) * count * epochs + pick.final_epochs)
         near = sum(gap <= NEAR_POINTS for gap in gaps)
         lines.append(f"| {top} | {count} | {statistics.median(gaps):+.2f} | {percentile(gaps, 0.9):+.2f} | {max(gaps):+.2f} | {near} of {len(gaps)} | {statistics.fmean(trained):.0f} |")
     return "\n".join(lines)
