@@ -166,9 +166,9 @@ class ConfirmationPlan:
         return self.runs * self.run_epochs
 
 
-def plan_confirmation(search_epochs: float, run_epochs: int, *, top: int, seeds: int) -> ConfirmationPlan:
+def plan_confirmation(search_epochs: float, run_epochs: int, *, top: int, seeds: int, final: int) -> ConfirmationPlan:
     """The most of ``top`` candidates × ``seeds`` selection runs (and their neighbours), and
-    ``seeds`` final runs, that trains at most :data:`PROTOCOL_SHARE` of ``search_epochs`` in all.
+    ``final`` final runs, that trains at most :data:`PROTOCOL_SHARE` of ``search_epochs`` in all.
 
     Over the budget, selection seeds go first (down to 2), then candidates (down to 1), then
     the neighbours, then final runs (down to 2, the fewest an interval needs). One candidate
@@ -178,11 +178,11 @@ def plan_confirmation(search_epochs: float, run_epochs: int, *, top: int, seeds:
         search_epochs: epochs the search trained, every trial's (pruned ones included);
             ``math.inf`` for no bound.
         run_epochs: epochs of one run, >= 1.
-        top, seeds: the most candidates, and seeds per candidate and final runs (the spec's
-            ``confirm_top`` and ``confirm_seeds``).
+        top, seeds, final: the most candidates, seeds per candidate and final runs (the
+            spec's ``confirm_top``, ``confirm_seeds`` and ``final_runs``).
     """
     allowed = PROTOCOL_SHARE * search_epochs
-    plan = ConfirmationPlan(top, seeds, min(NEIGHBOUR_SEEDS, seeds), seeds, run_epochs)
+    plan = ConfirmationPlan(top, seeds, min(NEIGHBOUR_SEEDS, seeds), final, run_epochs)
     while plan.epochs > allowed and plan.seeds > 2:
         plan = dataclasses.replace(plan, seeds=plan.seeds - 1, neighbour_seeds=min(plan.neighbour_seeds, plan.seeds - 1))
     while plan.epochs > allowed and plan.top > 1:

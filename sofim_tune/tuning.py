@@ -115,20 +115,20 @@ class ConfirmationProgress:
 
 def confirmation_plan(study: StudyRecord, spec: StudySpec, space: SearchSpace, *, bounded: bool = True) -> ConfirmationPlan:
     """What runs after the search of ``study``: the spec's ``confirm_top`` candidates on
-    ``confirm_seeds`` seeds each, and ``confirm_seeds`` final runs, scaled down until they train
+    ``confirm_seeds`` seeds each, and ``final_runs`` final runs, scaled down until they train
     at most half the epochs the search trained (``bounded``;
     :func:`sofim_tune.selection.plan_confirmation`), or as the spec says (``bounded=False``:
     ``compare`` retrains every optimizer alike)."""
     run_epochs = effective_epochs(spec, space)
     search_epochs = sum(len(t.intermediate) for t in study.trials) if bounded else math.inf
-    return plan_confirmation(search_epochs, run_epochs, top=spec.confirm_top, seeds=spec.confirm_seeds)
+    return plan_confirmation(search_epochs, run_epochs, top=spec.confirm_top, seeds=spec.confirm_seeds, final=spec.final_runs)
 
 
 def describe_plan(spec: StudySpec, space: SearchSpace, *, bounded: bool = True) -> str:
     """The protocol's plan in one line, before the search starts: its budget, and the most that
     the selection and the final runs may then train."""
     epochs = effective_epochs(spec, space)
-    most = plan_confirmation(math.inf, epochs, top=spec.confirm_top, seeds=spec.confirm_seeds)
+    most = plan_confirmation(math.inf, epochs, top=spec.confirm_top, seeds=spec.confirm_seeds, final=spec.final_runs)
     neighbours = f" (and their lr × 2 neighbours on {most.neighbour_seeds})" if most.neighbour_seeds else ""
     bound = ", within half the epochs the search trains (fewer runs if it trains less)" if bounded else ""
     return (
@@ -348,6 +348,7 @@ def compare(spec: StudySpec, options: RunOptions, optimizers: Sequence[str] = DE
         "val_fraction": spec.val_fraction,
         "confirm_top": spec.confirm_top,
         "confirm_seeds": spec.confirm_seeds,
+        "final_runs": spec.final_runs,
         "backend": backend,
         "spaces": {name: study_spec.search_space for name, (study_spec, _) in plans.items()},
     }

@@ -264,4 +264,4 @@ def test_the_protocol_stays_within_half_the_search_epochs_on_every_shipped_spec(
 def test_the_plan_is_stated_before_the_search():
     spec = load_spec("digits")
     line = describe_plan(spec, load_space(spec.search_space))
-    assert "search 40 trials of up to 10 epochs" in line and "3 final runs" in line and "at most 11 runs of 10 epochs" in line
+    assert "search 40 trials of up to 10 epochs" in line and "2 candidates × 2 fresh seeds" in line and "3 final runs" in line and "at most 9 runs of 10 epochs" in line

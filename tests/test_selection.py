@@ -120,14 +120,14 @@ def test_neighbours_change_lr_only_and_run_on_the_first_seeds(study):
     ],
 )
 def test_everything_after_the_search_trains_at_most_half_its_epochs(search_epochs, run_epochs, top, seeds, planned):
-    plan = plan_confirmation(search_epochs, run_epochs, top=top, seeds=seeds)
+    plan = plan_confirmation(search_epochs, run_epochs, top=top, seeds=seeds, final=seeds)
     assert (plan.top, plan.seeds, plan.neighbour_seeds, plan.final_runs) == planned
     assert plan.epochs == (plan.top * (plan.seeds + plan.neighbour_seeds) + plan.final_runs) * run_epochs
     assert plan.epochs <= PROTOCOL_SHARE * search_epochs or planned == (1, 2, 0, 2)
 
 
 def test_confirm_top_runs_what_the_plan_says(study):
-    plan = plan_confirmation(130, 10, top=2, seeds=3)
+    plan = plan_confirmation(130, 10, top=2, seeds=3, final=3)
     jobs_seen = []
 
     def evaluate(jobs):
@@ -264,7 +264,7 @@ def test_a_study_confirms_within_half_the_epochs_its_search_trained(tmp_path, tr
     outcome = tune(spec, RunOptions(out_dir=tmp_path, device="cpu", workers=1))
     search_epochs = sum(len(t.intermediate) for t in outcome.study.trials)
     runs = [len(c.values) + sum(len(v) for v in c.neighbours.values()) for c in outcome.study.confirmations]
-    plan = plan_confirmation(search_epochs, epochs, top=spec.confirm_top, seeds=spec.confirm_seeds)
+    plan = plan_confirmation(search_epochs, epochs, top=spec.confirm_top, seeds=spec.confirm_seeds, final=spec.final_runs)
     assert sum(runs) * epochs == plan.epochs
     assert plan.epochs <= PROTOCOL_SHARE * search_epochs or (plan.top, plan.seeds, plan.neighbour_seeds, plan.final_runs) == (1, 2, 0, 2)
     rec = load_recommendation(outcome.best_json)
