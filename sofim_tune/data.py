@@ -42,15 +42,14 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from sofim_tune.choices import AUGMENT_MODES
 from sofim_tune.errors import UserInputError
 from sofim_tune.parallelism import allocatable_memory
 
-
-AUGMENT_MODES = ("none", "crop", "flip", "crop-flip")
-"""Training augmentations: ``crop`` is a random crop of the 4-pixel reflect-padded image (a
-shift of up to 4 pixels), ``flip`` a horizontal flip with probability 0.5, ``crop-flip`` both.
-A flip suits photos of objects (CIFAR) and never digits or letters, whose mirror image is
-another symbol or none."""
+# Training augmentations (AUGMENT_MODES): ``crop`` is a random crop of the 4-pixel reflect-padded
+# image (a shift of up to 4 pixels), ``flip`` a horizontal flip with probability 0.5, ``crop-flip``
+# both. A flip suits photos of objects (CIFAR) and never digits or letters, whose mirror image is
+# another symbol or none.
 
 
 def check_augment(mode: object) -> str:

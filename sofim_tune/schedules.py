@@ -10,13 +10,13 @@ from __future__ import annotations
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
 
+from sofim_tune.choices import SCHEDULES
 from sofim_tune.errors import UserInputError
 
 __all__ = ["SCHEDULES", "build_scheduler", "schedule_problem"]
 
-#: ``constant``: the optimizer's lr throughout. ``cosine``: cosine decay to 0 over the budget.
-#: ``warmup-cosine``: linear warm-up over ``warmup_epochs``, then cosine decay to 0.
-SCHEDULES = ("constant", "cosine", "warmup-cosine")
+# SCHEDULES: ``constant``, the optimizer's lr throughout; ``cosine``, cosine decay to 0 over the
+# budget; ``warmup-cosine``, linear warm-up over ``warmup_epochs``, then cosine decay to 0.
 
 
 def schedule_problem(schedule: object, warmup_epochs: int, epochs: int) -> tuple[str, str] | None:

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from sofim_tune.data import AUGMENT_MODES, dataset_info, dataset_names
-from sofim_tune.schedules import SCHEDULES, schedule_problem
+from sofim_tune.choices import AUGMENT_MODES, PRUNERS, SAMPLERS, SCHEDULES
+from sofim_tune.data import dataset_info, dataset_names
+from sofim_tune.schedules import schedule_problem
 from sofim_tune.errors import UserInputError
 from sofim_tune.space import (
     OPTIMIZER_HYPERPARAMETERS,
@@ -46,8 +47,6 @@ else:  # pragma: no cover - Python 3.10
 
 __all__ = ["METRICS", "NAME_PATTERN", "PRUNERS", "SAMPLERS", "StudySpec", "load_spec", "spec_names"]
 
-SAMPLERS = ("tpe", "random", "qmc", "cmaes", "gp", "grid")
-PRUNERS = ("hyperband", "median", "sha", "none")
 #: Metrics a study may optimize, with the only direction that makes sense for each.
 METRICS: dict[str, str] = {"val_accuracy": "maximize", "val_loss": "minimize"}
 
@@ -122,8 +121,10 @@ class StudySpec:
             twice per bound, when its best trials sit on it (Optuna backend; samplers
             ``tpe``, ``random`` and ``gp``).
         confirm_seeds: fresh seeds per confirmed candidate, >= 2 (each also draws its own
-            train/validation split), and final runs of the chosen one; the recommendation's
-            headline and interval come from the final runs (``sofim_tune.selection``).
+            train/validation split): the selection runs.
+        final_runs: retrains of the chosen setting on new seeds, validated on the study's
+            final images, >= 2; the recommendation's headline and interval come from them
+            (``sofim_tune.selection``).
         lookahead: trials that may run at once, >= 1 (Optuna backend). Trial ``i`` is drawn
             from, and pruned against, the trials numbered at most ``i - lookahead`` and starts
             once they have all finished, so that the study is the same with any number of
@@ -148,6 +149,7 @@ class StudySpec:
     enqueue: tuple[dict[str, float], ...] = ()
     confirm_top: int = 2
     confirm_seeds: int = 3
+    final_runs: int = 3
     widen: bool = True
     augment: str | None = None
     image_size: int | None = None
@@ -164,7 +166,7 @@ class StudySpec:
         _check_string(self.arch, source, "arch", _MAX_ARCH_LENGTH)
         _check_dataset(self.dataset, source)
         _check_search_space(self.search_space, source)
-        for key in ("epochs", "batch_size", "trials", "confirm_top", "confirm_seeds", "lookahead"):
+        for key in ("epochs", "batch_size", "trials", "confirm_top", "confirm_seeds", "final_runs", "lookahead"):
             value = as_integer(getattr(self, key), source, key)
             require(value >= 1, source, key, f"must be >= 1 (got {value})")
         for key in ("seed", "split_seed"):
@@ -172,6 +174,7 @@ class StudySpec:
             require(seed >= 0, source, key, f"must be >= 0 (got {seed})")
         # A standard deviation and an interval need two runs at least.
         require(as_integer(self.confirm_seeds, source, "confirm_seeds") >= 2, source, "confirm_seeds", f"must be >= 2 (got {self.confirm_seeds})")
+        require(as_integer(self.final_runs, source, "final_runs") >= 2, source, "final_runs", f"must be >= 2 (got {self.final_runs})")
         for key in ("widen", "decoupled_weight_decay"):
             require(isinstance(getattr(self, key), bool), source, key, f"expected true or false, got {excerpt(getattr(self, key))}")
         if self.augment is not None:
@@ -236,7 +239,7 @@ def load_spec(dataset: str | None = None, arch: str | None = None, study: str | 
     or invalid, or when it names another dataset or arch than the one asked for.
     """
     if dataset is None and study is None:
-        raise UserInputError("name a dataset with --dataset, or a study spec (--study) that has a `dataset` key")
+        raise UserInputError("name a dataset with --dataset, or a study spec (--spec) that has a `dataset` key")
     defaults = _dataset_defaults(dataset) if dataset is not None else None
     if study is None and defaults is not None and dataset in dataset_names():
         shipped = f"{dataset}-{arch if arch is not None else defaults.arch}"

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import importlib
 
+from sofim_tune.choices import BACKENDS
 from sofim_tune.errors import UserInputError
 from sofim_tune.study import Backend
-
-BACKENDS = ("optuna", "ray")
 
 
 def get_backend(name: str) -> Backend:
