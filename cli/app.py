@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Optional, TypeVar
+from typing import Annotated, Any, Literal, Optional, TypeVar
 
 import typer
 from rich.console import Console
@@ -23,6 +23,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from sofim_tune.choices import AUGMENT_MODES, BACKENDS, PRUNERS, SAMPLERS, SCHEDULES
 from sofim_tune.errors import NothingFound, UserInputError
 
 app = typer.Typer(
@@ -119,31 +120,38 @@ SeedOpt = Annotated[Optional[int], typer.Option(help="Seed for weights, batch or
 DeviceOpt = Annotated[str, typer.Option(help="`auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`.", rich_help_panel="Parallelism")]
 DataDirOpt = Annotated[Optional[str], typer.Option(help="Folder with torchvision datasets; default: $SOFIM_TUNE_DATA or ~/.cache/sofim-tune/data.", rich_help_panel="Data")]
 DownloadOpt = Annotated[bool, typer.Option("--download", help="Download a missing torchvision dataset into --data-dir.", rich_help_panel="Data")]
-AugmentOpt = Annotated[Optional[str], typer.Option(help="Training augmentation: `none`, `crop`, `flip` or `crop-flip`; default: the dataset's (CIFAR crop-flip, SVHN and your folders crop, MNIST-like none).", rich_help_panel="Training recipe")]
+# The values a user picks from are Literal types built from sofim_tune.choices: --help lists them,
+# shell completion offers them, and Click refuses others (in one line, see main).
+Augment = Literal[AUGMENT_MODES]  # type: ignore[valid-type]
+Schedule = Literal[SCHEDULES]  # type: ignore[valid-type]
+AugmentOpt = Annotated[Optional[Augment], typer.Option(help="Training augmentation (a random 4-pixel shift, a mirror image, or both); default: the dataset's (CIFAR crop-flip, SVHN and your folders crop, MNIST-like none).", rich_help_panel="Training recipe")]
 ImageSizeOpt = Annotated[Optional[int], typer.Option(help="Resize an ImageFolder's images to this square side (8 to 1024); default: keep their size when they share one.", rich_help_panel="Data")]
-ScheduleOpt = Annotated[Optional[str], typer.Option(help="Learning-rate schedule, stepped per batch: `constant`, `cosine` or `warmup-cosine`.", rich_help_panel="Training recipe")]
+ScheduleOpt = Annotated[Optional[Schedule], typer.Option(help="Learning-rate schedule, stepped per batch over all epochs; default: the spec's (constant).", rich_help_panel="Training recipe")]
 WarmupOpt = Annotated[Optional[int], typer.Option(help="Warm-up epochs of `warmup-cosine` (>= 1, below --epochs).", rich_help_panel="Training recipe")]
 LabelSmoothingOpt = Annotated[Optional[float], typer.Option(help="Cross-entropy label smoothing in [0, 1).", rich_help_panel="Training recipe")]
 # Two flags, not a --x/--y pair: with a pair the last one given wins silently.
 DecoupledOpt = Annotated[bool, typer.Option("--decoupled-weight-decay", help="SOFIM's weight decay as AdamW's (θ ← (1 − ηλ)θ).", rich_help_panel="Training recipe")]
 CoupledOpt = Annotated[bool, typer.Option("--coupled-weight-decay", help="SOFIM's weight decay as SGD's (λθ added to the gradient).", rich_help_panel="Training recipe")]
-StudyOpt = Annotated[Optional[str], typer.Option(help="A shipped study spec (`cifar100-resnet18`) or a path to a .toml.", rich_help_panel="Data")]
+SpecOpt = Annotated[Optional[str], typer.Option("--spec", help="A shipped study spec (`cifar100-resnet18`) or a path to a .toml.", rich_help_panel="Data")]
+#: ``--study``, the name ``--spec`` had in run and compare: still read, hidden.
+OldSpecOpt = Annotated[Optional[str], typer.Option("--study", hidden=True, help="The old name of --spec.")]
 TrialsOpt = Annotated[Optional[int], typer.Option(help="Finished (completed or pruned) trials to reach (>= 1).", rich_help_panel="Budget")]
-SamplerOpt = Annotated[Optional[str], typer.Option(help="`tpe` (default), `random`, `qmc`, `cmaes`, `gp` or `grid`.", rich_help_panel="Search")]
-PrunerOpt = Annotated[Optional[str], typer.Option(help="`hyperband` (default), `median`, `sha` or `none`.", rich_help_panel="Search")]
+SamplerOpt = Annotated[Optional[Literal[SAMPLERS]], typer.Option(help="Optuna sampler; default: the spec's (tpe).", rich_help_panel="Search")]  # type: ignore[valid-type]
+PrunerOpt = Annotated[Optional[Literal[PRUNERS]], typer.Option(help="Early stopping; default: the spec's (hyperband).", rich_help_panel="Search")]  # type: ignore[valid-type]
 WorkersOpt = Annotated[Optional[int], typer.Option(help="Trials at once, each in its own worker process; default: one per physical core on the CPU (memory and --trials permitting), 4 small-model trials per GPU. At most --trials and 4 per CPU (4 × the automatic count per GPU); more is lowered with a warning.", rich_help_panel="Parallelism")]
 BatchTrialsOpt = Annotated[Optional[int], typer.Option(help="Trials each worker (Ray: each batch server) trains at once as one stacked model (MLP and CNN), e.g. --batch-trials 8; default 1: one at a time (batching did not pay on a 2-core CPU; see the README). A Ray resume keeps its experiment's.", rich_help_panel="Parallelism")]
 ThreadsOpt = Annotated[Optional[int], typer.Option(help="torch threads per trial; default 1 on the CPU (a trial's numbers depend on its thread count, so a study keeps them whatever its --workers), the cores left over per worker on a GPU; at most the CPUs available, more is lowered with a warning.", rich_help_panel="Parallelism")]
 LookaheadOpt = Annotated[Optional[int], typer.Option(help="Trials that may run at once (>= 1): trial i is drawn from and pruned against the trials up to i − N, all finished, so the study is the same with any --workers and --batch-trials; e.g. --lookahead 16 for 16 GPU trials at once; default: the spec's (4). Optuna backend.", rich_help_panel="Parallelism")]
 ConfirmTopOpt = Annotated[Optional[int], typer.Option(help="Configurations retrained with fresh seeds before recommending (default 2; `run` runs fewer where the retraining would exceed half the search's epochs).", rich_help_panel="Budget")]
-ConfirmSeedsOpt = Annotated[Optional[int], typer.Option(help="Fresh seeds (and splits) per confirmed candidate, and final runs of the chosen one, >= 2 (default 3; `run` runs fewer, down to 2, within half the search's epochs); best.json's headline and interval come from the final runs.", rich_help_panel="Budget")]
+ConfirmSeedsOpt = Annotated[Optional[int], typer.Option(help="Fresh seeds (and splits) per confirmed candidate, >= 2 (default 3; `run` runs fewer, down to 2, within half the search's epochs).", rich_help_panel="Budget")]
+FinalRunsOpt = Annotated[Optional[int], typer.Option(help="Retrains of the chosen setting on new seeds and on images no earlier run scored, >= 2 (default 3; `run` runs fewer, down to 2, within half the search's epochs); best.json's headline and interval come from them.", rich_help_panel="Budget")]
 RunStorageEnvOpt = Annotated[Optional[str], typer.Option(help="Read the storage URL from this environment variable, so its password stays out of `ps`.")]
-BackendOpt = Annotated[str, typer.Option(help="`optuna` (default) or `ray`.", rich_help_panel="Ray")]
+BackendOpt = Annotated[Literal[BACKENDS], typer.Option(help="Where trials run: Optuna's workers on this machine, or a Ray cluster.", rich_help_panel="Ray")]  # type: ignore[valid-type]
 AddressOpt = Annotated[Optional[str], typer.Option(help="Ray: cluster address (`auto`, `ray://HOST:10001`); default: a local Ray.", rich_help_panel="Ray")]
 GpusPerTrialOpt = Annotated[Optional[float], typer.Option(help="Ray: GPUs per trial (default 0); 0.25 puts four trials on a GPU.", rich_help_panel="Ray")]
 CpusPerTrialOpt = Annotated[Optional[float], typer.Option(help="Ray: CPUs per trial (default 1).", rich_help_panel="Ray")]
 MaxConcurrentOpt = Annotated[Optional[int], typer.Option(help="Ray: trials running at once.", rich_help_panel="Ray")]
-StudyDatasetOpt = Annotated[Optional[str], typer.Option("--dataset", "-d", help="`digits`, `mnist`, `fashion-mnist`, `cifar10`, `cifar100`, `svhn`, or a path to an ImageFolder; may come from the --study file.", rich_help_panel="Data")]
+StudyDatasetOpt = Annotated[Optional[str], typer.Option("--dataset", "-d", help="`digits`, `mnist`, `fashion-mnist`, `cifar10`, `cifar100`, `svhn`, or a path to an ImageFolder; may come from the --spec file.", rich_help_panel="Data")]
 
 
 @app.command()
@@ -165,7 +173,7 @@ def train(
     val_fraction: Annotated[float, typer.Option(help="Share of the training data held out for validation, in (0, 1).")] = 0.1,
     augment: AugmentOpt = None,
     image_size: ImageSizeOpt = None,
-    schedule: Annotated[str, typer.Option(help="Learning-rate schedule, stepped per batch: `constant`, `cosine` or `warmup-cosine`.")] = "constant",
+    schedule: Annotated[Schedule, typer.Option(help="Learning-rate schedule, stepped per batch over all epochs.")] = "constant",
     warmup_epochs: Annotated[int, typer.Option(help="Warm-up epochs of `warmup-cosine` (>= 1, below --epochs).")] = 0,
     label_smoothing: Annotated[float, typer.Option(help="Cross-entropy label smoothing in [0, 1).")] = 0.0,
     decoupled: DecoupledOpt = False,
@@ -297,14 +305,15 @@ def _is_recommendation(path: Path) -> bool:
 OldOutputOpt = Annotated[Optional[str], typer.Option("--output", hidden=True, help="The old name of --out.")]
 
 
-def _renamed(destination: str | None, output: str | None) -> str | None:
-    """``--out``, or the old ``--output`` with a note that names the new spelling."""
-    if output is None:
-        return destination
-    if destination is not None:
-        raise UserInputError("give --out only (--output is its old name)")
-    err.print("note: --output is now --out (-o)", highlight=False)
-    return output
+def _renamed(value: str | None, old_value: str | None, *, old: str = "--output", new: str = "--out", short: str | None = "-o") -> str | None:
+    """An option's value under its ``new`` name (or ``short``), or under its ``old`` one with a
+    note that names the new spelling; both at once are refused."""
+    if old_value is None:
+        return value
+    if value is not None:
+        raise UserInputError(f"give {new} only ({old} is its old name)")
+    err.print(f"note: {old} is now {new}" + (f" ({short})" if short else ""), highlight=False)
+    return old_value
 
 
 def _storage(storage: str | None, storage_env: str | None) -> str | None:
@@ -421,7 +430,8 @@ class _LiveView:
 def run(
     dataset: StudyDatasetOpt = None,
     arch: ArchOpt = None,
-    study: StudyOpt = None,
+    spec_file: SpecOpt = None,
+    old_spec: OldSpecOpt = None,
     space: Annotated[Optional[str], typer.Option(help="Search space: `sofim`, `sofim-effective`, `sgd-momentum`, `adamw`, or a path to a .yaml.", rich_help_panel="Search")] = None,
     trials: TrialsOpt = None,
     epochs: EpochsOpt = None,
@@ -439,6 +449,7 @@ def run(
     timeout: Annotated[Optional[float], typer.Option(help="Stop starting trials after this many seconds.", rich_help_panel="Budget")] = None,
     confirm_top: ConfirmTopOpt = None,
     confirm_seeds: ConfirmSeedsOpt = None,
+    final_runs: FinalRunsOpt = None,
     augment: AugmentOpt = None,
     image_size: ImageSizeOpt = None,
     schedule: ScheduleOpt = None,
@@ -467,8 +478,8 @@ def run(
     from sofim_tune.spec import load_spec
     from sofim_tune.tuning import RunOptions, tune
 
-    spec = load_spec(dataset, arch, study).replace(
-        search_space=space, trials=trials, epochs=epochs, sampler=sampler, pruner=pruner, seed=seed, confirm_top=confirm_top, confirm_seeds=confirm_seeds, widen=widen, lookahead=lookahead,
+    spec = load_spec(dataset, arch, _renamed(spec_file, old_spec, old="--study", new="--spec", short=None)).replace(
+        search_space=space, trials=trials, epochs=epochs, sampler=sampler, pruner=pruner, seed=seed, confirm_top=confirm_top, confirm_seeds=confirm_seeds, final_runs=final_runs, widen=widen, lookahead=lookahead,
         augment=augment, image_size=image_size, schedule=schedule, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, decoupled_weight_decay=_weight_decay_kind(decoupled, coupled),
     )
     options = RunOptions(
@@ -535,7 +546,8 @@ def _print_summary(record: Any, seconds: float) -> None:
 def compare(
     dataset: StudyDatasetOpt = None,
     arch: ArchOpt = None,
-    study: StudyOpt = None,
+    spec_file: SpecOpt = None,
+    old_spec: OldSpecOpt = None,
     optimizers: Annotated[str, typer.Option(help="Comma-separated: `sofim`, `sofim-tensor` (a Fisher block per tensor), `sgd-momentum`, `adamw`.")] = "sofim,sgd-momentum,adamw",
     trials: TrialsOpt = None,
     epochs: EpochsOpt = None,
@@ -551,6 +563,7 @@ def compare(
     storage_env: RunStorageEnvOpt = None,
     confirm_top: ConfirmTopOpt = None,
     confirm_seeds: ConfirmSeedsOpt = None,
+    final_runs: FinalRunsOpt = None,
     address: AddressOpt = None,
     gpus_per_trial: GpusPerTrialOpt = None,
     cpus_per_trial: CpusPerTrialOpt = None,
@@ -569,7 +582,7 @@ def compare(
     from sofim_tune.tuning import RunOptions
     from sofim_tune.tuning import compare as run_compare
 
-    spec = load_spec(dataset, arch, study).replace(trials=trials, epochs=epochs, sampler=sampler, pruner=pruner, seed=seed, confirm_top=confirm_top, confirm_seeds=confirm_seeds)
+    spec = load_spec(dataset, arch, _renamed(spec_file, old_spec, old="--study", new="--spec", short=None)).replace(trials=trials, epochs=epochs, sampler=sampler, pruner=pruner, seed=seed, confirm_top=confirm_top, confirm_seeds=confirm_seeds, final_runs=final_runs)
     options = RunOptions(
         out_dir=_path(out_dir, "--out") or Path("runs") / f"compare-{spec.name}",
         storage=_storage(storage, storage_env),
@@ -627,7 +640,9 @@ def compare_summary(
 
 RunDirArg = Annotated[Optional[Path], typer.Argument(help="A run folder written by `sofim-tune run`.", show_default=False)]
 StorageOpt = Annotated[Optional[str], typer.Option(help="Read the study from this storage URL instead of a run folder.")]
-StudyNameOpt = Annotated[Optional[str], typer.Option("--study", help="Study name in --storage (needed when it holds several).")]
+StudyNameOpt = Annotated[Optional[str], typer.Option("--study-name", help="Study name in --storage (needed when it holds several).")]
+#: ``--study``, the name ``--study-name`` had in export, plot and show: still read, hidden.
+OldStudyNameOpt = Annotated[Optional[str], typer.Option("--study", hidden=True, help="The old name of --study-name.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite files of the same name that sofim-tune did not write.")]
 StorageEnvOpt = Annotated[Optional[str], typer.Option(help="Read the storage URL from this environment variable (keeps a password out of `ps`).")]
 
@@ -640,21 +655,26 @@ def export(
     output: OldOutputOpt = None,
     storage: StorageOpt = None,
     storage_env: StorageEnvOpt = None,
-    study: StudyNameOpt = None,
+    study_name: StudyNameOpt = None,
+    old_study_name: OldStudyNameOpt = None,
     force: ForceOpt = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (`path`, and the recommendation as written) instead of a line.")] = False,
 ) -> None:
     """Write the recommended settings of a study as best.json (schema v1), also while it runs.
 
     It replaces a best.json of sofim-tune's, and any other file only with --force.
 
-    Example: `sofim-tune export runs/cifar100-resnet18 -o cifar100.json`
+    Example: `sofim-tune export runs/cifar100-resnet18 -o cifar100.json` (`--json` for scripts)
     """
     from sofim_tune import runs
 
     target = _path(_renamed(destination, output), "--out") or (run_dir / "best.json" if run_dir else Path("best.json"))
-    record = runs.load_run(run_dir, storage=_storage(storage, storage_env), study=study)
+    record = runs.load_run(run_dir, storage=_storage(storage, storage_env), study=_renamed(study_name, old_study_name, old="--study", new="--study-name", short=None))
     _refuse_overwriting([target] if os.path.lexists(target) and not _is_recommendation(target) else [], force)
     rec, path = runs.export(record, target)
+    if as_json:
+        print(json.dumps({"path": str(path), "recommendation": rec.to_dict()}))
+        return
     note = "" if rec.study.final else " (study still running: best so far)"
     out.print(f"wrote {path}{note}", highlight=False)
 
@@ -668,7 +688,8 @@ def plot(
     png: Annotated[bool, typer.Option("--png", help="Also write PNG files (needs Chrome or Chromium).")] = False,
     storage: StorageOpt = None,
     storage_env: StorageEnvOpt = None,
-    study: StudyNameOpt = None,
+    study_name: StudyNameOpt = None,
+    old_study_name: OldStudyNameOpt = None,
     force: ForceOpt = False,
 ) -> None:
     """Write the sensitivity report (report.html) and one file per figure under plots/.
@@ -682,7 +703,7 @@ def plot(
     from sofim_tune.report import foreign_report_files
 
     target = _path(_renamed(destination, output), "--out") or run_dir or Path(".")
-    record = runs.load_run(run_dir, storage=_storage(storage, storage_env), study=study)
+    record = runs.load_run(run_dir, storage=_storage(storage, storage_env), study=_renamed(study_name, old_study_name, old="--study", new="--study-name", short=None))
     _refuse_overwriting(foreign_report_files(target, png=png), force)
     report = runs.plot(record, target, png=png)
     for path in (report.html, *report.pngs):
@@ -695,7 +716,8 @@ def show(
     run_dir: RunDirArg = None,
     storage: StorageOpt = None,
     storage_env: StorageEnvOpt = None,
-    study: StudyNameOpt = None,
+    study_name: StudyNameOpt = None,
+    old_study_name: OldStudyNameOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the state as one JSON object (the fields of `sofim_tune.runs.StudyStatus`) instead of a table.")] = False,
 ) -> None:
     """Show the state of a study: trials by state, best so far, elapsed time.
@@ -706,7 +728,7 @@ def show(
 
     from sofim_tune import runs
 
-    state = runs.status(runs.load_run(run_dir, storage=_storage(storage, storage_env), study=study))
+    state = runs.status(runs.load_run(run_dir, storage=_storage(storage, storage_env), study=_renamed(study_name, old_study_name, old="--study", new="--study-name", short=None)))
     if as_json:
         print(json.dumps(dataclasses.asdict(state)))
         return
@@ -782,8 +804,30 @@ def recommend(
 
 
 def main() -> None:
-    app()
+    """The ``sofim-tune`` command. Click's own usage errors (an unknown option, a value of the
+    wrong type) are one line on stderr with exit code 2 too, as the commands' are."""
+    # Typer vendors Click and exports none of its usage errors but BadParameter.
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+
+    try:
+        code = typer.main.get_command(app).main(prog_name="sofim-tune", standalone_mode=False)
+    except NoArgsIsHelpError as exc:
+        exc.show()
+        code = exc.exit_code
+    except UsageError as exc:
+        command = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
+        # Typer checks choices through pydantic, whose messages start "Value error, ".
+        message = " ".join(exc.format_message().replace("Value error, ", "").split())
+        err.print(f"[red]error:[/red] {escape(message)}{command}", highlight=False)
+        code = 2
+    except ClickException as exc:
+        err.print(f"[red]error:[/red] {escape(' '.join(exc.format_message().split()))}", highlight=False)
+        code = exc.exit_code
+    except typer.Abort:  # standard input closed while a prompt waited
+        err.print("aborted", highlight=False)
+        code = 1
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

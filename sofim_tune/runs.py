@@ -2,7 +2,7 @@
 
 The Python side of ``sofim-tune export``, ``plot``, ``show`` and ``recommend``. A run folder
 names its backend and storage in ``run.json``; a storage given explicitly (``--storage``,
-``--study``) wins, and is the way to reach a storage whose URL holds a password.
+``--study-name``) wins, and is the way to reach a storage whose URL holds a password.
 """
 
 from __future__ import annotations

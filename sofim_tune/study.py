@@ -187,7 +187,7 @@ def read_run_file(run_dir: Path) -> dict[str, Any]:
         raise UserInputError(f"{run_dir} is a file, not a run folder")
     if not run_file.exists():
         raise UserInputError(f"{run_dir} holds no sofim-tune study (no {RUN_FILE}); give the folder that `sofim-tune run --out` wrote")
-    instead = "pass the study's storage with --storage and --study"
+    instead = "pass the study's storage with --storage and --study-name"
     try:
         meta = read_json(run_file, f"{run_file} is corrupted")
     except UserInputError as exc:
@@ -350,7 +350,7 @@ def check_resumable(meta: Mapping[str, Any], spec: StudySpec, space: SearchSpace
     ``where`` names the study in the message.
     """
     if meta["space_fingerprint"] != space.fingerprint():
-        raise UserInputError(f"{where} was made with a different search space ({meta['space']}); use another --out or --study, or the same space")
+        raise UserInputError(f"{where} was made with a different search space ({meta['space']}); use another --out, or the same space")
     if meta["metric"] != spec.metric or meta["direction"] != spec.direction:
         raise UserInputError(f"{where} optimizes {meta['metric']} ({meta['direction']}), not {spec.metric} ({spec.direction})")
     wanted = {
@@ -365,7 +365,7 @@ def check_resumable(meta: Mapping[str, Any], spec: StudySpec, space: SearchSpace
     }
     for key, value in wanted.items():
         if meta.get(key, value) != value:
-            raise UserInputError(f"{where} was run with {key}={meta[key]}, not {value}; trials with different settings cannot be compared: use another --out or --study")
+            raise UserInputError(f"{where} was run with {key}={meta[key]}, not {value}; trials with different settings cannot be compared: use another --out")
 
 
 # ---------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -328,3 +329,80 @@ def test_out_is_the_one_name_for_where_output_goes_and_output_still_reads(result
     for command in ("run", "compare", "export", "plot", "compare-summary"):
         help_text = subprocess.run([*cli, command, "--help"], capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"}).stdout
         assert "--out" in help_text and "-o" in help_text and "--output" not in help_text, command
+
+
+CLI = [sys.executable, "-m", "sofim_tune.cli.app"]
+
+
+def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=120, cwd=cwd, env={**os.environ, "COLUMNS": "200"})
+
+
+def test_study_name_is_the_new_name_of_a_stored_studys_name_and_study_still_reads(results):
+    storage = f"sqlite:///{results / 'digits-mlp' / 'study.db'}"
+    new = _cli("show", "--storage", storage, "--study-name", "digits-mlp", "--json")
+    assert new.returncode == 0 and new.stderr == "", new.stderr
+    old = _cli("show", "--storage", storage, "--study", "digits-mlp", "--json")
+    assert old.returncode == 0 and old.stderr.strip() == "note: --study is now --study-name", old.stderr
+    assert json.loads(old.stdout) == json.loads(new.stdout) and json.loads(new.stdout)["name"] == "digits-mlp"
+    both = _cli("show", "--storage", storage, "--study-name", "digits-mlp", "--study", "digits-mlp")
+    assert both.returncode == 2 and both.stderr.strip().splitlines() == ["error: give --study-name only (--study is its old name)"]
+    for command in ("export", "plot", "show"):
+        help_text = _cli(command, "--help").stdout
+        assert "--study-name" in help_text and not re.search(r"--study\b(?!-)", help_text), command
+
+
+def test_spec_is_the_new_name_of_a_study_spec_and_study_still_reads(tmp_path):
+    spec = tmp_path / "mine.toml"
+    spec.write_text('dataset = "digits"\ntrials = 0\n')  # a bad value: the spec is read, then refused
+    new = _cli("run", "--spec", spec, "--out", tmp_path / "run")
+    old = _cli("run", "--study", spec, "--out", tmp_path / "run")
+    assert new.returncode == old.returncode == 2 and "trials" in new.stderr, new.stderr
+    assert old.stderr.splitlines() == ["note: --study is now --spec", *new.stderr.splitlines()]
+    both = _cli("compare", "--spec", spec, "--study", spec, "--out", tmp_path / "cmp")
+    assert both.returncode == 2 and "give --spec only" in both.stderr and not (tmp_path / "run").exists() and not (tmp_path / "cmp").exists()
+    for command in ("run", "compare"):
+        help_text = _cli(command, "--help").stdout
+        assert "--spec" in help_text and not re.search(r"--study\b(?!-)", help_text), command
+
+
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (("run", "--dataset", "digits", "--epochs", "abc"), "--epochs"),
+        (("run", "--dataset", "digits", "--no-such-flag"), "--no-such-flag"),
+        (("export", "a", "b"), "b"),
+        (("no-such-command",), "no-such-command"),
+        (("run", "--dataset", "digits", "--sampler", "bogus"), "'bogus' is not one of 'tpe', 'random', 'qmc', 'cmaes', 'gp', 'grid'"),
+        (("compare", "--dataset", "digits", "--backend", "dask"), "'optuna', 'ray'"),
+        (("train", "--schedule", "linear"), "'constant', 'cosine', 'warmup-cosine'"),
+    ],
+)
+def test_clicks_own_usage_errors_are_one_line_with_exit_2(tmp_path, args, named):
+    done = _cli(*args, cwd=tmp_path)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert lines[0].startswith("error: ") and named in lines[0] and "--help" in lines[0]
+    assert "Traceback" not in done.stderr and not list(tmp_path.iterdir())
+
+
+def test_fixed_values_are_choices_that_help_lists():
+    from sofim_tune.choices import AUGMENT_MODES, BACKENDS, PRUNERS, SAMPLERS, SCHEDULES
+
+    help_text = _cli("run", "--help").stdout
+    for values in (SAMPLERS, PRUNERS, AUGMENT_MODES, SCHEDULES, BACKENDS):
+        assert "<" + "|".join(values) + ">" in help_text
+
+
+def test_no_arguments_show_the_help(tmp_path):
+    done = _cli(cwd=tmp_path)
+    assert done.returncode == 2 and "run" in done.stdout + done.stderr and "Usage" in done.stdout + done.stderr
+
+
+def test_export_json_prints_the_path_and_the_recommendation(results, tmp_path):
+    target = tmp_path / "best.json"
+    done = _cli("export", results / "digits-mlp", "-o", target, "--json")
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    printed = json.loads(done.stdout)
+    assert printed == {"path": str(target), "recommendation": json.loads(target.read_text())}
+    assert printed["recommendation"]["metric"]["confirm"]["runs"] == "final"

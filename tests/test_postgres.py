@@ -222,7 +222,7 @@ def three_workers(postgres: Server, tmp_path_factory: pytest.TempPathFactory) ->
     spec, name = write_spec(folder)
     url = postgres.database()
     out = folder / "run"
-    args = ["run", "--study", spec, "--workers", "3", "--trials", "9", "--epochs", "2", *SMALL, "--out", out, "--storage-env", STORAGE_VAR]
+    args = ["run", "--spec", spec, "--workers", "3", "--trials", "9", "--epochs", "2", *SMALL, "--out", out, "--storage-env", STORAGE_VAR]
     return run_cli(args, url, folder / "logs"), out, url, name, folder
 
 
@@ -261,7 +261,7 @@ def test_a_worker_killed_mid_trial_is_reported_and_its_trial_retried(postgres, t
     spec, name = write_spec(tmp_path)
     url = postgres.database()
     out = tmp_path / "run"
-    args = ["run", "--study", spec, "--workers", "3", "--trials", "9", "--epochs", KILL_EPOCHS, "--pruner", "none", *SMALL, "--out", out, "--storage-env", STORAGE_VAR]
+    args = ["run", "--spec", spec, "--workers", "3", "--trials", "9", "--epochs", KILL_EPOCHS, "--pruner", "none", *SMALL, "--out", out, "--storage-env", STORAGE_VAR]
     cli = Cli(args, url, tmp_path / "logs")
     try:
         deadline = time.monotonic() + 180
@@ -328,7 +328,7 @@ def test_no_password_in_outputs_files_or_the_study(three_workers, postgres):
     run_file = json.loads((out / "run.json").read_text())
     assert run_file["storage"] == redact_storage_url(url) and ":***@" in run_file["storage"]
 
-    storage = ["--storage-env", STORAGE_VAR, "--study", name]
+    storage = ["--storage-env", STORAGE_VAR, "--study-name", name]
     exported, plots = folder / "exported" / "best.json", folder / "plots"
     commands = {
         "show": (["show", *storage], url),

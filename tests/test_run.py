@@ -168,7 +168,7 @@ def earlier_run(tmp_path_factory):
         (["--sampler", "bayes"], "bayes"),
         (["--pruner", "asha"], "asha"),
         (["--trials", "0"], "trials"),
-        (["--study", "no-such-study"], "no-such-study"),
+        (["--spec", "no-such-study"], "no-such-study"),
         (["--space", "{bad_space}"], "low"),
         (["--storage", "postgresql://alice:s3cret@127.0.0.1:1/db"], "keeps this study in another storage"),
         (["--space", "sofim"], "different search space"),
@@ -503,7 +503,7 @@ def test_out_that_is_a_file_says_so(tmp_path):
 def test_study_file_names_the_dataset(tmp_path):
     spec_file = tmp_path / "mine.toml"
     spec_file.write_text('dataset = "digits"\nname = "my-digits"\ntrials = 2\nepochs = 1\nconfirm_top = 1\nconfirm_seeds = 2\n')
-    done = CliRunner().invoke(app, ["run", "--study", str(spec_file), "--device", "cpu", "--out", str(tmp_path / "run")])
+    done = CliRunner().invoke(app, ["run", "--spec", str(spec_file), "--device", "cpu", "--out", str(tmp_path / "run")])
     assert done.exit_code == 0, done.output
     assert load_recommendation(tmp_path / "run" / "best.json").study.name == "my-digits"
 
@@ -512,7 +512,7 @@ def test_a_spec_name_cannot_leave_the_runs_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     spec_file = tmp_path / "evil.toml"
     spec_file.write_text('dataset = "digits"\nname = "../escaped"\n')
-    done = CliRunner().invoke(app, ["run", "--study", str(spec_file), "--device", "cpu"])
+    done = CliRunner().invoke(app, ["run", "--spec", str(spec_file), "--device", "cpu"])
     assert done.exit_code == 2 and "not a safe study name" in done.stderr
     assert not (tmp_path / "escaped").exists() and not (tmp_path / "runs").exists()
 

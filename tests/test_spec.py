@@ -273,7 +273,7 @@ def test_default_name_is_made_safe(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# The dataset from the spec alone (--study my.toml without --dataset)
+# The dataset from the spec alone (--spec my.toml without --dataset)
 # ---------------------------------------------------------------------------------------
 
 

@@ -816,7 +816,7 @@ def open_study(spec: StudySpec, space: SearchSpace, url: str, *, claimed_by: Pat
         study = optuna.load_study(study_name=spec.name, storage=storage)
         meta = study.user_attrs.get(ATTR)
         if meta is None:
-            raise UserInputError(f"study {spec.name!r} in {redact_storage_url(url)} was not made by sofim-tune; choose another --study name")
+            raise UserInputError(f"study {spec.name!r} in {redact_storage_url(url)} was not made by sofim-tune; choose another study name (`name` in the --spec file)")
         check_resumable(meta, spec, space, f"study {spec.name!r} in {redact_storage_url(url)}")
         # What may change on a rerun: the target, widening, and how the rest is searched.
         current = {"trials": spec.trials, "widen": spec.widen, "sampler": spec.sampler, "pruner": spec.pruner, "lookahead": spec.lookahead}
@@ -1243,7 +1243,7 @@ def load_optuna_record(url: str, name: str | None) -> StudyRecord:
     names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
     if name is None:
         if len(names) != 1:
-            raise UserInputError(f"{redact_storage_url(url)} holds {len(names)} studies ({', '.join(names) or 'none'}); name one with --study")
+            raise UserInputError(f"{redact_storage_url(url)} holds {len(names)} studies ({', '.join(names) or 'none'}); name one with --study-name")
         name = names[0]
     if name not in names:
         raise UserInputError(f"no study {name!r} in {redact_storage_url(url)}; it holds: {', '.join(names) or 'none'}")
@@ -1272,10 +1272,10 @@ class OptunaBackend:
         if storage is not None:
             return load_optuna_record(storage, study)
         if run_dir is None:
-            raise UserInputError("name a run folder, or a storage with --storage (and --study)")
+            raise UserInputError("name a run folder, or a storage with --storage (and --study-name)")
         meta = read_run_file(run_dir)
         if "***" in meta["storage"]:
-            raise UserInputError(f"the storage of {run_dir} needs a password; pass it with --storage-env VAR (or --storage URL) and --study {meta['study']}")
+            raise UserInputError(f"the storage of {run_dir} needs a password; pass it with --storage-env VAR (or --storage URL) and --study-name {meta['study']}")
         return load_optuna_record(storage_from_run_file(meta["storage"], run_dir), study or meta["study"])
 
     def confirm(self, configs: Sequence[TrialConfig], options: RunOptions, on_done: Callable[[int], None] | None = None) -> list[TrialResult]:
