@@ -66,6 +66,9 @@ class Confirmation:
             search or selection run scored (their ``split_seeds`` are the search's).
         image_hits: final runs only: per final image, how many of the runs classified it right;
             the headline interval's image term comes from them (``selection.headline_interval``).
+        final_seed: the split seed that names the study's final images: selection runs kept
+            them out of their validation, final runs validated on them. None for runs of a
+            release before final runs, whose validation may include them.
     """
 
     params: dict[str, float]
@@ -78,6 +81,7 @@ class Confirmation:
     curves: list[list[float]] = field(default_factory=list)
     final: bool = False
     image_hits: list[int] = field(default_factory=list)
+    final_seed: int | None = None
 
     @property
     def mean(self) -> float:

@@ -87,7 +87,9 @@ def status(record: StudyRecord) -> StudyStatus:
     )
 
 
-Basis = Literal["confirmed", "search"]
+Basis = Literal["final", "confirmed", "search"]
+# Rankings of better-founded values come first.
+_BASES: tuple[Basis, ...] = ("final", "confirmed", "search")
 
 
 @dataclass(frozen=True)
@@ -96,9 +98,11 @@ class Ranking:
 
     Attributes:
         metric, direction: the metric (``val_accuracy``) and which way is better.
-        basis: ``confirmed``: ranked by the mean over the confirmation seeds; ``search``: by
-            the value the recommended trial reached in the search (files without a
-            confirmation), a single draw that a confirmed mean is not comparable with.
+        basis: ``final``: ranked by the final runs' mean (best.json's headline); ``confirmed``:
+            by the mean of the runs that chose the recommendation (files of releases before
+            final runs, biased upward by the choice); ``search``: by the value the recommended
+            trial reached in the search (files without a confirmation), a single draw. No
+            two of them are comparable.
         entries: (best.json, its recommendation), best first.
     """
 
@@ -109,7 +113,7 @@ class Ranking:
 
     def describe(self) -> str:
         """``"ranked by the confirmed mean of val_accuracy (higher is better)"``."""
-        value = "confirmed mean" if self.basis == "confirmed" else "search value (not confirmed)"
+        value = {"final": "final runs' mean", "confirmed": "confirmed mean (selection runs)", "search": "search value (not confirmed)"}[self.basis]
         better = "higher" if self.direction == "maximize" else "lower"
         return f"ranked by the {value} of {self.metric} ({better} is better)"
 
@@ -119,11 +123,13 @@ class Ranking:
 
 
 def _basis(rec: Recommendation) -> Basis:
-    return "confirmed" if rec.metric.confirm is not None else "search"
+    if rec.metric.confirm is None:
+        return "search"
+    return "final" if rec.metric.confirm.runs == "final" else "confirmed"
 
 
 def _ranked_by(rec: Recommendation, basis: Basis) -> float:
-    return rec.metric.confirm.mean if basis == "confirmed" and rec.metric.confirm is not None else rec.metric.value
+    return rec.metric.confirm.mean if basis != "search" and rec.metric.confirm is not None else rec.metric.value
 
 
 @dataclass(frozen=True)
@@ -132,7 +138,7 @@ class Found:
 
     Attributes:
         rankings: the valid best.json files for the dataset, one :class:`Ranking` per metric
-            and basis; confirmed rankings come first, then by metric name.
+            and basis; final-run rankings come first, then confirmed ones, then by metric name.
         invalid: one line per best.json or compare.json that could not be read, saying why.
         choice: from a compare folder for the dataset (the newest, when several): the
             optimizer to use, its recommendation, the comparison, and its folder.
@@ -172,7 +178,7 @@ def find_recommendations(results: str | Path, dataset: str, arch: str | None = N
     for path, rec in found:
         groups.setdefault((_basis(rec), rec.metric.name, rec.metric.direction), []).append((path, rec))
     rankings = []
-    for (basis, metric, direction), entries in sorted(groups.items(), key=lambda item: (item[0][0] != "confirmed", item[0][1:])):
+    for (basis, metric, direction), entries in sorted(groups.items(), key=lambda item: (_BASES.index(item[0][0]), item[0][1:])):
         sign = 1.0 if direction == "maximize" else -1.0
         ranked = sorted(entries, key=lambda entry: sign * _ranked_by(entry[1], basis), reverse=True)
         rankings.append(Ranking(metric, direction, basis, ranked))

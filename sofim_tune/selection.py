@@ -207,6 +207,7 @@ def confirm_top(
     seeds: Sequence[int],
     split_seeds: Sequence[int],
     neighbour_seeds: int = NEIGHBOUR_SEEDS,
+    final_seed: int | None = None,
 ) -> list[Confirmation]:
     """Retrain the ``top`` best distinct completed configurations, and their neighbours
     (see :func:`plan_confirmation` for ``top`` and ``neighbour_seeds`` within a budget).
@@ -218,6 +219,8 @@ def confirm_top(
         top: how many candidates, >= 1 (fewer when fewer distinct ones completed).
         seeds, split_seeds: one run per pair per candidate; at least one pair.
         neighbour_seeds: how many of the first pairs the neighbours run with (0: none).
+        final_seed: the split seed whose final images ``evaluate`` keeps out of validation,
+            recorded on each confirmation.
 
     Returns:
         One Confirmation per candidate, best search value first.
@@ -250,6 +253,7 @@ def confirm_top(
                 neighbours={label: values for label, values in neighbours.items() if values},
                 fisher_ratio=statistics.median(ratios) if ratios else None,
                 curves=[list(m.curve) for m in own],
+                final_seed=final_seed,
             )
         )
     return confirmations
@@ -301,7 +305,9 @@ def final_runs(params: dict[str, float], evaluate: Callable[[list[tuple[dict[str
     measured = list(evaluate([(dict(params), seed, split_seed) for seed in seeds]))
     tests = [m.test_accuracy for m in measured if m.test_accuracy is not None]
     ratios = [m.fisher_ratio for m in measured if m.fisher_ratio is not None]
-    rows = [m.image_correct for m in measured]
+    # A run that never reported its images (its worker died) classified none of them right.
+    images = max((len(m.image_correct) for m in measured), default=0)
+    rows = [m.image_correct or (0,) * images for m in measured]
     return Confirmation(
         params=dict(params),
         seeds=list(seeds),
@@ -311,7 +317,8 @@ def final_runs(params: dict[str, float], evaluate: Callable[[list[tuple[dict[str
         fisher_ratio=statistics.median(ratios) if ratios else None,
         curves=[list(m.curve) for m in measured],
         final=True,
-        image_hits=[sum(column) for column in zip(*rows, strict=True)] if all(rows) else [],
+        final_seed=split_seed,
+        image_hits=[sum(column) for column in zip(*rows, strict=True)] if images else [],
     )
 
 
@@ -354,8 +361,9 @@ def headline_interval(values: Sequence[float], image_hits: Sequence[int]) -> tup
     right) the runs × images table is analysed as a two-way random-effects design without
     replication: the mean's variance is ``(MS_seeds + MS_images − MS_residual) / (runs ×
     images)``, each variance component at least 0, and its degrees of freedom
-    Satterthwaite's. Without ``image_hits`` (a loss metric, files of earlier releases) it is
-    :func:`interval95` over the runs: seeds only.
+    Satterthwaite's. Without ``image_hits`` (a loss metric, files of earlier releases, no run
+    that reported its images), or with a single final image, it is :func:`interval95` over the
+    runs: seeds only.
 
     Args:
         values: each final run's accuracy in [0, 1], at least 2.
@@ -363,11 +371,11 @@ def headline_interval(values: Sequence[float], image_hits: Sequence[int]) -> tup
     """
     from scipy import stats
 
-    if not image_hits:
+    if len(image_hits) < 2:
         return interval95(values)
     runs, images = len(values), len(image_hits)
-    if runs < 2 or images < 2:
-        raise UserInputError("an interval needs at least two runs and two images")
+    if runs < 2:
+        raise UserInputError("an interval needs at least two runs")
     mean = statistics.fmean(values)
     ms_seeds = images * sum((v - mean) ** 2 for v in values) / (runs - 1)
     ms_images = runs * sum((h / runs - mean) ** 2 for h in image_hits) / (images - 1)

@@ -38,7 +38,7 @@ from sofim_tune.records import Confirmation, StudyRecord, TrialRecord
 from sofim_tune.space import OPTIMIZER_HYPERPARAMETERS, SearchSpace
 from sofim_tune.spec import StudySpec
 from sofim_tune.batched import TrialBatch, batch_problem
-from sofim_tune.data import dataset_info_for
+from sofim_tune.data import dataset_info_for, final_images, has_fixed_validation
 from sofim_tune.trial import TrialConfig, TrialResult, prepare_trial, resolve_device, train_trial
 
 if TYPE_CHECKING:
@@ -468,8 +468,8 @@ def parallelism_for(spec: StudySpec, space: SearchSpace, options: RunOptions) ->
     """How many trials of this study run at once, with how many threads (see :mod:`sofim_tune.parallelism`).
 
     Loads the study's data on the CPU (cached for this process and the workers it forks),
-    which also checks that its trials can start, as :func:`check_sampler` checks its sampler:
-    UserInputError otherwise.
+    which also checks that its trials can start, as :func:`check_sampler` checks its sampler,
+    and (``options.export``) that its final images can be drawn: UserInputError otherwise.
     """
     if options.workers is not None and options.workers < 1:
         raise UserInputError(f"--workers must be >= 1, got {options.workers}")
@@ -481,6 +481,12 @@ def parallelism_for(spec: StudySpec, space: SearchSpace, options: RunOptions) ->
     some_settings = space.to_hyperparameters({name: p.low for name, p in space.params.items()})
     config = trial_config(spec, space, some_settings, seed=spec.seed, device="cpu", options=options)
     data = prepare_trial(config)
+    if options.export:
+        # Refused now rather than after the search: a validation share of a half or more
+        # leaves too few training images to draw the final images from (a folder with val/
+        # draws them from all of train/).
+        fixed = has_fixed_validation(spec.dataset)
+        final_images(len(data.train) + (0 if fixed else len(data.val)), spec.val_fraction, spec.split_seed, fixed_validation=fixed)
     with torch.device("meta"):
         parameters = sum(p.numel() for p in build_model(spec.arch or data.info.default_arch, data.info).parameters())
     info = data.info

@@ -175,7 +175,8 @@ def confirm(study: StudyRecord, spec: StudySpec, space: SearchSpace, options: Ru
 
     The runs go through ``backend.confirm``, so a Ray study confirms on its cluster.
     Selection runs already stored for the same candidates, seeds and splits are reused, so
-    that rerunning a finished study costs nothing.
+    that rerunning a finished study costs nothing; not those of a release before final runs,
+    which may have validated on the final images.
     """
     # Trial n trained with seed spec.seed + n; numbers can skip records (surplus trials).
     numbered = max((t.number for t in study.trials), default=-1) + 1
@@ -184,13 +185,13 @@ def confirm(study: StudyRecord, spec: StudySpec, space: SearchSpace, options: Ru
         split_seeds = [spec.split_seed] * len(seeds)  # its val/ folder validates every run
     stored = [c for c in study.confirmations if not c.final]
     candidates = [t.params for t in distinct_ranked(study)[: plan.top]]
-    if stored and [c.params for c in stored] == candidates and all(c.seeds == seeds and c.split_seeds == split_seeds for c in stored):
+    if stored and [c.params for c in stored] == candidates and all(c.seeds == seeds and c.split_seeds == split_seeds and c.final_seed == spec.split_seed for c in stored):
         return stored
     neighbours = f", and their lr × 2 neighbours on {plan.neighbour_seeds}" if plan.neighbour_seeds else ""
     runs = replace(plan, top=len(candidates)).selection_runs
     log.info(f"confirming {len(candidates)} candidate{'s' * (len(candidates) != 1)} on {plan.seeds} fresh seeds each{neighbours}: {runs} runs of {plan.run_epochs} epochs")
     evaluate = _measurer(spec, space, options, backend, final=False)
-    return confirm_top(study, evaluate, top=plan.top, seeds=seeds, split_seeds=split_seeds, neighbour_seeds=plan.neighbour_seeds)
+    return confirm_top(study, evaluate, top=plan.top, seeds=seeds, split_seeds=split_seeds, neighbour_seeds=plan.neighbour_seeds, final_seed=spec.split_seed)
 
 
 def measure_final(study: StudyRecord, spec: StudySpec, space: SearchSpace, options: RunOptions, backend: Backend, params: dict[str, float], plan: ConfirmationPlan) -> Confirmation:
@@ -200,7 +201,7 @@ def measure_final(study: StudyRecord, spec: StudySpec, space: SearchSpace, optio
     numbered = max((t.number for t in study.trials), default=-1) + 1
     seeds = final_seeds(spec.seed, numbered, plan.final_runs)
     stored = current_final(study, params)
-    if stored is not None and stored.seeds == seeds and stored.split_seeds == [spec.split_seed] * len(seeds):
+    if stored is not None and stored.seeds == seeds and stored.final_seed == spec.split_seed:
         return stored
     log.info(f"final runs: the chosen setting on {len(seeds)} fresh seeds, validated on images that no search or selection run scored: {len(seeds)} runs of {plan.run_epochs} epochs")
     return final_runs(params, _measurer(spec, space, options, backend, final=True), seeds=seeds, split_seed=spec.split_seed)

@@ -265,3 +265,56 @@ def test_the_plan_is_stated_before_the_search():
     spec = load_spec("digits")
     line = describe_plan(spec, load_space(spec.search_space))
     assert "search 40 trials of up to 10 epochs" in line and "2 candidates × 2 fresh seeds" in line and "3 final runs" in line and "at most 9 runs of 10 epochs" in line
+
+
+# ------------------------------------------------------------------ review: edge cases
+
+
+def test_a_validation_share_that_leaves_no_room_for_final_images_is_refused_before_the_search(tmp_path):
+    from sofim_tune.tuning import tune
+
+    spec = load_spec("digits").replace(trials=2, epochs=1, val_fraction=0.6)
+    with pytest.raises(UserInputError, match="final images"):
+        tune(spec, RunOptions(out_dir=tmp_path / "run", device="cpu", workers=1))
+    assert not (tmp_path / "run").exists()
+    # A search alone has no final runs, and may validate on 60%.
+    tune(spec, RunOptions(out_dir=tmp_path / "search", device="cpu", workers=1, export=False))
+
+
+def test_a_final_run_that_never_reported_its_images_counts_as_none_right():
+    measured = iter([Measurement(0.75, image_correct=(1, 1, 0, 1)), Measurement(0.0), Measurement(0.5, image_correct=(1, 0, 0, 1))])
+    final = final_runs({"lr": 0.1}, lambda jobs: [next(measured) for _ in jobs], seeds=[1, 2, 3], split_seed=0)
+    assert final.image_hits == [2, 1, 0, 2] and final.final_seed == 0
+    assert headline_interval([0.9, 0.9], [2]) == pytest.approx(interval95([0.9, 0.9]))  # one image: seeds only
+
+
+def test_selection_runs_of_a_release_before_final_runs_are_run_again(tmp_path):
+    spec = load_spec("digits").replace(trials=6, epochs=2, confirm_top=1, confirm_seeds=2)
+    space = load_space(spec.search_space)
+    trials = [TrialRecord(n, "complete", {"lr": 0.1 * (n + 1), "rho": 1.0, "beta1": 0.9}, 0.5 + n / 100, {1: 0.5, 2: 0.5 + n / 100}) for n in range(6)]
+    study = dataclasses.replace(make_study(30), trials=trials, confirmations=[])
+    plan = confirmation_plan(study, spec, space)
+    backend = EpochCountingBackend()
+    options = RunOptions(out_dir=tmp_path, device="cpu")
+    fresh = confirm(study, spec, space, options, backend, plan)
+    assert [c.final_seed for c in fresh] == [spec.split_seed]
+    spent = backend.epochs
+    assert confirm(dataclasses.replace(study, confirmations=fresh), spec, space, options, backend, plan) == fresh and backend.epochs == spent
+    old = [dataclasses.replace(c, final_seed=None) for c in fresh]  # as an earlier release stored them
+    confirm(dataclasses.replace(study, confirmations=old), spec, space, options, backend, plan)
+    assert backend.epochs > spent
+
+
+def test_recommend_ranks_final_run_headlines_apart_from_selection_run_ones(tmp_path):
+    from sofim_tune.recommend import write_recommendation
+    from sofim_tune.runs import find_recommendations
+
+    study = make_study(30)
+    selection = [c for c in study.confirmations if not c.final]
+    params, _ = pick_recommended(study, selection)
+    final = Confirmation(params=params, seeds=[7, 8, 9], values=[0.5, 0.5, 0.5], split_seeds=[0, 0, 0], final=True, final_seed=0)
+    for name, confirmations in (("new", [*selection, final]), ("old", selection)):
+        write_recommendation(build_recommendation(dataclasses.replace(study, confirmations=confirmations)), tmp_path / name / "best.json")
+    rankings = find_recommendations(tmp_path, study.dataset).rankings
+    assert [(r.basis, [p.parent.name for p, _ in r.entries]) for r in rankings] == [("final", ["new"]), ("confirmed", ["old"])]
+    assert rankings[0].describe().startswith("ranked by the final runs' mean")

@@ -421,8 +421,8 @@ def test_recommend_ranks_like_with_like(mixed_results: Path) -> None:
         ("search", "val_accuracy", ["acc-lucky"]),
     ]
     assert [r.describe() for r in found.rankings] == [
-        "ranked by the confirmed mean of val_accuracy (higher is better)",
-        "ranked by the confirmed mean of val_loss (lower is better)",
+        "ranked by the confirmed mean (selection runs) of val_accuracy (higher is better)",
+        "ranked by the confirmed mean (selection runs) of val_loss (lower is better)",
         "ranked by the search value (not confirmed) of val_accuracy (higher is better)",
     ]
     assert [found.rankings[0].value(rec) for _, rec in found.rankings[0].entries] == [0.71, 0.70]
