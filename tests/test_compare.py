@@ -15,7 +15,7 @@ from sofim_tune.comparison import load_comparison
 from sofim_tune.spec import load_spec
 from sofim_tune.tuning import RunOptions, compare, compare_plans, tune
 
-TINY = dict(trials=3, epochs=2, confirm_top=1, confirm_seeds=2)
+TINY = dict(trials=3, epochs=2, confirm_top=1, confirm_seeds=2, final_runs=2)
 OPTIMIZERS = ("sofim", "sgd-momentum")
 
 
@@ -47,6 +47,10 @@ def test_every_optimizer_gets_the_same_budget(compared):
     confirmations = {name: stored_metadata(out / name)[0].user_attrs["confirmations"][0] for name in OPTIMIZERS}
     assert confirmations["sofim"]["seeds"] == confirmations["sgd-momentum"]["seeds"]
     assert confirmations["sofim"]["split_seeds"] == confirmations["sgd-momentum"]["split_seeds"]
+    # The final runs, which the verdicts pair, share their seeds and final images too.
+    finals = {name: stored_metadata(out / name)[0].user_attrs["confirmations"][-1] for name in OPTIMIZERS}
+    assert all(final["final"] for final in finals.values())
+    assert finals["sofim"]["seeds"] == finals["sgd-momentum"]["seeds"] and finals["sofim"]["final_seed"] == finals["sgd-momentum"]["final_seed"]
 
 
 def test_compare_json_describes_every_optimizer(compared):
