@@ -298,7 +298,7 @@ def test_dataset_from_the_spec_still_checks_arch(tmp_path: Path) -> None:
 
 
 def test_no_dataset_anywhere(tmp_path: Path) -> None:
-    with pytest.raises(UserInputError, match=r"^name a dataset with --dataset, or a study spec \(--study\) that has a `dataset` key$"):
+    with pytest.raises(UserInputError, match=r"^name a dataset with --dataset, or a study spec \(--spec\) that has a `dataset` key$"):
         load_spec(None)
     path = write(tmp_path, "trials = 4\n")
     with pytest.raises(UserInputError, match=rf"^{re.escape(str(path))}: dataset: missing; name a dataset with --dataset"):
