@@ -188,8 +188,11 @@ def trials_of(url: str, name: str) -> list[FrozenTrial]:
 
 
 def real(trials: list[FrozenTrial]) -> list[FrozenTrial]:
-    """Without the trials asked for in a race at the very end ("surplus"), which never ran."""
-    return [t for t in trials if t.user_attrs.get("reason") != "surplus"]
+    """Without the trials that never ran: asked for in a race at the very end ("surplus"), or
+    stepped back for a queued retry ("deferred"; the backend's NOT_RUN)."""
+    from sofim_tune.backends.optuna import NOT_RUN
+
+    return [t for t in trials if t.user_attrs.get("reason") not in NOT_RUN]
 
 
 def describe(trials: list[FrozenTrial]) -> str:
