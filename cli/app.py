@@ -316,6 +316,19 @@ def _renamed(value: str | None, old_value: str | None, *, old: str = "--output",
     return old_value
 
 
+def _spec_file(spec_file: str | None, old_spec: str | None) -> str | None:
+    """``--spec``, or the old ``--study`` of run and compare."""
+    return _renamed(spec_file, old_spec, old="--study", new="--spec", short=None)
+
+
+def _load_run(run_dir: Path | None, storage: str | None, storage_env: str | None, study_name: str | None, old_study_name: str | None) -> Any:
+    """The study that export, plot and show read: a run folder, or ``--storage`` with
+    ``--study-name`` (or its old spelling ``--study``)."""
+    from sofim_tune import runs
+
+    return runs.load_run(run_dir, storage=_storage(storage, storage_env), study=_renamed(study_name, old_study_name, old="--study", new="--study-name", short=None))
+
+
 def _storage(storage: str | None, storage_env: str | None) -> str | None:
     """``--storage`` as given, or the URL in the environment variable ``--storage-env`` names.
 
@@ -478,7 +491,7 @@ def run(
     from sofim_tune.spec import load_spec
     from sofim_tune.tuning import RunOptions, tune
 
-    spec = load_spec(dataset, arch, _renamed(spec_file, old_spec, old="--study", new="--spec", short=None)).replace(
+    spec = load_spec(dataset, arch, _spec_file(spec_file, old_spec)).replace(
         search_space=space, trials=trials, epochs=epochs, sampler=sampler, pruner=pruner, seed=seed, confirm_top=confirm_top, confirm_seeds=confirm_seeds, final_runs=final_runs, widen=widen, lookahead=lookahead,
         augment=augment, image_size=image_size, schedule=schedule, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, decoupled_weight_decay=_weight_decay_kind(decoupled, coupled),
     )
@@ -582,7 +595,7 @@ def compare(
     from sofim_tune.tuning import RunOptions
     from sofim_tune.tuning import compare as run_compare
 
-    spec = load_spec(dataset, arch, _renamed(spec_file, old_spec, old="--study", new="--spec", short=None)).replace(trials=trials, epochs=epochs, sampler=sampler, pruner=pruner, seed=seed, confirm_top=confirm_top, confirm_seeds=confirm_seeds, final_runs=final_runs)
+    spec = load_spec(dataset, arch, _spec_file(spec_file, old_spec)).replace(trials=trials, epochs=epochs, sampler=sampler, pruner=pruner, seed=seed, confirm_top=confirm_top, confirm_seeds=confirm_seeds, final_runs=final_runs)
     options = RunOptions(
         out_dir=_path(out_dir, "--out") or Path("runs") / f"compare-{spec.name}",
         storage=_storage(storage, storage_env),
@@ -669,7 +682,7 @@ def export(
     from sofim_tune import runs
 
     target = _path(_renamed(destination, output), "--out") or (run_dir / "best.json" if run_dir else Path("best.json"))
-    record = runs.load_run(run_dir, storage=_storage(storage, storage_env), study=_renamed(study_name, old_study_name, old="--study", new="--study-name", short=None))
+    record = _load_run(run_dir, storage, storage_env, study_name, old_study_name)
     _refuse_overwriting([target] if os.path.lexists(target) and not _is_recommendation(target) else [], force)
     rec, path = runs.export(record, target)
     if as_json:
@@ -703,7 +716,7 @@ def plot(
     from sofim_tune.report import foreign_report_files
 
     target = _path(_renamed(destination, output), "--out") or run_dir or Path(".")
-    record = runs.load_run(run_dir, storage=_storage(storage, storage_env), study=_renamed(study_name, old_study_name, old="--study", new="--study-name", short=None))
+    record = _load_run(run_dir, storage, storage_env, study_name, old_study_name)
     _refuse_overwriting(foreign_report_files(target, png=png), force)
     report = runs.plot(record, target, png=png)
     for path in (report.html, *report.pngs):
@@ -728,7 +741,7 @@ def show(
 
     from sofim_tune import runs
 
-    state = runs.status(runs.load_run(run_dir, storage=_storage(storage, storage_env), study=_renamed(study_name, old_study_name, old="--study", new="--study-name", short=None)))
+    state = runs.status(_load_run(run_dir, storage, storage_env, study_name, old_study_name))
     if as_json:
         print(json.dumps(dataclasses.asdict(state)))
         return

@@ -264,27 +264,21 @@ def _validated_data(config: TrialConfig) -> LoadedData:
     return _cached_data(config.dataset, device, config.data_dir, config.download, config.val_fraction, config.split_seed, config.evaluate_test, config.image_size, config.final_seed, config.final)
 
 
-def _evaluate(model: torch.nn.Module, split: Split, batch_size: int, autocast: contextlib.AbstractContextManager[Any]) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy over a split, with one host sync at the end."""
+def _evaluate(model: torch.nn.Module, split: Split, batch_size: int, autocast: contextlib.AbstractContextManager[Any]) -> tuple[float, float, torch.Tensor]:
+    """Mean cross-entropy and accuracy over a split, with one host sync at the end, and per
+    image, in order, whether the prediction is right (a bool tensor left on the device)."""
     model.eval()
-    loss_sum = correct = None
+    loss_sum = None
+    correct = []
     with torch.no_grad(), autocast:
         for x, y in split.batches(max(batch_size, 512), shuffle=False, augment="none"):
             logits = model(x).float()
             batch_loss = F.cross_entropy(logits, y, reduction="sum")
-            batch_correct = (logits.argmax(dim=1) == y).sum()
             loss_sum = batch_loss if loss_sum is None else loss_sum + batch_loss
-            correct = batch_correct if correct is None else correct + batch_correct
-    totals = torch.stack([loss_sum, correct.to(loss_sum.dtype)]).tolist()
-    return totals[0] / len(split), totals[1] / len(split)
-
-
-def _correct_per_image(model: torch.nn.Module, split: Split, batch_size: int, autocast: contextlib.AbstractContextManager[Any]) -> list[int]:
-    """Per image of ``split``, in order: 1 where the model's prediction is right, else 0."""
-    model.eval()
-    with torch.no_grad(), autocast:
-        correct = [model(x).float().argmax(dim=1) == y for x, y in split.batches(max(batch_size, 512), shuffle=False, augment="none")]
-    return torch.cat(correct).int().tolist()
+            correct.append(logits.argmax(dim=1) == y)
+    right = torch.cat(correct)
+    totals = torch.stack([loss_sum, right.sum().to(loss_sum.dtype)]).tolist()
+    return totals[0] / len(split), totals[1] / len(split), right
 
 
 def train_trial(config: TrialConfig, reporter: Reporter | None = None, *, data: LoadedData | None = None) -> TrialResult:
@@ -370,7 +364,7 @@ def train_trial(config: TrialConfig, reporter: Reporter | None = None, *, data: 
                 if batch % DIVERGENCE_CHECK_INTERVAL == 0 and not math.isfinite(loss_sum.item()):
                     return result("diverged", diverged_epoch=epoch)
             train_loss = loss_sum.item() / len(data.train)
-            val_loss, val_accuracy = _evaluate(model, data.val, config.batch_size, autocast)
+            val_loss, val_accuracy, val_right = _evaluate(model, data.val, config.batch_size, autocast)
             if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
                 return result("diverged", diverged_epoch=epoch)
             history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_accuracy": val_accuracy})
@@ -388,8 +382,9 @@ def train_trial(config: TrialConfig, reporter: Reporter | None = None, *, data: 
         return result("failed", error=f"{type(exc).__name__}: {exc}")
 
     if config.evaluate_test and data.test is not None:
-        _, test_accuracy = _evaluate(model, data.test, config.batch_size, autocast)
+        _, test_accuracy, _ = _evaluate(model, data.test, config.batch_size, autocast)
         history[-1]["test_accuracy"] = test_accuracy
     if config.final:
-        return result("completed", val_correct=_correct_per_image(model, data.val, config.batch_size, autocast))
+        # The last epoch's validation: the trained model's outcome on each final image.
+        return result("completed", val_correct=val_right.int().tolist())
     return result("completed")

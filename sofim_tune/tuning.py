@@ -169,6 +169,12 @@ def _measurer(spec: StudySpec, space: SearchSpace, options: RunOptions, backend:
     return evaluate
 
 
+def _numbered(study: StudyRecord) -> int:
+    """How many trial numbers the study handed out: trial n trained with seed ``spec.seed + n``,
+    and numbers can skip records (surplus trials)."""
+    return max((t.number for t in study.trials), default=-1) + 1
+
+
 def confirm(study: StudyRecord, spec: StudySpec, space: SearchSpace, options: RunOptions, backend: Backend, plan: ConfirmationPlan) -> list[Confirmation]:
     """The selection runs: retrain the top candidates and their neighbours on fresh seeds and
     splits, as ``plan`` says (selection.py); none of them validates on the final images.
@@ -178,9 +184,7 @@ def confirm(study: StudyRecord, spec: StudySpec, space: SearchSpace, options: Ru
     that rerunning a finished study costs nothing; not those of a release before final runs,
     which may have validated on the final images.
     """
-    # Trial n trained with seed spec.seed + n; numbers can skip records (surplus trials).
-    numbered = max((t.number for t in study.trials), default=-1) + 1
-    seeds, split_seeds = confirmation_seeds(spec.seed, numbered, spec.split_seed, plan.seeds)
+    seeds, split_seeds = confirmation_seeds(spec.seed, _numbered(study), spec.split_seed, plan.seeds)
     if has_fixed_validation(spec.dataset):
         split_seeds = [spec.split_seed] * len(seeds)  # its val/ folder validates every run
     stored = [c for c in study.confirmations if not c.final]
@@ -198,8 +202,7 @@ def measure_final(study: StudyRecord, spec: StudySpec, space: SearchSpace, optio
     """The final runs of the chosen ``params``: ``plan.final_runs`` fresh seeds, each validated on
     the study's final images (selection.py). Stored final runs of the same setting and seeds
     are reused."""
-    numbered = max((t.number for t in study.trials), default=-1) + 1
-    seeds = final_seeds(spec.seed, numbered, plan.final_runs)
+    seeds = final_seeds(spec.seed, _numbered(study), plan.final_runs)
     stored = current_final(study, params)
     if stored is not None and stored.seeds == seeds and stored.final_seed == spec.split_seed:
         return stored
