@@ -23,6 +23,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from sofim_tune import interrupts
 from sofim_tune.choices import AUGMENT_MODES, BACKENDS, PRUNERS, SAMPLERS, SCHEDULES
 from sofim_tune.errors import NothingFound, UserInputError
 
@@ -101,7 +102,8 @@ def user_errors(command: F) -> F:
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return command(*args, **kwargs)
+            with interrupts.catching():
+                return command(*args, **kwargs)
         except UserInputError as exc:
             err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
             raise typer.Exit(1 if isinstance(exc, NothingFound) else 2) from None

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from sofim_tune import interrupts
 from sofim_tune.data import DatasetInfo, LoadedData, Split, TensorSplit
 from sofim_tune.errors import UserInputError
 from sofim_tune.models import build_model
@@ -379,6 +380,7 @@ class TrialBatch:
         samples = []
         split = self.data.train
         for b, pairs in enumerate(zip(*(split.batches(self.batch_size, shuffle=True, augment=m.augment, generator=m.generator) for m in members))):
+            interrupts.check()  # as train_trial: a Ctrl-C that the garbage collector swallowed stops here
             x, y = torch.stack([x for x, _ in pairs]), torch.stack([y for _, y in pairs])
             with self._autocast():
                 logits = self._net(stack, x, training=True)

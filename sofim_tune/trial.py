@@ -20,6 +20,7 @@ from typing import Any, Literal, Protocol
 import torch
 import torch.nn.functional as F
 
+from sofim_tune import interrupts
 from sofim_tune.data import LoadedData, Split, check_augment, load_data
 from sofim_tune.errors import TrialPruned, UserInputError
 from sofim_tune.models import build_model
@@ -348,6 +349,7 @@ def train_trial(config: TrialConfig, reporter: Reporter | None = None, *, data: 
             model.train()
             loss_sum = torch.zeros((), device=device)
             for batch, (x, y) in enumerate(data.train.batches(config.batch_size, shuffle=True, augment=augment, generator=generator), 1):
+                interrupts.check()  # a Ctrl-C that the garbage collector swallowed stops here
                 if on_cuda:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with autocast:

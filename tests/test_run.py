@@ -113,12 +113,16 @@ def test_resume_after_sigkill_reaches_exactly_the_target(tmp_path):
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         time.sleep(0.5)
+        # Frozen while we look, so that the running trial we see is still running when it is killed.
+        os.kill(process.pid, signal.SIGSTOP)
         try:
-            current = states(storage)
-        except Exception:  # the study may not exist yet
-            continue
+            polling = optuna.storages.RDBStorage(storage, engine_kwargs={"connect_args": {"timeout": 2}})
+            current = [t.state for t in optuna.load_study(study_name="digits-mlp", storage=polling).get_trials(deepcopy=False)]
+        except Exception:  # the study may not exist yet, or the frozen process holds its lock
+            current = []
         if current.count(TrialState.COMPLETE) >= 2 and TrialState.RUNNING in current:
             break
+        os.kill(process.pid, signal.SIGCONT)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert TrialState.RUNNING in states(storage)

@@ -51,6 +51,7 @@ from sofim_tune.backends.views import (
     settled_prefix,
     view_study,
 )
+from sofim_tune import interrupts
 from sofim_tune.errors import TrialPruned, UserInputError
 from sofim_tune.files import read_head, redact_storage_message, redact_storage_url, storage_password
 from sofim_tune.records import Confirmation, StudyRecord, TrialRecord
@@ -697,6 +698,7 @@ class _Objective:
             trial.study.stop()
             raise _NotRun
         try:
+            interrupts.check()  # one that the garbage collector swallowed between two trials
             plan = self.planner.plan(trial, wait=True)
             config = _start(trial, plan, self.spec, self.space, self.options, self.device)  # type: ignore[arg-type]  # plan waited
             result = train_trial(config, OptunaReporter(trial, self.spec.metric))
@@ -1082,7 +1084,8 @@ def _worker_main(spec: StudySpec, space_definition: dict[str, Any], options: Run
     start_worker(threads)
     optuna.logging.set_verbosity(verbosity)
     try:
-        _optimize(spec, SearchSpace.from_dict(space_definition), options, url, device, None, slots)
+        with interrupts.catching():
+            _optimize(spec, SearchSpace.from_dict(space_definition), options, url, device, None, slots)
     except KeyboardInterrupt:
         pass  # the trial is already marked failed and queued for retry on the next run
     except UserInputError as exc:
