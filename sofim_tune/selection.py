@@ -9,10 +9,12 @@ The protocol (the README's "How the recommendation is chosen" says the same):
    ``seeds[i]`` and its own train/validation split ``split_seeds[i]``, never the search's
    split, and the spread over runs includes the spread over splits. (An ImageFolder with its
    own ``val/`` validates every run on it; best.json then says so.)
-3. Each candidate's neighbour, lr × 2 with everything else unchanged, is trained with the
-   first :data:`NEIGHBOUR_SEEDS` of those seeds and splits. On digits the good settings lie
-   next to a cliff on the side of larger lr; lr × ½ never fell far and was dropped
-   (``benchmarks/recommendation_quality.py``'s ablation).
+3. A candidate's neighbour, lr × 2 with everything else unchanged, is trained with the
+   first :data:`NEIGHBOUR_SEEDS` of those seeds and splits: the best mean's first, and the
+   next candidate's only where the one before falls off a cliff, since a neighbour can only
+   lower a score (step 4) and a candidate whose mean is already beaten cannot win. On digits
+   the good settings lie next to a cliff on the side of larger lr; lr × ½ never fell far and
+   was dropped (``benchmarks/recommendation_quality.py``'s ablation).
 4. The recommendation is the candidate with the best *robust score*: its own mean, unless its
    neighbour falls more than :data:`CLIFF_SHARE` (2%) of that mean below it; then that
    neighbour's mean plus the 2%. Among flat candidates the best mean wins, and a candidate on
@@ -48,6 +50,7 @@ __all__ = [
     "NEIGHBOUR_SEEDS",
     "PROTOCOL_SHARE",
     "Measurement",
+    "best_confirmation",
     "confirm_top",
     "confirmation_seeds",
     "current_confirmations",
@@ -143,9 +146,10 @@ def final_seeds(search_seed: int, trials: int, count: int) -> list[int]:
 
 @dataclass(frozen=True)
 class ConfirmationPlan:
-    """What runs after the search: ``top`` candidates × ``seeds`` selection runs each, plus each
-    candidate's neighbours on ``neighbour_seeds`` of those seeds, then ``final_runs`` runs of
-    the chosen one; every run trains ``run_epochs``."""
+    """What may run after the search: ``top`` candidates × ``seeds`` selection runs each, plus
+    neighbours on ``neighbour_seeds`` of those seeds (at most each candidate's; usually the
+    chosen one's alone, see :func:`confirm_top`), then ``final_runs`` runs of the chosen one;
+    every run trains ``run_epochs``. ``runs`` and ``epochs`` are the most this can train."""
 
     top: int
     seeds: int
@@ -209,13 +213,16 @@ def confirm_top(
     neighbour_seeds: int = NEIGHBOUR_SEEDS,
     final_seed: int | None = None,
 ) -> list[Confirmation]:
-    """Retrain the ``top`` best distinct completed configurations, and their neighbours
-    (see :func:`plan_confirmation` for ``top`` and ``neighbour_seeds`` within a budget).
+    """Retrain the ``top`` best distinct completed configurations, then the neighbours of
+    those that the rule (:func:`robust_score`) could still pick: first the neighbours of the
+    candidate it picks on the means alone, and of the next only where that one's fall (see
+    :func:`plan_confirmation` for ``top`` and ``neighbour_seeds`` within a budget).
 
     Args:
         evaluate: ``evaluate(jobs) -> measurements`` trains each ``(params, seed,
             split_seed)`` job once (all at once, so that a backend can run them in
-            parallel) and returns one :class:`Measurement` per job, in order.
+            parallel) and returns one :class:`Measurement` per job, in order. It is called
+            once for the candidates' own runs, then once per candidate whose neighbours run.
         top: how many candidates, >= 1 (fewer when fewer distinct ones completed).
         seeds, split_seeds: one run per pair per candidate; at least one pair.
         neighbour_seeds: how many of the first pairs the neighbours run with (0: none).
@@ -223,7 +230,8 @@ def confirm_top(
             recorded on each confirmation.
 
     Returns:
-        One Confirmation per candidate, best search value first.
+        One Confirmation per candidate, best search value first; ``neighbours`` is empty on
+        those the rule ruled out on their own means.
     """
     if top < 1:
         raise UserInputError(f"top must be >= 1, got {top}")
@@ -231,32 +239,44 @@ def confirm_top(
         raise UserInputError("confirmation needs at least one seed, and one split seed per seed")
     pairs = list(zip(seeds, split_seeds, strict=True))
     candidates = [dict(trial.params) for trial in distinct_ranked(study)[:top]]
-    jobs: list[tuple[dict[str, float], int, int]] = []
-    for params in candidates:
-        jobs += [(params, seed, split) for seed, split in pairs]
-        for neighbour in neighbour_settings(params).values() if "lr" in params else ():
-            jobs += [(neighbour, seed, split) for seed, split in pairs[:neighbour_seeds]]
-    measured = iter(evaluate(jobs))
-    confirmations = []
-    for params in candidates:
-        own = [next(measured) for _ in pairs]
-        neighbours = {label: [next(measured).value for _ in pairs[:neighbour_seeds]] for label in NEIGHBOURS} if "lr" in params else {}
-        tests = [m.test_accuracy for m in own if m.test_accuracy is not None]
-        ratios = [m.fisher_ratio for m in own if m.fisher_ratio is not None]
-        confirmations.append(
-            Confirmation(
-                params=params,
-                seeds=list(seeds),
-                values=[m.value for m in own],
-                test_accuracy=statistics.fmean(tests) if tests else None,
-                split_seeds=list(split_seeds),
-                neighbours={label: values for label, values in neighbours.items() if values},
-                fisher_ratio=statistics.median(ratios) if ratios else None,
-                curves=[list(m.curve) for m in own],
-                final_seed=final_seed,
-            )
-        )
+    measured = iter(evaluate([(params, seed, split) for params in candidates for seed, split in pairs]))
+    confirmations = [_summarised(params, [next(measured) for _ in pairs], seeds, split_seeds, final_seed) for params in candidates]
+    # A neighbour can only lower a candidate's robust score, so its mean bounds the score from
+    # above: running the neighbours of whichever candidate the rule would pick now, until the
+    # pick's own have run, picks what running every candidate's would, for fewer runs.
+    with_neighbours: set[int] = set()
+    while neighbour_seeds:
+        chosen = best_confirmation(confirmations, study.direction)
+        if chosen in with_neighbours or "lr" not in confirmations[chosen].params:
+            break
+        with_neighbours.add(chosen)
+        labels = list(neighbour_settings(confirmations[chosen].params).items())
+        measured = iter(evaluate([(neighbour, seed, split) for _, neighbour in labels for seed, split in pairs[:neighbour_seeds]]))
+        neighbours = {label: [next(measured).value for _ in pairs[:neighbour_seeds]] for label, _ in labels}
+        confirmations[chosen] = dataclasses.replace(confirmations[chosen], neighbours=neighbours)
     return confirmations
+
+
+def _summarised(params: dict[str, float], own: list[Measurement], seeds: Sequence[int], split_seeds: Sequence[int], final_seed: int | None) -> Confirmation:
+    tests = [m.test_accuracy for m in own if m.test_accuracy is not None]
+    ratios = [m.fisher_ratio for m in own if m.fisher_ratio is not None]
+    return Confirmation(
+        params=params,
+        seeds=list(seeds),
+        values=[m.value for m in own],
+        test_accuracy=statistics.fmean(tests) if tests else None,
+        split_seeds=list(split_seeds),
+        fisher_ratio=statistics.median(ratios) if ratios else None,
+        curves=[list(m.curve) for m in own],
+        final_seed=final_seed,
+    )
+
+
+def best_confirmation(confirmations: Sequence[Confirmation], direction: str) -> int:
+    """The index of the confirmation with the best :func:`robust_score` (ties: the earlier one,
+    which ranked better in the search)."""
+    sign = 1.0 if direction == "maximize" else -1.0
+    return max(range(len(confirmations)), key=lambda i: (sign * robust_score(confirmations[i], direction), -i))
 
 
 def robust_score(confirmation: Confirmation, direction: str) -> float:
@@ -332,8 +352,7 @@ def pick_recommended(study: StudyRecord, confirmations: Sequence[Confirmation]) 
         UserInputError: no confirmation and no completed trial.
     """
     if confirmations:
-        sign = 1.0 if study.direction == "maximize" else -1.0
-        chosen = max(confirmations, key=lambda c: sign * robust_score(c, study.direction))
+        chosen = confirmations[best_confirmation(confirmations, study.direction)]
         return dict(chosen.params), chosen
     best = study.best_trial()
     if best is None:

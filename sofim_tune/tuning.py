@@ -129,11 +129,11 @@ def describe_plan(spec: StudySpec, space: SearchSpace, *, bounded: bool = True) 
     the selection and the final runs may then train."""
     epochs = effective_epochs(spec, space)
     most = plan_confirmation(math.inf, epochs, top=spec.confirm_top, seeds=spec.confirm_seeds, final=spec.final_runs)
-    neighbours = f" (and their lr × 2 neighbours on {most.neighbour_seeds})" if most.neighbour_seeds else ""
+    neighbours = f" (and lr × 2 neighbours on {most.neighbour_seeds}, the leading candidate's and those that could still win)" if most.neighbour_seeds else ""
     bound = ", within half the epochs the search trains (fewer runs if it trains less)" if bounded else ""
     return (
         f"plan: search {spec.trials} trials of up to {epochs} epochs (at most {spec.trials * epochs} epochs; the pruner stops many sooner); "
-        f"then {most.top} candidates × {most.seeds} fresh seeds{neighbours} to choose, and {most.final_runs} final runs of the chosen one to measure it: "
+        f"then {most.top} candidate{'s' * (most.top != 1)} × {most.seeds} fresh seeds{neighbours} to choose, and {most.final_runs} final runs of the chosen one to measure it: "
         f"at most {most.runs} runs of {epochs} epochs{bound}"
     )
 
@@ -191,9 +191,10 @@ def confirm(study: StudyRecord, spec: StudySpec, space: SearchSpace, options: Ru
     candidates = [t.params for t in distinct_ranked(study)[: plan.top]]
     if stored and [c.params for c in stored] == candidates and all(c.seeds == seeds and c.split_seeds == split_seeds and c.final_seed == spec.split_seed for c in stored):
         return stored
-    neighbours = f", and their lr × 2 neighbours on {plan.neighbour_seeds}" if plan.neighbour_seeds else ""
-    runs = replace(plan, top=len(candidates)).selection_runs
-    log.info(f"confirming {len(candidates)} candidate{'s' * (len(candidates) != 1)} on {plan.seeds} fresh seeds each{neighbours}: {runs} runs of {plan.run_epochs} epochs")
+    own = len(candidates) * plan.seeds
+    most = replace(plan, top=len(candidates)).selection_runs - own
+    neighbours = f"; then the lr × 2 neighbour of the leading one on {plan.neighbour_seeds} (and of the next only where the leader's falls off a cliff): {most // len(candidates)} to {most} runs" if most else ""
+    log.info(f"confirming {len(candidates)} candidate{'s' * (len(candidates) != 1)} on {plan.seeds} fresh seeds each: {own} runs of {plan.run_epochs} epochs{neighbours}")
     evaluate = _measurer(spec, space, options, backend, final=False)
     return confirm_top(study, evaluate, top=plan.top, seeds=seeds, split_seeds=split_seeds, neighbour_seeds=plan.neighbour_seeds, final_seed=spec.split_seed)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import random
 import statistics
 
 import pytest
@@ -17,6 +18,7 @@ from sofim_tune.selection import (
     NEIGHBOUR_SEEDS,
     PROTOCOL_SHARE,
     Measurement,
+    best_confirmation,
     confirm_top,
     confirmation_seeds,
     interval95,
@@ -104,6 +106,42 @@ def test_neighbours_change_lr_only_and_run_on_the_first_seeds(study):
     assert own == [(1, 11), (2, 12), (3, 13), (4, 14), (5, 15)]
     for neighbour in neighbour_settings(sharp).values():
         assert [(seed, split) for params, seed, split in jobs_seen if params == neighbour] == own[:NEIGHBOUR_SEEDS]
+
+
+def test_only_the_leading_candidates_neighbour_runs_when_it_is_flat(study):
+    flat = [TrialRecord(number=i, state="complete", params={"lr": 0.01 * (i + 1), "rho": 1.0, "beta1": 0.9}, value=0.97 - 0.001 * i) for i in range(3)]
+    plateau = dataclasses.replace(study, trials=flat, confirmations=[])
+    calls = []
+
+    def evaluate(jobs):
+        calls.append(jobs)
+        return [Measurement(0.9 + params["lr"] + 1e-4 * seed) for params, seed, _ in jobs]  # flat, larger lr a little better
+
+    confirmations = confirm_top(plateau, evaluate, top=3, seeds=[1, 2], split_seeds=[3, 4])
+    assert [len(jobs) for jobs in calls] == [6, 1]  # the own runs at once, then one neighbour
+    leader = best_confirmation(confirmations, "maximize")
+    assert confirmations[leader].params["lr"] == pytest.approx(0.03) and calls[1][0][0]["lr"] == pytest.approx(0.06)
+    assert [bool(c.neighbours) for c in confirmations] == [False, False, True]
+    assert pick_recommended(plateau, confirmations)[1] is confirmations[leader]
+
+
+@pytest.mark.parametrize("direction", ["maximize", "minimize"])
+def test_running_only_the_neighbours_that_could_win_picks_what_running_all_would(study, direction):
+    rng = random.Random(direction)
+    for _ in range(300):
+        lrs = rng.sample([0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0], 3)
+        trials = [TrialRecord(number=i, state="complete", params={"lr": lr, "rho": 1.0, "beta1": 0.9}, value=0.5 - 0.01 * i) for i, lr in enumerate(lrs)]
+        case = dataclasses.replace(study, trials=trials, confirmations=[], direction=direction)
+        # Each setting's score, from a few coarse levels so that ties and cliffs both happen.
+        scores = {lr: rng.choice([0.90, 0.95, 0.96, 0.97, 0.5]) for lr in [*lrs, *(2 * lr for lr in lrs)]}
+
+        def evaluate(jobs):
+            return [Measurement(scores[params["lr"]]) for params, _, _ in jobs]
+
+        lazy = confirm_top(case, evaluate, top=3, seeds=[1, 2], split_seeds=[3, 4])
+        every = [dataclasses.replace(c, neighbours={label: [scores[n["lr"]]] for label, n in neighbour_settings(c.params).items()}) for c in lazy]
+        assert pick_recommended(case, lazy)[0] == pick_recommended(case, every)[0]
+        assert pick_recommended(case, lazy)[1].neighbours  # best.json always says what the pick's neighbour scored
 
 
 @pytest.mark.parametrize(
