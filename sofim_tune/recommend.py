@@ -437,7 +437,12 @@ def _selection(study: StudyRecord, confirmations: Sequence[Confirmation], chosen
     if index == best_mean:
         why = "it has the best mean and the best robust score"
     else:
-        why = f"candidate {best_mean + 1} has a better mean, but a neighbour of it scores {candidates[best_mean]['score']:.4f}; this one holds {candidates[index]['score']:.4f}"
+        beaten = candidates[best_mean]
+        worst = (min if study.direction == "maximize" else max)(beaten["neighbours"].items(), key=lambda item: item[1])
+        why = (
+            f"candidate {best_mean + 1} has a better mean, but its {worst[0]} neighbour scores {worst[1]:.4f}, "
+            f"which makes its score {beaten['score']:.4f}; this one scores {candidates[index]['score']:.4f}"
+        )
     return {"criterion": CRITERION, "runs": SELECTION_RUNS, "candidates": candidates, "chosen": index, "why": why}
 
 

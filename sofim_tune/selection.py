@@ -212,6 +212,7 @@ def confirm_top(
     split_seeds: Sequence[int],
     neighbour_seeds: int = NEIGHBOUR_SEEDS,
     final_seed: int | None = None,
+    evaluate_neighbours: Callable[[list[tuple[dict[str, float], int, int]]], Sequence[Measurement]] | None = None,
 ) -> list[Confirmation]:
     """Retrain the ``top`` best distinct completed configurations, then the neighbours of
     those that the rule (:func:`robust_score`) could still pick: first the neighbours of the
@@ -228,6 +229,8 @@ def confirm_top(
         neighbour_seeds: how many of the first pairs the neighbours run with (0: none).
         final_seed: the split seed whose final images ``evaluate`` keeps out of validation,
             recorded on each confirmation.
+        evaluate_neighbours: as ``evaluate``, for the neighbours' runs (so that progress can
+            name them); default ``evaluate``.
 
     Returns:
         One Confirmation per candidate, best search value first; ``neighbours`` is empty on
@@ -251,7 +254,7 @@ def confirm_top(
             break
         with_neighbours.add(chosen)
         labels = list(neighbour_settings(confirmations[chosen].params).items())
-        measured = iter(evaluate([(neighbour, seed, split) for _, neighbour in labels for seed, split in pairs[:neighbour_seeds]]))
+        measured = iter((evaluate_neighbours or evaluate)([(neighbour, seed, split) for _, neighbour in labels for seed, split in pairs[:neighbour_seeds]]))
         neighbours = {label: [next(measured).value for _ in pairs[:neighbour_seeds]] for label, _ in labels}
         confirmations[chosen] = dataclasses.replace(confirmations[chosen], neighbours=neighbours)
     return confirmations

@@ -138,10 +138,11 @@ def describe_plan(spec: StudySpec, space: SearchSpace, *, bounded: bool = True) 
     )
 
 
-def _measurer(spec: StudySpec, space: SearchSpace, options: RunOptions, backend: Backend, *, final: bool) -> Callable[[list[tuple[dict[str, float], int, int]]], list[Measurement]]:
+def _measurer(spec: StudySpec, space: SearchSpace, options: RunOptions, backend: Backend, *, final: bool, label: str | None = None) -> Callable[[list[tuple[dict[str, float], int, int]]], list[Measurement]]:
     """The ``evaluate`` of :func:`sofim_tune.selection.confirm_top` (``final=False``) or of
     :func:`sofim_tune.selection.final_runs` (``final=True``: measures the test split too, where
-    there is one, and each final image's outcome), through ``backend.confirm``."""
+    there is one, and each final image's outcome), through ``backend.confirm``; ``label``
+    names the runs in the progress lines (default: ``final runs`` or ``confirmation``)."""
     with_test = final and has_test_split(spec.dataset)
     per_image = final and spec.metric == "val_accuracy"
 
@@ -151,7 +152,7 @@ def _measurer(spec: StudySpec, space: SearchSpace, options: RunOptions, backend:
             for params, seed, split in jobs
         ]
         measured = []
-        for result in backend.confirm(configs, options, ConfirmationProgress(len(configs), label="final runs" if final else "confirmation")):
+        for result in backend.confirm(configs, options, ConfirmationProgress(len(configs), label=label or ("final runs" if final else "confirmation"))):
             value = result.metrics.get(spec.metric)
             completed = result.status == "completed" and value is not None
             measured.append(
@@ -196,7 +197,8 @@ def confirm(study: StudyRecord, spec: StudySpec, space: SearchSpace, options: Ru
     neighbours = f"; then the lr × 2 neighbour of the leading one on {plan.neighbour_seeds} (and of the next only where the leader's falls off a cliff): {most // len(candidates)} to {most} runs" if most else ""
     log.info(f"confirming {len(candidates)} candidate{'s' * (len(candidates) != 1)} on {plan.seeds} fresh seeds each: {own} runs of {plan.run_epochs} epochs{neighbours}")
     evaluate = _measurer(spec, space, options, backend, final=False)
-    return confirm_top(study, evaluate, top=plan.top, seeds=seeds, split_seeds=split_seeds, neighbour_seeds=plan.neighbour_seeds, final_seed=spec.split_seed)
+    neighbours_of = _measurer(spec, space, options, backend, final=False, label="confirmation, lr × 2 neighbour")
+    return confirm_top(study, evaluate, top=plan.top, seeds=seeds, split_seeds=split_seeds, neighbour_seeds=plan.neighbour_seeds, final_seed=spec.split_seed, evaluate_neighbours=neighbours_of)
 
 
 def measure_final(study: StudyRecord, spec: StudySpec, space: SearchSpace, options: RunOptions, backend: Backend, params: dict[str, float], plan: ConfirmationPlan) -> Confirmation:

@@ -47,7 +47,7 @@ def test_tuning_efficiency_prints_its_ratios(tmp_path):
 def test_recommendation_quality_sets_sofim_tune_beside_a_plain_optuna_script():
     out = bench("recommendation_quality.py", "--quick", "--studies", "2", "--seeds", "2", "--grid-seeds", "2", "--jobs", "1", "--calibration", "3")
     sofim_part, plain_part = out.split("plain Optuna: TPE + Hyperband, best_params: one row per study")
-    plain_part, summary = plain_part.split("| method | median gap | p90 | worst | within 0.3 pp | epochs trained |")
+    plain_part, summary = plain_part.split("| method | seeds | median gap | p90 | worst | within 0.3 pp | epochs trained |")
 
     def cells(line: str) -> list[str]:
         return [cell.strip() for cell in line.strip().strip("|").split("|")]
@@ -66,7 +66,8 @@ def test_recommendation_quality_sets_sofim_tune_beside_a_plain_optuna_script():
     assert len(table) == 2
     for rows, method in ((sofim_rows, "sofim-tune run --dataset digits --seed S"), (plain_rows, "plain Optuna: TPE + Hyperband, best_params")):
         gaps = [float(row[3]) for row in rows]
-        _, median, p90, worst, near, epochs = table[method]
+        _, seeds, median, p90, worst, near, epochs = table[method]
+        assert seeds == "0–1"
         # The rows' gaps are rounded to 0.01, the table's from the unrounded ones.
         assert float(worst) == max(gaps) and abs(float(median) - sum(gaps) / 2) <= 0.011
         assert min(gaps) <= float(p90) <= max(gaps)
@@ -77,10 +78,10 @@ def test_recommendation_quality_sets_sofim_tune_beside_a_plain_optuna_script():
     # and scores the recommendation's gaps, at the epochs the rule needs.
     rules = {cells(line)[0]: cells(line) for line in summary.split("ablation:")[1].split("confirmation budget:")[0].splitlines() if line.startswith("| ") and not line.startswith(("| rule", "| ---"))}
     assert list(rules) == ["best search value (no confirmation)", "best confirmed mean (no neighbours)", "mean unless a neighbour falls > 2% (sofim-tune's rule)"]
-    assert all(row[1:5] == table["sofim-tune run --dataset digits --seed S"][1:5] for row in rules.values())
+    assert all(row[1:5] == table["sofim-tune run --dataset digits --seed S"][2:6] for row in rules.values())
     search_only, confirmed, full = (int(row[5]) for row in rules.values())
     # The quick search trains too few epochs for a neighbour within the protocol's budget.
-    assert search_only < confirmed <= full == int(table["sofim-tune run --dataset digits --seed S"][5].split()[0])
+    assert search_only < confirmed <= full == int(table["sofim-tune run --dataset digits --seed S"][6].split()[0])
     # Calibration: per study, the headline against 3 further runs; agreement and the average difference from the rows.
     calibrated = [cells(line) for line in summary.split("calibration:")[1].splitlines() if line.startswith(("| 0 |", "| 1 |"))]
     assert [row[1] for row in calibrated] == [row[5] for row in sofim_rows]
@@ -88,7 +89,7 @@ def test_recommendation_quality_sets_sofim_tune_beside_a_plain_optuna_script():
     assert f"agree in {sum(row[4] == 'yes' for row in calibrated)} of 2" in summary
     assert abs(float(summary.split("average difference ")[1].split()[0]) - sum(differences) / 2) <= 0.011
     budget = [cells(line) for line in summary.split("confirmation budget:")[1].split("calibration:")[0].splitlines() if line.startswith("| 1 |")]
-    assert [row[:2] for row in budget] == [["1", "2"]] and budget[0][2:6] == table["sofim-tune run --dataset digits --seed S"][1:5]
+    assert [row[:2] for row in budget] == [["1", "2"]] and budget[0][2:6] == table["sofim-tune run --dataset digits --seed S"][2:6]
 
 
 def test_recommendation_quality_sets_the_two_methods_head_to_head_on_a_cnn():

@@ -71,7 +71,7 @@ def test_a_flat_candidate_beats_a_sharp_one_with_a_higher_mean(study):
     assert params == flat and chosen is flat_c  # ... but its 2 × lr neighbour loses 38 points
     rec = build_recommendation(cliffy, confirmations=confirmations)
     assert rec.selection["chosen"] == confirmations.index(flat_c)
-    assert "neighbour" in rec.selection["why"]
+    assert rec.selection["why"].startswith("candidate 1 has a better mean, but its lr×2 neighbour scores 0.60")
     assert rec.selection["candidates"][0]["neighbours"]["lr×2"] == pytest.approx(0.60, abs=1e-3)
 
 
