@@ -55,7 +55,8 @@
 ``--arch cnn`` (a second problem) runs the two methods head to head instead, without the grid:
 per seed, both recommendations on the same fresh seeds, and how many pairs sofim-tune wins or ties.
 ``--first-seed 10`` checks the protocol on studies other than those it was chosen on, and
-``--pruner none`` lets every sofim-tune trial train to the end (the pruning budget's part).
+``--pruner none`` lets every sofim-tune trial train to the end (the pruning budget's part), and
+``--lookahead L`` changes how much of the study each trial's sampler and pruner see.
 
 Every fresh and grid run draws its own train/validation split from its seed, as the confirmation
 does: the numbers estimate what a setting gives on new data of this kind, which is what
@@ -330,6 +331,7 @@ def main() -> None:
     parser.add_argument("--calibration", type=int, default=0, help="further runs (30 for the README's figures) of each sofim-tune recommendation, against which its headline mean and interval are checked; 0 skips it")
     parser.add_argument("--arch", default="mlp", help="digits model; any other than mlp runs the two methods head to head on fresh seeds, without the grid")
     parser.add_argument("--pruner", choices=PRUNERS, help="pruner of the sofim-tune studies (default: the digits spec's, hyperband; none measures what pruning saves and costs); the plain script always uses Hyperband")
+    parser.add_argument("--lookahead", type=int, help="lookahead of the sofim-tune studies (default: the digits spec's): a smaller one lets each trial's sampler and pruner see more of the study")
     parser.add_argument("--space", help="search space of the sofim-tune studies (default: the digits spec's, sofim-effective); the plain script always searches lr, rho and beta1")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial would bury the tables
@@ -339,7 +341,7 @@ def main() -> None:
     command = (
         f"OMP_NUM_THREADS=1 python benchmarks/recommendation_quality.py --studies {args.studies} --seeds {args.seeds}"
         + (f" --grid-seeds {args.grid_seeds}" if args.arch == "mlp" else f" --arch {args.arch}")
-        + "".join(f" --{flag.replace('_', '-')} {value}" for flag, value in (("space", args.space), ("pruner", args.pruner), ("first_seed", args.first_seed), ("calibration", args.calibration)) if value)
+        + "".join(f" --{flag.replace('_', '-')} {value}" for flag, value in (("space", args.space), ("pruner", args.pruner), ("lookahead", args.lookahead), ("first_seed", args.first_seed), ("calibration", args.calibration)) if value)
         + (" --quick" if args.quick else "")
     )
     specs = [spec.replace(seed=seed) for seed in range(args.first_seed, args.first_seed + args.studies)]
@@ -349,7 +351,7 @@ def main() -> None:
     started = time.monotonic()
     with ProcessPoolExecutor(args.jobs) as pool:
         # Submitted first so that the studies, the longest jobs, overlap the grid's runs.
-        sofim_tune_futures = [pool.submit(sofim_tune_study, s.replace(search_space=args.space, pruner=args.pruner)) for s in specs]
+        sofim_tune_futures = [pool.submit(sofim_tune_study, s.replace(search_space=args.space, pruner=args.pruner, lookahead=args.lookahead)) for s in specs]
         plain_futures = [pool.submit(plain_optuna_study, s) for s in specs]
         points = grid_points(args.quick)
         grid_means = means(pool, spec, points, [GRID_SEED_BASE + i for i in range(args.grid_seeds)])
