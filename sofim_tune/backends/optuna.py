@@ -40,6 +40,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.storages.journal._storage import JournalOperation
 from optuna.trial import FrozenTrial, TrialState
 
+from sofim_tune import interrupts
 from sofim_tune.backends.views import (
     DEFERRED,
     RETRIED_REASONS,
@@ -51,7 +52,6 @@ from sofim_tune.backends.views import (
     settled_prefix,
     view_study,
 )
-from sofim_tune import interrupts
 from sofim_tune.errors import TrialPruned, UserInputError
 from sofim_tune.files import read_head, redact_storage_message, redact_storage_url, storage_password
 from sofim_tune.records import Confirmation, StudyRecord, TrialRecord
