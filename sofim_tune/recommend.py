@@ -31,7 +31,7 @@ from sofim_tune.files import read_json, redact_storage_url, write_text_atomic
 from sofim_tune.optim import OPTIMIZER_HYPERPARAMETERS, build_optimizer, hyperparameter_problem
 from sofim_tune.records import Confirmation, StudyRecord
 from sofim_tune.schedules import build_scheduler
-from sofim_tune.selection import CRITERION, current_confirmations, current_final, distinct_ranked, headline_interval, no_completed_trial, pick_recommended, regime, robust_score
+from sofim_tune.selection import CRITERION, current_confirmations, current_final, distinct_ranked, headline_interval, no_completed_trial, pick_recommended, regime, robust_score, worst_neighbour
 from sofim_tune.study import EDGE_SHARE
 
 SCHEMA_ID = "sofim-tune/recommendation/v1"
@@ -437,11 +437,11 @@ def _selection(study: StudyRecord, confirmations: Sequence[Confirmation], chosen
     if index == best_mean:
         why = "it has the best mean and the best robust score"
     else:
-        beaten = candidates[best_mean]
-        worst = (min if study.direction == "maximize" else max)(beaten["neighbours"].items(), key=lambda item: item[1])
+        # Only a neighbour can lower a score below the mean, so the beaten candidate has one.
+        label, worst = worst_neighbour(confirmations[best_mean], study.direction)  # type: ignore[misc]
         why = (
-            f"candidate {best_mean + 1} has a better mean, but its {worst[0]} neighbour scores {worst[1]:.4f}, "
-            f"which makes its score {beaten['score']:.4f}; this one scores {candidates[index]['score']:.4f}"
+            f"candidate {best_mean + 1} has a better mean, but its {label} neighbour scores {worst:.4f}, "
+            f"which makes its score {candidates[best_mean]['score']:.4f}; this one scores {candidates[index]['score']:.4f}"
         )
     return {"criterion": CRITERION, "runs": SELECTION_RUNS, "candidates": candidates, "chosen": index, "why": why}
 

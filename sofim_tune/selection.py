@@ -66,6 +66,7 @@ __all__ = [
     "plan_confirmation",
     "regime",
     "robust_score",
+    "worst_neighbour",
 ]
 
 # Neighbours along the axis that matters most for every optimizer here: the learning rate.
@@ -289,13 +290,23 @@ def robust_score(confirmation: Confirmation, direction: str) -> float:
     Every stored neighbour counts, so a confirmation made by an earlier release (lr × ½ and
     lr × 2) is scored as that release scored it."""
     mean = confirmation.mean
-    neighbours = [statistics.fmean(v) for v in confirmation.neighbours.values() if v]
-    if not neighbours:
+    worst = worst_neighbour(confirmation, direction)
+    if worst is None:
         return mean
     allowance = CLIFF_SHARE * abs(mean)
     if direction == "maximize":
-        return min(mean, min(neighbours) + allowance)
-    return max(mean, max(neighbours) - allowance)
+        return min(mean, worst[1] + allowance)
+    return max(mean, worst[1] - allowance)
+
+
+def worst_neighbour(confirmation: Confirmation, direction: str) -> tuple[str, float] | None:
+    """The candidate's neighbour with the worst mean for ``direction``: its label and that
+    mean; None where no neighbour ran."""
+    means = {label: statistics.fmean(values) for label, values in confirmation.neighbours.items() if values}
+    if not means:
+        return None
+    label = (min if direction == "maximize" else max)(means, key=means.__getitem__)
+    return label, means[label]
 
 
 def current_confirmations(study: StudyRecord) -> list[Confirmation]:

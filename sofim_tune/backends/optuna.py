@@ -698,7 +698,6 @@ class _Objective:
             trial.study.stop()
             raise _NotRun
         try:
-            interrupts.check()  # one that the garbage collector swallowed between two trials
             plan = self.planner.plan(trial, wait=True)
             config = _start(trial, plan, self.spec, self.space, self.options, self.device)  # type: ignore[arg-type]  # plan waited
             result = train_trial(config, OptunaReporter(trial, self.spec.metric))
